@@ -1,0 +1,427 @@
+//! The Redis pub/sub broker.
+//!
+//! - **Publishing** goes through a deadpool-redis pool (broken connections are
+//!   recycled by the pool). A session awaits each `PUBLISH` reply before it sends the
+//!   next one, so one connection's messages reach Redis, and therefore every node,
+//!   in the order they were sent.
+//! - **Receiving** uses one dedicated RESP3 connection per node. Its push messages
+//!   are handed, inside the connection's reader, straight to [`Registry::fanout`],
+//!   which never waits: there is no intermediate queue that could grow, and Redis
+//!   never sees a slow reader (so `client-output-buffer-limit pubsub` cannot cut the
+//!   node off because one client is slow).
+//! - **Interest**: the node SUBSCRIBEs to a channel when its first local subscriber
+//!   arrives and UNSUBSCRIBEs when the last one leaves. One task, the subscriber
+//!   task, owns the connection and reconciles "channels with local subscribers"
+//!   (the registry) with "channels subscribed on the connection" (`live`). Sessions
+//!   only mark channels dirty and wait for `live`; a racing sub/unsub therefore
+//!   always converges, and after a reconnect every channel is subscribed again.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::BrokerError;
+use crate::envelope;
+use crate::registry::Registry;
+
+/// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
+/// reconnect): large enough to resubscribe thousands of channels in a few round
+/// trips, small enough to keep each command short.
+const SUBSCRIBE_BATCH: usize = 256;
+/// How often the subscriber connection is probed with PING, so a Redis that stalls
+/// or vanishes without closing the TCP connection is noticed.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Reconnect backoff: first delay and cap (jittered).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Publishing connections. Each session awaits its own publish, so this bounds how
+/// many publishes are in flight at once; Redis serves them on one thread anyway.
+const POOL_SIZE: usize = 16;
+
+/// Handle to the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: deadpool_redis::Pool,
+    prefix: String,
+    timeout: Duration,
+    registry: Registry,
+    /// Why a std mutex: critical sections are a few set operations and are never
+    /// held across an `.await`; shared by sessions and the subscriber task.
+    state: Mutex<SubState>,
+    /// Wakes the subscriber task when `state.dirty` gained a channel.
+    wake: Notify,
+    connected: AtomicBool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.prefix)
+            .field("connected", &self.connected.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct SubState {
+    /// Channels SUBSCRIBEd (confirmed) on the current subscriber connection.
+    live: HashSet<String>,
+    /// Channels whose local interest may differ from `live`.
+    dirty: HashSet<String>,
+    /// Sessions waiting for a channel to become live. Bounded by the number of
+    /// sessions: each waits for at most one subscription at a time, and abandoned
+    /// waiters are pruned whenever a new one is added.
+    waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
+}
+
+impl SubState {
+    /// Tells the sessions waiting for `channel` that it is live.
+    fn wake_waiters(&mut self, channel: &str) {
+        for waiter in self.waiters.remove(channel).into_iter().flatten() {
+            // A waiter that gave up (timed out) is simply gone.
+            let _ = waiter.send(());
+        }
+    }
+}
+
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+impl RedisBroker {
+    /// Creates the publishing pool and starts the subscriber task.
+    pub fn start(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        registry: Registry,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let invalid = |e: &dyn std::fmt::Display| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
+
+        let mut pool_config = deadpool_redis::Config::from_url(url);
+        let mut pool = deadpool_redis::PoolConfig::new(POOL_SIZE);
+        pool.timeouts.wait = Some(timeout);
+        pool.timeouts.create = Some(timeout);
+        pool.timeouts.recycle = Some(timeout);
+        pool_config.pool = Some(pool);
+        let pool = pool_config
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .map_err(|e| invalid(&e))?;
+
+        // The subscriber connection speaks RESP3 so that pushes can be handled by a
+        // callback in the connection's reader (RESP2 pub/sub goes through an
+        // unbounded queue inside redis-rs).
+        let client = redis::Client::open(url).map_err(|e| invalid(&e))?;
+        let info = client.get_connection_info().clone();
+        let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(|e| invalid(&e))?;
+
+        let inner = Arc::new(Inner {
+            pool,
+            prefix: prefix.to_owned(),
+            timeout,
+            registry,
+            state: Mutex::new(SubState::default()),
+            wake: Notify::new(),
+            connected: AtomicBool::new(false),
+        });
+        tokio::spawn(subscriber_task(inner.clone(), client, shutdown));
+        Ok(Self { inner })
+    }
+
+    /// Sends one frame to every node subscribed to `channel`.
+    pub async fn publish(&self, channel: &str, frame: Utf8Bytes) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let payload = envelope::encode(frame.as_bytes(), b"");
+        let key = inner.key(channel);
+        let publish = async {
+            let mut conn = inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            redis::cmd("PUBLISH")
+                .arg(&key)
+                .arg(&payload[..])
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+        };
+        match tokio::time::timeout(inner.timeout, publish).await {
+            Ok(result) => result.map(|_receivers| ()),
+            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        }
+    }
+
+    /// Resolves once `channel` is subscribed on the node's Redis connection. The
+    /// caller has already added its subscriber to the registry.
+    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let rx = {
+            let mut state = inner.lock();
+            if inner.connected.load(Ordering::Acquire) && state.live.contains(channel) {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            let waiters = state.waiters.entry(channel.to_owned()).or_default();
+            waiters.retain(|w| !w.is_closed());
+            waiters.push(tx);
+            state.dirty.insert(channel.to_owned());
+            rx
+        };
+        inner.wake.notify_one();
+        match tokio::time::timeout(inner.timeout, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(BrokerError::Unavailable("subscription abandoned".into())),
+            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        }
+    }
+
+    /// Marks `channel` for re-checking: if it has no local subscribers left, the
+    /// subscriber task UNSUBSCRIBEs it.
+    pub fn release(&self, channel: &str) {
+        self.inner.lock().dirty.insert(channel.to_owned());
+        self.inner.wake.notify_one();
+    }
+
+    /// Whether the subscriber connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.inner.connected.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, SubState> {
+        // A panic while holding this lock cannot leave the sets inconsistent in a
+        // way that matters (they are re-derived on reconnect), so recover.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(&self, channel: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + channel.len());
+        key.push_str(&self.prefix);
+        key.push_str(channel);
+        key
+    }
+
+    /// After (re)connecting: nothing is live on the new connection; every channel
+    /// with local subscribers or waiters must be subscribed again.
+    fn on_connected(&self) {
+        let mut state = self.lock();
+        state.live.clear();
+        let pending: Vec<String> = state.waiters.keys().cloned().collect();
+        state.dirty.extend(pending);
+        state.dirty.extend(self.registry.channel_names());
+        self.connected.store(true, Ordering::Release);
+    }
+
+    fn on_disconnected(&self) {
+        self.connected.store(false, Ordering::Release);
+        self.lock().live.clear();
+    }
+
+    /// Brings the connection's subscriptions in line with the registry for the
+    /// channels marked dirty.
+    async fn reconcile(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let (to_subscribe, to_unsubscribe) = {
+            let mut state = self.lock();
+            let dirty = std::mem::take(&mut state.dirty);
+            let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+            for channel in dirty {
+                // Checked under the state lock: a session adds itself to the registry
+                // before it looks at `live`, so it either sees the channel removed from
+                // `live` here (and waits for the re-subscribe) or is seen as interest.
+                let wanted = self.registry.has_subscribers(&channel);
+                let live = state.live.contains(&channel);
+                if wanted && !live {
+                    subscribe.push(channel);
+                } else if !wanted && live {
+                    state.live.remove(&channel);
+                    unsubscribe.push(channel);
+                } else if !wanted {
+                    // Waiters whose sessions left before the subscribe happened.
+                    state.waiters.remove(&channel);
+                } else {
+                    state.wake_waiters(&channel);
+                }
+            }
+            (subscribe, unsubscribe)
+        };
+
+        for batch in to_subscribe.chunks(SUBSCRIBE_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
+            conn.subscribe(&keys).await?;
+            let mut state = self.lock();
+            for channel in batch {
+                state.live.insert(channel.clone());
+                state.wake_waiters(channel);
+            }
+        }
+        for batch in to_unsubscribe.chunks(SUBSCRIBE_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
+            conn.unsubscribe(&keys).await?;
+        }
+        Ok(())
+    }
+
+    /// Serves one subscriber connection until it fails or the node shuts down.
+    async fn serve(
+        &self,
+        conn: &mut MultiplexedConnection,
+        disconnected: &Notify,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Err(e) = self.reconcile(conn).await {
+                return Ended::Lost(e.to_string());
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                _ = disconnected.notified() => return Ended::Lost("connection closed".into()),
+                _ = self.wake.notified() => {}
+                _ = health.tick() => {
+                    let ping = redis::cmd("PING");
+                    match tokio::time::timeout(self.timeout, ping.query_async::<()>(conn)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Ended::Lost(e.to_string()),
+                        Err(_) => return Ended::Lost(format!("PING not answered within {:?}", self.timeout)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one push from the subscriber connection. Runs inside the connection's
+    /// reader: must not block.
+    fn on_push(&self, info: PushInfo, disconnected: &Notify) {
+        match info.kind {
+            PushKind::Message => {
+                let mut data = info.data;
+                let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) = (data.pop(), data.pop())
+                else {
+                    tracing::warn!("dropping malformed pub/sub push from Redis");
+                    return;
+                };
+                let Some(channel) = std::str::from_utf8(&key)
+                    .ok()
+                    .and_then(|k| k.strip_prefix(self.prefix.as_str()))
+                else {
+                    return;
+                };
+                match envelope::decode(Bytes::from(payload)).and_then(|env| {
+                    Utf8Bytes::try_from(env.frame).map_err(|_| envelope::EnvelopeError::NotUtf8)
+                }) {
+                    Ok(frame) => {
+                        self.registry.fanout(channel, &frame);
+                    }
+                    Err(e) => tracing::warn!(channel, error = %e, "dropping malformed envelope"),
+                }
+            }
+            PushKind::Disconnection => disconnected.notify_one(),
+            _ => {}
+        }
+    }
+}
+
+async fn subscriber_task(inner: Arc<Inner>, client: redis::Client, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    loop {
+        let disconnected = Arc::new(Notify::new());
+        let on_push = {
+            let inner = inner.clone();
+            let disconnected = disconnected.clone();
+            move |info: PushInfo| -> Result<(), Infallible> {
+                inner.on_push(info, &disconnected);
+                Ok(())
+            }
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(inner.timeout))
+            .set_response_timeout(Some(inner.timeout))
+            .set_push_sender(on_push);
+        let connect = client.get_multiplexed_async_connection_with_config(&config);
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            connected = tokio::time::timeout(inner.timeout, connect) => connected,
+        };
+        let mut conn = match connected {
+            Ok(Ok(conn)) => conn,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no connection within {:?}", inner.timeout),
+                };
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, retry_in = ?delay, "Redis subscriber connection failed (Redis 6+ with RESP3 is required)");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        backoff.reset();
+        inner.on_connected();
+        tracing::info!("Redis subscriber connected");
+        let ended = inner.serve(&mut conn, &disconnected, &shutdown).await;
+        inner.on_disconnected();
+        match ended {
+            Ended::Shutdown => return,
+            Ended::Lost(error) => tracing::warn!(%error, "Redis subscriber connection lost; reconnecting"),
+        }
+    }
+}
+
+/// Exponential backoff with jitter, so a fleet of nodes does not reconnect in step.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let exp = BACKOFF_MIN.saturating_mul(1 << self.attempt.min(16));
+        self.attempt = self.attempt.saturating_add(1);
+        let capped = exp.min(BACKOFF_MAX);
+        // Between half and all of the capped delay.
+        capped.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN);
+        let later: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(later.iter().all(|d| *d <= BACKOFF_MAX));
+        assert!(later.last().unwrap() >= &(BACKOFF_MAX / 2));
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+}

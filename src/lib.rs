@@ -1,0 +1,24 @@
+//! wsrelay: a horizontally scaled WebSocket relay.
+//!
+//! Each node accepts WebSocket clients, keeps a local registry of their channel
+//! subscriptions, and exchanges published messages with the other nodes through a
+//! broker (Redis pub/sub, or in-process for a single node). See
+//! `docs/architecture.md` for the map of modules and the path of a message, and
+//! `docs/protocol.md` for the wire protocol.
+//!
+//! The binary is a thin shell around [`run`]; tests drive nodes in-process through
+//! [`Node`] on port 0.
+
+pub mod broker;
+pub mod client;
+pub mod config;
+pub mod envelope;
+mod http;
+mod node;
+pub mod protocol;
+pub mod registry;
+mod session;
+pub mod shutdown;
+
+pub use config::Config;
+pub use node::{Node, NodeError, NodeHandle, run};

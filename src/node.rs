@@ -1,0 +1,161 @@
+//! A relay node: its shared state, start-up, serving and graceful drain.
+//!
+//! [`NodeState`] is built once and shared (`Arc`) by the HTTP handlers and every
+//! session. One [`CancellationToken`] is the node's shutdown signal, threaded through
+//! every task: the HTTP server, each session's reader and writer, and the broker's
+//! subscriber task. Sessions live outside axum's graceful shutdown (an upgraded
+//! connection is no longer an HTTP request), so a [`TaskTracker`] tracks them and
+//! the drain waits for it, bounded by `--drain-timeout`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, BrokerError};
+use crate::config::{Config, ConfigError};
+use crate::http;
+use crate::registry::{Registry, RegistryStats};
+
+/// State shared by everything on one node.
+#[derive(Debug)]
+pub(crate) struct NodeState {
+    pub(crate) config: Config,
+    pub(crate) node_id: String,
+    pub(crate) registry: Registry,
+    pub(crate) broker: Broker,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) sessions: TaskTracker,
+    draining: AtomicBool,
+}
+
+impl NodeState {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+}
+
+/// Why a node could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A configured node, ready to serve.
+#[derive(Debug)]
+pub struct Node {
+    state: Arc<NodeState>,
+}
+
+/// A handle to a running node, for tests and tooling to observe it.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    state: Arc<NodeState>,
+}
+
+impl Node {
+    /// Validates the configuration and starts the broker. Must be called inside a
+    /// tokio runtime.
+    pub fn new(config: Config) -> Result<Node, NodeError> {
+        config.validate()?;
+        let shutdown = CancellationToken::new();
+        let registry = Registry::new();
+        let broker = Broker::start(&config, registry.clone(), shutdown.clone())?;
+        let node_id = config.resolved_node_id();
+        Ok(Node {
+            state: Arc::new(NodeState {
+                config,
+                node_id,
+                registry,
+                broker,
+                shutdown,
+                sessions: TaskTracker::new(),
+                draining: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// A handle that stays valid while and after the node serves.
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle {
+            state: self.state.clone(),
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` resolves, then drains: readiness turns
+    /// 503, the listener stops accepting, every client is closed with 1001, and this
+    /// returns once all sessions ended or `--drain-timeout` passed.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+        let state = self.state;
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, node = %state.node_id, broker = state.broker.kind(), "listening");
+
+        let token = state.shutdown.clone();
+        let trigger = {
+            let state = state.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = state.shutdown.cancelled() => {}
+                }
+                state.draining.store(true, Ordering::Release);
+                tracing::info!(connections = state.registry.stats().connections, "draining");
+                state.shutdown.cancel();
+            }
+        };
+        tokio::spawn(trigger);
+
+        let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(token.cancelled_owned())
+            .await?;
+
+        state.sessions.close();
+        let drain_timeout = state.config.drain_timeout;
+        if tokio::time::timeout(drain_timeout, state.sessions.wait()).await.is_err() {
+            tracing::warn!(
+                remaining = state.registry.stats().connections,
+                ?drain_timeout,
+                "drain timeout: closing the remaining connections abruptly"
+            );
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+impl NodeHandle {
+    /// The node id shown to clients.
+    pub fn node_id(&self) -> &str {
+        &self.state.node_id
+    }
+
+    /// Current registry sizes.
+    pub fn stats(&self) -> RegistryStats {
+        self.state.registry.stats()
+    }
+
+    /// Whether the node would answer `/readyz` with 200.
+    pub fn is_ready(&self) -> bool {
+        !self.state.is_draining() && self.state.broker.is_ready()
+    }
+
+    /// Starts the drain, as SIGTERM does.
+    pub fn shutdown(&self) {
+        self.state.shutdown.cancel();
+    }
+}
+
+/// Runs a node on `listener` until `shutdown` resolves (see [`Node::serve`]).
+pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+    Node::new(config)?.serve(listener, shutdown).await
+}

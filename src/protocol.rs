@@ -1,0 +1,394 @@
+//! Wire protocol v1: the only module that knows the JSON frames clients exchange with
+//! a node (see `docs/protocol.md`).
+//!
+//! Decoding borrows from the received text: the `data` of a publish and the request
+//! `id` are kept as raw JSON slices, so a message is forwarded exactly as published
+//! and an `id` is echoed byte for byte. Encoding writes frames directly into one
+//! buffer; a `msg` frame is built once per publish and its bytes are shared by every
+//! recipient on every node.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use axum::extract::ws::Utf8Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_LEN: usize = 128;
+
+/// Why a channel name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChannelError {
+    #[error("channel name is empty")]
+    Empty,
+    #[error("channel name is longer than {MAX_CHANNEL_LEN} bytes")]
+    TooLong,
+    #[error("channel name may only contain A-Z a-z 0-9 _ . : @ -")]
+    BadCharacter,
+}
+
+/// Checks a channel name: 1 to 128 bytes of `[A-Za-z0-9_.:@-]`.
+///
+/// The alphabet is deliberately narrow: names never need JSON escaping, are safe in
+/// Redis channel names, URLs and log lines.
+pub fn validate_channel(name: &str) -> Result<(), ChannelError> {
+    if name.is_empty() {
+        return Err(ChannelError::Empty);
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err(ChannelError::TooLong);
+    }
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ChannelError::BadCharacter)
+    }
+}
+
+/// Error codes of `error` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Not JSON, not an object, or a missing/mistyped field.
+    BadRequest,
+    /// `op` is not one this node knows.
+    UnknownOp,
+    /// The channel name breaks the naming rules.
+    InvalidChannel,
+    /// The broker could not be reached in time; the request had no effect.
+    Unavailable,
+    /// Anything else that went wrong on the node.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as sent on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A request id: the raw JSON text of a string or number, echoed back unchanged.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId<'a>(&'a str);
+
+impl<'a> RequestId<'a> {
+    /// The id as JSON text (quoted when it is a string).
+    pub fn as_json(&self) -> &'a str {
+        self.0
+    }
+}
+
+/// A decoded client request.
+#[derive(Debug)]
+pub enum Request<'a> {
+    Subscribe {
+        ch: Cow<'a, str>,
+        id: Option<RequestId<'a>>,
+    },
+    Unsubscribe {
+        ch: Cow<'a, str>,
+        id: Option<RequestId<'a>>,
+    },
+    Publish {
+        /// `None` means the node's default channel.
+        ch: Option<Cow<'a, str>>,
+        data: &'a RawValue,
+        id: Option<RequestId<'a>>,
+    },
+}
+
+impl<'a> Request<'a> {
+    /// The request id, if the client gave one.
+    pub fn id(&self) -> Option<RequestId<'a>> {
+        match self {
+            Request::Subscribe { id, .. }
+            | Request::Unsubscribe { id, .. }
+            | Request::Publish { id, .. } => *id,
+        }
+    }
+}
+
+/// A request that could not be decoded; carries the id when one could be read, so
+/// the client can match the error to its request.
+#[derive(Debug)]
+pub struct RequestError<'a> {
+    pub id: Option<RequestId<'a>>,
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+}
+
+impl<'a> RequestError<'a> {
+    fn new(id: Option<RequestId<'a>>, code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        Self {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A field that is either absent or present with any JSON value, `null` included
+/// (serde maps `null` to `None` for an `Option`, which would make `"data":null`
+/// indistinguishable from a missing `data`).
+#[derive(Default)]
+struct Field<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'a RawValue>::deserialize(d).map(|raw| Field(Some(raw)))
+    }
+}
+
+/// The envelope of every request, with each field kept raw so that one mistyped
+/// field still lets us read the `id` and answer precisely.
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow, default)]
+    op: Field<'a>,
+    #[serde(borrow, default)]
+    ch: Field<'a>,
+    #[serde(borrow, default)]
+    data: Field<'a>,
+    #[serde(borrow, default)]
+    id: Field<'a>,
+}
+
+/// Decodes one client text frame.
+pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
+    let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
+        RequestError::new(
+            None,
+            ErrorCode::BadRequest,
+            format!("frame is not a JSON object: {e}"),
+        )
+    })?;
+
+    let id = match raw.id.0 {
+        None => None,
+        Some(v) => {
+            let s = v.get();
+            if s.starts_with('"') || s.starts_with('-') || s.starts_with(|c: char| c.is_ascii_digit()) {
+                Some(RequestId(s))
+            } else {
+                return Err(RequestError::new(
+                    None,
+                    ErrorCode::BadRequest,
+                    "id must be a string or a number",
+                ));
+            }
+        }
+    };
+
+    let op: Cow<'_, str> = match raw.op.0 {
+        None => return Err(RequestError::new(id, ErrorCode::BadRequest, "missing field op")),
+        Some(v) => serde_json::from_str(v.get())
+            .map_err(|_| RequestError::new(id, ErrorCode::BadRequest, "op must be a string"))?,
+    };
+
+    let ch: Option<Cow<'_, str>> = match raw.ch.0 {
+        None => None,
+        Some(v) => Some(
+            serde_json::from_str(v.get())
+                .map_err(|_| RequestError::new(id, ErrorCode::BadRequest, "ch must be a string"))?,
+        ),
+    };
+    if let Some(name) = &ch {
+        validate_channel(name)
+            .map_err(|e| RequestError::new(id, ErrorCode::InvalidChannel, e.to_string()))?;
+    }
+
+    match op.as_ref() {
+        "sub" | "unsub" => {
+            let ch = ch.ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field ch"))?;
+            Ok(if op == "sub" {
+                Request::Subscribe { ch, id }
+            } else {
+                Request::Unsubscribe { ch, id }
+            })
+        }
+        "pub" => {
+            let data = raw
+                .data
+                .0
+                .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field data"))?;
+            Ok(Request::Publish { ch, data, id })
+        }
+        other => {
+            let mut shown: String = other.chars().take(32).collect();
+            if shown.len() < other.len() {
+                shown.push('…');
+            }
+            Err(RequestError::new(
+                id,
+                ErrorCode::UnknownOp,
+                format!("unknown op {shown:?} (expected sub, unsub or pub)"),
+            ))
+        }
+    }
+}
+
+/// `{"op":"msg","ch":..,"data":..}`: built once per publish, shared by every recipient.
+pub fn encode_message(ch: &str, data: &RawValue) -> Utf8Bytes {
+    debug_assert!(validate_channel(ch).is_ok(), "channel names never need escaping");
+    let data = data.get();
+    let mut out = String::with_capacity(30 + ch.len() + data.len());
+    out.push_str(r#"{"op":"msg","ch":""#);
+    out.push_str(ch);
+    out.push_str(r#"","data":"#);
+    out.push_str(data);
+    out.push('}');
+    out.into()
+}
+
+/// `{"op":"ack","id":..}`.
+pub fn encode_ack(id: RequestId<'_>) -> Utf8Bytes {
+    format!(r#"{{"op":"ack","id":{}}}"#, id.as_json()).into()
+}
+
+/// `{"op":"error","id":..,"code":..,"message":..}`; `id` is left out when unknown.
+pub fn encode_error(id: Option<RequestId<'_>>, code: ErrorCode, message: &str) -> Utf8Bytes {
+    let mut out = String::with_capacity(64 + message.len());
+    out.push_str(r#"{"op":"error","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{},"#, id.as_json());
+    }
+    let _ = write!(
+        out,
+        r#""code":"{}","message":{}}}"#,
+        code.as_str(),
+        serde_json::Value::from(message)
+    );
+    out.into()
+}
+
+/// `{"op":"welcome","node":..,"conn":..,"channels":[..]}`.
+pub fn encode_welcome(node: &str, conn: &str, channels: &[String]) -> Utf8Bytes {
+    serde_json::json!({
+        "op": "welcome",
+        "node": node,
+        "conn": conn,
+        "channels": channels,
+    })
+    .to_string()
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn json(frame: &Utf8Bytes) -> Value {
+        serde_json::from_str(frame.as_str()).unwrap()
+    }
+
+    #[test]
+    fn channel_rules() {
+        assert!(validate_channel("room-1_a.b:c@d").is_ok());
+        assert_eq!(validate_channel(""), Err(ChannelError::Empty));
+        assert_eq!(validate_channel(&"a".repeat(128)), Ok(()));
+        assert_eq!(validate_channel(&"a".repeat(129)), Err(ChannelError::TooLong));
+        for bad in ["a b", "a/b", "é", "a\"b", "a*"] {
+            assert_eq!(validate_channel(bad), Err(ChannelError::BadCharacter), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_the_three_ops() {
+        match parse_request(r#"{"op":"sub","ch":"room1","id":1}"#).unwrap() {
+            Request::Subscribe { ch, id } => {
+                assert_eq!(ch, "room1");
+                assert_eq!(id.unwrap().as_json(), "1");
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_request(r#"{"op":"unsub","ch":"room1"}"#).unwrap() {
+            Request::Unsubscribe { ch, id } => {
+                assert_eq!(ch, "room1");
+                assert!(id.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_request(r#"{"op":"pub","data":{"a": [1, 2]},"id":"x-1"}"#).unwrap() {
+            Request::Publish { ch, data, id } => {
+                assert!(ch.is_none());
+                assert_eq!(data.get(), r#"{"a": [1, 2]}"#, "data kept byte for byte");
+                assert_eq!(id.unwrap().as_json(), r#""x-1""#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn null_data_is_a_value_not_a_missing_field() {
+        match parse_request(r#"{"op":"pub","ch":"a","data":null}"#).unwrap() {
+            Request::Publish { data, .. } => assert_eq!(data.get(), "null"),
+            other => panic!("{other:?}"),
+        }
+        let e = parse_request(r#"{"op":"pub","ch":"a"}"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        match parse_request(r#"{"op":"s\u0075b","ch":"r\u006fom"}"#).unwrap() {
+            Request::Subscribe { ch, .. } => assert_eq!(ch, "room"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_carry_the_id_when_readable() {
+        let cases = [
+            (r#"{"op":"dance","id":7}"#, ErrorCode::UnknownOp, Some("7")),
+            (r#"{"op":"sub","ch":"bad name","id":"q"}"#, ErrorCode::InvalidChannel, Some(r#""q""#)),
+            (r#"{"op":"sub","id":3}"#, ErrorCode::BadRequest, Some("3")),
+            (r#"{"op":5,"id":3}"#, ErrorCode::BadRequest, Some("3")),
+            (r#"{"op":"sub","ch":7,"id":3}"#, ErrorCode::BadRequest, Some("3")),
+            (r#"{"ch":"a","id":-2.5}"#, ErrorCode::BadRequest, Some("-2.5")),
+            (r#"{"op":"sub","ch":"a","id":{}}"#, ErrorCode::BadRequest, None),
+            (r#"{"op":"sub","ch":"a","id":null}"#, ErrorCode::BadRequest, None),
+            ("not json", ErrorCode::BadRequest, None),
+            ("[1,2]", ErrorCode::BadRequest, None),
+            (r#"{"op":"sub","ch":"a","ch":"b"}"#, ErrorCode::BadRequest, None),
+        ];
+        for (input, code, id) in cases {
+            let e = parse_request(input).unwrap_err();
+            assert_eq!(e.code, code, "{input}");
+            assert_eq!(e.id.map(|i| i.as_json()), id, "{input}");
+        }
+    }
+
+    #[test]
+    fn encoders_produce_the_documented_frames() {
+        let data = RawValue::from_string(r#"{"text":"hi \"you\""}"#.into()).unwrap();
+        let msg = encode_message("room1", &data);
+        assert_eq!(msg.as_str(), r#"{"op":"msg","ch":"room1","data":{"text":"hi \"you\""}}"#);
+        assert_eq!(json(&msg)["data"]["text"], "hi \"you\"");
+
+        let req = r#"{"op":"sub","ch":"a","id":"r-1"}"#;
+        let id = parse_request(req).unwrap().id().unwrap();
+        assert_eq!(encode_ack(id).as_str(), r#"{"op":"ack","id":"r-1"}"#);
+
+        let err = json(&encode_error(Some(id), ErrorCode::Unavailable, "broker \"down\""));
+        assert_eq!(err["op"], "error");
+        assert_eq!(err["id"], "r-1");
+        assert_eq!(err["code"], "unavailable");
+        assert_eq!(err["message"], "broker \"down\"");
+        let err = json(&encode_error(None, ErrorCode::BadRequest, "x"));
+        assert!(err.get("id").is_none());
+
+        let w = json(&encode_welcome("n1", "42", &["a".into(), "b".into()]));
+        assert_eq!(w, serde_json::json!({"op":"welcome","node":"n1","conn":"42","channels":["a","b"]}));
+    }
+}

@@ -1,0 +1,227 @@
+//! The local registry: which connections this node holds and which channels each is
+//! subscribed to, and the fan-out of one frame to a channel's local subscribers.
+//!
+//! State lives in one place, [`Registry`], a cheap-to-clone handle. Both maps are
+//! `DashMap`s: sharded read/write locks, so a fan-out on one channel never waits for
+//! subscription changes on another, and there is no global lock on the per-message
+//! path. Every critical section is a few map operations; no guard is ever held
+//! across an `.await` (the methods here are synchronous, which makes that a rule of
+//! the type system rather than of discipline).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use axum::extract::ws::Utf8Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::mpsc;
+
+use crate::client::{ClientHandle, ConnId};
+
+/// Handle to the node's registry.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    next_id: AtomicU64,
+    /// channel -> its local subscribers.
+    channels: DashMap<String, HashMap<ConnId, ClientHandle>>,
+    /// connection -> the channels it is subscribed to.
+    connections: DashMap<ConnId, HashSet<String>>,
+    /// Total (connection, channel) pairs, kept so `stats` need not walk the maps.
+    subscriptions: AtomicUsize,
+}
+
+/// Sizes of the registry, for tests, probes and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RegistryStats {
+    pub connections: usize,
+    pub subscriptions: usize,
+    pub channels: usize,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a connection with an outbound queue of `queue` frames.
+    pub fn register(&self, queue: usize) -> (ClientHandle, mpsc::Receiver<Utf8Bytes>) {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let (handle, rx) = ClientHandle::new(id, queue);
+        self.shared.connections.insert(id, HashSet::new());
+        (handle, rx)
+    }
+
+    /// Subscribes a registered connection to `channel`. Returns `false` if it already was.
+    pub fn subscribe(&self, client: &ClientHandle, channel: &str) -> bool {
+        let id = client.id();
+        {
+            let Some(mut own) = self.shared.connections.get_mut(&id) else {
+                return false;
+            };
+            if !own.insert(channel.to_owned()) {
+                return false;
+            }
+        }
+        self.shared
+            .channels
+            .entry(channel.to_owned())
+            .or_default()
+            .insert(id, client.clone());
+        self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Removes one subscription. Returns `None` if there was none, otherwise whether
+    /// it was the channel's last local subscriber (so the node can drop its interest).
+    pub fn unsubscribe(&self, id: ConnId, channel: &str) -> Option<bool> {
+        let removed = self
+            .shared
+            .connections
+            .get_mut(&id)
+            .is_some_and(|mut own| own.remove(channel));
+        if !removed {
+            return None;
+        }
+        Some(self.remove_from_channel(id, channel))
+    }
+
+    /// Removes a connection and all its subscriptions; returns the channels that
+    /// lost their last local subscriber.
+    pub fn deregister(&self, id: ConnId) -> Vec<String> {
+        let Some((_, own)) = self.shared.connections.remove(&id) else {
+            return Vec::new();
+        };
+        own.into_iter()
+            .filter(|channel| self.remove_from_channel(id, channel))
+            .collect()
+    }
+
+    /// Returns whether the channel is now empty (and so was removed).
+    fn remove_from_channel(&self, id: ConnId, channel: &str) -> bool {
+        self.shared.subscriptions.fetch_sub(1, Ordering::Relaxed);
+        // The emptiness check and the removal happen under the same shard lock, so a
+        // subscriber arriving concurrently either lands in the old entry (which then
+        // is not empty) or creates a new one.
+        match self.shared.channels.entry(channel.to_owned()) {
+            Entry::Occupied(mut e) => {
+                e.get_mut().remove(&id);
+                if e.get().is_empty() {
+                    e.remove();
+                    true
+                } else {
+                    false
+                }
+            }
+            Entry::Vacant(_) => false,
+        }
+    }
+
+    /// Queues `frame` to every local subscriber of `channel`; returns how many got it.
+    ///
+    /// Never waits: a subscriber whose queue is full is closed as a slow consumer.
+    pub fn fanout(&self, channel: &str, frame: &Utf8Bytes) -> usize {
+        let Some(subscribers) = self.shared.channels.get(channel) else {
+            return 0;
+        };
+        subscribers
+            .values()
+            .filter(|client| client.send(frame.clone()))
+            .count()
+    }
+
+    /// Whether any local connection is subscribed to `channel`.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.shared.channels.contains_key(channel)
+    }
+
+    /// Every channel with at least one local subscriber.
+    pub fn channel_names(&self) -> Vec<String> {
+        self.shared.channels.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// Current sizes.
+    pub fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            connections: self.shared.connections.len(),
+            subscriptions: self.shared.subscriptions.load(Ordering::Relaxed),
+            channels: self.shared.channels.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscribe_fanout_unsubscribe() {
+        let reg = Registry::new();
+        let (a, mut rx_a) = reg.register(8);
+        let (b, mut rx_b) = reg.register(8);
+        assert_ne!(a.id(), b.id());
+
+        assert!(reg.subscribe(&a, "room"));
+        assert!(!reg.subscribe(&a, "room"), "second subscribe is a no-op");
+        assert!(reg.subscribe(&b, "room"));
+        assert!(reg.subscribe(&b, "other"));
+        assert_eq!(
+            reg.stats(),
+            RegistryStats { connections: 2, subscriptions: 3, channels: 2 }
+        );
+
+        assert_eq!(reg.fanout("room", &"m1".into()), 2);
+        assert_eq!(reg.fanout("nobody", &"m2".into()), 0);
+        assert_eq!(rx_a.try_recv().unwrap(), "m1");
+        assert_eq!(rx_b.try_recv().unwrap(), "m1");
+        assert!(rx_a.try_recv().is_err());
+
+        assert_eq!(reg.unsubscribe(a.id(), "room"), Some(false));
+        assert_eq!(reg.unsubscribe(a.id(), "room"), None);
+        assert_eq!(reg.unsubscribe(b.id(), "room"), Some(true), "last one out");
+        assert!(!reg.has_subscribers("room"));
+        assert_eq!(reg.channel_names(), vec!["other".to_string()]);
+    }
+
+    #[test]
+    fn deregister_reports_emptied_channels() {
+        let reg = Registry::new();
+        let (a, _rx_a) = reg.register(8);
+        let (b, _rx_b) = reg.register(8);
+        reg.subscribe(&a, "shared");
+        reg.subscribe(&b, "shared");
+        reg.subscribe(&a, "solo");
+        let mut emptied = reg.deregister(a.id());
+        emptied.sort();
+        assert_eq!(emptied, vec!["solo".to_string()]);
+        assert_eq!(reg.deregister(b.id()), vec!["shared".to_string()]);
+        assert_eq!(
+            reg.stats(),
+            RegistryStats { connections: 0, subscriptions: 0, channels: 0 }
+        );
+        assert!(reg.deregister(b.id()).is_empty(), "idempotent");
+        assert!(!reg.subscribe(&a, "x"), "a deregistered connection cannot subscribe");
+    }
+
+    #[test]
+    fn slow_subscriber_is_closed_without_affecting_others() {
+        let reg = Registry::new();
+        let (slow, _keep) = reg.register(1);
+        let (fast, mut rx_fast) = reg.register(16);
+        reg.subscribe(&slow, "c");
+        reg.subscribe(&fast, "c");
+        for i in 0..5 {
+            reg.fanout("c", &format!("{i}").into());
+        }
+        assert_eq!(slow.close_reason(), Some(crate::client::CloseReason::SlowConsumer));
+        for i in 0..5 {
+            assert_eq!(rx_fast.try_recv().unwrap(), format!("{i}").as_str());
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! One WebSocket connection: a reader (requests in), a writer (frames out), and the
+//! cleanup when either side ends.
+//!
+//! The writer task owns the socket's sink and drains the connection's bounded queue,
+//! feeding every queued frame and flushing once. The reader handles one request at a
+//! time (so one connection's publishes reach the broker in order) and `select!`s
+//! against the close signal and node shutdown. Whatever ends the connection records
+//! a [`CloseReason`]; the writer turns it into a close frame, and the reader removes
+//! the connection from the registry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+
+use crate::broker::BrokerError;
+use crate::client::{ClientHandle, CloseReason};
+use crate::node::NodeState;
+use crate::protocol::{self, ErrorCode, Request, RequestId};
+
+/// How long to wait for the client's close frame after sending ours: a well-behaved
+/// client answers at once; a dead one must not hold the session (or the drain).
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// Serves one upgraded connection until it ends. `channels` were validated before
+/// the upgrade.
+pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<String>) {
+    let (client, queue) = node.registry.register(node.config.client_queue);
+    let (sink, mut stream) = socket.split();
+    let awaiting_pong = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn(write_loop(
+        sink,
+        queue,
+        client.clone(),
+        node.clone(),
+        awaiting_pong.clone(),
+    ));
+    tracing::debug!(conn = client.id(), ?channels, "connection opened");
+
+    let session = Session { node, client };
+    if session.subscribe_at_connect(&channels).await {
+        session.read_loop(&mut stream, &awaiting_pong).await;
+    }
+
+    // Leave the registry first, so no fan-out queues to a connection that is going.
+    for channel in session.node.registry.deregister(session.client.id()) {
+        session.node.broker.release(&channel);
+    }
+    let _ = writer.await;
+    let reason = session.client.close_reason().unwrap_or(CloseReason::PeerGone);
+    if reason.code().is_some() {
+        // We sent a close frame: give the client a moment to answer it, so the TCP
+        // connection ends cleanly after it has read everything we sent.
+        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+            while let Some(Ok(msg)) = stream.next().await {
+                if matches!(msg, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    tracing::debug!(conn = session.client.id(), reason = reason.as_str(), "connection closed");
+}
+
+struct Session {
+    node: Arc<NodeState>,
+    client: ClientHandle,
+}
+
+impl Session {
+    /// Subscribes the channels named at connect and sends `welcome` once they are
+    /// live. Returns `false` (and closes the connection) if the broker cannot serve them.
+    async fn subscribe_at_connect(&self, channels: &[String]) -> bool {
+        for channel in channels {
+            self.node.registry.subscribe(&self.client, channel);
+        }
+        let results = futures_util::future::join_all(channels.iter().map(|c| self.node.broker.subscribe(c))).await;
+        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+            self.send(protocol::encode_error(
+                None,
+                ErrorCode::Unavailable,
+                &format!("could not subscribe: {e}"),
+            ));
+            self.client.close(CloseReason::BrokerUnavailable);
+            return false;
+        }
+        let conn = self.client.id().to_string();
+        self.send(protocol::encode_welcome(&self.node.node_id, &conn, channels));
+        true
+    }
+
+    async fn read_loop(&self, stream: &mut SplitStream<WebSocket>, awaiting_pong: &AtomicBool) {
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = self.client.closing() => return,
+                _ = self.node.shutdown.cancelled() => {
+                    self.client.close(CloseReason::Shutdown);
+                    return;
+                }
+                msg = stream.next() => msg,
+            };
+            // Any frame proves the peer is alive, not only a pong.
+            awaiting_pong.store(false, Ordering::Relaxed);
+            match msg {
+                Some(Ok(Message::Text(text))) => self.handle_text(&text).await,
+                Some(Ok(Message::Binary(_))) => return self.client.close(CloseReason::Binary),
+                Some(Ok(Message::Close(_))) => return self.client.close(CloseReason::PeerClosed),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Err(e)) => return self.client.close(classify_read_error(e)),
+                None => return self.client.close(CloseReason::PeerGone),
+            }
+        }
+    }
+
+    async fn handle_text(&self, text: &str) {
+        let request = match protocol::parse_request(text) {
+            Ok(request) => request,
+            Err(e) => {
+                self.send(protocol::encode_error(e.id, e.code, &e.message));
+                return;
+            }
+        };
+        let id = request.id();
+        let result = match request {
+            Request::Subscribe { ch, .. } => self.subscribe(&ch).await,
+            Request::Unsubscribe { ch, .. } => {
+                self.unsubscribe(&ch);
+                Ok(())
+            }
+            Request::Publish { ch, data, .. } => {
+                let channel = ch.as_deref().unwrap_or(&self.node.config.default_channel);
+                let frame = protocol::encode_message(channel, data);
+                self.node.broker.publish(channel, frame).await
+            }
+        };
+        self.reply(id, result);
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        if !self.node.registry.subscribe(&self.client, channel) {
+            // Already subscribed, and that subscription was acknowledged as live.
+            return Ok(());
+        }
+        let result = self.node.broker.subscribe(channel).await;
+        if result.is_err() {
+            // Roll back, so the client's view (not subscribed) matches the node's.
+            self.unsubscribe(channel);
+        }
+        result
+    }
+
+    fn unsubscribe(&self, channel: &str) {
+        if self.node.registry.unsubscribe(self.client.id(), channel) == Some(true) {
+            self.node.broker.release(channel);
+        }
+    }
+
+    /// Acks a successful request that had an id; reports every failure.
+    fn reply(&self, id: Option<RequestId<'_>>, result: Result<(), BrokerError>) {
+        match (result, id) {
+            (Ok(()), Some(id)) => self.send(protocol::encode_ack(id)),
+            (Ok(()), None) => {}
+            (Err(e), id) => self.send(protocol::encode_error(id, ErrorCode::Unavailable, &e.to_string())),
+        }
+    }
+
+    fn send(&self, frame: Utf8Bytes) {
+        self.client.send(frame);
+    }
+}
+
+/// Maps a read error to the reason (and so the close code) it deserves.
+fn classify_read_error(error: axum::Error) -> CloseReason {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) => match *e {
+            tungstenite::Error::Capacity(_) => CloseReason::TooLarge,
+            tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
+            tungstenite::Error::Protocol(_) => CloseReason::ProtocolError,
+            _ => CloseReason::PeerGone,
+        },
+        Err(_) => CloseReason::PeerGone,
+    }
+}
+
+/// Drains the outbound queue into the socket until the connection closes, then
+/// sends the close frame its reason calls for.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Utf8Bytes>,
+    client: ClientHandle,
+    node: Arc<NodeState>,
+    awaiting_pong: Arc<AtomicBool>,
+) {
+    let config = &node.config;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + config.ping_interval, config.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = client.closing() => break,
+            _ = node.shutdown.cancelled() => {
+                client.close(CloseReason::Shutdown);
+                break;
+            }
+            frame = queue.recv() => {
+                let Some(frame) = frame else { break };
+                let batch = async {
+                    sink.feed(Message::Text(frame)).await?;
+                    // Everything already queued goes out with the same flush.
+                    while let Ok(frame) = queue.try_recv() {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                if !write_within(config.write_timeout, &client, batch).await {
+                    break;
+                }
+            }
+            _ = ping.tick() => {
+                if awaiting_pong.swap(true, Ordering::Relaxed) {
+                    client.close(CloseReason::PingTimeout);
+                    break;
+                }
+                if !write_within(config.write_timeout, &client, sink.send(Message::Ping(Default::default()))).await {
+                    break;
+                }
+            }
+        }
+    }
+
+    let reason = client.close_reason().unwrap_or(CloseReason::PeerGone);
+    let goodbye = async {
+        match reason.code() {
+            Some(code) => {
+                let frame = CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason.as_str()),
+                };
+                sink.send(Message::Close(Some(frame))).await
+            }
+            // The socket queued its reply to the client's close frame; flush it out.
+            None if reason == CloseReason::PeerClosed => sink.flush().await,
+            None => Ok(()),
+        }
+    };
+    let _ = tokio::time::timeout(config.write_timeout, goodbye).await;
+}
+
+/// Runs one write with the write timeout; records why the connection must close if
+/// it failed. Returns whether the connection is still writable.
+async fn write_within(
+    limit: Duration,
+    client: &ClientHandle,
+    write: impl Future<Output = Result<(), axum::Error>>,
+) -> bool {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => {
+            client.close(CloseReason::PeerGone);
+            false
+        }
+        Err(_) => {
+            client.close(CloseReason::WriteTimeout);
+            false
+        }
+    }
+}
