@@ -13,7 +13,11 @@ use crate::protocol;
 
 /// Settings of one relay node.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "wsrelay", version, about = "Horizontally scaled WebSocket relay")]
+#[command(
+    name = "wsrelay",
+    version,
+    about = "Horizontally scaled WebSocket relay"
+)]
 pub struct Config {
     /// Address the HTTP/WebSocket server listens on.
     #[arg(long, env = "WSRELAY_LISTEN", default_value = "127.0.0.1:8080")]
@@ -116,13 +120,13 @@ impl Config {
             redis::Client::open(url.as_str())
                 .map_err(|e| ConfigError::new("redis-url", e.to_string()))?;
         }
-        if let Some(id) = &self.node_id {
-            if id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()) {
-                return Err(ConfigError::new(
-                    "node-id",
-                    "must be 1 to 128 printable characters",
-                ));
-            }
+        if let Some(id) = &self.node_id
+            && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
+        {
+            return Err(ConfigError::new(
+                "node-id",
+                "must be 1 to 128 printable characters",
+            ));
         }
         Ok(())
     }

@@ -36,10 +36,13 @@ pub struct Envelope {
 /// Why an envelope was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvelopeError {
+    /// Shorter than its header says.
     #[error("envelope is truncated")]
     Truncated,
+    /// Written by an incompatible (or foreign) publisher.
     #[error("unknown envelope version {0}")]
     UnknownVersion(u8),
+    /// The frame cannot be a text frame.
     #[error("frame is not UTF-8")]
     NotUtf8,
 }
@@ -113,7 +116,10 @@ mod tests {
         assert_eq!(&env.traceparent[..], tp);
         assert!(env.published_at_us >= before && env.published_at_us <= now_us());
         // The frame is a view into the received buffer, not a copy.
-        assert_eq!(env.frame.as_ptr(), wire[wire.len() - frame.len()..].as_ptr());
+        assert_eq!(
+            env.frame.as_ptr(),
+            wire[wire.len() - frame.len()..].as_ptr()
+        );
     }
 
     #[test]
@@ -126,7 +132,10 @@ mod tests {
     #[test]
     fn malformed_envelopes_are_refused() {
         assert_eq!(decode(Bytes::new()), Err(EnvelopeError::Truncated));
-        assert_eq!(decode(Bytes::from_static(b"\x01abc")), Err(EnvelopeError::Truncated));
+        assert_eq!(
+            decode(Bytes::from_static(b"\x01abc")),
+            Err(EnvelopeError::Truncated)
+        );
         assert_eq!(
             decode(Bytes::from_static(b"{\"op\":\"msg\"}")),
             Err(EnvelopeError::UnknownVersion(b'{'))

@@ -61,12 +61,24 @@ async fn readyz(State(node): State<Arc<NodeState>>) -> Response {
 }
 
 fn http_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (status, Json(json!({"error": code, "message": message.into()}))).into_response()
+    (
+        status,
+        Json(json!({"error": code, "message": message.into()})),
+    )
+        .into_response()
 }
 
-async fn websocket(State(node): State<Arc<NodeState>>, RawQuery(query): RawQuery, upgrade: WebSocketUpgrade) -> Response {
+async fn websocket(
+    State(node): State<Arc<NodeState>>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     if node.is_draining() {
-        return http_error(StatusCode::SERVICE_UNAVAILABLE, "draining", "node is shutting down; connect to another node");
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "node is shutting down; connect to another node",
+        );
     }
     let channels = match connect_channels(query.as_deref(), &node.config.default_channel) {
         Ok(channels) => channels,
@@ -109,13 +121,23 @@ mod tests {
     #[test]
     fn connect_channels_from_query() {
         assert_eq!(connect_channels(None, "global").unwrap(), vec!["global"]);
-        assert_eq!(connect_channels(Some("token=x"), "global").unwrap(), vec!["global"]);
+        assert_eq!(
+            connect_channels(Some("token=x"), "global").unwrap(),
+            vec!["global"]
+        );
         assert_eq!(
             connect_channels(Some("channel=a&channel=b&channel=a"), "global").unwrap(),
             vec!["a", "b"]
         );
-        assert_eq!(connect_channels(Some("channel=room%3A1"), "g").unwrap(), vec!["room:1"]);
-        assert!(connect_channels(Some("channel=a%20b"), "g").unwrap_err().contains("a b"));
+        assert_eq!(
+            connect_channels(Some("channel=room%3A1"), "g").unwrap(),
+            vec!["room:1"]
+        );
+        assert!(
+            connect_channels(Some("channel=a%20b"), "g")
+                .unwrap_err()
+                .contains("a b")
+        );
         assert!(connect_channels(Some("channel="), "g").is_err());
     }
 }

@@ -15,7 +15,9 @@ async fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -23,7 +25,10 @@ async fn main() -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!("wsrelay: invalid --listen: cannot listen on {}: {e}", config.listen);
+            eprintln!(
+                "wsrelay: invalid --listen: cannot listen on {}: {e}",
+                config.listen
+            );
             return ExitCode::from(2);
         }
     };

@@ -42,10 +42,13 @@ impl NodeState {
 /// Why a node could not start or serve.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The configuration cannot work.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The broker could not be set up.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The listener failed.
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -94,7 +97,11 @@ impl Node {
     /// Serves on `listener` until `shutdown` resolves, then drains: readiness turns
     /// 503, the listener stops accepting, every client is closed with 1001, and this
     /// returns once all sessions ended or `--drain-timeout` passed.
-    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), NodeError> {
         let state = self.state;
         let addr = listener.local_addr()?;
         tracing::info!(%addr, node = %state.node_id, broker = state.broker.kind(), "listening");
@@ -121,7 +128,10 @@ impl Node {
 
         state.sessions.close();
         let drain_timeout = state.config.drain_timeout;
-        if tokio::time::timeout(drain_timeout, state.sessions.wait()).await.is_err() {
+        if tokio::time::timeout(drain_timeout, state.sessions.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = state.registry.stats().connections,
                 ?drain_timeout,
@@ -156,6 +166,10 @@ impl NodeHandle {
 }
 
 /// Runs a node on `listener` until `shutdown` resolves (see [`Node::serve`]).
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), NodeError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
     Node::new(config)?.serve(listener, shutdown).await
 }

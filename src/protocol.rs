@@ -20,10 +20,13 @@ pub const MAX_CHANNEL_LEN: usize = 128;
 /// Why a channel name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {
+    /// Zero bytes.
     #[error("channel name is empty")]
     Empty,
+    /// Over [`MAX_CHANNEL_LEN`] bytes.
     #[error("channel name is longer than {MAX_CHANNEL_LEN} bytes")]
     TooLong,
+    /// A character outside the alphabet.
     #[error("channel name may only contain A-Z a-z 0-9 _ . : @ -")]
     BadCharacter,
 }
@@ -91,18 +94,27 @@ impl<'a> RequestId<'a> {
 /// A decoded client request.
 #[derive(Debug)]
 pub enum Request<'a> {
+    /// `sub`: start receiving `ch`.
     Subscribe {
+        /// Channel (validated).
         ch: Cow<'a, str>,
+        /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
+    /// `unsub`: stop receiving `ch`.
     Unsubscribe {
+        /// Channel (validated).
         ch: Cow<'a, str>,
+        /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
+    /// `pub`: send `data` to every subscriber of `ch`.
     Publish {
         /// `None` means the node's default channel.
         ch: Option<Cow<'a, str>>,
+        /// The payload, as the raw JSON text the client sent.
         data: &'a RawValue,
+        /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
 }
@@ -122,13 +134,20 @@ impl<'a> Request<'a> {
 /// the client can match the error to its request.
 #[derive(Debug)]
 pub struct RequestError<'a> {
+    /// The request id, if it could be read.
     pub id: Option<RequestId<'a>>,
+    /// What kind of mistake.
     pub code: ErrorCode,
+    /// Human-readable detail.
     pub message: Cow<'static, str>,
 }
 
 impl<'a> RequestError<'a> {
-    fn new(id: Option<RequestId<'a>>, code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+    fn new(
+        id: Option<RequestId<'a>>,
+        code: ErrorCode,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         Self {
             id,
             code,
@@ -177,7 +196,10 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
         None => None,
         Some(v) => {
             let s = v.get();
-            if s.starts_with('"') || s.starts_with('-') || s.starts_with(|c: char| c.is_ascii_digit()) {
+            if s.starts_with('"')
+                || s.starts_with('-')
+                || s.starts_with(|c: char| c.is_ascii_digit())
+            {
                 Some(RequestId(s))
             } else {
                 return Err(RequestError::new(
@@ -190,7 +212,13 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
     };
 
     let op: Cow<'_, str> = match raw.op.0 {
-        None => return Err(RequestError::new(id, ErrorCode::BadRequest, "missing field op")),
+        None => {
+            return Err(RequestError::new(
+                id,
+                ErrorCode::BadRequest,
+                "missing field op",
+            ));
+        }
         Some(v) => serde_json::from_str(v.get())
             .map_err(|_| RequestError::new(id, ErrorCode::BadRequest, "op must be a string"))?,
     };
@@ -209,7 +237,8 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
 
     match op.as_ref() {
         "sub" | "unsub" => {
-            let ch = ch.ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field ch"))?;
+            let ch =
+                ch.ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field ch"))?;
             Ok(if op == "sub" {
                 Request::Subscribe { ch, id }
             } else {
@@ -217,10 +246,9 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             })
         }
         "pub" => {
-            let data = raw
-                .data
-                .0
-                .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field data"))?;
+            let data = raw.data.0.ok_or_else(|| {
+                RequestError::new(id, ErrorCode::BadRequest, "missing field data")
+            })?;
             Ok(Request::Publish { ch, data, id })
         }
         other => {
@@ -239,7 +267,10 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
 
 /// `{"op":"msg","ch":..,"data":..}`: built once per publish, shared by every recipient.
 pub fn encode_message(ch: &str, data: &RawValue) -> Utf8Bytes {
-    debug_assert!(validate_channel(ch).is_ok(), "channel names never need escaping");
+    debug_assert!(
+        validate_channel(ch).is_ok(),
+        "channel names never need escaping"
+    );
     let data = data.get();
     let mut out = String::with_capacity(30 + ch.len() + data.len());
     out.push_str(r#"{"op":"msg","ch":""#);
@@ -297,9 +328,16 @@ mod tests {
         assert!(validate_channel("room-1_a.b:c@d").is_ok());
         assert_eq!(validate_channel(""), Err(ChannelError::Empty));
         assert_eq!(validate_channel(&"a".repeat(128)), Ok(()));
-        assert_eq!(validate_channel(&"a".repeat(129)), Err(ChannelError::TooLong));
+        assert_eq!(
+            validate_channel(&"a".repeat(129)),
+            Err(ChannelError::TooLong)
+        );
         for bad in ["a b", "a/b", "é", "a\"b", "a*"] {
-            assert_eq!(validate_channel(bad), Err(ChannelError::BadCharacter), "{bad}");
+            assert_eq!(
+                validate_channel(bad),
+                Err(ChannelError::BadCharacter),
+                "{bad}"
+            );
         }
     }
 
@@ -351,16 +389,40 @@ mod tests {
     fn errors_carry_the_id_when_readable() {
         let cases = [
             (r#"{"op":"dance","id":7}"#, ErrorCode::UnknownOp, Some("7")),
-            (r#"{"op":"sub","ch":"bad name","id":"q"}"#, ErrorCode::InvalidChannel, Some(r#""q""#)),
+            (
+                r#"{"op":"sub","ch":"bad name","id":"q"}"#,
+                ErrorCode::InvalidChannel,
+                Some(r#""q""#),
+            ),
             (r#"{"op":"sub","id":3}"#, ErrorCode::BadRequest, Some("3")),
             (r#"{"op":5,"id":3}"#, ErrorCode::BadRequest, Some("3")),
-            (r#"{"op":"sub","ch":7,"id":3}"#, ErrorCode::BadRequest, Some("3")),
-            (r#"{"ch":"a","id":-2.5}"#, ErrorCode::BadRequest, Some("-2.5")),
-            (r#"{"op":"sub","ch":"a","id":{}}"#, ErrorCode::BadRequest, None),
-            (r#"{"op":"sub","ch":"a","id":null}"#, ErrorCode::BadRequest, None),
+            (
+                r#"{"op":"sub","ch":7,"id":3}"#,
+                ErrorCode::BadRequest,
+                Some("3"),
+            ),
+            (
+                r#"{"ch":"a","id":-2.5}"#,
+                ErrorCode::BadRequest,
+                Some("-2.5"),
+            ),
+            (
+                r#"{"op":"sub","ch":"a","id":{}}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
+            (
+                r#"{"op":"sub","ch":"a","id":null}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
             ("not json", ErrorCode::BadRequest, None),
             ("[1,2]", ErrorCode::BadRequest, None),
-            (r#"{"op":"sub","ch":"a","ch":"b"}"#, ErrorCode::BadRequest, None),
+            (
+                r#"{"op":"sub","ch":"a","ch":"b"}"#,
+                ErrorCode::BadRequest,
+                None,
+            ),
         ];
         for (input, code, id) in cases {
             let e = parse_request(input).unwrap_err();
@@ -373,14 +435,21 @@ mod tests {
     fn encoders_produce_the_documented_frames() {
         let data = RawValue::from_string(r#"{"text":"hi \"you\""}"#.into()).unwrap();
         let msg = encode_message("room1", &data);
-        assert_eq!(msg.as_str(), r#"{"op":"msg","ch":"room1","data":{"text":"hi \"you\""}}"#);
+        assert_eq!(
+            msg.as_str(),
+            r#"{"op":"msg","ch":"room1","data":{"text":"hi \"you\""}}"#
+        );
         assert_eq!(json(&msg)["data"]["text"], "hi \"you\"");
 
         let req = r#"{"op":"sub","ch":"a","id":"r-1"}"#;
         let id = parse_request(req).unwrap().id().unwrap();
         assert_eq!(encode_ack(id).as_str(), r#"{"op":"ack","id":"r-1"}"#);
 
-        let err = json(&encode_error(Some(id), ErrorCode::Unavailable, "broker \"down\""));
+        let err = json(&encode_error(
+            Some(id),
+            ErrorCode::Unavailable,
+            "broker \"down\"",
+        ));
         assert_eq!(err["op"], "error");
         assert_eq!(err["id"], "r-1");
         assert_eq!(err["code"], "unavailable");
@@ -389,6 +458,9 @@ mod tests {
         assert!(err.get("id").is_none());
 
         let w = json(&encode_welcome("n1", "42", &["a".into(), "b".into()]));
-        assert_eq!(w, serde_json::json!({"op":"welcome","node":"n1","conn":"42","channels":["a","b"]}));
+        assert_eq!(
+            w,
+            serde_json::json!({"op":"welcome","node":"n1","conn":"42","channels":["a","b"]})
+        );
     }
 }

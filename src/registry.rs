@@ -39,8 +39,11 @@ struct Shared {
 /// Sizes of the registry, for tests, probes and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct RegistryStats {
+    /// Open connections.
     pub connections: usize,
+    /// (connection, channel) subscriptions.
     pub subscriptions: usize,
+    /// Channels with at least one local subscriber.
     pub channels: usize,
 }
 
@@ -143,7 +146,11 @@ impl Registry {
 
     /// Every channel with at least one local subscriber.
     pub fn channel_names(&self) -> Vec<String> {
-        self.shared.channels.iter().map(|e| e.key().clone()).collect()
+        self.shared
+            .channels
+            .iter()
+            .map(|e| e.key().clone())
+            .collect()
     }
 
     /// Current sizes.
@@ -173,7 +180,11 @@ mod tests {
         assert!(reg.subscribe(&b, "other"));
         assert_eq!(
             reg.stats(),
-            RegistryStats { connections: 2, subscriptions: 3, channels: 2 }
+            RegistryStats {
+                connections: 2,
+                subscriptions: 3,
+                channels: 2
+            }
         );
 
         assert_eq!(reg.fanout("room", &"m1".into()), 2);
@@ -203,10 +214,17 @@ mod tests {
         assert_eq!(reg.deregister(b.id()), vec!["shared".to_string()]);
         assert_eq!(
             reg.stats(),
-            RegistryStats { connections: 0, subscriptions: 0, channels: 0 }
+            RegistryStats {
+                connections: 0,
+                subscriptions: 0,
+                channels: 0
+            }
         );
         assert!(reg.deregister(b.id()).is_empty(), "idempotent");
-        assert!(!reg.subscribe(&a, "x"), "a deregistered connection cannot subscribe");
+        assert!(
+            !reg.subscribe(&a, "x"),
+            "a deregistered connection cannot subscribe"
+        );
     }
 
     #[test]
@@ -219,7 +237,10 @@ mod tests {
         for i in 0..5 {
             reg.fanout("c", &format!("{i}").into());
         }
-        assert_eq!(slow.close_reason(), Some(crate::client::CloseReason::SlowConsumer));
+        assert_eq!(
+            slow.close_reason(),
+            Some(crate::client::CloseReason::SlowConsumer)
+        );
         for i in 0..5 {
             assert_eq!(rx_fast.try_recv().unwrap(), format!("{i}").as_str());
         }

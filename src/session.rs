@@ -51,7 +51,10 @@ pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<S
         session.node.broker.release(&channel);
     }
     let _ = writer.await;
-    let reason = session.client.close_reason().unwrap_or(CloseReason::PeerGone);
+    let reason = session
+        .client
+        .close_reason()
+        .unwrap_or(CloseReason::PeerGone);
     if reason.code().is_some() {
         // We sent a close frame: give the client a moment to answer it, so the TCP
         // connection ends cleanly after it has read everything we sent.
@@ -64,7 +67,11 @@ pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<S
         })
         .await;
     }
-    tracing::debug!(conn = session.client.id(), reason = reason.as_str(), "connection closed");
+    tracing::debug!(
+        conn = session.client.id(),
+        reason = reason.as_str(),
+        "connection closed"
+    );
 }
 
 struct Session {
@@ -79,7 +86,9 @@ impl Session {
         for channel in channels {
             self.node.registry.subscribe(&self.client, channel);
         }
-        let results = futures_util::future::join_all(channels.iter().map(|c| self.node.broker.subscribe(c))).await;
+        let results =
+            futures_util::future::join_all(channels.iter().map(|c| self.node.broker.subscribe(c)))
+                .await;
         if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
             self.send(protocol::encode_error(
                 None,
@@ -90,7 +99,11 @@ impl Session {
             return false;
         }
         let conn = self.client.id().to_string();
-        self.send(protocol::encode_welcome(&self.node.node_id, &conn, channels));
+        self.send(protocol::encode_welcome(
+            &self.node.node_id,
+            &conn,
+            channels,
+        ));
         true
     }
 
@@ -166,7 +179,11 @@ impl Session {
         match (result, id) {
             (Ok(()), Some(id)) => self.send(protocol::encode_ack(id)),
             (Ok(()), None) => {}
-            (Err(e), id) => self.send(protocol::encode_error(id, ErrorCode::Unavailable, &e.to_string())),
+            (Err(e), id) => self.send(protocol::encode_error(
+                id,
+                ErrorCode::Unavailable,
+                &e.to_string(),
+            )),
         }
     }
 
@@ -198,7 +215,10 @@ async fn write_loop(
     awaiting_pong: Arc<AtomicBool>,
 ) {
     let config = &node.config;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + config.ping_interval, config.ping_interval);
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + config.ping_interval,
+        config.ping_interval,
+    );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -238,6 +258,14 @@ async fn write_loop(
     let goodbye = async {
         match reason.code() {
             Some(code) => {
+                // What was queued before the close (an error telling the client why,
+                // the last messages before a drain) goes out first. A slow consumer's
+                // backlog is the problem itself, so it is dropped.
+                if reason != CloseReason::SlowConsumer {
+                    while let Ok(frame) = queue.try_recv() {
+                        sink.feed(Message::Text(frame)).await?;
+                    }
+                }
                 let frame = CloseFrame {
                     code,
                     reason: Utf8Bytes::from_static(reason.as_str()),

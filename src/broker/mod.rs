@@ -32,8 +32,10 @@ use crate::registry::Registry;
 /// client can rely on"; clients see them as `unavailable`.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// No answer within `--broker-timeout`.
     #[error("broker did not answer within {0:?}")]
     Timeout(Duration),
+    /// The broker refused or could not be reached.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
 }
@@ -41,7 +43,9 @@ pub enum BrokerError {
 /// The node's broker.
 #[derive(Debug, Clone)]
 pub enum Broker {
+    /// In-process, single node.
     Memory(memory::MemoryBroker),
+    /// Redis pub/sub, any number of nodes.
     Redis(redis::RedisBroker),
 }
 
@@ -49,7 +53,11 @@ impl Broker {
     /// Builds the broker the configuration asks for. The Redis broker starts its
     /// subscriber task, which keeps (re)connecting until `shutdown` is cancelled; a
     /// Redis that is down at start-up only delays readiness.
-    pub fn start(config: &Config, registry: Registry, shutdown: CancellationToken) -> Result<Broker, BrokerError> {
+    pub fn start(
+        config: &Config,
+        registry: Registry,
+        shutdown: CancellationToken,
+    ) -> Result<Broker, BrokerError> {
         match &config.redis_url {
             None => Ok(Broker::Memory(memory::MemoryBroker::new(registry))),
             Some(url) => Ok(Broker::Redis(redis::RedisBroker::start(

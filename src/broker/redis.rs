@@ -111,7 +111,8 @@ impl RedisBroker {
         registry: Registry,
         shutdown: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        let invalid = |e: &dyn std::fmt::Display| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
+        let invalid =
+            |e: &dyn std::fmt::Display| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
 
         let mut pool_config = deadpool_redis::Config::from_url(url);
         let mut pool = deadpool_redis::PoolConfig::new(POOL_SIZE);
@@ -128,8 +129,12 @@ impl RedisBroker {
         // unbounded queue inside redis-rs).
         let client = redis::Client::open(url).map_err(|e| invalid(&e))?;
         let info = client.get_connection_info().clone();
-        let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(|e| invalid(&e))?;
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client =
+            redis::Client::open(info.set_redis_settings(settings)).map_err(|e| invalid(&e))?;
 
         let inner = Arc::new(Inner {
             pool,
@@ -315,7 +320,8 @@ impl Inner {
         match info.kind {
             PushKind::Message => {
                 let mut data = info.data;
-                let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) = (data.pop(), data.pop())
+                let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) =
+                    (data.pop(), data.pop())
                 else {
                     tracing::warn!("dropping malformed pub/sub push from Redis");
                     return;
@@ -384,7 +390,9 @@ async fn subscriber_task(inner: Arc<Inner>, client: redis::Client, shutdown: Can
         inner.on_disconnected();
         match ended {
             Ended::Shutdown => return,
-            Ended::Lost(error) => tracing::warn!(%error, "Redis subscriber connection lost; reconnecting"),
+            Ended::Lost(error) => {
+                tracing::warn!(%error, "Redis subscriber connection lost; reconnecting")
+            }
         }
     }
 }

@@ -1,0 +1,429 @@
+//! Test harness: a real `redis-server` on a free loopback port, real nodes on port 0
+//! (in-process, or as the real binary), and real WebSocket clients. Every wait has a
+//! timeout; nothing here sleeps to synchronise.
+
+// Each test binary uses a different part of the harness, as a private module.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
+use wsrelay::{Config, Node, NodeHandle};
+
+/// Default bound of every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A free loopback port (bound and released; the OS does not hand it out again at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` child process owned by the test; killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        RedisServer::start_on(free_port()).await
+    }
+
+    pub async fn start_on(port: u16) -> RedisServer {
+        let mut server = RedisServer { port, child: None };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server not found: run the README test command, which installs it");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut conn) = self.connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url())?;
+        timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timeout")))?
+    }
+
+    /// Subscriber count of a relay channel in Redis (PUBSUB NUMSUB of the prefixed name).
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        let mut conn = self.connection().await.unwrap();
+        let (_, n): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(format!("wsrelay:{channel}"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        n
+    }
+
+    /// Waits until PUBSUB NUMSUB of `channel` equals `expected`.
+    pub async fn wait_numsub(&self, channel: &str, expected: i64) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n = self.numsub(channel).await;
+            if n == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "NUMSUB {channel} stayed {n}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node running in-process on 127.0.0.1:0; shut down on drop.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub handle: NodeHandle,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestNode {
+    /// Starts a node with the given extra flags.
+    pub async fn start(args: &[&str]) -> TestNode {
+        let mut argv = vec!["wsrelay", "--listen", "127.0.0.1:0"];
+        argv.extend_from_slice(args);
+        let config = <Config as clap::Parser>::try_parse_from(argv).expect("valid test flags");
+        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let node = Node::new(config).expect("node starts");
+        let handle = node.handle();
+        let task = tokio::spawn(async move {
+            node.serve(listener, std::future::pending())
+                .await
+                .expect("node serves");
+        });
+        TestNode {
+            addr,
+            handle,
+            task: Some(task),
+        }
+    }
+
+    /// Starts a node of the cluster served by `redis`.
+    pub async fn with_redis(redis: &RedisServer, node_id: &str, extra: &[&str]) -> TestNode {
+        let url = redis.url();
+        let mut args = vec!["--redis-url", url.as_str(), "--node-id", node_id];
+        args.extend_from_slice(extra);
+        let node = TestNode::start(&args).await;
+        node.wait_ready().await;
+        node
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until("node ready", || self.handle.is_ready()).await;
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        if query.is_empty() {
+            format!("ws://{}/ws", self.addr)
+        } else {
+            format!("ws://{}/ws?{}", self.addr, query)
+        }
+    }
+
+    /// Connects a client (query: e.g. `channel=a&channel=b`) and waits for `welcome`.
+    pub async fn client(&self, query: &str) -> Client {
+        Client::connect(&self.ws_url(query)).await
+    }
+
+    /// Waits until the registry is empty again.
+    pub async fn wait_registry_empty(&self) {
+        wait_until("registry empty", || {
+            let s = self.handle.stats();
+            s.connections == 0 && s.subscriptions == 0 && s.channels == 0
+        })
+        .await;
+    }
+
+    /// Drains the node and waits for it to stop.
+    pub async fn stop(mut self) {
+        self.handle.shutdown();
+        if let Some(task) = self.task.take() {
+            timeout(WAIT, task)
+                .await
+                .expect("node stops in time")
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
+/// Polls a condition that has no event to await (e.g. a counter in another task).
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A protocol v1 client over a real WebSocket.
+pub struct Client {
+    pub ws: Ws,
+    pub welcome: Value,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = timeout(WAIT, connect_async(url))
+            .await
+            .expect("connect in time")
+            .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        let welcome = client.recv().await;
+        assert_eq!(
+            welcome["op"], "welcome",
+            "first frame is welcome: {welcome}"
+        );
+        client.welcome = welcome;
+        client
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        timeout(WAIT, self.ws.send(Message::text(text)))
+            .await
+            .expect("send in time")
+            .expect("send");
+    }
+
+    /// The next protocol frame (control frames are skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("connection open")
+                .expect("frame");
+            match msg {
+                Message::Text(text) => return serde_json::from_str(&text).expect("JSON frame"),
+                Message::Close(frame) => panic!("unexpected close: {frame:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Receives `n` `msg` frames, skipping acks.
+    pub async fn recv_msgs(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let frame = self.recv().await;
+            match frame["op"].as_str() {
+                Some("msg") => out.push(frame),
+                Some("ack") => {}
+                _ => panic!("unexpected frame: {frame}"),
+            }
+        }
+        out
+    }
+
+    /// Sends a request with an id and returns its ack or error, keeping any `msg`
+    /// frames that arrive meanwhile in `stash`.
+    pub async fn request(&mut self, mut frame: Value, id: u64, stash: &mut Vec<Value>) -> Value {
+        frame["id"] = json!(id);
+        self.send(frame).await;
+        loop {
+            let reply = self.recv().await;
+            if reply["id"] == json!(id) {
+                return reply;
+            }
+            stash.push(reply);
+        }
+    }
+
+    pub async fn sub(&mut self, ch: &str, id: u64) -> Value {
+        let mut stash = Vec::new();
+        let reply = self
+            .request(json!({"op":"sub","ch":ch}), id, &mut stash)
+            .await;
+        assert!(
+            stash.is_empty(),
+            "unexpected frames before sub reply: {stash:?}"
+        );
+        reply
+    }
+
+    /// Reads until the server closes; returns the close code (None: no close frame).
+    pub async fn expect_close(&mut self) -> Option<u16> {
+        loop {
+            let next = timeout(WAIT, self.ws.next()).await.expect("close in time");
+            match next {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f: CloseFrame| f.code.into()),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET over loopback: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status line");
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// A TCP proxy on loopback that delays every byte by `delay` in each direction, to
+/// make a node's link to Redis slow without touching Redis itself.
+pub struct LatencyProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LatencyProxy {
+    pub async fn start(upstream_port: u16, delay: Duration) -> LatencyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                tokio::spawn(delayed_copy(cr, uw, delay));
+                tokio::spawn(delayed_copy(ur, cw, delay));
+            }
+        });
+        LatencyProxy { port, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for LatencyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Bounded: a proxy for tests, carrying little traffic.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(1024);
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0
+            || tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .await
+                .is_err()
+        {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}

@@ -1,0 +1,299 @@
+//! One node with the in-process memory broker (no Redis): the same relay behaviour,
+//! bad input, slow consumers and heartbeats.
+
+mod common;
+
+use common::{Client, TestNode, WAIT, http_get};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_broker_fans_out_in_order_with_acks() {
+    let node = TestNode::start(&["--node-id", "solo"]).await;
+    assert_eq!(http_get(node.addr, "/readyz").await.0, 200);
+    let mut a = node.client("channel=room").await;
+    let mut b = node.client("channel=room&channel=extra").await;
+    let mut outsider = node.client("channel=elsewhere").await;
+    assert_eq!(a.welcome["node"], "solo");
+    assert_eq!(b.welcome["channels"], json!(["room", "extra"]));
+    assert_ne!(a.welcome["conn"], b.welcome["conn"]);
+
+    for seq in 0..200 {
+        a.send(json!({"op":"pub","ch":"room","data":seq})).await;
+    }
+    let mut stash = Vec::new();
+    let ack = a
+        .request(
+            json!({"op":"pub","ch":"elsewhere","data":"marker"}),
+            4,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(ack, json!({"op":"ack","id":4}));
+    // The publisher receives its own messages (it is subscribed to room), in order.
+    let mut own = stash;
+    own.extend(a.recv_msgs(200 - own.len()).await);
+    let b_msgs = b.recv_msgs(200).await;
+    for seq in 0..200 {
+        let expected = json!({"op":"msg","ch":"room","data":seq});
+        assert_eq!(own[seq], expected);
+        assert_eq!(b_msgs[seq], expected);
+    }
+    assert_eq!(outsider.recv().await["data"], "marker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_broker_default_channel_sub_and_unsub() {
+    let node = TestNode::start(&["--default-channel", "lobby"]).await;
+    let mut a = node.client("").await;
+    let mut b = node.client("").await;
+    assert_eq!(a.welcome["channels"], json!(["lobby"]));
+
+    a.send(json!({"op":"pub","data":{"hi":true}})).await;
+    assert_eq!(
+        b.recv().await,
+        json!({"op":"msg","ch":"lobby","data":{"hi":true}})
+    );
+    assert_eq!(a.recv().await["ch"], "lobby");
+
+    assert_eq!(b.sub("news", 1).await, json!({"op":"ack","id":1}));
+    // String ids are echoed as strings.
+    b.send(json!({"op":"unsub","ch":"lobby","id":"u-1"})).await;
+    assert_eq!(b.recv().await, json!({"op":"ack","id":"u-1"}));
+    a.send(json!({"op":"pub","data":"lobby only"})).await;
+    a.send(json!({"op":"pub","ch":"news","data":"news"})).await;
+    assert_eq!(b.recv().await["data"], "news", "b left lobby");
+    assert_eq!(node.handle.stats().subscriptions, 2);
+
+    drop(a);
+    drop(b);
+    node.wait_registry_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_error_frames_and_the_connection_stays_usable() {
+    let node = TestNode::start(&[]).await;
+    let mut c = node.client("channel=room").await;
+
+    c.send_text("this is not json").await;
+    let e = c.recv().await;
+    assert_eq!(
+        (e["op"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("bad_request"))
+    );
+    assert!(e.get("id").is_none());
+
+    let cases = [
+        (json!({"op":"dance","id":1}), "unknown_op"),
+        (
+            json!({"op":"sub","ch":"no spaces","id":2}),
+            "invalid_channel",
+        ),
+        (
+            json!({"op":"sub","ch":"x".repeat(129),"id":3}),
+            "invalid_channel",
+        ),
+        (
+            json!({"op":"pub","ch":"","data":1,"id":4}),
+            "invalid_channel",
+        ),
+        (json!({"op":"sub","id":5}), "bad_request"),
+        (json!({"op":"pub","ch":"room","id":6}), "bad_request"),
+        (json!({"ch":"room","id":7}), "bad_request"),
+    ];
+    for (request, code) in cases {
+        let id = request["id"].clone();
+        c.send(request).await;
+        let e = c.recv().await;
+        assert_eq!(e["op"], "error");
+        assert_eq!(e["code"], code, "{e}");
+        assert_eq!(e["id"], id);
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    // Still subscribed and able to publish.
+    let mut stash = Vec::new();
+    let ack = c
+        .request(
+            json!({"op":"pub","ch":"room","data":"still here"}),
+            99,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(ack["op"], "ack");
+    let msgs = if stash.is_empty() {
+        c.recv_msgs(1).await
+    } else {
+        stash
+    };
+    assert_eq!(msgs[0]["data"], "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_violations_close_only_the_offender() {
+    let node = TestNode::start(&["--max-message-bytes", "1024"]).await;
+    let mut bystander = node.client("channel=room").await;
+
+    let mut too_big = node.client("channel=room").await;
+    too_big
+        .send_text(&format!(r#"{{"op":"pub","data":"{}"}}"#, "x".repeat(2000)))
+        .await;
+    assert_eq!(too_big.expect_close().await, Some(1009));
+
+    let mut binary = node.client("channel=room").await;
+    binary
+        .ws
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(binary.expect_close().await, Some(1003));
+
+    // The limit is on the message: many small fragments adding up to too much also close.
+    let mut fragmented = node.client("channel=room").await;
+    send_fragmented(&mut fragmented.ws, 1600, 100).await;
+    assert_eq!(fragmented.expect_close().await, Some(1009));
+
+    // Invalid channel at connect: refused before the upgrade.
+    let refused = tokio_tungstenite::connect_async(node.ws_url("channel=bad%20name")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 400)
+        }
+        other => panic!("expected HTTP 400, got {other:?}"),
+    }
+
+    // The bystander saw none of it and is fine.
+    let mut stash = Vec::new();
+    let ack = bystander
+        .request(json!({"op":"pub","ch":"room","data":"ok"}), 1, &mut stash)
+        .await;
+    assert_eq!(ack["op"], "ack");
+    let msgs = if stash.is_empty() {
+        bystander.recv_msgs(1).await
+    } else {
+        stash
+    };
+    assert_eq!(msgs, vec![json!({"op":"msg","ch":"room","data":"ok"})]);
+    drop(bystander);
+    node.wait_registry_empty().await;
+}
+
+/// Sends one text message of `total` bytes as fragments of `chunk` bytes.
+async fn send_fragmented(ws: &mut common::Ws, total: usize, chunk: usize) {
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        Frame,
+        coding::{Data, OpCode},
+    };
+    let payload = vec![b'a'; total];
+    let chunks: Vec<&[u8]> = payload.chunks(chunk).collect();
+    for (i, part) in chunks.iter().enumerate() {
+        let opcode = if i == 0 {
+            OpCode::Data(Data::Text)
+        } else {
+            OpCode::Data(Data::Continue)
+        };
+        let last = i == chunks.len() - 1;
+        let frame = Frame::message(part.to_vec(), opcode, last);
+        if ws.send(Message::Frame(frame)).await.is_err() {
+            return; // the server may close before the last fragment
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_consumer_is_closed_with_1013_and_others_get_everything() {
+    let node = TestNode::start(&["--client-queue", "64", "--max-message-bytes", "16384"]).await;
+    // Connected, subscribed, and never reading: its socket buffers fill, then its queue.
+    let mut slow = node.client("channel=flood").await;
+    let fast = node.client("channel=flood").await;
+    let mut publisher = node.client("channel=control").await;
+
+    const N: usize = 3000;
+    let payload = "p".repeat(8 * 1024);
+    let reader = tokio::spawn(async move {
+        let mut fast = fast;
+        let msgs = fast.recv_msgs(N).await;
+        for (seq, msg) in msgs.iter().enumerate() {
+            assert_eq!(
+                msg["data"]["seq"], seq,
+                "fast reader gets every message in order"
+            );
+        }
+    });
+    for seq in 0..N {
+        publisher
+            .send(json!({"op":"pub","ch":"flood","data":{"seq":seq,"pad":payload}}))
+            .await;
+    }
+    timeout(WAIT * 3, reader)
+        .await
+        .expect("fast reader done")
+        .unwrap();
+
+    // The slow one, reading at last, finds its stream ended by 1013 after a prefix.
+    let mut seen = 0;
+    let code = loop {
+        match timeout(WAIT, slow.ws.next()).await.expect("frame or close") {
+            Some(Ok(Message::Text(_))) => seen += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1013));
+    assert!(
+        seen < N,
+        "the slow consumer was cut off, not served in full ({seen})"
+    );
+    drop(publisher);
+    node.wait_registry_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_live_clients_and_drop_silent_ones() {
+    let node = TestNode::start(&["--ping-interval", "200ms"]).await;
+
+    // A client that never reads never answers pings: dropped after an interval.
+    let (_silent, _) = tokio_tungstenite::connect_async(node.ws_url("channel=a"))
+        .await
+        .unwrap();
+    common::wait_until("silent client connected", || {
+        node.handle.stats().connections == 1
+    })
+    .await;
+    node.wait_registry_empty().await;
+
+    // A client that reads answers pings (tungstenite replies automatically) and stays.
+    let mut live = node.client("channel=a").await;
+    let mut pings = 0;
+    while pings < 4 {
+        match timeout(WAIT, live.ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Ping(_) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(live.sub("b", 1).await["op"], "ack");
+    assert_eq!(node.handle.stats().connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_page_and_probes_are_served() {
+    let node = TestNode::start(&[]).await;
+    let (status, body) = http_get(node.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<title>wsrelay chat</title>") && body.contains("/ws"));
+    assert_eq!(http_get(node.addr, "/healthz").await.0, 200);
+    let (status, body) = http_get(node.addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    // A plain GET on /ws is not an upgrade.
+    assert!(http_get(node.addr, "/ws").await.0 >= 400);
+    // Connecting works after all that.
+    let _ = Client::connect(&node.ws_url("")).await;
+}
