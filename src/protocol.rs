@@ -304,14 +304,23 @@ pub fn encode_error(id: Option<RequestId<'_>>, code: ErrorCode, message: &str) -
 
 /// `{"op":"welcome","node":..,"conn":..,"channels":[..]}`.
 pub fn encode_welcome(node: &str, conn: &str, channels: &[String]) -> Utf8Bytes {
-    serde_json::json!({
-        "op": "welcome",
-        "node": node,
-        "conn": conn,
-        "channels": channels,
-    })
-    .to_string()
-    .into()
+    // A struct keeps the documented field order, `op` first like every other frame.
+    #[derive(serde::Serialize)]
+    struct Welcome<'a> {
+        op: &'static str,
+        node: &'a str,
+        conn: &'a str,
+        channels: &'a [String],
+    }
+    let welcome = Welcome {
+        op: "welcome",
+        node,
+        conn,
+        channels,
+    };
+    serde_json::to_string(&welcome)
+        .expect("strings always serialise")
+        .into()
 }
 
 #[cfg(test)]
