@@ -57,6 +57,23 @@ impl CloseReason {
         }
     }
 
+    /// Label of the `reason` of `wsrelay_client_closes_total`.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            CloseReason::PeerClosed => "peer_closed",
+            CloseReason::PeerGone => "peer_gone",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::SlowConsumer => "slow_consumer",
+            CloseReason::TooLarge => "too_large",
+            CloseReason::Binary => "binary",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::PingTimeout => "ping_timeout",
+            CloseReason::WriteTimeout => "write_timeout",
+            CloseReason::BrokerUnavailable => "broker_unavailable",
+        }
+    }
+
     /// Short label for the close frame and for logs.
     pub fn as_str(self) -> &'static str {
         match self {

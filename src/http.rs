@@ -31,6 +31,7 @@ pub(crate) fn router(state: Arc<NodeState>) -> Router {
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -58,6 +59,18 @@ async fn readyz(State(node): State<Arc<NodeState>>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
+    let body = node.metrics.render(node.registry.stats());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 fn http_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {

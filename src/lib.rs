@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod envelope;
 mod http;
+pub mod metrics;
 mod node;
 pub mod protocol;
 pub mod registry;

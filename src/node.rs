@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError};
 use crate::http;
+use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryStats};
 
 /// State shared by everything on one node.
@@ -28,6 +29,7 @@ pub(crate) struct NodeState {
     pub(crate) node_id: String,
     pub(crate) registry: Registry,
     pub(crate) broker: Broker,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) sessions: TaskTracker,
     draining: AtomicBool,
@@ -72,7 +74,8 @@ impl Node {
         config.validate()?;
         let shutdown = CancellationToken::new();
         let registry = Registry::new();
-        let broker = Broker::start(&config, registry.clone(), shutdown.clone())?;
+        let metrics = Arc::new(Metrics::new());
+        let broker = Broker::start(&config, registry.clone(), metrics.clone(), shutdown.clone())?;
         let node_id = config.resolved_node_id();
         Ok(Node {
             state: Arc::new(NodeState {
@@ -80,6 +83,7 @@ impl Node {
                 node_id,
                 registry,
                 broker,
+                metrics,
                 shutdown,
                 sessions: TaskTracker::new(),
                 draining: AtomicBool::new(false),
@@ -152,6 +156,11 @@ impl NodeHandle {
     /// Current registry sizes.
     pub fn stats(&self) -> RegistryStats {
         self.state.registry.stats()
+    }
+
+    /// The node's metrics in the Prometheus text format, as `/metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        self.state.metrics.render(self.state.registry.stats())
     }
 
     /// Whether the node would answer `/readyz` with 200.

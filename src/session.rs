@@ -30,6 +30,7 @@ const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
 /// the upgrade.
 pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<String>) {
     let (client, queue) = node.registry.register(node.config.client_queue);
+    node.metrics.connections_opened.inc();
     let (sink, mut stream) = socket.split();
     let awaiting_pong = Arc::new(AtomicBool::new(false));
     let writer = tokio::spawn(write_loop(
@@ -55,6 +56,7 @@ pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<S
         .client
         .close_reason()
         .unwrap_or(CloseReason::PeerGone);
+    session.node.metrics.client_closed(reason);
     if reason.code().is_some() {
         // We sent a close frame: give the client a moment to answer it, so the TCP
         // connection ends cleanly after it has read everything we sent.
@@ -121,7 +123,10 @@ impl Session {
             // Any frame proves the peer is alive, not only a pong.
             awaiting_pong.store(false, Ordering::Relaxed);
             match msg {
-                Some(Ok(Message::Text(text))) => self.handle_text(&text).await,
+                Some(Ok(Message::Text(text))) => {
+                    self.node.metrics.frames_received.inc();
+                    self.handle_text(&text).await
+                }
                 Some(Ok(Message::Binary(_))) => return self.client.close(CloseReason::Binary),
                 Some(Ok(Message::Close(_))) => return self.client.close(CloseReason::PeerClosed),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
@@ -149,7 +154,17 @@ impl Session {
             Request::Publish { ch, data, .. } => {
                 let channel = ch.as_deref().unwrap_or(&self.node.config.default_channel);
                 let frame = protocol::encode_message(channel, data);
-                self.node.broker.publish(channel, frame).await
+                let published = self.node.broker.publish(channel, frame).await;
+                match &published {
+                    Ok(()) => {
+                        self.node.metrics.messages_published.inc();
+                    }
+                    Err(_) => self
+                        .node
+                        .metrics
+                        .publish_error(ErrorCode::Unavailable.as_str()),
+                };
+                published
             }
         };
         self.reply(id, result);

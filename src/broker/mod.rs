@@ -25,7 +25,10 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 /// Why a broker operation failed. Both mean "the request had no effect that the
@@ -56,15 +59,17 @@ impl Broker {
     pub fn start(
         config: &Config,
         registry: Registry,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
         match &config.redis_url {
-            None => Ok(Broker::Memory(memory::MemoryBroker::new(registry))),
+            None => Ok(Broker::Memory(memory::MemoryBroker::new(registry, metrics))),
             Some(url) => Ok(Broker::Redis(redis::RedisBroker::start(
                 url,
                 &config.redis_prefix,
                 config.broker_timeout,
                 registry,
+                metrics,
                 shutdown,
             )?)),
         }

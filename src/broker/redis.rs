@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::BrokerError;
 use crate::envelope;
+use crate::metrics::Metrics;
 use crate::registry::Registry;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
@@ -58,6 +59,7 @@ struct Inner {
     prefix: String,
     timeout: Duration,
     registry: Registry,
+    metrics: Arc<Metrics>,
     /// Why a std mutex: critical sections are a few set operations and are never
     /// held across an `.await`; shared by sessions and the subscriber task.
     state: Mutex<SubState>,
@@ -109,6 +111,7 @@ impl RedisBroker {
         prefix: &str,
         timeout: Duration,
         registry: Registry,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Self, BrokerError> {
         let invalid =
@@ -141,6 +144,7 @@ impl RedisBroker {
             prefix: prefix.to_owned(),
             timeout,
             registry,
+            metrics,
             state: Mutex::new(SubState::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
@@ -233,10 +237,12 @@ impl Inner {
         state.dirty.extend(pending);
         state.dirty.extend(self.registry.channel_names());
         self.connected.store(true, Ordering::Release);
+        self.metrics.broker_up.set(1);
     }
 
     fn on_disconnected(&self) {
         self.connected.store(false, Ordering::Release);
+        self.metrics.broker_up.set(0);
         self.lock().live.clear();
     }
 
@@ -323,6 +329,7 @@ impl Inner {
                 let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) =
                     (data.pop(), data.pop())
                 else {
+                    self.metrics.broker_dropped("malformed");
                     tracing::warn!("dropping malformed pub/sub push from Redis");
                     return;
                 };
@@ -336,9 +343,13 @@ impl Inner {
                     Utf8Bytes::try_from(env.frame).map_err(|_| envelope::EnvelopeError::NotUtf8)
                 }) {
                     Ok(frame) => {
-                        self.registry.fanout(channel, &frame);
+                        let delivered = self.registry.fanout(channel, &frame);
+                        self.metrics.messages_delivered.inc_by(delivered as u64);
                     }
-                    Err(e) => tracing::warn!(channel, error = %e, "dropping malformed envelope"),
+                    Err(e) => {
+                        self.metrics.broker_dropped("malformed");
+                        tracing::warn!(channel, error = %e, "dropping malformed envelope");
+                    }
                 }
             }
             PushKind::Disconnection => disconnected.notify_one(),
@@ -349,6 +360,7 @@ impl Inner {
 
 async fn subscriber_task(inner: Arc<Inner>, client: redis::Client, shutdown: CancellationToken) {
     let mut backoff = Backoff::default();
+    let mut ever_connected = false;
     loop {
         let disconnected = Arc::new(Notify::new());
         let on_push = {
@@ -385,7 +397,13 @@ async fn subscriber_task(inner: Arc<Inner>, client: redis::Client, shutdown: Can
         };
         backoff.reset();
         inner.on_connected();
-        tracing::info!("Redis subscriber connected");
+        if ever_connected {
+            inner.metrics.broker_reconnects.inc();
+            tracing::info!("Redis subscriber reconnected; subscriptions restored");
+        } else {
+            tracing::info!("Redis subscriber connected");
+        }
+        ever_connected = true;
         let ended = inner.serve(&mut conn, &disconnected, &shutdown).await;
         inner.on_disconnected();
         match ended {

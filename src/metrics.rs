@@ -1,0 +1,192 @@
+//! The node's Prometheus metrics: every metric is a typed handle in [`Metrics`],
+//! created once at start-up and rendered by `GET /metrics` in the text format.
+//!
+//! Names follow Prometheus conventions: prefix `wsrelay_`, counters end in `_total`.
+//! Handles are atomics, so recording on the message path costs one atomic add;
+//! label families are only used for rare events (errors, closes, reconnects).
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::client::CloseReason;
+use crate::registry::RegistryStats;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// Every metric of one node.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connections: Gauge,
+    subscriptions: Gauge,
+    channels: Gauge,
+    /// WebSocket connections accepted.
+    pub connections_opened: Counter,
+    /// Text frames received from clients.
+    pub frames_received: Counter,
+    /// Messages accepted by the broker from this node's clients.
+    pub messages_published: Counter,
+    /// Messages queued to local clients (one per recipient).
+    pub messages_delivered: Counter,
+    publish_errors: Family<Labels, Counter>,
+    client_closes: Family<Labels, Counter>,
+    /// Times the Redis subscriber connection was re-established after a loss.
+    pub broker_reconnects: Counter,
+    /// 1 while the broker is connected.
+    pub broker_up: Gauge,
+    broker_dropped: Family<Labels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsrelay");
+        let m = Metrics {
+            connections: Gauge::default(),
+            subscriptions: Gauge::default(),
+            channels: Gauge::default(),
+            connections_opened: Counter::default(),
+            frames_received: Counter::default(),
+            messages_published: Counter::default(),
+            messages_delivered: Counter::default(),
+            publish_errors: Family::default(),
+            client_closes: Family::default(),
+            broker_reconnects: Counter::default(),
+            broker_up: Gauge::default(),
+            broker_dropped: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Channel subscriptions of local connections",
+            m.subscriptions.clone(),
+        );
+        registry.register(
+            "channels",
+            "Channels with at least one local subscriber",
+            m.channels.clone(),
+        );
+        registry.register(
+            "connections_opened",
+            "WebSocket connections accepted",
+            m.connections_opened.clone(),
+        );
+        registry.register(
+            "frames_received",
+            "Text frames received from clients",
+            m.frames_received.clone(),
+        );
+        registry.register(
+            "messages_published",
+            "Messages from this node's clients accepted by the broker",
+            m.messages_published.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Messages queued to local clients, one per recipient",
+            m.messages_delivered.clone(),
+        );
+        registry.register(
+            "publish_errors",
+            "Failed publishes by error code",
+            m.publish_errors.clone(),
+        );
+        registry.register(
+            "client_closes",
+            "Connections closed, by reason",
+            m.client_closes.clone(),
+        );
+        registry.register(
+            "broker_reconnects",
+            "Re-established broker subscriber connections",
+            m.broker_reconnects.clone(),
+        );
+        registry.register(
+            "broker_up",
+            "1 while the broker is connected",
+            m.broker_up.clone(),
+        );
+        registry.register(
+            "broker_dropped_messages",
+            "Messages from the broker that were dropped, by reason",
+            m.broker_dropped.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts a publish that failed with `code` (an error code of the protocol).
+    pub fn publish_error(&self, code: &'static str) {
+        self.publish_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    /// Counts a closed connection.
+    pub fn client_closed(&self, reason: CloseReason) {
+        self.client_closes
+            .get_or_create(&[("reason", reason.metric_label())])
+            .inc();
+    }
+
+    /// Counts a message from the broker that could not be delivered.
+    pub fn broker_dropped(&self, reason: &'static str) {
+        self.broker_dropped
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Renders every metric in the Prometheus text format, with the registry gauges
+    /// read at this moment.
+    pub fn render(&self, stats: RegistryStats) -> String {
+        self.connections.set(stats.connections as i64);
+        self.subscriptions.set(stats.subscriptions as i64);
+        self.channels.set(stats.channels as i64);
+        let mut out = String::with_capacity(4096);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.messages_delivered.inc_by(3);
+        m.client_closed(CloseReason::SlowConsumer);
+        m.publish_error("unavailable");
+        let text = m.render(RegistryStats {
+            connections: 2,
+            subscriptions: 5,
+            channels: 1,
+        });
+        for line in [
+            "wsrelay_connections 2",
+            "wsrelay_subscriptions 5",
+            "wsrelay_messages_delivered_total 3",
+            "wsrelay_client_closes_total{reason=\"slow_consumer\"} 1",
+            "wsrelay_publish_errors_total{code=\"unavailable\"} 1",
+            "# TYPE wsrelay_broker_reconnects counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
