@@ -1,105 +1,51 @@
-//! The real `wsrelay` binary as a process: start-up, SIGTERM drain, bad configuration.
+//! The real `wsrelay` binary as a process: SIGTERM drain, bad configuration.
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Client, RedisServer, WAIT};
-
-/// Starts the binary on port 0 and returns it with the address it logged.
-fn spawn_node(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains("listening") {
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .map(str::to_owned);
-                let _ = tx.send(addr);
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(WAIT)
-        .expect("node logs its address")
-        .expect("addr= field");
-    (child, addr)
-}
-
-fn sigterm(child: &Child) {
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("process did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{Client, NodeProcess, RedisServer, WAIT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_every_client_with_1001_and_exits_in_time() {
     let redis = RedisServer::start().await;
-    let (mut child, addr) = spawn_node(&["--redis-url", &redis.url(), "--drain-timeout", "3s"]);
-    let url = |q: &str| format!("ws://{addr}/ws?{q}");
+    let mut node = NodeProcess::spawn(&["--redis-url", &redis.url(), "--drain-timeout", "3s"]);
+    node.wait_ready().await;
     let mut clients = Vec::new();
     for i in 0..5 {
-        clients.push(Client::connect(&url(&format!("channel=c{i}"))).await);
+        clients.push(node.client(&format!("channel=c{i}")).await);
     }
 
     let started = Instant::now();
-    sigterm(&child);
+    node.signal("TERM");
     for client in &mut clients {
         assert_eq!(client.expect_close().await, Some(1001));
     }
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(3) + WAIT))
+    let (status, node) =
+        tokio::task::spawn_blocking(move || (node.wait_exit(Duration::from_secs(3) + WAIT), node))
             .await
             .unwrap();
     assert!(status.success(), "clean exit: {status:?}");
     assert!(
-        started.elapsed() < Duration::from_secs(3) + Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "exit within the drain timeout"
     );
+    drop(node);
     // The node's Redis subscriptions went with it.
     redis.wait_numsub("c0", 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_ignores_the_close_does_not_hold_the_drain_past_its_timeout() {
-    let (mut child, addr) = spawn_node(&["--drain-timeout", "1s"]);
+    let mut node = NodeProcess::spawn(&["--drain-timeout", "1s"]);
     // Connected, never reading: it will not answer the close frame.
-    let (_ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+    let (_ws, _) = tokio_tungstenite::connect_async(node.ws_url(""))
         .await
         .unwrap();
     let started = Instant::now();
-    sigterm(&child);
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, WAIT))
+    node.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || node.wait_exit(WAIT))
         .await
         .unwrap();
     assert!(status.success());
@@ -108,6 +54,13 @@ async fn a_client_that_ignores_the_close_does_not_hold_the_drain_past_its_timeou
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_a_client() {
+    let node = NodeProcess::spawn(&[]);
+    let mut client = Client::connect(&node.ws_url("channel=x")).await;
+    assert_eq!(client.sub("y", 1).await["op"], "ack");
 }
 
 #[test]

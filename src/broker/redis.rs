@@ -1,9 +1,10 @@
 //! The Redis pub/sub broker.
 //!
-//! - **Publishing** goes through a deadpool-redis pool (broken connections are
-//!   recycled by the pool). A session awaits each `PUBLISH` reply before it sends the
-//!   next one, so one connection's messages reach Redis, and therefore every node,
-//!   in the order they were sent.
+//! - **Publishing** goes through one self-reconnecting multiplexed connection
+//!   (redis-rs `ConnectionManager`): one round trip per publish, and concurrent
+//!   publishes of all sessions are pipelined on one socket. A session awaits each
+//!   `PUBLISH` reply before it sends the next one, so one connection's messages reach
+//!   Redis, and therefore every node, in the order they were sent.
 //! - **Receiving** uses one dedicated RESP3 connection per node. Its push messages
 //!   are handed, inside the connection's reader, straight to [`Registry::fanout`],
 //!   which never waits: there is no intermediate queue that could grow, and Redis
@@ -24,7 +25,7 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -44,9 +45,6 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// Reconnect backoff: first delay and cap (jittered).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Publishing connections. Each session awaits its own publish, so this bounds how
-/// many publishes are in flight at once; Redis serves them on one thread anyway.
-const POOL_SIZE: usize = 16;
 
 /// Handle to the Redis broker.
 #[derive(Debug, Clone)]
@@ -55,7 +53,8 @@ pub struct RedisBroker {
 }
 
 struct Inner {
-    pool: deadpool_redis::Pool,
+    /// Publishing connection; reconnects by itself after a failure.
+    publisher: ConnectionManager,
     prefix: String,
     timeout: Duration,
     registry: Registry,
@@ -117,20 +116,20 @@ impl RedisBroker {
         let invalid =
             |e: &dyn std::fmt::Display| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
 
-        let mut pool_config = deadpool_redis::Config::from_url(url);
-        let mut pool = deadpool_redis::PoolConfig::new(POOL_SIZE);
-        pool.timeouts.wait = Some(timeout);
-        pool.timeouts.create = Some(timeout);
-        pool.timeouts.recycle = Some(timeout);
-        pool_config.pool = Some(pool);
-        let pool = pool_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        let client = redis::Client::open(url).map_err(|e| invalid(&e))?;
+        // Lazy, so a node starts (not ready) while Redis is down. Few retries per
+        // failure: the caller's timeout bounds the wait, and the next publish retries.
+        let publisher_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(BACKOFF_MAX);
+        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), publisher_config)
             .map_err(|e| invalid(&e))?;
 
         // The subscriber connection speaks RESP3 so that pushes can be handled by a
         // callback in the connection's reader (RESP2 pub/sub goes through an
         // unbounded queue inside redis-rs).
-        let client = redis::Client::open(url).map_err(|e| invalid(&e))?;
         let info = client.get_connection_info().clone();
         let settings = info
             .redis_settings()
@@ -140,7 +139,7 @@ impl RedisBroker {
             redis::Client::open(info.set_redis_settings(settings)).map_err(|e| invalid(&e))?;
 
         let inner = Arc::new(Inner {
-            pool,
+            publisher,
             prefix: prefix.to_owned(),
             timeout,
             registry,
@@ -158,12 +157,8 @@ impl RedisBroker {
         let inner = &self.inner;
         let payload = envelope::encode(frame.as_bytes(), b"");
         let key = inner.key(channel);
+        let mut conn = inner.publisher.clone();
         let publish = async {
-            let mut conn = inner
-                .pool
-                .get()
-                .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
             redis::cmd("PUBLISH")
                 .arg(&key)
                 .arg(&payload[..])

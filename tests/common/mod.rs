@@ -33,6 +33,7 @@ pub fn free_port() -> u16 {
 /// A `redis-server` child process owned by the test; killed on drop.
 pub struct RedisServer {
     pub port: u16,
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -42,7 +43,16 @@ impl RedisServer {
     }
 
     pub async fn start_on(port: u16) -> RedisServer {
-        let mut server = RedisServer { port, child: None };
+        RedisServer::start_with(port, &[]).await
+    }
+
+    /// Starts a server on `port` with extra `redis-server` arguments.
+    pub async fn start_with(port: u16, args: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
         server.spawn().await;
         server
     }
@@ -51,6 +61,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -257,6 +268,55 @@ impl Client {
         client
     }
 
+    /// Connects over a socket that resets (RST) instead of closing when dropped: an
+    /// abrupt disconnect, as when a phone loses its network.
+    pub async fn connect_abortable(url: &str) -> Client {
+        let addr = url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let stream = timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        stream.set_zero_linger().unwrap();
+        let (ws, _) = timeout(
+            WAIT,
+            tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream)),
+        )
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+        let mut client = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        let welcome = client.recv().await;
+        assert_eq!(welcome["op"], "welcome", "{welcome}");
+        client.welcome = welcome;
+        client
+    }
+
+    /// The next protocol frame if one arrives within `limit`.
+    pub async fn try_recv(&mut self, limit: Duration) -> Option<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let msg = timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.ws.next(),
+            )
+            .await
+            .ok()?
+            .expect("connection open")
+            .expect("frame");
+            if let Message::Text(text) = msg {
+                return Some(serde_json::from_str(&text).expect("JSON frame"));
+            }
+        }
+    }
+
     pub async fn send(&mut self, frame: Value) {
         self.send_text(&frame.to_string()).await;
     }
@@ -426,4 +486,151 @@ async fn delayed_copy(
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// The value of one sample in Prometheus text (`name` includes any labels, exactly
+/// as rendered, e.g. `wsrelay_client_closes_total{reason="slow_consumer"}`); 0 when
+/// the sample is absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Scrapes `/metrics` of a node.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// The real `wsrelay` binary as a child process on port 0; killed on drop.
+pub struct NodeProcess {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl NodeProcess {
+    pub fn spawn(args: &[&str]) -> NodeProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keeps reading so the node never blocks on a full stderr pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let addr = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="));
+                    let _ = tx.send(addr.and_then(|a| a.parse().ok()));
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(WAIT)
+            .expect("node logs its address")
+            .expect("addr= field");
+        NodeProcess { addr, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{}", self.addr, query)
+    }
+
+    pub async fn client(&self, query: &str) -> Client {
+        Client::connect(&self.ws_url(query)).await
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        while http_get(self.addr, "/readyz").await.0 != 200 {
+            assert!(Instant::now() < deadline, "node {} not ready", self.addr);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        scrape(self.addr).await
+    }
+
+    /// Waits until the node reports no connections, subscriptions or channels.
+    pub async fn wait_registry_empty(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = self.metrics().await;
+            let sizes: Vec<f64> = [
+                "wsrelay_connections",
+                "wsrelay_subscriptions",
+                "wsrelay_channels",
+            ]
+            .iter()
+            .map(|m| metric(&text, m))
+            .collect();
+            if sizes.iter().all(|v| *v == 0.0) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "registry of {} not empty: {sizes:?}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A field of /proc/PID/status in KiB (VmRSS: resident now; VmHWM: peak).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit; kills it and fails past `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("process did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
