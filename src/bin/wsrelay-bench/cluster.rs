@@ -1,0 +1,137 @@
+//! `--spawn-cluster N`: a private redis-server and N release nodes on free loopback
+//! ports, optionally pinned to CPUs, stopped when the run ends.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Target, procstat};
+
+pub(crate) struct Cluster {
+    redis: Child,
+    nodes: Vec<(Child, u16)>,
+}
+
+impl Cluster {
+    pub(crate) async fn start(n: usize, target: &Target) -> anyhow::Result<Cluster> {
+        anyhow::ensure!(n >= 1, "--spawn-cluster needs at least one node");
+        let node_binary = std::env::current_exe()?.with_file_name("wsrelay");
+        anyhow::ensure!(
+            node_binary.exists(),
+            "{} not found: build it first (cargo build --release)",
+            node_binary.display()
+        );
+        let pinned = |program: &str| match &target.pin_servers {
+            Some(cpus) => {
+                let mut cmd = Command::new("taskset");
+                cmd.args(["-c", cpus, program]);
+                cmd
+            }
+            None => Command::new(program),
+        };
+
+        let redis_port = free_port()?;
+        let redis = pinned("redis-server")
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("cannot start redis-server: {e}"))?;
+        let mut cluster = Cluster {
+            redis,
+            nodes: Vec::new(),
+        };
+        for i in 0..n {
+            let port = free_port()?;
+            let child = pinned(node_binary.to_str().expect("UTF-8 path"))
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])
+                .args(["--node-id", &format!("bench-{}", i + 1)])
+                .args(&target.node_args)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()?;
+            cluster.nodes.push((child, port));
+        }
+        for (_, port) in &cluster.nodes {
+            wait_ready(*port).await?;
+        }
+        Ok(cluster)
+    }
+
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|(_, port)| format!("ws://127.0.0.1:{port}/ws"))
+            .collect()
+    }
+
+    fn pids(&self) -> impl Iterator<Item = u32> + '_ {
+        std::iter::once(self.redis.id()).chain(self.nodes.iter().map(|(c, _)| c.id()))
+    }
+
+    /// CPU time of every server process (nodes and Redis) so far.
+    pub(crate) fn cpu_time(&self) -> Duration {
+        self.pids().map(procstat::cpu_time).sum()
+    }
+
+    /// Resident memory of every server process, in KiB.
+    pub(crate) fn rss_kib(&self) -> u64 {
+        self.pids().map(procstat::rss_kib).sum()
+    }
+
+    pub(crate) async fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Cluster {
+    /// Whatever happened to the run, nothing it started outlives it.
+    fn drop(&mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = self.redis.kill();
+        let _ = self.redis.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if readyz(port).await.unwrap_or(false) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "node on port {port} did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn readyz(port: u16) -> anyhow::Result<bool> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    Ok(response.starts_with(b"HTTP/1.1 200"))
+}

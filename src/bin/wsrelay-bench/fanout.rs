@@ -1,0 +1,334 @@
+//! The `fanout` mode: paced publishers, many subscribers, end-to-end latency.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::Cluster;
+use crate::conn::{self, Ws};
+use crate::{Target, ms, procstat};
+
+#[derive(Debug, Args)]
+pub(crate) struct FanoutArgs {
+    /// Subscriber connections.
+    #[arg(short = 'c', long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Publisher connections.
+    #[arg(short = 'p', long, default_value_t = 1)]
+    publishers: usize,
+    /// Total published messages per second (deliveries/s = rate × subscribers per channel).
+    #[arg(short = 'r', long, default_value_t = 100)]
+    rate: u64,
+    /// Seconds of publishing.
+    #[arg(short = 'd', long, default_value_t = 10)]
+    duration: u64,
+    /// Payload (`data`) size in bytes.
+    #[arg(short = 's', long, default_value_t = 100)]
+    size: usize,
+    /// Channels; subscriber i listens to channel i mod K, publishers go round-robin.
+    #[arg(short = 'k', long, default_value_t = 1)]
+    channels: usize,
+    /// Longest wait after publishing for deliveries still in flight.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+}
+
+/// What one subscriber saw.
+struct Seen {
+    received: u64,
+    latency: Histogram<u64>,
+}
+
+pub(crate) async fn run(
+    args: &FanoutArgs,
+    target: &Target,
+    urls: &[String],
+    cluster: Option<&Cluster>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.channels >= 1 && args.publishers >= 1,
+        "need at least one channel and one publisher"
+    );
+    let channel = |i: usize| format!("bench-{}", i % args.channels);
+    let epoch = Instant::now();
+
+    eprintln!(
+        "connecting {} subscribers to {} node(s)…",
+        args.subscribers,
+        urls.len()
+    );
+    let connect_started = Instant::now();
+    let subscribers = conn::connect_many(
+        urls,
+        args.subscribers,
+        target.connect_concurrency,
+        target.read_buffer,
+        |i| format!("channel={}", channel(i)),
+    )
+    .await?;
+    let connect_time = connect_started.elapsed();
+    let publishers = conn::connect_many(
+        urls,
+        args.publishers,
+        target.connect_concurrency,
+        target.read_buffer,
+        |j| format!("channel=bench-publisher-{j}"),
+    )
+    .await?;
+
+    let stop = CancellationToken::new();
+    let received = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|ws| tokio::spawn(subscribe(ws, epoch, received.clone(), stop.clone())))
+        .collect();
+
+    let server_cpu_before = cluster.map(Cluster::cpu_time);
+    let own_cpu_before = procstat::own_cpu_time();
+    let started = Instant::now();
+    let per_publisher = args.rate as f64 / args.publishers as f64;
+    let duration = Duration::from_secs(args.duration);
+    let payload_pad = "x".repeat(args.size.saturating_sub(40));
+    let senders: Vec<_> = publishers
+        .into_iter()
+        .enumerate()
+        .map(|(j, ws)| {
+            let pad = payload_pad.clone();
+            let channels = args.channels;
+            tokio::spawn(publish(
+                ws,
+                j,
+                per_publisher,
+                duration,
+                channels,
+                pad,
+                epoch,
+            ))
+        })
+        .collect();
+    let mut published_per_channel = vec![0u64; args.channels];
+    for sender in senders {
+        for (k, n) in sender.await??.into_iter().enumerate() {
+            published_per_channel[k] += n;
+        }
+    }
+    let publish_time = started.elapsed();
+
+    let subs_per_channel: Vec<u64> = (0..args.channels)
+        .map(|k| {
+            (0..args.subscribers)
+                .filter(|i| i % args.channels == k)
+                .count() as u64
+        })
+        .collect();
+    let expected: u64 = published_per_channel
+        .iter()
+        .zip(&subs_per_channel)
+        .map(|(m, s)| m * s)
+        .sum();
+    let drain_deadline = Instant::now() + args.drain;
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let own_cpu = procstat::own_cpu_time() - own_cpu_before;
+    let server_cpu = cluster
+        .map(|c| c.cpu_time())
+        .zip(server_cpu_before)
+        .map(|(after, before)| after - before);
+    stop.cancel();
+
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let mut got = 0;
+    for reader in readers {
+        let seen = reader.await?;
+        got += seen.received;
+        latency.add(&seen.latency)?;
+    }
+    let published: u64 = published_per_channel.iter().sum();
+    let deliveries_per_s = got as f64 / elapsed.as_secs_f64();
+    let q = |p: f64| Duration::from_nanos(latency.value_at_quantile(p));
+    let server_cpu_per_million =
+        server_cpu.map(|cpu| cpu.as_secs_f64() / (got.max(1) as f64 / 1e6));
+
+    eprintln!();
+    eprintln!(
+        "fanout: {} subscribers, {} publisher(s), {} channel(s), {} msgs/s for {:?}, {} B payload",
+        args.subscribers, args.publishers, args.channels, args.rate, duration, args.size
+    );
+    eprintln!("  connect all subscribers   {}", ms(connect_time));
+    eprintln!(
+        "  published                 {published} in {:.2} s",
+        publish_time.as_secs_f64()
+    );
+    eprintln!(
+        "  deliveries                {got} of {expected} expected ({} lost or late)",
+        expected.saturating_sub(got)
+    );
+    eprintln!(
+        "  deliveries/s              {deliveries_per_s:.0} (offered {})",
+        args.rate * subs_per_channel.iter().max().copied().unwrap_or(0)
+    );
+    eprintln!(
+        "  latency p50/p90/p99/p99.9 {} / {} / {} / {}",
+        ms(q(0.5)),
+        ms(q(0.9)),
+        ms(q(0.99)),
+        ms(q(0.999))
+    );
+    eprintln!(
+        "  latency max               {}",
+        ms(Duration::from_nanos(latency.max()))
+    );
+    eprintln!(
+        "  load generator CPU        {:.2} s ({:.0}% of one core)",
+        own_cpu.as_secs_f64(),
+        100.0 * own_cpu.as_secs_f64() / elapsed.as_secs_f64()
+    );
+    if let (Some(cpu), Some(per_m)) = (server_cpu, server_cpu_per_million) {
+        eprintln!(
+            "  server CPU (nodes+redis)  {:.2} s = {per_m:.2} CPU-s per million deliveries",
+            cpu.as_secs_f64()
+        );
+    }
+    let report = json!({
+        "mode": "fanout",
+        "subscribers": args.subscribers,
+        "publishers": args.publishers,
+        "channels": args.channels,
+        "rate_msgs_per_s": args.rate,
+        "duration_s": args.duration,
+        "payload_bytes": args.size,
+        "nodes": urls.len(),
+        "connect_s": connect_time.as_secs_f64(),
+        "published": published,
+        "expected": expected,
+        "delivered": got,
+        "lost": expected.saturating_sub(got),
+        "deliveries_per_s": deliveries_per_s,
+        "latency_ms": {
+            "p50": q(0.5).as_secs_f64() * 1e3,
+            "p90": q(0.9).as_secs_f64() * 1e3,
+            "p99": q(0.99).as_secs_f64() * 1e3,
+            "p999": q(0.999).as_secs_f64() * 1e3,
+            "max": latency.max() as f64 / 1e6,
+        },
+        "loadgen_cpu_s": own_cpu.as_secs_f64(),
+        "server_cpu_s": server_cpu.map(|c| c.as_secs_f64()),
+        "server_cpu_s_per_million_deliveries": server_cpu_per_million,
+    });
+    println!("{report}");
+    Ok(())
+}
+
+/// Paces one publisher at `rate` messages/s for `duration`; returns how many it
+/// published to each channel.
+async fn publish(
+    ws: Ws,
+    index: usize,
+    rate: f64,
+    duration: Duration,
+    channels: usize,
+    pad: String,
+    epoch: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let mut per_channel = vec![0u64; channels];
+    let started = Instant::now();
+    let mut sent: u64 = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Replies (errors) and our own subscription are read and dropped concurrently.
+    let (mut sink, mut stream) = ws.split();
+    let drain = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            if let Message::Text(t) = msg
+                && t.as_str().contains(r#""op":"error""#)
+            {
+                eprintln!("publisher {index}: {t}");
+            }
+        }
+    };
+    let send = async {
+        loop {
+            tick.tick().await;
+            let elapsed = started.elapsed().min(duration);
+            let due = (elapsed.as_secs_f64() * rate) as u64;
+            while sent < due {
+                let k = (sent as usize + index) % channels;
+                let t = epoch.elapsed().as_nanos() as u64;
+                let frame = format!(
+                    r#"{{"op":"pub","ch":"bench-{k}","data":{{"t":{t},"s":{sent},"p":"{pad}"}}}}"#
+                );
+                sink.feed(Message::text(frame)).await?;
+                per_channel[k] += 1;
+                sent += 1;
+            }
+            sink.flush().await?;
+            if elapsed >= duration {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::select! {
+        result = send => result?,
+        _ = drain => anyhow::bail!("publisher {index} disconnected"),
+    }
+    Ok(per_channel)
+}
+
+/// Reads deliveries until `stop`, recording end-to-end latency from the payload's
+/// send timestamp.
+async fn subscribe(
+    mut ws: Ws,
+    epoch: Instant,
+    received: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Seen {
+    let mut seen = Seen {
+        received: 0,
+        latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            msg = ws.next() => msg,
+        };
+        let Some(Ok(Message::Text(text))) = msg else {
+            match msg {
+                Some(Ok(_)) => continue,
+                _ => break,
+            }
+        };
+        if let Some(sent_at) = timestamp(text.as_str()) {
+            let now = epoch.elapsed().as_nanos() as u64;
+            let _ = seen.latency.record(now.saturating_sub(sent_at).max(1));
+            seen.received += 1;
+            received.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    seen
+}
+
+/// The `t` of a delivered bench payload, without a JSON parse.
+fn timestamp(frame: &str) -> Option<u64> {
+    let rest = &frame[frame.find(r#""data":{"t":"#)? + 12..];
+    let end = rest.find(',')?;
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_timestamp() {
+        let frame = r#"{"op":"msg","ch":"bench-0","data":{"t":12345,"s":1,"p":"xx"}}"#;
+        assert_eq!(super::timestamp(frame), Some(12345));
+        assert_eq!(super::timestamp(r#"{"op":"ack","id":1}"#), None);
+    }
+}

@@ -1,0 +1,74 @@
+//! The `idle` mode: open connections and hold them, to measure what an idle
+//! connection costs a node.
+
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::json;
+
+use crate::cluster::Cluster;
+use crate::{Target, conn, ms};
+
+#[derive(Debug, Args)]
+pub(crate) struct IdleArgs {
+    /// Connections to open.
+    #[arg(short = 'c', long, default_value_t = 10_000)]
+    connections: usize,
+    /// Seconds to hold them (memory is sampled after the first second).
+    #[arg(short = 'd', long, default_value_t = 3)]
+    duration: u64,
+    /// Channels the connections spread over.
+    #[arg(short = 'k', long, default_value_t = 1)]
+    channels: usize,
+}
+
+pub(crate) async fn run(
+    args: &IdleArgs,
+    target: &Target,
+    urls: &[String],
+    cluster: Option<&Cluster>,
+) -> anyhow::Result<()> {
+    let rss_before = cluster.map(Cluster::rss_kib);
+    let started = Instant::now();
+    let channels = args.channels.max(1);
+    let conns = conn::connect_many(
+        urls,
+        args.connections,
+        target.connect_concurrency,
+        target.read_buffer,
+        |i| format!("channel=idle-{}", i % channels),
+    )
+    .await?;
+    let connect_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1).min(Duration::from_secs(args.duration))).await;
+    let rss_after = cluster.map(Cluster::rss_kib);
+    tokio::time::sleep(Duration::from_secs(args.duration.saturating_sub(1))).await;
+    drop(conns);
+
+    let per_conn = rss_before.zip(rss_after).map(|(before, after)| {
+        after.saturating_sub(before) as f64 / args.connections.max(1) as f64
+    });
+    eprintln!();
+    eprintln!(
+        "idle: {} connections over {} node(s)",
+        args.connections,
+        urls.len()
+    );
+    eprintln!("  connect all               {}", ms(connect_time));
+    if let (Some(before), Some(after), Some(per)) = (rss_before, rss_after, per_conn) {
+        eprintln!(
+            "  server RSS (nodes+redis)  {before} KiB -> {after} KiB = {per:.2} KiB per connection"
+        );
+    }
+    let report = json!({
+        "mode": "idle",
+        "connections": args.connections,
+        "nodes": urls.len(),
+        "connect_s": connect_time.as_secs_f64(),
+        "server_rss_kib_before": rss_before,
+        "server_rss_kib_after": rss_after,
+        "server_rss_kib_per_connection": per_conn,
+    });
+    println!("{report}");
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! `wsrelay-bench`: a load generator that speaks protocol v1 and drives a running
+//! cluster (or one it starts itself with `--spawn-cluster`).
+//!
+//! - `fanout`: C subscribers spread round-robin over the node URLs, P publishers,
+//!   a paced total rate of R messages/s for D seconds, payloads of S bytes, K
+//!   channels. Reports loss, deliveries/s, end-to-end latency percentiles, time to
+//!   connect, and its own CPU use.
+//! - `idle`: opens C connections and holds them, to measure memory per connection.
+//!
+//! With `--spawn-cluster N` it starts a private `redis-server` and N release nodes,
+//! samples their CPU time and RSS from /proc, reports server CPU-seconds per million
+//! deliveries and RSS per idle connection, and stops everything it started.
+//! Output: a readable table on stderr and one JSON line on stdout.
+
+mod cluster;
+mod conn;
+mod fanout;
+mod idle;
+mod procstat;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "wsrelay-bench", version, about = "Load generator for wsrelay")]
+struct Cli {
+    #[command(flatten)]
+    target: Target,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+/// Where the load goes.
+#[derive(Debug, Args)]
+pub(crate) struct Target {
+    /// Node WebSocket URLs (`ws://host:port/ws`), repeatable; connections are
+    /// spread round-robin. Ignored with `--spawn-cluster`.
+    #[arg(long = "url", global = true, default_value = "ws://127.0.0.1:8080/ws")]
+    urls: Vec<String>,
+    /// Start a private redis-server and this many release nodes, and measure them.
+    #[arg(long, global = true)]
+    spawn_cluster: Option<usize>,
+    /// CPU list the spawned servers are pinned to (taskset syntax, e.g. `0`).
+    #[arg(long, global = true)]
+    pin_servers: Option<String>,
+    /// CPU list this load generator is pinned to (e.g. `1`).
+    #[arg(long, global = true)]
+    pin_client: Option<String>,
+    /// Extra flags for spawned nodes (e.g. `--node-arg=--client-queue=4096`).
+    #[arg(long = "node-arg", global = true, allow_hyphen_values = true)]
+    node_args: Vec<String>,
+    /// Read buffer of each client connection, in bytes. Small on purpose: a large
+    /// buffer is zero-filled on every read and makes the load generator the bottleneck.
+    #[arg(long, global = true, default_value_t = 4096)]
+    read_buffer: usize,
+    /// Connections opened concurrently while connecting.
+    #[arg(long, global = true, default_value_t = 256)]
+    connect_concurrency: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Mode {
+    /// Paced publishing to many subscribers; measures delivery, latency and CPU.
+    Fanout(fanout::FanoutArgs),
+    /// Opens connections and holds them; measures memory per connection.
+    Idle(idle::IdleArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    raise_open_file_limit();
+    if let Some(cpus) = &cli.target.pin_client {
+        procstat::pin_self(cpus)?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1.max(procstat::allowed_cpus()))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let cluster = match cli.target.spawn_cluster {
+            Some(n) => Some(cluster::Cluster::start(n, &cli.target).await?),
+            None => None,
+        };
+        let urls = match &cluster {
+            Some(c) => c.urls(),
+            None => cli.target.urls.clone(),
+        };
+        let result = match &cli.mode {
+            Mode::Fanout(args) => fanout::run(args, &cli.target, &urls, cluster.as_ref()).await,
+            Mode::Idle(args) => idle::run(args, &cli.target, &urls, cluster.as_ref()).await,
+        };
+        if let Some(cluster) = cluster {
+            cluster.stop().await;
+        }
+        result
+    })
+}
+
+/// 10,000 connections need more descriptors than the usual soft limit of 1024.
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Formats a duration in milliseconds with three decimals.
+pub(crate) fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
