@@ -4,11 +4,17 @@
 //! [`ClientHandle::send`] never waits: a full queue means the client is not keeping
 //! up, and it is closed with 1013 rather than allowed to grow memory or to slow the
 //! fan-out that serves every other client.
+//!
+//! The queue is a `VecDeque` behind a mutex rather than a channel: it allocates
+//! nothing while a connection is idle (most are), the writer takes everything queued
+//! in one lock to write it with one flush, and a push costs an uncontended lock.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
+use futures_util::task::AtomicWaker;
 use tokio_util::sync::CancellationToken;
 
 /// Node-local connection id.
@@ -98,29 +104,49 @@ pub struct ClientHandle {
     shared: Arc<Shared>,
 }
 
+/// The receiving end of a connection's queue, owned by its writer task.
+#[derive(Debug)]
+pub struct ClientQueue {
+    shared: Arc<Shared>,
+}
+
 #[derive(Debug)]
 struct Shared {
     id: ConnId,
-    tx: mpsc::Sender<Utf8Bytes>,
+    /// Why a std mutex: pushes and takes are a few instructions, never span an
+    /// `.await`, and are almost never contended (one fan-out, one writer).
+    queue: Mutex<VecDeque<Utf8Bytes>>,
+    capacity: usize,
+    /// The writer's waker: woken when the queue becomes non-empty or on close.
+    writer: AtomicWaker,
     reason: OnceLock<CloseReason>,
+    /// For tasks other than the writer (the reader) that wait for the close.
     closing: CancellationToken,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Utf8Bytes>> {
+        // The queue holds plain frames: a panic elsewhere cannot leave it torn.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl ClientHandle {
     /// A handle and the receiving end of its queue of `capacity` frames.
-    pub fn new(id: ConnId, capacity: usize) -> (ClientHandle, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(capacity);
-        let shared = Shared {
+    pub fn new(id: ConnId, capacity: usize) -> (ClientHandle, ClientQueue) {
+        let shared = Arc::new(Shared {
             id,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            capacity,
+            writer: AtomicWaker::new(),
             reason: OnceLock::new(),
             closing: CancellationToken::new(),
-        };
+        });
         (
             ClientHandle {
-                shared: Arc::new(shared),
+                shared: shared.clone(),
             },
-            rx,
+            ClientQueue { shared },
         )
     }
 
@@ -133,20 +159,31 @@ impl ClientHandle {
     /// the connection is closing, or its queue is full, in which case it is closed
     /// as a slow consumer.
     pub fn send(&self, frame: Utf8Bytes) -> bool {
-        match self.shared.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.close(CloseReason::SlowConsumer);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        if self.shared.reason.get().is_some() {
+            return false;
         }
+        let mut queue = self.shared.queue();
+        if queue.len() >= self.shared.capacity {
+            drop(queue);
+            self.close(CloseReason::SlowConsumer);
+            return false;
+        }
+        queue.push_back(frame);
+        let first = queue.len() == 1;
+        drop(queue);
+        // A writer that found the queue non-empty takes everything; only the first
+        // frame after a drain needs to wake it.
+        if first {
+            self.shared.writer.wake();
+        }
+        true
     }
 
     /// Asks the connection to close; the first reason given wins.
     pub fn close(&self, reason: CloseReason) {
         if self.shared.reason.set(reason).is_ok() {
             self.shared.closing.cancel();
+            self.shared.writer.wake();
         }
     }
 
@@ -161,24 +198,73 @@ impl ClientHandle {
     }
 }
 
+impl ClientQueue {
+    /// Waits until frames are queued or the connection is closing. Swaps everything
+    /// queued into `batch` (which must be empty, and whose allocation the queue then
+    /// reuses) and returns `true`; returns `false` once the connection is closing.
+    pub async fn next_batch(&mut self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+        debug_assert!(batch.is_empty());
+        std::future::poll_fn(|cx| {
+            // Register first, then look: a push or close after the look wakes us.
+            self.shared.writer.register(cx.waker());
+            if self.shared.reason.get().is_some() {
+                return Poll::Ready(false);
+            }
+            let mut queue = self.shared.queue();
+            if queue.is_empty() {
+                return Poll::Pending;
+            }
+            std::mem::swap(&mut *queue, batch);
+            Poll::Ready(true)
+        })
+        .await
+    }
+
+    /// Takes whatever is queued, without waiting (used to flush before a close).
+    pub fn take_all(&mut self) -> VecDeque<Utf8Bytes> {
+        std::mem::take(&mut *self.shared.queue())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn full_queue_closes_as_slow_consumer() {
-        let (h, mut rx) = ClientHandle::new(1, 2);
+    #[tokio::test]
+    async fn full_queue_closes_as_slow_consumer() {
+        let (h, mut q) = ClientHandle::new(1, 2);
         assert!(h.send("a".into()));
         assert!(h.send("b".into()));
         assert!(h.close_reason().is_none());
         assert!(!h.send("c".into()));
         assert_eq!(h.close_reason(), Some(CloseReason::SlowConsumer));
-        // The first reason sticks.
+        // The first reason sticks, and a closing connection takes no more frames.
         h.close(CloseReason::Shutdown);
         assert_eq!(h.close_reason(), Some(CloseReason::SlowConsumer));
-        assert_eq!(rx.try_recv().unwrap(), "a");
-        assert_eq!(rx.try_recv().unwrap(), "b");
-        assert!(rx.try_recv().is_err());
+        assert!(!h.send("d".into()));
+        let mut batch = VecDeque::new();
+        assert!(
+            !q.next_batch(&mut batch).await,
+            "closing wins over queued frames"
+        );
+        assert_eq!(q.take_all(), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn the_writer_takes_everything_queued_at_once() {
+        let (h, mut q) = ClientHandle::new(1, 8);
+        let writer = tokio::spawn(async move {
+            let mut batch = VecDeque::new();
+            assert!(q.next_batch(&mut batch).await);
+            batch
+        });
+        tokio::task::yield_now().await;
+        for f in ["1", "2", "3"] {
+            assert!(h.send(f.into()));
+        }
+        let batch = writer.await.unwrap();
+        assert!(!batch.is_empty() && batch.len() <= 3);
+        assert_eq!(batch[0], "1");
     }
 
     #[test]

@@ -12,12 +12,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use crate::client::{ClientHandle, ClientQueue, ConnId};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::mpsc;
-
-use crate::client::{ClientHandle, ConnId};
 
 /// Handle to the node's registry.
 #[derive(Debug, Clone, Default)]
@@ -54,7 +52,7 @@ impl Registry {
     }
 
     /// Adds a connection with an outbound queue of `queue` frames.
-    pub fn register(&self, queue: usize) -> (ClientHandle, mpsc::Receiver<Utf8Bytes>) {
+    pub fn register(&self, queue: usize) -> (ClientHandle, ClientQueue) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (handle, rx) = ClientHandle::new(id, queue);
         self.shared.connections.insert(id, HashSet::new());
@@ -189,9 +187,8 @@ mod tests {
 
         assert_eq!(reg.fanout("room", &"m1".into()), 2);
         assert_eq!(reg.fanout("nobody", &"m2".into()), 0);
-        assert_eq!(rx_a.try_recv().unwrap(), "m1");
-        assert_eq!(rx_b.try_recv().unwrap(), "m1");
-        assert!(rx_a.try_recv().is_err());
+        assert_eq!(rx_a.take_all(), ["m1"]);
+        assert_eq!(rx_b.take_all(), ["m1"]);
 
         assert_eq!(reg.unsubscribe(a.id(), "room"), Some(false));
         assert_eq!(reg.unsubscribe(a.id(), "room"), None);
@@ -241,8 +238,7 @@ mod tests {
             slow.close_reason(),
             Some(crate::client::CloseReason::SlowConsumer)
         );
-        for i in 0..5 {
-            assert_eq!(rx_fast.try_recv().unwrap(), format!("{i}").as_str());
-        }
+        let expected: Vec<String> = (0..5).map(|i| i.to_string()).collect();
+        assert_eq!(rx_fast.take_all(), expected);
     }
 }

@@ -8,6 +8,7 @@
 //! a [`CloseReason`]; the writer turns it into a close frame, and the reader removes
 //! the connection from the registry.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,16 +16,18 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
 
 use crate::broker::BrokerError;
-use crate::client::{ClientHandle, CloseReason};
+use crate::client::{ClientHandle, ClientQueue, CloseReason};
 use crate::node::NodeState;
 use crate::protocol::{self, ErrorCode, Request, RequestId};
 
 /// How long to wait for the client's close frame after sending ours: a well-behaved
 /// client answers at once; a dead one must not hold the session (or the drain).
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// A writer keeps its batch buffer between batches unless a burst grew it past
+/// this many frames (32 bytes each).
+const SPARE_BATCH_CAPACITY: usize = 64;
 
 /// Serves one upgraded connection until it ends. `channels` were validated before
 /// the upgrade.
@@ -110,11 +113,14 @@ impl Session {
     }
 
     async fn read_loop(&self, stream: &mut SplitStream<WebSocket>, awaiting_pong: &AtomicBool) {
+        // Created once: re-creating them on every frame would re-register wakers.
+        let mut closing = std::pin::pin!(self.client.closing());
+        let mut shutdown = std::pin::pin!(self.node.shutdown.cancelled());
         loop {
             let msg = tokio::select! {
                 biased;
-                _ = self.client.closing() => return,
-                _ = self.node.shutdown.cancelled() => {
+                _ = &mut closing => return,
+                _ = &mut shutdown => {
                     self.client.close(CloseReason::Shutdown);
                     return;
                 }
@@ -221,10 +227,11 @@ fn classify_read_error(error: axum::Error) -> CloseReason {
 }
 
 /// Drains the outbound queue into the socket until the connection closes, then
-/// sends the close frame its reason calls for.
+/// sends the close frame its reason calls for. Node shutdown reaches the writer as a
+/// close (the reader turns it into `CloseReason::Shutdown`).
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut queue: mpsc::Receiver<Utf8Bytes>,
+    mut queue: ClientQueue,
     client: ClientHandle,
     node: Arc<NodeState>,
     awaiting_pong: Arc<AtomicBool>,
@@ -235,26 +242,28 @@ async fn write_loop(
         config.ping_interval,
     );
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Swapped with the queue on every batch, so a busy connection allocates nothing.
+    let mut batch = VecDeque::new();
     loop {
         tokio::select! {
             biased;
-            _ = client.closing() => break,
-            _ = node.shutdown.cancelled() => {
-                client.close(CloseReason::Shutdown);
-                break;
-            }
-            frame = queue.recv() => {
-                let Some(frame) = frame else { break };
-                let batch = async {
-                    sink.feed(Message::Text(frame)).await?;
-                    // Everything already queued goes out with the same flush.
-                    while let Ok(frame) = queue.try_recv() {
+            more = queue.next_batch(&mut batch) => {
+                if !more {
+                    break;
+                }
+                // Everything queued goes out with one flush.
+                let write = async {
+                    for frame in batch.drain(..) {
                         sink.feed(Message::Text(frame)).await?;
                     }
                     sink.flush().await
                 };
-                if !write_within(config.write_timeout, &client, batch).await {
+                if !write_within(config.write_timeout, &client, write).await {
                     break;
+                }
+                if batch.capacity() > SPARE_BATCH_CAPACITY {
+                    // A burst is over: do not keep its buffer for an idle connection.
+                    batch = VecDeque::new();
                 }
             }
             _ = ping.tick() => {
@@ -277,7 +286,7 @@ async fn write_loop(
                 // the last messages before a drain) goes out first. A slow consumer's
                 // backlog is the problem itself, so it is dropped.
                 if reason != CloseReason::SlowConsumer {
-                    while let Ok(frame) = queue.try_recv() {
+                    for frame in queue.take_all() {
                         sink.feed(Message::Text(frame)).await?;
                     }
                 }
@@ -295,14 +304,22 @@ async fn write_loop(
     let _ = tokio::time::timeout(config.write_timeout, goodbye).await;
 }
 
-/// Runs one write with the write timeout; records why the connection must close if
-/// it failed. Returns whether the connection is still writable.
+/// Runs one write, bounded by the write timeout; records why the connection must
+/// close if it failed. Returns whether the connection is still writable.
+///
+/// Most writes complete on their first poll (the socket has room), so the timer is
+/// only armed for a write that has to wait.
 async fn write_within(
     limit: Duration,
     client: &ClientHandle,
     write: impl Future<Output = Result<(), axum::Error>>,
 ) -> bool {
-    match tokio::time::timeout(limit, write).await {
+    let mut write = std::pin::pin!(write);
+    let result = match futures_util::poll!(write.as_mut()) {
+        std::task::Poll::Ready(result) => Ok(result),
+        std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
+    };
+    match result {
         Ok(Ok(())) => true,
         Ok(Err(_)) => {
             client.close(CloseReason::PeerGone);
