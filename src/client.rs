@@ -10,12 +10,13 @@
 //! in one lock to write it with one flush, and a push costs an uncontended lock.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Poll;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 /// Node-local connection id.
 pub type ConnId = u64;
@@ -120,8 +121,12 @@ struct Shared {
     /// The writer's waker: woken when the queue becomes non-empty or on close.
     writer: AtomicWaker,
     reason: OnceLock<CloseReason>,
-    /// For tasks other than the writer (the reader) that wait for the close.
-    closing: CancellationToken,
+    /// Wakes the reader on close (one waiter; a close before it waits leaves a permit).
+    closed: Notify,
+    /// The writer should send a ping (set by the node's heartbeat).
+    ping_due: AtomicBool,
+    /// A ping was sent and nothing has come back from the peer since.
+    pong_due: AtomicBool,
 }
 
 impl Shared {
@@ -140,7 +145,9 @@ impl ClientHandle {
             capacity,
             writer: AtomicWaker::new(),
             reason: OnceLock::new(),
-            closing: CancellationToken::new(),
+            closed: Notify::new(),
+            ping_due: AtomicBool::new(false),
+            pong_due: AtomicBool::new(false),
         });
         (
             ClientHandle {
@@ -182,9 +189,25 @@ impl ClientHandle {
     /// Asks the connection to close; the first reason given wins.
     pub fn close(&self, reason: CloseReason) {
         if self.shared.reason.set(reason).is_ok() {
-            self.shared.closing.cancel();
+            self.shared.closed.notify_one();
             self.shared.writer.wake();
         }
+    }
+
+    /// One heartbeat of the node: closes the connection if the previous ping went
+    /// unanswered, otherwise asks the writer to send a ping.
+    pub fn heartbeat(&self) {
+        if self.shared.pong_due.swap(true, Ordering::Relaxed) {
+            self.close(CloseReason::PingTimeout);
+            return;
+        }
+        self.shared.ping_due.store(true, Ordering::Relaxed);
+        self.shared.writer.wake();
+    }
+
+    /// The peer showed it is alive (any frame, not only a pong).
+    pub fn alive(&self) {
+        self.shared.pong_due.store(false, Ordering::Relaxed);
     }
 
     /// The reason the connection is closing, once one was given.
@@ -194,28 +217,44 @@ impl ClientHandle {
 
     /// Resolves once [`close`](Self::close) has been called.
     pub async fn closing(&self) {
-        self.shared.closing.cancelled().await
+        while self.shared.reason.get().is_none() {
+            self.shared.closed.notified().await;
+        }
     }
 }
 
+/// What the writer should do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Write the frames now in the batch.
+    Frames,
+    /// Send a ping.
+    Ping,
+    /// Stop: the connection is closing.
+    Close,
+}
+
 impl ClientQueue {
-    /// Waits until frames are queued or the connection is closing. Swaps everything
-    /// queued into `batch` (which must be empty, and whose allocation the queue then
-    /// reuses) and returns `true`; returns `false` once the connection is closing.
-    pub async fn next_batch(&mut self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+    /// Waits until there is something to write or the connection is closing. Frames
+    /// are swapped into `batch` (which must be empty, and whose allocation the queue
+    /// then reuses).
+    pub async fn next(&mut self, batch: &mut VecDeque<Utf8Bytes>) -> Next {
         debug_assert!(batch.is_empty());
         std::future::poll_fn(|cx| {
-            // Register first, then look: a push or close after the look wakes us.
+            // Register first, then look: a push, ping or close after the look wakes us.
             self.shared.writer.register(cx.waker());
             if self.shared.reason.get().is_some() {
-                return Poll::Ready(false);
+                return Poll::Ready(Next::Close);
+            }
+            if self.shared.ping_due.swap(false, Ordering::Relaxed) {
+                return Poll::Ready(Next::Ping);
             }
             let mut queue = self.shared.queue();
             if queue.is_empty() {
                 return Poll::Pending;
             }
             std::mem::swap(&mut *queue, batch);
-            Poll::Ready(true)
+            Poll::Ready(Next::Frames)
         })
         .await
     }
@@ -243,8 +282,9 @@ mod tests {
         assert_eq!(h.close_reason(), Some(CloseReason::SlowConsumer));
         assert!(!h.send("d".into()));
         let mut batch = VecDeque::new();
-        assert!(
-            !q.next_batch(&mut batch).await,
+        assert_eq!(
+            q.next(&mut batch).await,
+            Next::Close,
             "closing wins over queued frames"
         );
         assert_eq!(q.take_all(), ["a", "b"]);
@@ -255,7 +295,7 @@ mod tests {
         let (h, mut q) = ClientHandle::new(1, 8);
         let writer = tokio::spawn(async move {
             let mut batch = VecDeque::new();
-            assert!(q.next_batch(&mut batch).await);
+            assert_eq!(q.next(&mut batch).await, Next::Frames);
             batch
         });
         tokio::task::yield_now().await;
@@ -265,6 +305,22 @@ mod tests {
         let batch = writer.await.unwrap();
         assert!(!batch.is_empty() && batch.len() <= 3);
         assert_eq!(batch[0], "1");
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_heartbeat_closes_the_connection() {
+        let (h, mut q) = ClientHandle::new(1, 8);
+        let mut batch = VecDeque::new();
+        h.heartbeat();
+        assert_eq!(q.next(&mut batch).await, Next::Ping);
+        h.alive();
+        h.heartbeat();
+        assert_eq!(q.next(&mut batch).await, Next::Ping);
+        assert!(h.close_reason().is_none(), "answered in time");
+        h.heartbeat();
+        assert_eq!(h.close_reason(), Some(CloseReason::PingTimeout));
+        assert_eq!(q.next(&mut batch).await, Next::Close);
+        h.closing().await;
     }
 
     #[test]

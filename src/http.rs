@@ -18,10 +18,11 @@ use serde_json::json;
 use crate::node::NodeState;
 use crate::{protocol, session};
 
-/// tungstenite reads into a buffer of this size per connection; its 128 KiB default
-/// would dominate the memory of an idle connection. Larger messages simply take
-/// several reads.
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// tungstenite reads into a buffer of this size per connection, allocated and
+/// zero-filled up front; its 128 KiB default would dominate the memory of an idle
+/// connection (most are). Client requests are small; a larger message takes one
+/// read per 512 bytes.
+const READ_BUFFER_BYTES: usize = 512;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 

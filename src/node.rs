@@ -124,6 +124,7 @@ impl Node {
             }
         };
         tokio::spawn(trigger);
+        tokio::spawn(heartbeat(state.clone()));
 
         let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
         axum::serve(listener, app)
@@ -171,6 +172,21 @@ impl NodeHandle {
     /// Starts the drain, as SIGTERM does.
     pub fn shutdown(&self) {
         self.state.shutdown.cancel();
+    }
+}
+
+/// Pings every connection each `--ping-interval` from one task, and closes those
+/// that did not answer the previous ping. One timer for the node rather than one
+/// per connection: an idle connection then carries no timer at all.
+async fn heartbeat(state: Arc<NodeState>) {
+    let period = state.config.ping_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => state.registry.heartbeat(),
+        }
     }
 }
 

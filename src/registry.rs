@@ -8,7 +8,7 @@
 //! across an `.await` (the methods here are synchronous, which makes that a rule of
 //! the type system rather than of discipline).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -28,10 +28,18 @@ struct Shared {
     next_id: AtomicU64,
     /// channel -> its local subscribers.
     channels: DashMap<String, HashMap<ConnId, ClientHandle>>,
-    /// connection -> the channels it is subscribed to.
-    connections: DashMap<ConnId, HashSet<String>>,
+    /// connection -> its handle and the channels it is subscribed to.
+    connections: DashMap<ConnId, Connection>,
     /// Total (connection, channel) pairs, kept so `stats` need not walk the maps.
     subscriptions: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Connection {
+    handle: ClientHandle,
+    /// A `Vec`, not a set: a connection has few channels, and an empty `Vec` costs
+    /// no allocation (a set allocates its table for the first entry).
+    channels: Vec<String>,
 }
 
 /// Sizes of the registry, for tests, probes and metrics.
@@ -55,7 +63,13 @@ impl Registry {
     pub fn register(&self, queue: usize) -> (ClientHandle, ClientQueue) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (handle, rx) = ClientHandle::new(id, queue);
-        self.shared.connections.insert(id, HashSet::new());
+        self.shared.connections.insert(
+            id,
+            Connection {
+                handle: handle.clone(),
+                channels: Vec::new(),
+            },
+        );
         (handle, rx)
     }
 
@@ -63,12 +77,13 @@ impl Registry {
     pub fn subscribe(&self, client: &ClientHandle, channel: &str) -> bool {
         let id = client.id();
         {
-            let Some(mut own) = self.shared.connections.get_mut(&id) else {
+            let Some(mut conn) = self.shared.connections.get_mut(&id) else {
                 return false;
             };
-            if !own.insert(channel.to_owned()) {
+            if conn.channels.iter().any(|c| c == channel) {
                 return false;
             }
+            conn.channels.push(channel.to_owned());
         }
         self.shared
             .channels
@@ -86,7 +101,11 @@ impl Registry {
             .shared
             .connections
             .get_mut(&id)
-            .is_some_and(|mut own| own.remove(channel));
+            .is_some_and(|mut conn| {
+                let before = conn.channels.len();
+                conn.channels.retain(|c| c != channel);
+                conn.channels.len() < before
+            });
         if !removed {
             return None;
         }
@@ -96,10 +115,11 @@ impl Registry {
     /// Removes a connection and all its subscriptions; returns the channels that
     /// lost their last local subscriber.
     pub fn deregister(&self, id: ConnId) -> Vec<String> {
-        let Some((_, own)) = self.shared.connections.remove(&id) else {
+        let Some((_, conn)) = self.shared.connections.remove(&id) else {
             return Vec::new();
         };
-        own.into_iter()
+        conn.channels
+            .into_iter()
             .filter(|channel| self.remove_from_channel(id, channel))
             .collect()
     }
@@ -135,6 +155,13 @@ impl Registry {
             .values()
             .filter(|client| client.send(frame.clone()))
             .count()
+    }
+
+    /// Runs one heartbeat on every connection (see [`ClientHandle::heartbeat`]).
+    pub fn heartbeat(&self) {
+        for conn in self.shared.connections.iter() {
+            conn.handle.heartbeat();
+        }
     }
 
     /// Whether any local connection is subscribed to `channel`.

@@ -10,7 +10,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -18,7 +17,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 
 use crate::broker::BrokerError;
-use crate::client::{ClientHandle, ClientQueue, CloseReason};
+use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
 use crate::node::NodeState;
 use crate::protocol::{self, ErrorCode, Request, RequestId};
 
@@ -35,19 +34,13 @@ pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<S
     let (client, queue) = node.registry.register(node.config.client_queue);
     node.metrics.connections_opened.inc();
     let (sink, mut stream) = socket.split();
-    let awaiting_pong = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn(write_loop(
-        sink,
-        queue,
-        client.clone(),
-        node.clone(),
-        awaiting_pong.clone(),
-    ));
+    let writer = tokio::spawn(write_loop(sink, queue, client.clone(), node.clone()));
     tracing::debug!(conn = client.id(), ?channels, "connection opened");
 
     let session = Session { node, client };
-    if session.subscribe_at_connect(&channels).await {
-        session.read_loop(&mut stream, &awaiting_pong).await;
+    // Takes the channel list: nothing needs it after `welcome`.
+    if Box::pin(session.subscribe_at_connect(channels)).await {
+        session.read_loop(&mut stream).await;
     }
 
     // Leave the registry first, so no fan-out queues to a connection that is going.
@@ -63,13 +56,13 @@ pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<S
     if reason.code().is_some() {
         // We sent a close frame: give the client a moment to answer it, so the TCP
         // connection ends cleanly after it has read everything we sent.
-        let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+        let _ = Box::pin(tokio::time::timeout(CLOSE_REPLY_WAIT, async {
             while let Some(Ok(msg)) = stream.next().await {
                 if matches!(msg, Message::Close(_)) {
                     break;
                 }
             }
-        })
+        }))
         .await;
     }
     tracing::debug!(
@@ -87,8 +80,8 @@ struct Session {
 impl Session {
     /// Subscribes the channels named at connect and sends `welcome` once they are
     /// live. Returns `false` (and closes the connection) if the broker cannot serve them.
-    async fn subscribe_at_connect(&self, channels: &[String]) -> bool {
-        for channel in channels {
+    async fn subscribe_at_connect(&self, channels: Vec<String>) -> bool {
+        for channel in &channels {
             self.node.registry.subscribe(&self.client, channel);
         }
         let results =
@@ -107,12 +100,12 @@ impl Session {
         self.send(protocol::encode_welcome(
             &self.node.node_id,
             &conn,
-            channels,
+            &channels,
         ));
         true
     }
 
-    async fn read_loop(&self, stream: &mut SplitStream<WebSocket>, awaiting_pong: &AtomicBool) {
+    async fn read_loop(&self, stream: &mut SplitStream<WebSocket>) {
         // Created once: re-creating them on every frame would re-register wakers.
         let mut closing = std::pin::pin!(self.client.closing());
         let mut shutdown = std::pin::pin!(self.node.shutdown.cancelled());
@@ -127,11 +120,13 @@ impl Session {
                 msg = stream.next() => msg,
             };
             // Any frame proves the peer is alive, not only a pong.
-            awaiting_pong.store(false, Ordering::Relaxed);
+            self.client.alive();
             match msg {
                 Some(Ok(Message::Text(text))) => {
                     self.node.metrics.frames_received.inc();
-                    self.handle_text(&text).await
+                    // Boxed: a request's broker futures are large, and an idle
+                    // connection should not carry their space in its task.
+                    Box::pin(self.handle_text(&text)).await
                 }
                 Some(Ok(Message::Binary(_))) => return self.client.close(CloseReason::Binary),
                 Some(Ok(Message::Close(_))) => return self.client.close(CloseReason::PeerClosed),
@@ -228,29 +223,24 @@ fn classify_read_error(error: axum::Error) -> CloseReason {
 
 /// Drains the outbound queue into the socket until the connection closes, then
 /// sends the close frame its reason calls for. Node shutdown reaches the writer as a
-/// close (the reader turns it into `CloseReason::Shutdown`).
+/// close (the reader turns it into `CloseReason::Shutdown`), pings as a request
+/// from the node's heartbeat.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: ClientQueue,
     client: ClientHandle,
     node: Arc<NodeState>,
-    awaiting_pong: Arc<AtomicBool>,
 ) {
-    let config = &node.config;
-    let mut ping = tokio::time::interval_at(
-        tokio::time::Instant::now() + config.ping_interval,
-        config.ping_interval,
-    );
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let limit = node.config.write_timeout;
     // Swapped with the queue on every batch, so a busy connection allocates nothing.
     let mut batch = VecDeque::new();
     loop {
-        tokio::select! {
-            biased;
-            more = queue.next_batch(&mut batch) => {
-                if !more {
-                    break;
-                }
+        let written = match queue.next(&mut batch).await {
+            Next::Close => break,
+            Next::Ping => {
+                write_within(limit, &client, sink.send(Message::Ping(Default::default()))).await
+            }
+            Next::Frames => {
                 // Everything queued goes out with one flush.
                 let write = async {
                     for frame in batch.drain(..) {
@@ -258,23 +248,15 @@ async fn write_loop(
                     }
                     sink.flush().await
                 };
-                if !write_within(config.write_timeout, &client, write).await {
-                    break;
-                }
-                if batch.capacity() > SPARE_BATCH_CAPACITY {
-                    // A burst is over: do not keep its buffer for an idle connection.
-                    batch = VecDeque::new();
-                }
+                write_within(limit, &client, write).await
             }
-            _ = ping.tick() => {
-                if awaiting_pong.swap(true, Ordering::Relaxed) {
-                    client.close(CloseReason::PingTimeout);
-                    break;
-                }
-                if !write_within(config.write_timeout, &client, sink.send(Message::Ping(Default::default()))).await {
-                    break;
-                }
-            }
+        };
+        if !written {
+            break;
+        }
+        if batch.capacity() > SPARE_BATCH_CAPACITY {
+            // A burst is over: do not keep its buffer for an idle connection.
+            batch = VecDeque::new();
         }
     }
 
@@ -301,7 +283,8 @@ async fn write_loop(
             None => Ok(()),
         }
     };
-    let _ = tokio::time::timeout(config.write_timeout, goodbye).await;
+    // Boxed: only a closing connection needs the space of this future.
+    let _ = Box::pin(tokio::time::timeout(limit, goodbye)).await;
 }
 
 /// Runs one write, bounded by the write timeout; records why the connection must
@@ -317,7 +300,8 @@ async fn write_within(
     let mut write = std::pin::pin!(write);
     let result = match futures_util::poll!(write.as_mut()) {
         std::task::Poll::Ready(result) => Ok(result),
-        std::task::Poll::Pending => tokio::time::timeout(limit, write).await,
+        // Boxed so the timer's space is only taken while a write is stalled.
+        std::task::Poll::Pending => Box::pin(tokio::time::timeout(limit, write.as_mut())).await,
     };
     match result {
         Ok(Ok(())) => true,
