@@ -50,6 +50,15 @@ impl Cluster {
             redis,
             nodes: Vec::new(),
         };
+        // Nodes start fine without Redis, but then log reconnect attempts: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         for i in 0..n {
             let port = free_port()?;
             let child = pinned(node_binary.to_str().expect("UTF-8 path"))

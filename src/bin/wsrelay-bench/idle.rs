@@ -7,7 +7,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::cluster::Cluster;
-use crate::{Target, conn, ms};
+use crate::{Target, conn, ms, procstat};
 
 #[derive(Debug, Args)]
 pub(crate) struct IdleArgs {
@@ -29,6 +29,8 @@ pub(crate) async fn run(
     cluster: Option<&Cluster>,
 ) -> anyhow::Result<()> {
     let rss_before = cluster.map(Cluster::rss_kib);
+    let server_cpu_before = cluster.map(Cluster::cpu_time);
+    let own_cpu_before = procstat::own_cpu_time();
     let started = Instant::now();
     let channels = args.channels.max(1);
     let conns = conn::connect_many(
@@ -40,6 +42,11 @@ pub(crate) async fn run(
     )
     .await?;
     let connect_time = started.elapsed();
+    let own_cpu = procstat::own_cpu_time() - own_cpu_before;
+    let server_cpu = cluster
+        .map(Cluster::cpu_time)
+        .zip(server_cpu_before)
+        .map(|(a, b)| a - b);
     tokio::time::sleep(Duration::from_secs(1).min(Duration::from_secs(args.duration))).await;
     let rss_after = cluster.map(Cluster::rss_kib);
     tokio::time::sleep(Duration::from_secs(args.duration.saturating_sub(1))).await;
@@ -55,6 +62,10 @@ pub(crate) async fn run(
         urls.len()
     );
     eprintln!("  connect all               {}", ms(connect_time));
+    eprintln!("  load generator CPU        {}", ms(own_cpu));
+    if let Some(cpu) = server_cpu {
+        eprintln!("  server CPU (nodes+redis)  {}", ms(cpu));
+    }
     if let (Some(before), Some(after), Some(per)) = (rss_before, rss_after, per_conn) {
         eprintln!(
             "  server RSS (nodes+redis)  {before} KiB -> {after} KiB = {per:.2} KiB per connection"
@@ -65,6 +76,8 @@ pub(crate) async fn run(
         "connections": args.connections,
         "nodes": urls.len(),
         "connect_s": connect_time.as_secs_f64(),
+        "connect_loadgen_cpu_s": own_cpu.as_secs_f64(),
+        "connect_server_cpu_s": server_cpu.map(|c| c.as_secs_f64()),
         "server_rss_kib_before": rss_before,
         "server_rss_kib_after": rss_after,
         "server_rss_kib_per_connection": per_conn,
