@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::protocol;
+use crate::telemetry::LogFormat;
 
 /// Settings of one relay node.
 #[derive(Debug, Clone, Parser)]
@@ -72,6 +73,10 @@ pub struct Config {
     /// an `unavailable` error (a stalled Redis must never hang a client).
     #[arg(long, env = "WSRELAY_BROKER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub broker_timeout: Duration,
+
+    /// Log line format: `text` for people, `json` for log collectors.
+    #[arg(long, env = "WSRELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 /// A setting that cannot work, named by its flag.

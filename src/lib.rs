@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod registry;
 mod session;
 pub mod shutdown;
+pub mod telemetry;
 
 pub use config::Config;
 pub use node::{Node, NodeError, NodeHandle, run};

@@ -1,26 +1,38 @@
-//! The `wsrelay` binary: parse configuration, set up logging, bind, run one node.
+//! The `wsrelay` binary: parse configuration, set up logs and traces, bind, run one node.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use wsrelay::Config;
+use wsrelay::metrics::Metrics;
+use wsrelay::{Config, Node, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let mut config = Config::parse();
     if let Err(e) = config.validate() {
         eprintln!("wsrelay: {e}");
         return ExitCode::from(2);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Resolved once: logs, traces and `welcome` must agree on it.
+    let node_id = config.resolved_node_id();
+    config.node_id = Some(node_id.clone());
+
+    let metrics = Arc::new(Metrics::new());
+    let (tracing, _telemetry) = match telemetry::init(
+        config.log_format,
+        &node_id,
+        metrics.trace_spans_dropped.clone(),
+    ) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if tracing.enabled() {
+        tracing::info!("exporting traces over OTLP");
+    }
 
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
@@ -32,7 +44,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match wsrelay::run(listener, config, wsrelay::shutdown::signal()).await {
+    let served = match Node::with_telemetry(config, metrics, tracing) {
+        Ok(node) => node.serve(listener, wsrelay::shutdown::signal()).await,
+        Err(e) => Err(e),
+    };
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("wsrelay: {e}");

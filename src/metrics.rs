@@ -9,6 +9,8 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 use crate::client::CloseReason;
@@ -38,6 +40,17 @@ pub struct Metrics {
     /// 1 while the broker is connected.
     pub broker_up: Gauge,
     broker_dropped: Family<Labels, Counter>,
+    /// Bytes of text frames received from clients.
+    pub bytes_received: Counter,
+    /// Bytes of frames queued to clients.
+    pub bytes_sent: Counter,
+    /// Origin publish to local enqueue, for messages that came through Redis
+    /// (from the timestamp in the envelope; clocks of nodes must be in sync).
+    pub fanout_latency: Histogram,
+    /// Round trip of one Redis PUBLISH.
+    pub redis_publish_latency: Histogram,
+    /// Trace spans dropped because the collector could not take them.
+    pub trace_spans_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -63,6 +76,12 @@ impl Metrics {
             broker_reconnects: Counter::default(),
             broker_up: Gauge::default(),
             broker_dropped: Family::default(),
+            bytes_received: Counter::default(),
+            bytes_sent: Counter::default(),
+            // 50 µs to ~1.6 s: loopback deliveries to a stalled broker.
+            fanout_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            redis_publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            trace_spans_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -125,6 +144,41 @@ impl Metrics {
             "Messages from the broker that were dropped, by reason",
             m.broker_dropped.clone(),
         );
+        registry.register(
+            "bytes_received",
+            "Bytes of text frames received from clients",
+            m.bytes_received.clone(),
+        );
+        registry.register(
+            "bytes_sent",
+            "Bytes of frames queued to clients",
+            m.bytes_sent.clone(),
+        );
+        registry.register_with_unit(
+            "fanout_latency",
+            "Origin publish to local enqueue, for messages that came through the broker",
+            prometheus_client::registry::Unit::Seconds,
+            m.fanout_latency.clone(),
+        );
+        registry.register_with_unit(
+            "redis_publish",
+            "Round trip of one Redis PUBLISH",
+            prometheus_client::registry::Unit::Seconds,
+            m.redis_publish_latency.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Trace spans dropped because the collector could not take them",
+            m.trace_spans_dropped.clone(),
+        );
+        registry.register(
+            "build",
+            "Version and git commit of this binary",
+            Info::new([
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("git_sha", env!("WSRELAY_GIT_SHA")),
+            ]),
+        );
         Metrics { registry, ..m }
     }
 
@@ -181,6 +235,8 @@ mod tests {
             "wsrelay_client_closes_total{reason=\"slow_consumer\"} 1",
             "wsrelay_publish_errors_total{code=\"unavailable\"} 1",
             "# TYPE wsrelay_broker_reconnects counter",
+            "# TYPE wsrelay_fanout_latency_seconds histogram",
+            "# TYPE wsrelay_redis_publish_seconds histogram",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -188,5 +244,12 @@ mod tests {
             );
         }
         assert!(text.ends_with("# EOF\n"));
+        assert!(
+            text.contains(&format!(
+                "wsrelay_build_info{{version=\"{}\"",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
     }
 }

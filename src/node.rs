@@ -21,6 +21,7 @@ use crate::config::{Config, ConfigError};
 use crate::http;
 use crate::metrics::Metrics;
 use crate::registry::{Registry, RegistryStats};
+use crate::telemetry::Tracing;
 
 /// State shared by everything on one node.
 #[derive(Debug)]
@@ -30,6 +31,7 @@ pub(crate) struct NodeState {
     pub(crate) registry: Registry,
     pub(crate) broker: Broker,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) tracing: Tracing,
     pub(crate) shutdown: CancellationToken,
     pub(crate) sessions: TaskTracker,
     draining: AtomicBool,
@@ -68,14 +70,29 @@ pub struct NodeHandle {
 }
 
 impl Node {
-    /// Validates the configuration and starts the broker. Must be called inside a
-    /// tokio runtime.
+    /// Validates the configuration and starts the broker, with fresh metrics and no
+    /// trace export. Must be called inside a tokio runtime.
     pub fn new(config: Config) -> Result<Node, NodeError> {
+        Node::with_telemetry(config, Arc::new(Metrics::new()), Tracing::disabled())
+    }
+
+    /// As [`Node::new`], with the metrics and tracer set up by the caller (the binary
+    /// shares them with the exporter).
+    pub fn with_telemetry(
+        config: Config,
+        metrics: Arc<Metrics>,
+        tracing: Tracing,
+    ) -> Result<Node, NodeError> {
         config.validate()?;
         let shutdown = CancellationToken::new();
         let registry = Registry::new();
-        let metrics = Arc::new(Metrics::new());
-        let broker = Broker::start(&config, registry.clone(), metrics.clone(), shutdown.clone())?;
+        let broker = Broker::start(
+            &config,
+            registry.clone(),
+            metrics.clone(),
+            tracing.clone(),
+            shutdown.clone(),
+        )?;
         let node_id = config.resolved_node_id();
         Ok(Node {
             state: Arc::new(NodeState {
@@ -84,6 +101,7 @@ impl Node {
                 registry,
                 broker,
                 metrics,
+                tracing,
                 shutdown,
                 sessions: TaskTracker::new(),
                 draining: AtomicBool::new(false),

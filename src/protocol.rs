@@ -114,6 +114,8 @@ pub enum Request<'a> {
         ch: Option<Cow<'a, str>>,
         /// The payload, as the raw JSON text the client sent.
         data: &'a RawValue,
+        /// A W3C `traceparent` to continue (validated).
+        tp: Option<Cow<'a, str>>,
         /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
@@ -180,6 +182,8 @@ struct RawRequest<'a> {
     data: Field<'a>,
     #[serde(borrow, default)]
     id: Field<'a>,
+    #[serde(borrow, default)]
+    tp: Field<'a>,
 }
 
 /// Decodes one client text frame.
@@ -249,7 +253,22 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             let data = raw.data.0.ok_or_else(|| {
                 RequestError::new(id, ErrorCode::BadRequest, "missing field data")
             })?;
-            Ok(Request::Publish { ch, data, id })
+            let tp = match raw.tp.0 {
+                None => None,
+                Some(v) => Some(
+                    serde_json::from_str::<Cow<'_, str>>(v.get())
+                        .ok()
+                        .filter(|t| is_traceparent(t))
+                        .ok_or_else(|| {
+                            RequestError::new(
+                                id,
+                                ErrorCode::BadRequest,
+                                "tp must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)",
+                            )
+                        })?,
+                ),
+            };
+            Ok(Request::Publish { ch, data, tp, id })
         }
         other => {
             let mut shown: String = other.chars().take(32).collect();
@@ -263,6 +282,22 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             ))
         }
     }
+}
+
+/// Whether `s` is a W3C `traceparent` of version 00 with non-zero ids.
+pub fn is_traceparent(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    let hex = |p: &str, len: usize| {
+        p.len() == len && p.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let nonzero = |p: &str| p.bytes().any(|b| b != b'0');
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && nonzero(parts[1])
+        && hex(parts[2], 16)
+        && nonzero(parts[2])
+        && hex(parts[3], 2)
 }
 
 /// `{"op":"msg","ch":..,"data":..}`: built once per publish, shared by every recipient.
@@ -367,7 +402,8 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match parse_request(r#"{"op":"pub","data":{"a": [1, 2]},"id":"x-1"}"#).unwrap() {
-            Request::Publish { ch, data, id } => {
+            Request::Publish { ch, data, id, tp } => {
+                assert!(tp.is_none());
                 assert!(ch.is_none());
                 assert_eq!(data.get(), r#"{"a": [1, 2]}"#, "data kept byte for byte");
                 assert_eq!(id.unwrap().as_json(), r#""x-1""#);
@@ -384,6 +420,31 @@ mod tests {
         }
         let e = parse_request(r#"{"op":"pub","ch":"a"}"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn traceparents_are_validated() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let frame = format!(r#"{{"op":"pub","ch":"a","data":1,"tp":"{tp}"}}"#);
+        match parse_request(&frame).unwrap() {
+            Request::Publish { tp: Some(got), .. } => assert_eq!(got, tp),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "nope",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        ] {
+            let frame = format!(r#"{{"op":"pub","ch":"a","data":1,"tp":"{bad}","id":9}}"#);
+            let e = parse_request(&frame).unwrap_err();
+            assert_eq!(
+                (e.code, e.id.map(|i| i.as_json())),
+                (ErrorCode::BadRequest, Some("9")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

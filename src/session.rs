@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
+use tracing::Instrument;
 
 use crate::broker::BrokerError;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
@@ -32,10 +33,31 @@ const SPARE_BATCH_CAPACITY: usize = 64;
 /// the upgrade.
 pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<String>) {
     let (client, queue) = node.registry.register(node.config.client_queue);
+    // A span for the connection's lifetime only when traces are exported: it costs
+    // memory for as long as the connection lives, and logs name the connection anyway.
+    let span = if node.tracing.enabled() {
+        tracing::info_span!("connection", node = %node.node_id, conn = client.id())
+    } else {
+        tracing::Span::none()
+    };
+    serve(socket, node, client, queue, channels)
+        .instrument(span)
+        .await
+}
+
+async fn serve(
+    socket: WebSocket,
+    node: Arc<NodeState>,
+    client: ClientHandle,
+    queue: ClientQueue,
+    channels: Vec<String>,
+) {
+    let opened = std::time::Instant::now();
     node.metrics.connections_opened.inc();
     let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write_loop(sink, queue, client.clone(), node.clone()));
-    tracing::debug!(conn = client.id(), ?channels, "connection opened");
+    let writer =
+        tokio::spawn(write_loop(sink, queue, client.clone(), node.clone()).in_current_span());
+    tracing::info!(node = %node.node_id, conn = client.id(), ?channels, "connection opened");
 
     let session = Session { node, client };
     // Takes the channel list: nothing needs it after `welcome`.
@@ -53,6 +75,14 @@ pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<S
         .close_reason()
         .unwrap_or(CloseReason::PeerGone);
     session.node.metrics.client_closed(reason);
+    tracing::info!(
+        node = %session.node.node_id,
+        conn = session.client.id(),
+        reason = reason.metric_label(),
+        code = reason.code(),
+        duration_ms = opened.elapsed().as_millis() as u64,
+        "connection closed"
+    );
     if reason.code().is_some() {
         // We sent a close frame: give the client a moment to answer it, so the TCP
         // connection ends cleanly after it has read everything we sent.
@@ -124,6 +154,7 @@ impl Session {
             match msg {
                 Some(Ok(Message::Text(text))) => {
                     self.node.metrics.frames_received.inc();
+                    self.node.metrics.bytes_received.inc_by(text.len() as u64);
                     // Boxed: a request's broker futures are large, and an idle
                     // connection should not carry their space in its task.
                     Box::pin(self.handle_text(&text)).await
@@ -152,10 +183,20 @@ impl Session {
                 self.unsubscribe(&ch);
                 Ok(())
             }
-            Request::Publish { ch, data, .. } => {
+            Request::Publish { ch, data, tp, .. } => {
                 let channel = ch.as_deref().unwrap_or(&self.node.config.default_channel);
                 let frame = protocol::encode_message(channel, data);
-                let published = self.node.broker.publish(channel, frame).await;
+                let tracing = &self.node.tracing;
+                let span = tracing.publish(channel, data.get().len(), tp.as_deref());
+                let traceparent = span.as_ref().map_or("", |s| s.traceparent.as_str());
+                let publish = self.node.broker.publish(channel, frame, traceparent);
+                let published = match &span {
+                    Some(span) => span.broker_publish(tracing, publish).await,
+                    None => publish.await,
+                };
+                if let Some(span) = span {
+                    span.end(published.as_ref().err().map(|e| e.to_string()).as_deref());
+                }
                 match &published {
                     Ok(()) => {
                         self.node.metrics.messages_published.inc();
@@ -204,7 +245,10 @@ impl Session {
     }
 
     fn send(&self, frame: Utf8Bytes) {
-        self.client.send(frame);
+        let len = frame.len() as u64;
+        if self.client.send(frame) {
+            self.node.metrics.bytes_sent.inc_by(len);
+        }
     }
 }
 

@@ -1,30 +1,25 @@
 //! The in-process broker: one node, no Redis. A publish is the local fan-out itself,
 //! so it is accepted, ordered and delivered before `publish` returns.
 
-use std::sync::Arc;
-
 use axum::extract::ws::Utf8Bytes;
 
-use crate::metrics::Metrics;
-use crate::registry::Registry;
+use super::Local;
 
 /// Broker for a single node.
 #[derive(Debug, Clone)]
 pub struct MemoryBroker {
-    registry: Registry,
-    metrics: Arc<Metrics>,
+    local: Local,
 }
 
 impl MemoryBroker {
-    /// A broker delivering straight into `registry`.
-    pub fn new(registry: Registry, metrics: Arc<Metrics>) -> Self {
-        metrics.broker_up.set(1);
-        Self { registry, metrics }
+    /// A broker delivering straight to this node's subscribers.
+    pub fn new(local: Local) -> Self {
+        local.metrics.broker_up.set(1);
+        Self { local }
     }
 
     /// Delivers the frame to the channel's local subscribers.
-    pub fn publish(&self, channel: &str, frame: Utf8Bytes) {
-        let delivered = self.registry.fanout(channel, &frame);
-        self.metrics.messages_delivered.inc_by(delivered as u64);
+    pub fn publish(&self, channel: &str, frame: Utf8Bytes, traceparent: &str) {
+        self.local.deliver(channel, &frame, traceparent.as_bytes());
     }
 }

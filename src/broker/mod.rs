@@ -30,6 +30,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::telemetry::Tracing;
 
 /// Why a broker operation failed. Both mean "the request had no effect that the
 /// client can rely on"; clients see them as `unavailable`.
@@ -41,6 +42,32 @@ pub enum BrokerError {
     /// The broker refused or could not be reached.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+}
+
+/// What a broker needs to deliver a message on this node.
+#[derive(Debug, Clone)]
+pub struct Local {
+    /// Where the subscribers are.
+    pub registry: Registry,
+    /// Where deliveries are counted.
+    pub metrics: Arc<Metrics>,
+    /// Where delivery spans go.
+    pub tracing: Tracing,
+}
+
+impl Local {
+    /// Hands one frame to the local subscribers of `channel` (inside a delivery span
+    /// when the message is traced) and counts it. Never waits.
+    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, traceparent: &[u8]) -> usize {
+        let delivered = self.tracing.deliver(channel, traceparent, || {
+            self.registry.fanout(channel, frame)
+        });
+        self.metrics.messages_delivered.inc_by(delivered as u64);
+        self.metrics
+            .bytes_sent
+            .inc_by((delivered * frame.len()) as u64);
+        delivered
+    }
 }
 
 /// The node's broker.
@@ -60,29 +87,40 @@ impl Broker {
         config: &Config,
         registry: Registry,
         metrics: Arc<Metrics>,
+        tracing: Tracing,
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
+        let local = Local {
+            registry,
+            metrics,
+            tracing,
+        };
         match &config.redis_url {
-            None => Ok(Broker::Memory(memory::MemoryBroker::new(registry, metrics))),
+            None => Ok(Broker::Memory(memory::MemoryBroker::new(local))),
             Some(url) => Ok(Broker::Redis(redis::RedisBroker::start(
                 url,
                 &config.redis_prefix,
                 config.broker_timeout,
-                registry,
-                metrics,
+                local,
                 shutdown,
             )?)),
         }
     }
 
-    /// Publishes one encoded `msg` frame to `channel` on every node.
-    pub async fn publish(&self, channel: &str, frame: Utf8Bytes) -> Result<(), BrokerError> {
+    /// Publishes one encoded `msg` frame to `channel` on every node; `traceparent`
+    /// (W3C, may be empty) lets receiving nodes continue the publish's trace.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        frame: Utf8Bytes,
+        traceparent: &str,
+    ) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(b) => {
-                b.publish(channel, frame);
+                b.publish(channel, frame, traceparent);
                 Ok(())
             }
-            Broker::Redis(b) => b.publish(channel, frame).await,
+            Broker::Redis(b) => b.publish(channel, frame, traceparent).await,
         }
     }
 

@@ -30,10 +30,8 @@ use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::BrokerError;
+use super::{BrokerError, Local};
 use crate::envelope;
-use crate::metrics::Metrics;
-use crate::registry::Registry;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
 /// reconnect): large enough to resubscribe thousands of channels in a few round
@@ -57,8 +55,7 @@ struct Inner {
     publisher: ConnectionManager,
     prefix: String,
     timeout: Duration,
-    registry: Registry,
-    metrics: Arc<Metrics>,
+    local: Local,
     /// Why a std mutex: critical sections are a few set operations and are never
     /// held across an `.await`; shared by sessions and the subscriber task.
     state: Mutex<SubState>,
@@ -109,8 +106,7 @@ impl RedisBroker {
         url: &str,
         prefix: &str,
         timeout: Duration,
-        registry: Registry,
-        metrics: Arc<Metrics>,
+        local: Local,
         shutdown: CancellationToken,
     ) -> Result<Self, BrokerError> {
         let invalid =
@@ -142,8 +138,7 @@ impl RedisBroker {
             publisher,
             prefix: prefix.to_owned(),
             timeout,
-            registry,
-            metrics,
+            local,
             state: Mutex::new(SubState::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
@@ -153,9 +148,15 @@ impl RedisBroker {
     }
 
     /// Sends one frame to every node subscribed to `channel`.
-    pub async fn publish(&self, channel: &str, frame: Utf8Bytes) -> Result<(), BrokerError> {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        frame: Utf8Bytes,
+        traceparent: &str,
+    ) -> Result<(), BrokerError> {
         let inner = &self.inner;
-        let payload = envelope::encode(frame.as_bytes(), b"");
+        let payload = envelope::encode(frame.as_bytes(), traceparent.as_bytes());
+        let started = std::time::Instant::now();
         let key = inner.key(channel);
         let mut conn = inner.publisher.clone();
         let publish = async {
@@ -167,7 +168,14 @@ impl RedisBroker {
                 .map_err(|e| BrokerError::Unavailable(e.to_string()))
         };
         match tokio::time::timeout(inner.timeout, publish).await {
-            Ok(result) => result.map(|_receivers| ()),
+            Ok(result) => {
+                inner
+                    .local
+                    .metrics
+                    .redis_publish_latency
+                    .observe(started.elapsed().as_secs_f64());
+                result.map(|_receivers| ())
+            }
             Err(_) => Err(BrokerError::Timeout(inner.timeout)),
         }
     }
@@ -230,14 +238,14 @@ impl Inner {
         state.live.clear();
         let pending: Vec<String> = state.waiters.keys().cloned().collect();
         state.dirty.extend(pending);
-        state.dirty.extend(self.registry.channel_names());
+        state.dirty.extend(self.local.registry.channel_names());
         self.connected.store(true, Ordering::Release);
-        self.metrics.broker_up.set(1);
+        self.local.metrics.broker_up.set(1);
     }
 
     fn on_disconnected(&self) {
         self.connected.store(false, Ordering::Release);
-        self.metrics.broker_up.set(0);
+        self.local.metrics.broker_up.set(0);
         self.lock().live.clear();
     }
 
@@ -252,7 +260,7 @@ impl Inner {
                 // Checked under the state lock: a session adds itself to the registry
                 // before it looks at `live`, so it either sees the channel removed from
                 // `live` here (and waits for the re-subscribe) or is seen as interest.
-                let wanted = self.registry.has_subscribers(&channel);
+                let wanted = self.local.registry.has_subscribers(&channel);
                 let live = state.live.contains(&channel);
                 if wanted && !live {
                     subscribe.push(channel);
@@ -324,7 +332,7 @@ impl Inner {
                 let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) =
                     (data.pop(), data.pop())
                 else {
-                    self.metrics.broker_dropped("malformed");
+                    self.local.metrics.broker_dropped("malformed");
                     tracing::warn!("dropping malformed pub/sub push from Redis");
                     return;
                 };
@@ -335,14 +343,20 @@ impl Inner {
                     return;
                 };
                 match envelope::decode(Bytes::from(payload)).and_then(|env| {
-                    Utf8Bytes::try_from(env.frame).map_err(|_| envelope::EnvelopeError::NotUtf8)
+                    let frame = Utf8Bytes::try_from(env.frame)
+                        .map_err(|_| envelope::EnvelopeError::NotUtf8)?;
+                    Ok((frame, env.traceparent, env.published_at_us))
                 }) {
-                    Ok(frame) => {
-                        let delivered = self.registry.fanout(channel, &frame);
-                        self.metrics.messages_delivered.inc_by(delivered as u64);
+                    Ok((frame, traceparent, published_at_us)) => {
+                        self.local.deliver(channel, &frame, &traceparent);
+                        let latency_us = envelope::now_us().saturating_sub(published_at_us);
+                        self.local
+                            .metrics
+                            .fanout_latency
+                            .observe(latency_us as f64 / 1e6);
                     }
                     Err(e) => {
-                        self.metrics.broker_dropped("malformed");
+                        self.local.metrics.broker_dropped("malformed");
                         tracing::warn!(channel, error = %e, "dropping malformed envelope");
                     }
                 }
@@ -393,7 +407,7 @@ async fn subscriber_task(inner: Arc<Inner>, client: redis::Client, shutdown: Can
         backoff.reset();
         inner.on_connected();
         if ever_connected {
-            inner.metrics.broker_reconnects.inc();
+            inner.local.metrics.broker_reconnects.inc();
             tracing::info!("Redis subscriber reconnected; subscriptions restored");
         } else {
             tracing::info!("Redis subscriber connected");
