@@ -67,7 +67,9 @@ async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            // The body is OpenMetrics (`# EOF`, `_total` counters): say so, so that
+            // Prometheus parses it as such.
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         body,
     )

@@ -258,6 +258,10 @@ fn classify_read_error(error: axum::Error) -> CloseReason {
         Ok(e) => match *e {
             tungstenite::Error::Capacity(_) => CloseReason::TooLarge,
             tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
+            // A peer that vanished without a close handshake is gone, not rude.
+            tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ) => CloseReason::PeerGone,
             tungstenite::Error::Protocol(_) => CloseReason::ProtocolError,
             _ => CloseReason::PeerGone,
         },

@@ -384,6 +384,14 @@ impl Client {
         reply
     }
 
+    /// Sends a binary frame (which the protocol forbids).
+    pub async fn ws_send_binary(&mut self) {
+        self.ws
+            .send(Message::binary(vec![0u8, 1, 2]))
+            .await
+            .unwrap();
+    }
+
     /// Reads until the server closes; returns the close code (None: no close frame).
     pub async fn expect_close(&mut self) -> Option<u16> {
         loop {
@@ -516,11 +524,17 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn spawn(args: &[&str]) -> NodeProcess {
+        NodeProcess::spawn_with_env(args, &[])
+    }
+
+    /// Starts the binary with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> NodeProcess {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
