@@ -63,6 +63,44 @@ async fn the_binary_serves_a_client() {
     assert_eq!(client.sub("y", 1).await["op"], "ack");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_have_one_line_per_connection_open_and_close() {
+    let node = NodeProcess::spawn(&["--log-format", "json", "--node-id", "logger"]);
+    let mut client = node.client("channel=a&channel=b").await;
+    let conn = client.welcome["conn"].as_str().unwrap().to_owned();
+    for seq in 0..20 {
+        client
+            .send(serde_json::json!({"op":"pub","ch":"a","data":seq}))
+            .await;
+    }
+    client.recv_msgs(20).await;
+    client.ws_send_binary().await;
+    assert_eq!(client.expect_close().await, Some(1003));
+
+    let closed = node
+        .wait_log("connection closed", |l| l.contains("connection closed"))
+        .await;
+    let logs = node.logs.lock().unwrap().clone();
+    let parsed: Vec<serde_json::Value> = logs
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let field = |v: &serde_json::Value, k: &str| v["fields"][k].clone();
+    let opened: Vec<_> = parsed
+        .iter()
+        .filter(|v| field(v, "message") == "connection opened")
+        .collect();
+    assert_eq!(opened.len(), 1, "{logs:?}");
+    assert_eq!(field(opened[0], "node"), "logger");
+    assert_eq!(field(opened[0], "conn").to_string(), conn);
+    let closed: serde_json::Value = serde_json::from_str(&closed).unwrap();
+    assert_eq!(field(&closed, "reason"), "binary");
+    assert_eq!(field(&closed, "code"), 1003);
+    assert_eq!(field(&closed, "conn").to_string(), conn);
+    // No line per message at the default level.
+    assert!(parsed.len() < 10, "{logs:#?}");
+}
+
 #[test]
 fn invalid_configuration_exits_non_zero_naming_the_flag() {
     for (args, flag) in [

@@ -520,6 +520,8 @@ pub async fn scrape(addr: SocketAddr) -> String {
 pub struct NodeProcess {
     pub addr: SocketAddr,
     child: Child,
+    /// Every line the node wrote to stderr (its logs).
+    pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl NodeProcess {
@@ -541,22 +543,43 @@ impl NodeProcess {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+        let kept = logs.clone();
         // Keeps reading so the node never blocks on a full stderr pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening") {
-                    let addr = line
+                    let text = line
                         .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="));
-                    let _ = tx.send(addr.and_then(|a| a.parse().ok()));
+                        .find_map(|w| w.strip_prefix("addr="))
+                        .map(str::to_owned)
+                        .or_else(|| {
+                            // JSON logs: "addr":"127.0.0.1:PORT"
+                            let at = line.find(r#""addr":""#)? + 8;
+                            line[at..].split('"').next().map(str::to_owned)
+                        });
+                    let _ = tx.send(text.and_then(|a| a.parse().ok()));
                 }
+                kept.lock().unwrap().push(line);
             }
         });
         let addr = rx
             .recv_timeout(WAIT)
             .expect("node logs its address")
             .expect("addr= field");
-        NodeProcess { addr, child }
+        NodeProcess { addr, child, logs }
+    }
+
+    /// Waits for a log line matching `pred`.
+    pub async fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(line) = self.logs.lock().unwrap().iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            assert!(Instant::now() < deadline, "no log line: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn pid(&self) -> u32 {

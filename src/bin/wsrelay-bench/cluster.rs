@@ -59,6 +59,22 @@ impl Cluster {
             anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let otel_env = match target.otel_ratio {
+            Some(ratio) => {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&ratio),
+                    "--otel-ratio must be between 0 and 1"
+                );
+                let sink = start_otlp_sink().await?;
+                vec![
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{sink}")),
+                    ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+                    ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()),
+                    ("OTEL_TRACES_SAMPLER_ARG", ratio.to_string()),
+                ]
+            }
+            None => Vec::new(),
+        };
         for i in 0..n {
             let port = free_port()?;
             let child = pinned(node_binary.to_str().expect("UTF-8 path"))
@@ -67,6 +83,7 @@ impl Cluster {
                 .args(["--node-id", &format!("bench-{}", i + 1)])
                 .args(&target.node_args)
                 .env("RUST_LOG", "warn")
+                .envs(otel_env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .spawn()?;
             cluster.nodes.push((child, port));
@@ -113,6 +130,26 @@ impl Drop for Cluster {
         let _ = self.redis.kill();
         let _ = self.redis.wait();
     }
+}
+
+/// An OTLP/HTTP endpoint that accepts span exports and discards them, so a traced
+/// run measures the relay's cost of tracing, not a collector's.
+async fn start_otlp_sink() -> anyhow::Result<std::net::SocketAddr> {
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(|_body: axum::body::Bytes| async {
+            (
+                [("content-type", "application/x-protobuf")],
+                Vec::<u8>::new(),
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -50,6 +50,11 @@ pub(crate) struct Target {
     /// Extra flags for spawned nodes (e.g. `--node-arg=--client-queue=4096`).
     #[arg(long = "node-arg", global = true, allow_hyphen_values = true)]
     node_args: Vec<String>,
+    /// Export traces from spawned nodes at this sampling ratio (0.0 to 1.0), to an
+    /// OTLP/HTTP sink in this process that accepts and discards them. Unset: no
+    /// exporter runs on the nodes.
+    #[arg(long, global = true)]
+    otel_ratio: Option<f64>,
     /// Read buffer of each client connection, in bytes. Small on purpose: a large
     /// buffer is zero-filled on every read and makes the load generator the bottleneck.
     #[arg(long, global = true, default_value_t = 4096)]
