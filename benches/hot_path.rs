@@ -26,7 +26,7 @@ fn fanout(c: &mut Criterion) {
             })
             .collect();
         let data = RawValue::from_string(r#"{"text":"hello"}"#.into()).unwrap();
-        let frame = protocol::encode_message("room1", &data);
+        let frame = protocol::encode_message("room1", &data, None);
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_function(format!("{subscribers}_subscribers"), |b| {
             b.iter_custom(|iters| {
@@ -63,9 +63,9 @@ fn codec(c: &mut Criterion) {
         unreachable!()
     };
     group.bench_function("encode_msg_frame", |b| {
-        b.iter(|| protocol::encode_message(black_box("room1"), black_box(data)))
+        b.iter(|| protocol::encode_message(black_box("room1"), black_box(data), None))
     });
-    let frame = protocol::encode_message("room1", data);
+    let frame = protocol::encode_message("room1", data, None);
     let wire = envelope::encode(frame.as_bytes(), b"");
     group.bench_function("envelope_encode", |b| {
         b.iter(|| envelope::encode(black_box(frame.as_bytes()), b""))

@@ -47,6 +47,10 @@ pub enum CloseReason {
     WriteTimeout,
     /// The connect-time subscriptions could not be made live.
     BrokerUnavailable,
+    /// The connection's token expired.
+    TokenExpired,
+    /// The client kept publishing while rate limited.
+    RateLimited,
 }
 
 impl CloseReason {
@@ -56,6 +60,7 @@ impl CloseReason {
             CloseReason::PeerClosed | CloseReason::PeerGone | CloseReason::WriteTimeout => None,
             CloseReason::Shutdown => Some(1001),
             CloseReason::ProtocolError => Some(1002),
+            CloseReason::TokenExpired | CloseReason::RateLimited => Some(1008),
             CloseReason::Binary => Some(1003),
             CloseReason::InvalidUtf8 => Some(1007),
             CloseReason::TooLarge => Some(1009),
@@ -78,6 +83,8 @@ impl CloseReason {
             CloseReason::PingTimeout => "ping_timeout",
             CloseReason::WriteTimeout => "write_timeout",
             CloseReason::BrokerUnavailable => "broker_unavailable",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 
@@ -95,6 +102,8 @@ impl CloseReason {
             CloseReason::PingTimeout => "ping timeout",
             CloseReason::WriteTimeout => "write timeout",
             CloseReason::BrokerUnavailable => "broker unavailable",
+            CloseReason::TokenExpired => "token expired",
+            CloseReason::RateLimited => "rate limit exceeded",
         }
     }
 }

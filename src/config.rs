@@ -5,6 +5,7 @@
 //! Invalid values make start-up fail with a one-line error that names the flag.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -77,6 +78,84 @@ pub struct Config {
     /// Log line format: `text` for people, `json` for log collectors.
     #[arg(long, env = "WSRELAY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// HS256 secret for client JWTs. Setting any JWT key turns authentication on.
+    #[arg(long, env = "WSRELAY_JWT_SECRET", hide_env_values = true, conflicts_with_all = ["jwt_secret_file", "jwt_public_key_file"])]
+    pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret (trailing whitespace ignored), e.g. a mounted Secret.
+    #[arg(
+        long,
+        env = "WSRELAY_JWT_SECRET_FILE",
+        conflicts_with = "jwt_public_key_file"
+    )]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key for RS256 (RSA key) or ES256 (EC P-256 key) client JWTs.
+    #[arg(long, env = "WSRELAY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Clock skew allowed on a token's `exp`, at connect and while connected. The JWT
+    /// library's own 60 s default would keep expired tokens alive too long.
+    #[arg(long, env = "WSRELAY_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Add the publisher's JWT `sub` to every message as `"from"`.
+    #[arg(long, env = "WSRELAY_EXPOSE_PUBLISHER")]
+    pub expose_publisher: bool,
+
+    /// Browser origins allowed to connect (comma-separated): `https://app.example.com`,
+    /// `app.example.com` (any scheme), `*.example.com`, or `*` for all (logged as a
+    /// warning). Unset: only pages served by this host. Clients that send no `Origin`
+    /// (backends, apps) are not browsers and are always allowed.
+    #[arg(long, env = "WSRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Open WebSocket connections per node; beyond it, HTTP 503 (the load balancer
+    /// retries elsewhere). Each connection costs ~4 KiB and a file descriptor.
+    #[arg(long, env = "WSRELAY_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+
+    /// Channels one connection may be subscribed to at once.
+    #[arg(long, env = "WSRELAY_MAX_SUBSCRIPTIONS", default_value_t = 256)]
+    pub max_subscriptions: usize,
+
+    /// Distinct channels with subscribers on one node: bounds the registry and the
+    /// node's Redis subscriptions.
+    #[arg(long, env = "WSRELAY_MAX_CHANNELS", default_value_t = 100_000)]
+    pub max_channels: usize,
+
+    /// Publishes per second one connection may sustain (token bucket refill rate).
+    #[arg(long, env = "WSRELAY_PUBLISH_RATE", default_value_t = 100.0)]
+    pub publish_rate: f64,
+
+    /// Publishes one connection may send in a burst (token bucket size). A client that
+    /// keeps publishing after this many refusals in a row is closed with 1008.
+    #[arg(long, env = "WSRELAY_PUBLISH_BURST", default_value_t = 200)]
+    pub publish_burst: u32,
+
+    /// Time a client has to send a complete HTTP request (including the WebSocket
+    /// upgrade) after opening the connection; slower ones are dropped (slowloris).
+    #[arg(long, env = "WSRELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Largest HTTP request head (request line and headers), in bytes.
+    #[arg(long, env = "WSRELAY_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// API keys accepted by `/api/*` as `Authorization: Bearer <key>` (comma-separated).
+    /// Unset: the server API is disabled.
+    #[arg(
+        long = "api-key",
+        env = "WSRELAY_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// Largest `/api/publish` request body, in bytes (413 beyond).
+    #[arg(long, env = "WSRELAY_MAX_API_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_api_body_bytes: usize,
 }
 
 /// A setting that cannot work, named by its flag.
@@ -88,6 +167,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// The error for a JWT key that cannot be loaded.
+    pub fn from_key_error(e: &crate::auth::KeyError) -> Self {
+        Self::new(e.flag(), e.reason())
+    }
+
     fn new(flag: &'static str, reason: impl Into<String>) -> Self {
         Self {
             flag,
@@ -120,6 +204,44 @@ impl Config {
             if value.is_zero() {
                 return Err(ConfigError::new(flag, "must be greater than zero"));
             }
+        }
+        for (flag, value) in [
+            ("max-connections", self.max_connections),
+            ("max-subscriptions", self.max_subscriptions),
+            ("max-channels", self.max_channels),
+            ("max-api-body-bytes", self.max_api_body_bytes),
+            ("publish-burst", self.publish_burst as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::new(flag, "must be at least 1"));
+            }
+        }
+        if !(self.publish_rate > 0.0 && self.publish_rate.is_finite()) {
+            return Err(ConfigError::new(
+                "publish-rate",
+                "must be a positive number",
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return Err(ConfigError::new(
+                "handshake-timeout",
+                "must be greater than zero",
+            ));
+        }
+        if self.max_header_bytes < 8192 {
+            return Err(ConfigError::new(
+                "max-header-bytes",
+                "must be at least 8192",
+            ));
+        }
+        if self.api_keys.iter().any(|k| k.len() < 16) {
+            return Err(ConfigError::new(
+                "api-key",
+                "keys must be at least 16 characters",
+            ));
+        }
+        if let Err(e) = crate::auth::Verifier::from_config(self) {
+            return Err(ConfigError::from_key_error(&e));
         }
         if let Some(url) = &self.redis_url {
             redis::Client::open(url.as_str())

@@ -9,6 +9,7 @@
 //! The binary is a thin shell around [`run`]; tests drive nodes in-process through
 //! [`Node`] on port 0.
 
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;

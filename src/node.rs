@@ -8,7 +8,6 @@
 //! the drain waits for it, bounded by `--drain-timeout`.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{OriginPolicy, Verifier};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError};
 use crate::http;
@@ -34,6 +34,9 @@ pub(crate) struct NodeState {
     pub(crate) tracing: Tracing,
     pub(crate) shutdown: CancellationToken,
     pub(crate) sessions: TaskTracker,
+    /// Verifies client tokens; `None` when authentication is off.
+    pub(crate) verifier: Option<Verifier>,
+    pub(crate) origins: OriginPolicy,
     draining: AtomicBool,
 }
 
@@ -94,6 +97,18 @@ impl Node {
             shutdown.clone(),
         )?;
         let node_id = config.resolved_node_id();
+        // validate() already loaded the key once: this cannot fail.
+        let verifier = Verifier::from_config(&config)
+            .map_err(|e| NodeError::Config(crate::config::ConfigError::from_key_error(&e)))?;
+        let origins = OriginPolicy::from_list(&config.allowed_origins);
+        if matches!(origins, OriginPolicy::Any) {
+            tracing::warn!(
+                "--allowed-origins '*': pages from any site may open WebSockets to this relay"
+            );
+        }
+        if verifier.is_none() {
+            tracing::info!("no JWT key configured: clients connect without authentication");
+        }
         Ok(Node {
             state: Arc::new(NodeState {
                 config,
@@ -104,6 +119,8 @@ impl Node {
                 tracing,
                 shutdown,
                 sessions: TaskTracker::new(),
+                verifier,
+                origins,
                 draining: AtomicBool::new(false),
             }),
         })
@@ -144,10 +161,7 @@ impl Node {
         tokio::spawn(trigger);
         tokio::spawn(heartbeat(state.clone()));
 
-        let app = http::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(token.cancelled_owned())
-            .await?;
+        accept_loop(&state, listener, token).await;
 
         state.sessions.close();
         let drain_timeout = state.config.drain_timeout;
@@ -191,6 +205,58 @@ impl NodeHandle {
     pub fn shutdown(&self) {
         self.state.shutdown.cancel();
     }
+}
+
+/// Accepts HTTP connections until `stop`, serving each with hyper's HTTP/1 server:
+/// its header read timeout drops clients that open a connection and never finish
+/// a request (slowloris), and its buffer limit bounds request heads. Requests in
+/// flight when the node stops are finished; upgraded WebSockets are drained by the
+/// caller.
+async fn accept_loop(state: &Arc<NodeState>, listener: TcpListener, stop: CancellationToken) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let app = http::router(state.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(state.config.handshake_timeout)
+        .max_buf_size(state.config.max_header_bytes);
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            // Ends at the upgrade for WebSockets (the session lives on), or when an
+            // HTTP client is done; on stop, idle keep-alive connections are closed.
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    let _ = tokio::time::timeout(state.config.drain_timeout, connections.wait()).await;
 }
 
 /// Pings every connection each `--ping-interval` from one task, and closes those

@@ -63,6 +63,12 @@ pub enum ErrorCode {
     InvalidChannel,
     /// The broker could not be reached in time; the request had no effect.
     Unavailable,
+    /// The connection's token does not allow this channel.
+    Forbidden,
+    /// Publishing faster than the connection's rate limit.
+    RateLimited,
+    /// A limit of the node (subscriptions per connection, channels per node).
+    LimitExceeded,
     /// Anything else that went wrong on the node.
     Internal,
 }
@@ -75,6 +81,9 @@ impl ErrorCode {
             ErrorCode::UnknownOp => "unknown_op",
             ErrorCode::InvalidChannel => "invalid_channel",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Internal => "internal",
         }
     }
@@ -300,8 +309,9 @@ pub fn is_traceparent(s: &str) -> bool {
         && hex(parts[3], 2)
 }
 
-/// `{"op":"msg","ch":..,"data":..}`: built once per publish, shared by every recipient.
-pub fn encode_message(ch: &str, data: &RawValue) -> Utf8Bytes {
+/// `{"op":"msg","ch":..,"data":..}`, with `"from"` (the publisher's user id) when
+/// given: built once per publish, shared by every recipient.
+pub fn encode_message(ch: &str, data: &RawValue, from: Option<&str>) -> Utf8Bytes {
     debug_assert!(
         validate_channel(ch).is_ok(),
         "channel names never need escaping"
@@ -310,7 +320,13 @@ pub fn encode_message(ch: &str, data: &RawValue) -> Utf8Bytes {
     let mut out = String::with_capacity(30 + ch.len() + data.len());
     out.push_str(r#"{"op":"msg","ch":""#);
     out.push_str(ch);
-    out.push_str(r#"","data":"#);
+    if let Some(from) = from {
+        out.push_str(r#"","from":"#);
+        out.push_str(&serde_json::Value::from(from).to_string());
+        out.push_str(r#","data":"#);
+    } else {
+        out.push_str(r#"","data":"#);
+    }
     out.push_str(data);
     out.push('}');
     out.into()
@@ -504,12 +520,15 @@ mod tests {
     #[test]
     fn encoders_produce_the_documented_frames() {
         let data = RawValue::from_string(r#"{"text":"hi \"you\""}"#.into()).unwrap();
-        let msg = encode_message("room1", &data);
+        let msg = encode_message("room1", &data, None);
         assert_eq!(
             msg.as_str(),
             r#"{"op":"msg","ch":"room1","data":{"text":"hi \"you\""}}"#
         );
         assert_eq!(json(&msg)["data"]["text"], "hi \"you\"");
+        let from = encode_message("room1", &data, Some("ada \"l\""));
+        assert_eq!(json(&from)["from"], "ada \"l\"");
+        assert_eq!(json(&from)["data"], json(&msg)["data"]);
 
         let req = r#"{"op":"sub","ch":"a","id":"r-1"}"#;
         let id = parse_request(req).unwrap().id().unwrap();

@@ -157,6 +157,34 @@ impl Registry {
             .count()
     }
 
+    /// Whether a connection is subscribed to `channel`.
+    pub fn is_subscribed(&self, id: ConnId, channel: &str) -> bool {
+        self.shared
+            .connections
+            .get(&id)
+            .is_some_and(|c| c.channels.iter().any(|ch| ch == channel))
+    }
+
+    /// How many channels a connection is subscribed to.
+    pub fn subscription_count(&self, id: ConnId) -> usize {
+        self.shared
+            .connections
+            .get(&id)
+            .map_or(0, |c| c.channels.len())
+    }
+
+    /// Every channel with local subscribers and how many, sorted by name.
+    pub fn channel_counts(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<(String, usize)> = self
+            .shared
+            .channels
+            .iter()
+            .map(|e| (e.key().clone(), e.value().len()))
+            .collect();
+        counts.sort();
+        counts
+    }
+
     /// Runs one heartbeat on every connection (see [`ClientHandle::heartbeat`]).
     pub fn heartbeat(&self) {
         for conn in self.shared.connections.iter() {

@@ -9,7 +9,7 @@
 //! the connection from the registry.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -17,6 +17,9 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tracing::Instrument;
 
+use serde_json::value::RawValue;
+
+use crate::auth::{Grants, RateLimiter};
 use crate::broker::BrokerError;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
 use crate::node::NodeState;
@@ -31,7 +34,12 @@ const SPARE_BATCH_CAPACITY: usize = 64;
 
 /// Serves one upgraded connection until it ends. `channels` were validated before
 /// the upgrade.
-pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<String>) {
+pub(crate) async fn run(
+    socket: WebSocket,
+    node: Arc<NodeState>,
+    channels: Vec<String>,
+    grants: Grants,
+) {
     let (client, queue) = node.registry.register(node.config.client_queue);
     // A span for the connection's lifetime only when traces are exported: it costs
     // memory for as long as the connection lives, and logs name the connection anyway.
@@ -40,7 +48,7 @@ pub(crate) async fn run(socket: WebSocket, node: Arc<NodeState>, channels: Vec<S
     } else {
         tracing::Span::none()
     };
-    serve(socket, node, client, queue, channels)
+    serve(socket, node, client, queue, channels, grants)
         .instrument(span)
         .await
 }
@@ -51,6 +59,7 @@ async fn serve(
     client: ClientHandle,
     queue: ClientQueue,
     channels: Vec<String>,
+    grants: Grants,
 ) {
     let opened = std::time::Instant::now();
     node.metrics.connections_opened.inc();
@@ -59,7 +68,16 @@ async fn serve(
         tokio::spawn(write_loop(sink, queue, client.clone(), node.clone()).in_current_span());
     tracing::info!(node = %node.node_id, conn = client.id(), ?channels, "connection opened");
 
-    let session = Session { node, client };
+    let limiter = Mutex::new(RateLimiter::new(
+        node.config.publish_rate,
+        node.config.publish_burst,
+    ));
+    let session = Session {
+        node,
+        client,
+        grants,
+        limiter,
+    };
     // Takes the channel list: nothing needs it after `welcome`.
     if Box::pin(session.subscribe_at_connect(channels)).await {
         session.read_loop(&mut stream).await;
@@ -105,6 +123,32 @@ async fn serve(
 struct Session {
     node: Arc<NodeState>,
     client: ClientHandle,
+    /// What the connection's token allows (everything without auth).
+    grants: Grants,
+    /// Why a mutex: only the reader takes from it, but the session is shared by
+    /// reference across `.await`s, which requires `Sync`.
+    limiter: Mutex<RateLimiter>,
+}
+
+/// Why a request was refused, as the client reads it in an `error` frame.
+struct Refusal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<BrokerError> for Refusal {
+    fn from(e: BrokerError) -> Self {
+        Refusal::new(ErrorCode::Unavailable, e.to_string())
+    }
 }
 
 impl Session {
@@ -139,12 +183,23 @@ impl Session {
         // Created once: re-creating them on every frame would re-register wakers.
         let mut closing = std::pin::pin!(self.client.closing());
         let mut shutdown = std::pin::pin!(self.node.shutdown.cancelled());
+        // Boxed, and only when the token expires: an unauthenticated connection
+        // carries no timer.
+        let mut expired: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
+            match self.grants.expires_at() {
+                Some(at) => Box::pin(tokio::time::sleep_until(at)),
+                None => Box::pin(std::future::pending()),
+            };
         loop {
             let msg = tokio::select! {
                 biased;
                 _ = &mut closing => return,
                 _ = &mut shutdown => {
                     self.client.close(CloseReason::Shutdown);
+                    return;
+                }
+                _ = &mut expired => {
+                    self.client.close(CloseReason::TokenExpired);
                     return;
                 }
                 msg = stream.next() => msg,
@@ -179,50 +234,109 @@ impl Session {
         let id = request.id();
         let result = match request {
             Request::Subscribe { ch, .. } => self.subscribe(&ch).await,
+            Request::Publish { ch, data, tp, .. } => {
+                let channel = ch.as_deref().unwrap_or(&self.node.config.default_channel);
+                self.publish(channel, data, tp.as_deref()).await
+            }
             Request::Unsubscribe { ch, .. } => {
                 self.unsubscribe(&ch);
                 Ok(())
-            }
-            Request::Publish { ch, data, tp, .. } => {
-                let channel = ch.as_deref().unwrap_or(&self.node.config.default_channel);
-                let frame = protocol::encode_message(channel, data);
-                let tracing = &self.node.tracing;
-                let span = tracing.publish(channel, data.get().len(), tp.as_deref());
-                let traceparent = span.as_ref().map_or("", |s| s.traceparent.as_str());
-                let publish = self.node.broker.publish(channel, frame, traceparent);
-                let published = match &span {
-                    Some(span) => span.broker_publish(tracing, publish).await,
-                    None => publish.await,
-                };
-                if let Some(span) = span {
-                    span.end(published.as_ref().err().map(|e| e.to_string()).as_deref());
-                }
-                match &published {
-                    Ok(()) => {
-                        self.node.metrics.messages_published.inc();
-                    }
-                    Err(_) => self
-                        .node
-                        .metrics
-                        .publish_error(ErrorCode::Unavailable.as_str()),
-                };
-                published
             }
         };
         self.reply(id, result);
     }
 
-    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        if !self.node.registry.subscribe(&self.client, channel) {
+    async fn subscribe(&self, channel: &str) -> Result<(), Refusal> {
+        let (node, id) = (&self.node, self.client.id());
+        if !self.grants.may_subscribe(channel) {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {channel}"),
+            ));
+        }
+        if node.registry.is_subscribed(id, channel) {
             // Already subscribed, and that subscription was acknowledged as live.
             return Ok(());
         }
-        let result = self.node.broker.subscribe(channel).await;
+        let limit = node.config.max_subscriptions;
+        if node.registry.subscription_count(id) >= limit {
+            return Err(Refusal::new(
+                ErrorCode::LimitExceeded,
+                format!("at most {limit} subscriptions per connection"),
+            ));
+        }
+        let limit = node.config.max_channels;
+        if !node.registry.has_subscribers(channel) && node.registry.stats().channels >= limit {
+            return Err(Refusal::new(
+                ErrorCode::LimitExceeded,
+                format!("this node serves at most {limit} channels"),
+            ));
+        }
+        node.registry.subscribe(&self.client, channel);
+        let result = node.broker.subscribe(channel).await;
         if result.is_err() {
             // Roll back, so the client's view (not subscribed) matches the node's.
             self.unsubscribe(channel);
         }
-        result
+        Ok(result?)
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        tp: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let node = &self.node;
+        if !self.grants.may_publish(channel) {
+            node.metrics.publish_error(ErrorCode::Forbidden.as_str());
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to publish to {channel}"),
+            ));
+        }
+        let taken = self
+            .limiter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_take();
+        if let Err(refused_in_a_row) = taken {
+            node.metrics.publish_error(ErrorCode::RateLimited.as_str());
+            let (rate, burst) = (node.config.publish_rate, node.config.publish_burst);
+            if refused_in_a_row > burst {
+                // It keeps publishing while refused: not a burst, abuse.
+                self.client.close(CloseReason::RateLimited);
+            }
+            return Err(Refusal::new(
+                ErrorCode::RateLimited,
+                format!("publishing faster than {rate}/s (bursts of {burst})"),
+            ));
+        }
+        let from = if node.config.expose_publisher {
+            self.grants.user.as_deref()
+        } else {
+            None
+        };
+        let frame = protocol::encode_message(channel, data, from);
+        let tracing = &node.tracing;
+        let span = tracing.publish(channel, data.get().len(), tp);
+        let traceparent = span.as_ref().map_or("", |s| s.traceparent.as_str());
+        let publish = node.broker.publish(channel, frame, traceparent);
+        let published = match &span {
+            Some(span) => span.broker_publish(tracing, publish).await,
+            None => publish.await,
+        };
+        if let Some(span) = span {
+            span.end(published.as_ref().err().map(|e| e.to_string()).as_deref());
+        }
+        match &published {
+            Ok(()) => node.metrics.messages_published.inc(),
+            Err(_) => {
+                node.metrics.publish_error(ErrorCode::Unavailable.as_str());
+                0
+            }
+        };
+        Ok(published?)
     }
 
     fn unsubscribe(&self, channel: &str) {
@@ -232,15 +346,13 @@ impl Session {
     }
 
     /// Acks a successful request that had an id; reports every failure.
-    fn reply(&self, id: Option<RequestId<'_>>, result: Result<(), BrokerError>) {
+    fn reply(&self, id: Option<RequestId<'_>>, result: Result<(), Refusal>) {
         match (result, id) {
             (Ok(()), Some(id)) => self.send(protocol::encode_ack(id)),
             (Ok(()), None) => {}
-            (Err(e), id) => self.send(protocol::encode_error(
-                id,
-                ErrorCode::Unavailable,
-                &e.to_string(),
-            )),
+            (Err(refusal), id) => {
+                self.send(protocol::encode_error(id, refusal.code, &refusal.message))
+            }
         }
     }
 

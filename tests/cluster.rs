@@ -11,7 +11,8 @@ use serde_json::json;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_deliver_in_order_and_only_to_subscribers() {
     let redis = RedisServer::start().await;
-    let n1 = TestNode::with_redis(&redis, "n1", &[]).await;
+    // 201 publishes in a row from one connection: above the default burst.
+    let n1 = TestNode::with_redis(&redis, "n1", &["--publish-burst", "1000"]).await;
     let n2 = TestNode::with_redis(&redis, "n2", &[]).await;
     let n3 = TestNode::with_redis(&redis, "n3", &[]).await;
 

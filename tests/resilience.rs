@@ -337,7 +337,17 @@ async fn a_flood_cuts_the_slow_reader_and_serves_the_fast_ones_in_bounded_memory
         &["--client-output-buffer-limit", "pubsub 256kb 128kb 1"],
     )
     .await;
-    let node = NodeProcess::spawn(&["--redis-url", &redis.url(), "--client-queue", "256"]);
+    // The flood is the point here, not the publish rate limit.
+    let node = NodeProcess::spawn(&[
+        "--redis-url",
+        &redis.url(),
+        "--client-queue",
+        "256",
+        "--publish-rate",
+        "1000000",
+        "--publish-burst",
+        "100000",
+    ]);
     node.wait_ready().await;
 
     const N: usize = 4000;

@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_broker_fans_out_in_order_with_acks() {
-    let node = TestNode::start(&["--node-id", "solo"]).await;
+    let node = TestNode::start(&["--node-id", "solo", "--publish-burst", "1000"]).await;
     assert_eq!(http_get(node.addr, "/readyz").await.0, 200);
     let mut a = node.client("channel=room").await;
     let mut b = node.client("channel=room&channel=extra").await;
@@ -204,7 +204,17 @@ async fn send_fragmented(ws: &mut common::Ws, total: usize, chunk: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_consumer_is_closed_with_1013_and_others_get_everything() {
-    let node = TestNode::start(&["--client-queue", "64", "--max-message-bytes", "16384"]).await;
+    let node = TestNode::start(&[
+        "--client-queue",
+        "64",
+        "--max-message-bytes",
+        "16384",
+        "--publish-rate",
+        "1000000",
+        "--publish-burst",
+        "100000",
+    ])
+    .await;
     // Connected, subscribed, and never reading: its socket buffers fill, then its queue.
     let mut slow = node.client("channel=flood").await;
     let fast = node.client("channel=flood").await;

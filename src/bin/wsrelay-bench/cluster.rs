@@ -81,6 +81,9 @@ impl Cluster {
                 .args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])
                 .args(["--node-id", &format!("bench-{}", i + 1)])
+                // A benchmark publisher sends far above the per-connection default
+                // (100/s); --node-arg flags come later and win.
+                .args(["--publish-rate", "100000000", "--publish-burst", "10000000"])
                 .args(&target.node_args)
                 .env("RUST_LOG", "warn")
                 .envs(otel_env.iter().map(|(k, v)| (k, v)))
