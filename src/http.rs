@@ -19,11 +19,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
-use serde_json::value::RawValue;
 
 use crate::auth::{self, AuthError, Grants};
 use crate::node::NodeState;
-use crate::protocol::{self, ErrorCode};
+use crate::protocol::{self, ErrorCode, Field};
 use crate::session;
 
 /// tungstenite reads into a buffer of this size per connection, allocated and
@@ -247,18 +246,20 @@ fn api_key_refusal(node: &NodeState, headers: &HeaderMap) -> Option<Response> {
 #[derive(Deserialize)]
 struct ApiMessage<'a> {
     ch: String,
-    #[serde(borrow)]
-    data: &'a RawValue,
+    #[serde(borrow, default)]
+    data: Field<'a>,
 }
 
+/// Either one message (`ch`, `data`) or a batch (`messages`). Not an untagged enum:
+/// serde buffers those, and borrowed raw values cannot come out of a buffer.
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum ApiPublish<'a> {
-    Batch {
-        #[serde(borrow)]
-        messages: Vec<ApiMessage<'a>>,
-    },
-    One(#[serde(borrow)] ApiMessage<'a>),
+struct ApiPublish<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<ApiMessage<'a>>>,
+    #[serde(default)]
+    ch: Option<String>,
+    #[serde(borrow, default)]
+    data: Field<'a>,
 }
 
 /// `POST /api/publish`: `{"ch":..,"data":..}` or `{"messages":[{"ch":..,"data":..},..]}`.
@@ -294,11 +295,35 @@ async fn api_publish(
         }
     };
     let messages = match request {
-        ApiPublish::Batch { messages } => messages,
-        ApiPublish::One(message) => vec![message],
+        ApiPublish {
+            messages: Some(messages),
+            ch: None,
+            data: Field(None),
+        } => messages,
+        ApiPublish {
+            messages: None,
+            ch: Some(ch),
+            data,
+        } => vec![ApiMessage { ch, data }],
+        _ => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest.as_str(),
+                "expected {\"ch\":..,\"data\":..} or {\"messages\":[..]}",
+            );
+        }
     };
     // Validate the whole batch first: either every message goes out or none.
+    let mut batch = Vec::with_capacity(messages.len());
     for (i, message) in messages.iter().enumerate() {
+        let Some(data) = message.data.0 else {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest.as_str(),
+                format!("message {i}: missing field data"),
+            );
+        };
+        batch.push((message.ch.as_str(), data));
         if let Err(e) = protocol::validate_channel(&message.ch) {
             return http_error(
                 StatusCode::BAD_REQUEST,
@@ -312,13 +337,11 @@ async fn api_publish(
         .and_then(|v| v.to_str().ok())
         .filter(|tp| protocol::is_traceparent(tp));
     let mut published = 0;
-    for message in &messages {
-        let frame = protocol::encode_message(&message.ch, message.data, None);
-        let span = node
-            .tracing
-            .publish(&message.ch, message.data.get().len(), traceparent);
+    for (ch, data) in batch {
+        let frame = protocol::encode_message(ch, data, None);
+        let span = node.tracing.publish(ch, data.get().len(), traceparent);
         let tp = span.as_ref().map_or("", |s| s.traceparent.as_str());
-        let publish = node.broker.publish(&message.ch, frame, tp);
+        let publish = node.broker.publish(ch, frame, tp);
         let result = match &span {
             Some(span) => span.broker_publish(&node.tracing, publish).await,
             None => publish.await,

@@ -171,7 +171,7 @@ impl<'a> RequestError<'a> {
 /// (serde maps `null` to `None` for an `Option`, which would make `"data":null`
 /// indistinguishable from a missing `data`).
 #[derive(Default)]
-struct Field<'a>(Option<&'a RawValue>);
+pub(crate) struct Field<'a>(pub(crate) Option<&'a RawValue>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Field<'a> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

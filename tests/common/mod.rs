@@ -671,3 +671,85 @@ impl Drop for NodeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// One HTTP/1.1 request over loopback: (status, body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (413) and close before reading a large body.
+    let _ = stream.write_all(body).await;
+    let mut response = Vec::new();
+    let _ = timeout(WAIT, stream.read_to_end(&mut response))
+        .await
+        .expect("response in time");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("HTTP status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or("")
+        .to_owned();
+    (status, body)
+}
+
+/// Opens a WebSocket with extra request headers; returns the HTTP status when the
+/// server refuses the upgrade, or the client after `welcome`.
+pub async fn connect_with_headers(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, (u16, String)> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    match timeout(WAIT, connect_async(request))
+        .await
+        .expect("connect in time")
+    {
+        Ok((ws, _)) => {
+            let mut client = Client {
+                ws,
+                welcome: Value::Null,
+            };
+            client.welcome = client.recv().await;
+            assert_eq!(client.welcome["op"], "welcome");
+            Ok(client)
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err((status, body))
+        }
+        Err(e) => panic!("connect to {url}: {e}"),
+    }
+}

@@ -1,0 +1,544 @@
+//! Authentication, authorisation, origin policy, limits, the slowloris guard and the
+//! server publish API, against real nodes.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Client, RedisServer, TestNode, WAIT, connect_with_headers, http_request};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECRET: &str = "test-secret-of-some-length";
+const API_KEY: &str = "api-key-0123456789abcdef";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn hs256(claims: Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token(channels: &[&str], publish: &[&str], ttl: i64) -> String {
+    hs256(
+        json!({"sub": "user-1", "exp": (now() as i64 + ttl), "channels": channels, "publish": publish}),
+        SECRET,
+    )
+}
+
+async fn authed_node(extra: &[&str]) -> TestNode {
+    let mut args = vec!["--jwt-secret", SECRET];
+    args.extend_from_slice(extra);
+    TestNode::start(&args).await
+}
+
+fn json_body(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("JSON body ({e}): {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_before_the_upgrade() {
+    let node = authed_node(&[]).await;
+    let url = node.ws_url("channel=room:1");
+    let good = token(&["room:*"], &[], 600);
+
+    let cases = [
+        (vec![], "missing token"),
+        (
+            vec![("authorization", "Bearer not.a.jwt".to_owned())],
+            "invalid token",
+        ),
+        (
+            vec![(
+                "authorization",
+                format!(
+                    "Bearer {}",
+                    hs256(
+                        json!({"exp": now() + 600, "channels": ["*"]}),
+                        "another-secret"
+                    )
+                ),
+            )],
+            "invalid token",
+        ),
+        (
+            vec![(
+                "authorization",
+                format!("Bearer {}", token(&["*"], &[], -60)),
+            )],
+            "token expired",
+        ),
+        (
+            vec![(
+                "authorization",
+                format!("Bearer {}", hs256(json!({"channels": ["*"]}), SECRET)),
+            )],
+            "invalid token",
+        ),
+    ];
+    for (headers, reason) in cases {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, body) = connect_with_headers(&url, &headers)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(status, 401, "{reason}: {body}");
+        let body = json_body(&body);
+        assert_eq!(body["error"], "unauthorized");
+        assert!(
+            body["message"].as_str().unwrap().contains(reason),
+            "{reason}: {body}"
+        );
+    }
+
+    // Header and query parameter both work.
+    let bearer = format!("Bearer {good}");
+    let client = connect_with_headers(&url, &[("authorization", &bearer)])
+        .await
+        .expect("accepted");
+    assert_eq!(client.welcome["channels"], json!(["room:1"]));
+    let client = Client::connect(&node.ws_url(&format!("channel=room:2&token={good}"))).await;
+    assert_eq!(client.welcome["channels"], json!(["room:2"]));
+    // A channel the token does not grant is refused at connect.
+    let (status, body) = connect_with_headers(
+        &node.ws_url("channel=secret"),
+        &[("authorization", &bearer)],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (403, json!("forbidden"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_tokens_from_a_public_key() {
+    let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/es256-public.pem");
+    let node = TestNode::start(&["--jwt-public-key-file", key]).await;
+    let private = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/keys/es256-private.pem"
+    ))
+    .unwrap();
+    let claims = json!({"exp": now() + 600, "channels": ["a"], "publish": ["a"]});
+    let es256 = jsonwebtoken::encode(
+        &Header::new(Algorithm::ES256),
+        &claims,
+        &EncodingKey::from_ec_pem(&private).unwrap(),
+    )
+    .unwrap();
+    let mut client = Client::connect(&node.ws_url(&format!("channel=a&token={es256}"))).await;
+    let mut stash = Vec::new();
+    assert_eq!(
+        client
+            .request(json!({"op":"pub","ch":"a","data":1}), 1, &mut stash)
+            .await["op"],
+        "ack"
+    );
+    // An HS256 token is not accepted by an ES256 node.
+    let hs = token(&["a"], &["a"], 600);
+    let (status, _) = connect_with_headers(&node.ws_url(&format!("channel=a&token={hs}")), &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_permissions_apply_to_sub_and_pub() {
+    let node = authed_node(&["--expose-publisher"]).await;
+    let t = token(&["room:*"], &["room:1"], 600);
+    let mut c = Client::connect(&node.ws_url(&format!("channel=room:1&token={t}"))).await;
+    let mut stash = Vec::new();
+
+    assert_eq!(c.sub("room:2", 1).await, json!({"op":"ack","id":1}));
+    let e = c
+        .request(json!({"op":"sub","ch":"lobby"}), 2, &mut stash)
+        .await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_u64()),
+        (Some("forbidden"), Some(2)),
+        "{e}"
+    );
+    let e = c
+        .request(json!({"op":"pub","ch":"room:2","data":"x"}), 3, &mut stash)
+        .await;
+    assert_eq!(e["code"], "forbidden", "{e}");
+    let ack = c
+        .request(json!({"op":"pub","ch":"room:1","data":"ok"}), 4, &mut stash)
+        .await;
+    assert_eq!(ack["op"], "ack");
+    let msg = if stash.is_empty() {
+        c.recv_msgs(1).await.remove(0)
+    } else {
+        stash.remove(0)
+    };
+    assert_eq!(
+        msg,
+        json!({"op":"msg","ch":"room:1","from":"user-1","data":"ok"})
+    );
+    assert!(
+        stash.is_empty(),
+        "nothing of room:2 was published: {stash:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_mid_connection_closes_it_with_1008() {
+    let node = authed_node(&["--jwt-leeway", "0s"]).await;
+    let t = token(&["*"], &["*"], 2);
+    let mut c = Client::connect(&node.ws_url(&format!("channel=a&token={t}"))).await;
+    // Still served before the expiry...
+    assert_eq!(c.sub("b", 1).await["op"], "ack");
+    let started = std::time::Instant::now();
+    // ...closed at it.
+    assert_eq!(c.expect_close().await, Some(1008));
+    assert!(
+        started.elapsed() <= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    node.wait_registry_empty().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_are_checked() {
+    let node = TestNode::start(&[
+        "--allowed-origins",
+        "https://good.example,*.trusted.example",
+    ])
+    .await;
+    let url = node.ws_url("");
+    for origin in ["https://good.example", "https://app.trusted.example"] {
+        assert!(
+            connect_with_headers(&url, &[("origin", origin)])
+                .await
+                .is_ok(),
+            "{origin}"
+        );
+    }
+    let (status, body) = connect_with_headers(&url, &[("origin", "https://evil.example")])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (403, json!("origin_not_allowed"))
+    );
+    // No Origin: not a browser, allowed.
+    assert!(connect_with_headers(&url, &[]).await.is_ok());
+
+    // By default only pages served by the node itself.
+    let default = TestNode::start(&[]).await;
+    let own = format!("http://{}", default.addr);
+    assert!(
+        connect_with_headers(&default.ws_url(""), &[("origin", &own)])
+            .await
+            .is_ok()
+    );
+    let (status, _) = connect_with_headers(
+        &default.ws_url(""),
+        &[("origin", "https://elsewhere.example")],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(status, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_rate_limit_is_hit_recovers_and_cuts_persistent_abuse() {
+    let node = TestNode::start(&["--publish-rate", "5", "--publish-burst", "3"]).await;
+    let mut c = node.client("channel=a").await;
+    let mut stash = Vec::new();
+    for id in 1..=3 {
+        assert_eq!(
+            c.request(json!({"op":"pub","ch":"z","data":id}), id, &mut stash)
+                .await["op"],
+            "ack"
+        );
+    }
+    let e = c
+        .request(json!({"op":"pub","ch":"z","data":4}), 4, &mut stash)
+        .await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    // The bucket refills at 5/s: 250 ms later one publish is allowed again.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        c.request(json!({"op":"pub","ch":"z","data":5}), 5, &mut stash)
+            .await["op"],
+        "ack"
+    );
+
+    // A client that keeps publishing while refused is cut off.
+    for seq in 0..10 {
+        c.send(json!({"op":"pub","ch":"z","data":seq})).await;
+    }
+    assert_eq!(c.expect_close().await, Some(1008));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_limits_answer_clearly() {
+    let node = TestNode::start(&[
+        "--max-connections",
+        "2",
+        "--max-subscriptions",
+        "2",
+        "--max-channels",
+        "3",
+    ])
+    .await;
+    let mut a = node.client("channel=one").await;
+    let _b = node.client("channel=two").await;
+    let (status, body) = connect_with_headers(&node.ws_url(""), &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (503, json!("too_many_connections"))
+    );
+
+    let mut stash = Vec::new();
+    assert_eq!(
+        a.request(json!({"op":"sub","ch":"three"}), 1, &mut stash)
+            .await["op"],
+        "ack"
+    );
+    let e = a
+        .request(json!({"op":"sub","ch":"four"}), 2, &mut stash)
+        .await;
+    assert_eq!(
+        e["code"], "limit_exceeded",
+        "subscriptions per connection: {e}"
+    );
+    a.request(json!({"op":"unsub","ch":"one"}), 3, &mut stash)
+        .await;
+    // one was still held by nobody else, so the node has two channels (two, three).
+    assert_eq!(
+        a.request(json!({"op":"sub","ch":"four"}), 4, &mut stash)
+            .await["op"],
+        "ack"
+    );
+    a.request(json!({"op":"unsub","ch":"four"}), 5, &mut stash)
+        .await;
+    // Three channels on the node: a fourth distinct one is refused.
+    assert_eq!(
+        a.request(json!({"op":"sub","ch":"five"}), 6, &mut stash)
+            .await["op"],
+        "ack"
+    );
+    let e = a
+        .request(json!({"op":"sub","ch":"six"}), 7, &mut stash)
+        .await;
+    assert_eq!(e["code"], "limit_exceeded", "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_or_silent_http_clients_are_dropped() {
+    let node = TestNode::start(&["--handshake-timeout", "500ms"]).await;
+    // One sends half a request head and stalls; the other sends nothing at all.
+    let mut slow = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    slow.write_all(b"GET /ws HTTP/1.1\r\nHost: relay\r\nUpgrade: webs")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    for stream in [&mut slow, &mut silent] {
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        // The server answers (408) or just closes; either way the read ends.
+        loop {
+            match tokio::time::timeout(WAIT, stream.read(&mut buf))
+                .await
+                .expect("dropped in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    // The node still serves.
+    node.client("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_publish_api() {
+    let redis = RedisServer::start().await;
+    let key_flags = ["--api-key", API_KEY, "--max-api-body-bytes", "1024"];
+    let n1 = TestNode::with_redis(&redis, "n1", &key_flags).await;
+    let n2 = TestNode::with_redis(&redis, "n2", &key_flags).await;
+    let mut listener = n2.client("channel=news").await;
+    let auth = format!("Bearer {API_KEY}");
+    let json_type = ("content-type", "application/json");
+
+    let one = br#"{"ch":"news","data":{"title":"hello"}}"#;
+    let (status, body) = http_request(n1.addr, "POST", "/api/publish", &[json_type], one).await;
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (401, json!("unauthorized"))
+    );
+    let wrong = format!("Bearer {API_KEY}x");
+    let (status, _) = http_request(
+        n1.addr,
+        "POST",
+        "/api/publish",
+        &[json_type, ("authorization", &wrong)],
+        one,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let big = format!(r#"{{"ch":"news","data":"{}"}}"#, "x".repeat(2000));
+    let (status, body) = http_request(
+        n1.addr,
+        "POST",
+        "/api/publish",
+        &[json_type, ("authorization", &auth)],
+        big.as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(json_body(&body)["error"], "too_large");
+    let (status, body) = http_request(
+        n1.addr,
+        "POST",
+        "/api/publish",
+        &[json_type, ("authorization", &auth)],
+        b"{nope",
+    )
+    .await;
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (400, json!("bad_request"))
+    );
+    let bad_channel = br#"{"messages":[{"ch":"ok","data":1},{"ch":"not ok","data":2}]}"#;
+    let (status, body) = http_request(
+        n1.addr,
+        "POST",
+        "/api/publish",
+        &[json_type, ("authorization", &auth)],
+        bad_channel,
+    )
+    .await;
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (400, json!("invalid_channel"))
+    );
+
+    // A good key reaches subscribers on another node, a batch in order.
+    let (status, body) = http_request(
+        n1.addr,
+        "POST",
+        "/api/publish",
+        &[json_type, ("authorization", &auth)],
+        one,
+    )
+    .await;
+    assert_eq!((status, json_body(&body)), (200, json!({"published": 1})));
+    assert_eq!(
+        listener.recv().await,
+        json!({"op":"msg","ch":"news","data":{"title":"hello"}})
+    );
+    let batch =
+        br#"{"messages":[{"ch":"news","data":1},{"ch":"news","data":2},{"ch":"news","data":3}]}"#;
+    let (status, body) = http_request(
+        n1.addr,
+        "POST",
+        "/api/publish",
+        &[json_type, ("authorization", &auth)],
+        batch,
+    )
+    .await;
+    assert_eq!((status, json_body(&body)), (200, json!({"published": 3})));
+    let data: Vec<Value> = listener
+        .recv_msgs(3)
+        .await
+        .into_iter()
+        .map(|m| m["data"].clone())
+        .collect();
+    assert_eq!(data, vec![json!(1), json!(2), json!(3)]);
+
+    let (status, body) = http_request(
+        n2.addr,
+        "GET",
+        "/api/channels",
+        &[("authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        json_body(&body)["channels"],
+        json!([{"ch": "news", "subscribers": 1}])
+    );
+
+    // Without any key configured, the API is off.
+    let plain = TestNode::start(&[]).await;
+    let (status, body) = http_request(
+        plain.addr,
+        "POST",
+        "/api/publish",
+        &[json_type, ("authorization", &auth)],
+        one,
+    )
+    .await;
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (403, json!("api_disabled"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_envelope_from_redis_is_counted_and_dropped() {
+    let redis = RedisServer::start().await;
+    let node = TestNode::with_redis(&redis, "n1", &[]).await;
+    let mut listener = node.client("channel=feed").await;
+    let mut publisher = node.client("channel=other").await;
+    let mut conn = redis.connection().await.unwrap();
+    for garbage in [
+        &b"not an envelope"[..],
+        b"\x01short",
+        b"",
+        b"\x01\0\0\0\0\0\0\0\0\0\xff\xfe",
+    ] {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("wsrelay:feed")
+            .arg(garbage)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // Published after the garbage: if any of it had been delivered, it would come first.
+    publisher
+        .send(json!({"op":"pub","ch":"feed","data":"real"}))
+        .await;
+    assert_eq!(
+        listener.recv().await,
+        json!({"op":"msg","ch":"feed","data":"real"})
+    );
+    let text = node.handle.metrics_text();
+    assert_eq!(
+        common::metric(
+            &text,
+            "wsrelay_broker_dropped_messages_total{reason=\"malformed\"}"
+        ),
+        4.0,
+        "{text}"
+    );
+}
