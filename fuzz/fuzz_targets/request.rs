@@ -1,0 +1,17 @@
+//! Any client text frame: decoding must answer (request or error), never panic, and
+//! a decoded publish must encode to a frame that is valid JSON carrying the same data.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use wsrelay::protocol::{self, Request};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(Request::Publish { ch, data, .. }) = protocol::parse_request(text) {
+        let channel = ch.as_deref().unwrap_or("global");
+        let frame = protocol::encode_message(channel, data, Some("fuzz\"user"));
+        let value: serde_json::Value = serde_json::from_str(frame.as_str()).expect("msg frame is JSON");
+        let original: serde_json::Value = serde_json::from_str(data.get()).expect("data is JSON");
+        assert_eq!(value["data"], original);
+    }
+});
