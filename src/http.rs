@@ -338,26 +338,14 @@ async fn api_publish(
         .filter(|tp| protocol::is_traceparent(tp));
     let mut published = 0;
     for (ch, data) in batch {
-        let frame = protocol::encode_message(ch, data, None);
-        let span = node.tracing.publish(ch, data.get().len(), traceparent);
-        let tp = span.as_ref().map_or("", |s| s.traceparent.as_str());
-        let publish = node.broker.publish(ch, frame, tp);
-        let result = match &span {
-            Some(span) => span.broker_publish(&node.tracing, publish).await,
-            None => publish.await,
-        };
-        if let Some(span) = span {
-            span.end(result.as_ref().err().map(|e| e.to_string()).as_deref());
-        }
+        let result = node.publish(ch, data, None, traceparent).await;
         if let Err(e) = result {
-            node.metrics.publish_error(ErrorCode::Unavailable.as_str());
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({"error": "unavailable", "message": e.to_string(), "published": published})),
             )
                 .into_response();
         }
-        node.metrics.messages_published.inc();
         published += 1;
     }
     Json(json!({"published": published})).into_response()

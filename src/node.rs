@@ -18,8 +18,11 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{OriginPolicy, Verifier};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError};
+use serde_json::value::RawValue;
+
 use crate::http;
 use crate::metrics::Metrics;
+use crate::protocol::{self, ErrorCode};
 use crate::registry::{Registry, RegistryStats};
 use crate::telemetry::Tracing;
 
@@ -43,6 +46,36 @@ pub(crate) struct NodeState {
 impl NodeState {
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Publishes one message to every node: encodes the `msg` frame once (with `from`
+    /// when given), runs the publish span (continuing `traceparent` when given) around
+    /// the broker call, and counts the outcome. Used by WebSocket clients and the API.
+    pub(crate) async fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        from: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        let frame = protocol::encode_message(channel, data, from);
+        let span = self.tracing.publish(channel, data.get().len(), traceparent);
+        let context = span.as_ref().map_or("", |s| s.traceparent.as_str());
+        let publish = self.broker.publish(channel, frame, context);
+        let published = match &span {
+            Some(span) => span.broker_publish(&self.tracing, publish).await,
+            None => publish.await,
+        };
+        if let Some(span) = span {
+            span.end(published.as_ref().err().map(|e| e.to_string()).as_deref());
+        }
+        match &published {
+            Ok(()) => {
+                self.metrics.messages_published.inc();
+            }
+            Err(_) => self.metrics.publish_error(ErrorCode::Unavailable.as_str()),
+        }
+        published
     }
 }
 

@@ -317,26 +317,7 @@ impl Session {
         } else {
             None
         };
-        let frame = protocol::encode_message(channel, data, from);
-        let tracing = &node.tracing;
-        let span = tracing.publish(channel, data.get().len(), tp);
-        let traceparent = span.as_ref().map_or("", |s| s.traceparent.as_str());
-        let publish = node.broker.publish(channel, frame, traceparent);
-        let published = match &span {
-            Some(span) => span.broker_publish(tracing, publish).await,
-            None => publish.await,
-        };
-        if let Some(span) = span {
-            span.end(published.as_ref().err().map(|e| e.to_string()).as_deref());
-        }
-        match &published {
-            Ok(()) => node.metrics.messages_published.inc(),
-            Err(_) => {
-                node.metrics.publish_error(ErrorCode::Unavailable.as_str());
-                0
-            }
-        };
-        Ok(published?)
+        Ok(node.publish(channel, data, from, tp).await?)
     }
 
     fn unsubscribe(&self, channel: &str) {
