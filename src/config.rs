@@ -21,6 +21,10 @@ use crate::telemetry::LogFormat;
     about = "Horizontally scaled WebSocket relay"
 )]
 pub struct Config {
+    /// Something else than running a node.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address the HTTP/WebSocket server listens on.
     #[arg(long, env = "WSRELAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -156,6 +160,17 @@ pub struct Config {
     /// Largest `/api/publish` request body, in bytes (413 beyond).
     #[arg(long, env = "WSRELAY_MAX_API_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_api_body_bytes: usize,
+}
+
+/// Subcommands of the binary.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Exit 0 if the node answers `/readyz` with 200 (for container health checks,
+    /// in images without curl). Default URL: the node at `--listen` on this host.
+    Healthcheck {
+        /// e.g. `http://127.0.0.1:8080/readyz`
+        url: Option<String>,
+    },
 }
 
 /// A setting that cannot work, named by its flag.

@@ -4,12 +4,25 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use wsrelay::config::Command;
 use wsrelay::metrics::Metrics;
-use wsrelay::{Config, Node, telemetry};
+use wsrelay::{Config, Node, healthcheck, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut config = Config::parse();
+    if let Some(Command::Healthcheck { url }) = &config.command {
+        let url = url
+            .clone()
+            .unwrap_or_else(|| healthcheck::default_url(config.listen));
+        return match healthcheck::check(&url) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wsrelay healthcheck {url}: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Err(e) = config.validate() {
         eprintln!("wsrelay: {e}");
         return ExitCode::from(2);

@@ -101,6 +101,53 @@ async fn json_logs_have_one_line_per_connection_open_and_close() {
     assert!(parsed.len() < 10, "{logs:#?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_healthcheck_subcommand_follows_readiness() {
+    let healthcheck = |url: String| {
+        Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+            .args(["healthcheck", &url])
+            .output()
+            .unwrap()
+    };
+    let node = NodeProcess::spawn(&[]);
+    let ready = format!("http://{}/readyz", node.addr);
+    let out = tokio::task::spawn_blocking(move || healthcheck(ready))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A node whose Redis is missing is up but not ready: exit 1, saying why.
+    let url = format!("redis://127.0.0.1:{}", common::free_port());
+    let unready = NodeProcess::spawn(&["--redis-url", &url, "--broker-timeout", "200ms"]);
+    let target = format!("http://{}/readyz", unready.addr);
+    let out = tokio::task::spawn_blocking(move || healthcheck(target))
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broker unavailable"));
+
+    // Without a URL it asks the node at --listen (here, via the environment).
+    let listen = node.addr.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+            .arg("healthcheck")
+            .env("WSRELAY_LISTEN", listen)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn invalid_configuration_exits_non_zero_naming_the_flag() {
     for (args, flag) in [
