@@ -46,6 +46,14 @@ async fn main() -> ExitCode {
     if tracing.enabled() {
         tracing::info!("exporting traces over OTLP");
     }
+    let open_files = raise_open_file_limit();
+    if open_files < config.max_connections as u64 + 64 {
+        tracing::warn!(
+            open_files,
+            max_connections = config.max_connections,
+            "the open-file limit is below --max-connections: connections beyond it will fail; raise `ulimit -n`"
+        );
+    }
 
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
@@ -67,5 +75,31 @@ async fn main() -> ExitCode {
             eprintln!("wsrelay: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft open-file limit to the hard one (each connection is a file
+/// descriptor; many systems start processes with a soft limit of 1024) and returns
+/// the limit now in force.
+fn raise_open_file_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        limit.rlim_cur
     }
 }
