@@ -20,7 +20,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{self, AuthError, Grants};
+use crate::auth::{self, AuthError};
 use crate::node::NodeState;
 use crate::protocol::{self, ErrorCode, Field};
 use crate::session;
@@ -144,14 +144,14 @@ async fn websocket(
         Err(message) => return http_error(StatusCode::BAD_REQUEST, "invalid_channel", message),
     };
     let grants = match &node.verifier {
-        None => Grants::anyone(),
+        None => node.anyone.clone(),
         Some(verifier) => {
             let token = bearer(&headers).or(params.token.as_deref());
             match token
                 .ok_or(AuthError::Missing)
                 .and_then(|t| verifier.verify(t))
             {
-                Ok(grants) => grants,
+                Ok(grants) => Arc::new(grants),
                 Err(e) => {
                     return http_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
                 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{OriginPolicy, Verifier};
+use crate::auth::{Grants, OriginPolicy, Verifier};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError};
 use serde_json::value::RawValue;
@@ -40,6 +40,8 @@ pub(crate) struct NodeState {
     /// Verifies client tokens; `None` when authentication is off.
     pub(crate) verifier: Option<Verifier>,
     pub(crate) origins: OriginPolicy,
+    /// The grants of every connection when authentication is off, shared.
+    pub(crate) anyone: Arc<Grants>,
     draining: AtomicBool,
 }
 
@@ -154,6 +156,7 @@ impl Node {
                 sessions: TaskTracker::new(),
                 verifier,
                 origins,
+                anyone: Arc::new(Grants::anyone()),
                 draining: AtomicBool::new(false),
             }),
         })

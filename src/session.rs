@@ -34,12 +34,15 @@ const SPARE_BATCH_CAPACITY: usize = 64;
 
 /// Serves one upgraded connection until it ends. `channels` were validated before
 /// the upgrade.
-pub(crate) async fn run(
+///
+/// Not an `async fn`: an async wrapper around `serve` would keep a second copy of
+/// the arguments (the socket among them) in every connection's task.
+pub(crate) fn run(
     socket: WebSocket,
     node: Arc<NodeState>,
     channels: Vec<String>,
-    grants: Grants,
-) {
+    grants: Arc<Grants>,
+) -> impl Future<Output = ()> + Send {
     let (client, queue) = node.registry.register(node.config.client_queue);
     // A span for the connection's lifetime only when traces are exported: it costs
     // memory for as long as the connection lives, and logs name the connection anyway.
@@ -48,9 +51,7 @@ pub(crate) async fn run(
     } else {
         tracing::Span::none()
     };
-    serve(socket, node, client, queue, channels, grants)
-        .instrument(span)
-        .await
+    serve(socket, node, client, queue, channels, grants).instrument(span)
 }
 
 async fn serve(
@@ -59,7 +60,7 @@ async fn serve(
     client: ClientHandle,
     queue: ClientQueue,
     channels: Vec<String>,
-    grants: Grants,
+    grants: Arc<Grants>,
 ) {
     let opened = std::time::Instant::now();
     node.metrics.connections_opened.inc();
@@ -113,18 +114,13 @@ async fn serve(
         }))
         .await;
     }
-    tracing::debug!(
-        conn = session.client.id(),
-        reason = reason.as_str(),
-        "connection closed"
-    );
 }
 
 struct Session {
     node: Arc<NodeState>,
     client: ClientHandle,
-    /// What the connection's token allows (everything without auth).
-    grants: Grants,
+    /// What the connection's token allows (without auth, one shared "anyone").
+    grants: Arc<Grants>,
     /// Why a mutex: only the reader takes from it, but the session is shared by
     /// reference across `.await`s, which requires `Sync`.
     limiter: Mutex<RateLimiter>,
