@@ -35,8 +35,9 @@ const SPARE_BATCH_CAPACITY: usize = 64;
 /// Serves one upgraded connection until it ends. `channels` were validated before
 /// the upgrade.
 ///
-/// Not an `async fn`: an async wrapper around `serve` would keep a second copy of
-/// the arguments (the socket among them) in every connection's task.
+/// Not an `async fn`, and the socket is split here: a connection's task holds its
+/// future for hours, and an async wrapper (or the socket as an argument) would keep
+/// dead copies of the arguments in it.
 pub(crate) fn run(
     socket: WebSocket,
     node: Arc<NodeState>,
@@ -44,6 +45,7 @@ pub(crate) fn run(
     grants: Arc<Grants>,
 ) -> impl Future<Output = ()> + Send {
     let (client, queue) = node.registry.register(node.config.client_queue);
+    node.metrics.connections_opened.inc();
     // A span for the connection's lifetime only when traces are exported: it costs
     // memory for as long as the connection lives, and logs name the connection anyway.
     let span = if node.tracing.enabled() {
@@ -51,22 +53,22 @@ pub(crate) fn run(
     } else {
         tracing::Span::none()
     };
-    serve(socket, node, client, queue, channels, grants).instrument(span)
+    let (sink, stream) = socket.split();
+    let writer = tokio::spawn(
+        write_loop(sink, queue, client.clone(), node.clone()).instrument(span.clone()),
+    );
+    serve(stream, writer, node, client, channels, grants).instrument(span)
 }
 
 async fn serve(
-    socket: WebSocket,
+    mut stream: SplitStream<WebSocket>,
+    writer: tokio::task::JoinHandle<()>,
     node: Arc<NodeState>,
     client: ClientHandle,
-    queue: ClientQueue,
     channels: Vec<String>,
     grants: Arc<Grants>,
 ) {
     let opened = std::time::Instant::now();
-    node.metrics.connections_opened.inc();
-    let (sink, mut stream) = socket.split();
-    let writer =
-        tokio::spawn(write_loop(sink, queue, client.clone(), node.clone()).in_current_span());
     tracing::info!(node = %node.node_id, conn = client.id(), ?channels, "connection opened");
 
     let limiter = Mutex::new(RateLimiter::new(
