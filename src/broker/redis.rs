@@ -86,6 +86,15 @@ struct SubState {
 }
 
 impl SubState {
+    /// Marks a channel for the subscriber task. Not while disconnected: the next
+    /// connection starts from the registry and the waiters (`on_connected`), so a
+    /// set fed during an outage would only grow with what clients ask for.
+    fn mark_dirty(&mut self, connected: bool, channel: &str) {
+        if connected {
+            self.dirty.insert(channel.to_owned());
+        }
+    }
+
     /// Tells the sessions waiting for `channel` that it is live.
     fn wake_waiters(&mut self, channel: &str) {
         for waiter in self.waiters.remove(channel).into_iter().flatten() {
@@ -186,38 +195,57 @@ impl RedisBroker {
         let inner = &self.inner;
         let rx = {
             let mut state = inner.lock();
-            if inner.connected.load(Ordering::Acquire) && state.live.contains(channel) {
+            if inner.is_connected() && state.live.contains(channel) {
                 return Ok(());
             }
             let (tx, rx) = oneshot::channel();
             let waiters = state.waiters.entry(channel.to_owned()).or_default();
             waiters.retain(|w| !w.is_closed());
             waiters.push(tx);
-            state.dirty.insert(channel.to_owned());
+            state.mark_dirty(inner.is_connected(), channel);
             rx
         };
         inner.wake.notify_one();
-        match tokio::time::timeout(inner.timeout, rx).await {
-            Ok(Ok(())) => Ok(()),
+        let waited = tokio::time::timeout(inner.timeout, rx).await;
+        let result = match waited {
+            Ok(Ok(())) => return Ok(()),
             Ok(Err(_)) => Err(BrokerError::Unavailable("subscription abandoned".into())),
             Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        };
+        // Our waiter is gone with the timeout. Drop it now rather than when the
+        // channel is next asked for: during an outage a client could otherwise grow
+        // the map with a new channel name every timeout.
+        let mut state = inner.lock();
+        if let Some(waiters) = state.waiters.get_mut(channel) {
+            waiters.retain(|w| !w.is_closed());
+            if waiters.is_empty() {
+                state.waiters.remove(channel);
+            }
         }
+        result
     }
 
     /// Marks `channel` for re-checking: if it has no local subscribers left, the
     /// subscriber task UNSUBSCRIBEs it.
     pub fn release(&self, channel: &str) {
-        self.inner.lock().dirty.insert(channel.to_owned());
+        // The flag is read under the state lock, where (dis)connecting changes it.
+        let mut state = self.inner.lock();
+        state.mark_dirty(self.inner.is_connected(), channel);
+        drop(state);
         self.inner.wake.notify_one();
     }
 
     /// Whether the subscriber connection is up.
     pub fn is_connected(&self) -> bool {
-        self.inner.connected.load(Ordering::Acquire)
+        self.inner.is_connected()
     }
 }
 
 impl Inner {
+    fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
     fn lock(&self) -> MutexGuard<'_, SubState> {
         // A panic while holding this lock cannot leave the sets inconsistent in a
         // way that matters (they are re-derived on reconnect), so recover.
@@ -244,9 +272,11 @@ impl Inner {
     }
 
     fn on_disconnected(&self) {
+        let mut state = self.lock();
         self.connected.store(false, Ordering::Release);
         self.local.metrics.broker_up.set(0);
-        self.lock().live.clear();
+        state.live.clear();
+        state.dirty.clear();
     }
 
     /// Brings the connection's subscriptions in line with the registry for the
@@ -447,6 +477,49 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Registry;
+
+    #[tokio::test]
+    async fn subscribing_during_an_outage_leaves_nothing_behind() {
+        // Nothing listens here: every subscribe times out.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let local = Local {
+            registry: Registry::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            tracing: crate::telemetry::Tracing::disabled(),
+        };
+        let shutdown = CancellationToken::new();
+        let broker = RedisBroker::start(
+            &format!("redis://127.0.0.1:{port}"),
+            "wsrelay:",
+            Duration::from_millis(20),
+            local,
+            shutdown.clone(),
+        )
+        .unwrap();
+        for i in 0..20 {
+            let channel = format!("fresh-{i}");
+            assert!(broker.subscribe(&channel).await.is_err());
+            broker.release(&channel);
+        }
+        let state = broker.inner.lock();
+        assert!(
+            state.waiters.is_empty(),
+            "{} channels of abandoned waiters",
+            state.waiters.len()
+        );
+        assert!(
+            state.dirty.is_empty(),
+            "{} dirty channels",
+            state.dirty.len()
+        );
+        drop(state);
+        shutdown.cancel();
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
