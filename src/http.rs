@@ -173,6 +173,20 @@ async fn websocket(
             format!("at most {limit} subscriptions per connection"),
         );
     }
+    // The same node limit as a `sub` to a channel the node does not serve yet.
+    let limit = node.config.max_channels;
+    let new_channels = params
+        .channels
+        .iter()
+        .filter(|c| !node.registry.has_subscribers(c))
+        .count();
+    if new_channels > 0 && node.registry.stats().channels + new_channels > limit {
+        return http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "limit_exceeded",
+            format!("this node serves at most {limit} channels; try another"),
+        );
+    }
     let message_limit = node.config.max_message_bytes;
     let channels = params.channels;
     upgrade

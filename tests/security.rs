@@ -347,6 +347,23 @@ async fn node_limits_answer_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_channel_limit_also_applies_at_connect() {
+    let node = TestNode::start(&["--max-channels", "2"]).await;
+    let _a = node.client("channel=one&channel=two").await;
+    // Existing channels are fine; a third one is not, at connect as with `sub`.
+    let _b = node.client("channel=two").await;
+    let (status, body) = connect_with_headers(&node.ws_url("channel=two&channel=three"), &[])
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        (status, json_body(&body)["error"].clone()),
+        (503, json!("limit_exceeded"))
+    );
+    assert_eq!(node.handle.stats().channels, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_or_silent_http_clients_are_dropped() {
     let node = TestNode::start(&["--handshake-timeout", "500ms"]).await;
     // One sends half a request head and stalls; the other sends nothing at all.
