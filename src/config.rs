@@ -29,6 +29,13 @@ pub struct Config {
     #[arg(long, env = "WSRELAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Length of the listen queue: connections the kernel completes before the node
+    /// accepts them. A reconnect storm (every client of a restarted node at once)
+    /// overflows a short queue, and each dropped SYN costs its client a one-second
+    /// retransmit. The kernel caps it at `net.core.somaxconn`.
+    #[arg(long, env = "WSRELAY_LISTEN_BACKLOG", default_value_t = 4096)]
+    pub listen_backlog: u32,
+
     /// Redis URL (`redis://[:password@]host:port[/db]`). Unset: the in-process memory
     /// broker serves a single node.
     #[arg(long, env = "WSRELAY_REDIS_URL")]

@@ -25,4 +25,4 @@ pub mod shutdown;
 pub mod telemetry;
 
 pub use config::Config;
-pub use node::{Node, NodeError, NodeHandle, run};
+pub use node::{Node, NodeError, NodeHandle, bind, run};

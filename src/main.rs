@@ -55,7 +55,7 @@ async fn main() -> ExitCode {
         );
     }
 
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match wsrelay::bind(&config) {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!(

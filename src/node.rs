@@ -197,7 +197,13 @@ impl Node {
         tokio::spawn(trigger);
         tokio::spawn(heartbeat(state.clone()));
 
-        accept_loop(&state, listener, token).await;
+        // On a worker thread, not the caller's: `main` awaits `serve` inside
+        // `block_on`, and an accept loop there would hand every new connection over
+        // to a worker (a cross-thread wake-up per connect).
+        let accepting = tokio::spawn(accept_loop(state.clone(), listener, token));
+        if let Err(e) = accepting.await {
+            tracing::error!(error = %e, "accept loop failed");
+        }
 
         state.sessions.close();
         let drain_timeout = state.config.drain_timeout;
@@ -248,7 +254,7 @@ impl NodeHandle {
 /// a request (slowloris), and its buffer limit bounds request heads. Requests in
 /// flight when the node stops are finished; upgraded WebSockets are drained by the
 /// caller.
-async fn accept_loop(state: &Arc<NodeState>, listener: TcpListener, stop: CancellationToken) {
+async fn accept_loop(state: Arc<NodeState>, listener: TcpListener, stop: CancellationToken) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
@@ -317,4 +323,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     Node::new(config)?.serve(listener, shutdown).await
+}
+
+/// Binds the listener for `--listen` with a `--listen-backlog` long accept queue
+/// (tokio's `TcpListener::bind` asks for 128, which a reconnect storm overflows).
+pub fn bind(config: &Config) -> std::io::Result<TcpListener> {
+    let socket = if config.listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted node must not wait for its predecessor's TIME_WAIT sockets.
+    socket.set_reuseaddr(true)?;
+    socket.bind(config.listen)?;
+    socket.listen(config.listen_backlog)
 }

@@ -173,3 +173,49 @@ fn invalid_configuration_exits_non_zero_naming_the_flag() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-message-bytes"));
 }
+
+/// A reconnect storm while the node is busy: the kernel must queue the connections
+/// (`--listen-backlog`), not drop their SYNs, which costs each client a one-second
+/// retransmit. A stopped process stands in for a node that cannot accept for a moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_storm_is_queued_while_the_node_cannot_accept() {
+    // The kernel caps the queue at net.core.somaxconn (4096 on current kernels).
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    let storm = 400.min(somaxconn.saturating_sub(1));
+    let node = NodeProcess::spawn(&[]);
+    node.wait_ready().await;
+    node.signal("STOP");
+    let connects = (0..storm).map(|_| {
+        // Below the kernel's first SYN retransmit (one second): a dropped SYN shows.
+        tokio::time::timeout(
+            Duration::from_millis(800),
+            tokio::net::TcpStream::connect(node.addr),
+        )
+    });
+    let streams = futures_util::future::join_all(connects).await;
+    node.signal("CONT");
+    let connected: Vec<_> = streams.into_iter().filter_map(|s| s.ok()?.ok()).collect();
+    assert_eq!(
+        connected.len(),
+        storm,
+        "connections completed by the kernel while the node was stopped"
+    );
+    // And each queued connection is then served.
+    let handshakes = connected.into_iter().map(|stream| {
+        let url = node.ws_url("channel=storm");
+        async move {
+            let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+            let welcome = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut ws))
+                .await
+                .expect("welcome in time");
+            let text = welcome.unwrap().unwrap().into_text().unwrap();
+            assert!(text.contains(r#""op":"welcome""#), "{text}");
+            ws
+        }
+    });
+    let served = futures_util::future::join_all(handshakes).await;
+    assert_eq!(served.len(), storm);
+}

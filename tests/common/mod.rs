@@ -162,7 +162,7 @@ impl TestNode {
         let mut argv = vec!["wsrelay", "--listen", "127.0.0.1:0"];
         argv.extend_from_slice(args);
         let config = <Config as clap::Parser>::try_parse_from(argv).expect("valid test flags");
-        let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+        let listener = wsrelay::bind(&config).unwrap();
         let addr = listener.local_addr().unwrap();
         let node = Node::new(config).expect("node starts");
         let handle = node.handle();
