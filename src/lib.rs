@@ -14,6 +14,7 @@ pub mod broker;
 pub mod client;
 pub mod config;
 pub mod envelope;
+mod handshake_io;
 pub mod healthcheck;
 mod http;
 pub mod metrics;

@@ -20,6 +20,7 @@ use crate::broker::{Broker, BrokerError};
 use crate::config::{Config, ConfigError};
 use serde_json::value::RawValue;
 
+use crate::handshake_io::HandshakeIo;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode};
@@ -280,7 +281,7 @@ async fn accept_loop(state: Arc<NodeState>, listener: TcpListener, stop: Cancell
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let connection = http
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(HandshakeIo::new(stream)), service)
             .with_upgrades();
         let stop = stop.clone();
         connections.spawn(async move {
