@@ -6,22 +6,70 @@ use futures_util::StreamExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, client_async_with_config};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// The key of every handshake: a load generator talks to its own nodes, and a fixed
+/// key makes the accept value a constant (RFC 6455's own example pair).
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+/// Largest upgrade response (headers) accepted.
+const MAX_RESPONSE: usize = 4096;
+
 /// Connects to `url` (plain `ws://`) and waits for `welcome`.
+///
+/// The upgrade is written by hand rather than with tungstenite's client handshake:
+/// one prepared request and one read (the node sends the 101 and `welcome`
+/// together), which halves the generator's user-space cost per connection, so
+/// connect-time figures measure the nodes rather than the generator.
 pub(crate) async fn connect(url: &str, read_buffer: usize) -> anyhow::Result<Ws> {
-    let authority = url
+    let rest = url
         .strip_prefix("ws://")
-        .and_then(|rest| rest.split('/').next())
         .ok_or_else(|| anyhow::anyhow!("only ws:// URLs are supported: {url}"))?;
-    let stream = TcpStream::connect(authority).await?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let mut stream = TcpStream::connect(authority).await?;
     stream.set_nodelay(true)?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut received = Vec::with_capacity(512);
+    let head_end = loop {
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        anyhow::ensure!(received.len() < MAX_RESPONSE, "upgrade response too large from {url}");
+        let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut received))
+            .await
+            .map_err(|_| anyhow::anyhow!("no upgrade response from {url}"))??;
+        anyhow::ensure!(read > 0, "{url} closed the connection during the upgrade");
+    };
+    let head = std::str::from_utf8(&received[..head_end])?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 101 ")
+            && head
+                .lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("sec-websocket-accept: {ACCEPT}"))),
+        "upgrade refused by {url}: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    let leftover = received.split_off(head_end);
     let config = WebSocketConfig::default().read_buffer_size(read_buffer);
-    let (mut ws, _) =
-        client_async_with_config(url, MaybeTlsStream::Plain(stream), Some(config)).await?;
-    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+    let mut ws = WebSocketStream::from_partially_read(
+        MaybeTlsStream::Plain(stream),
+        leftover,
+        Role::Client,
+        Some(config),
+    )
+    .await;
+    let first = tokio::time::timeout_at(deadline, ws.next())
         .await
         .map_err(|_| anyhow::anyhow!("no welcome from {url}"))?;
     match first {

@@ -82,7 +82,9 @@ fn main() -> anyhow::Result<()> {
         .worker_threads(1.max(procstat::allowed_cpus()))
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    // The body runs as a task on a worker: inside `block_on` it would run on the
+    // main thread, and every socket event would cross from a worker to it.
+    let body = runtime.spawn(async move {
         let cluster = match cli.target.spawn_cluster {
             Some(n) => Some(cluster::Cluster::start(n, &cli.target).await?),
             None => None,
@@ -99,7 +101,8 @@ fn main() -> anyhow::Result<()> {
             cluster.stop().await;
         }
         result
-    })
+    });
+    runtime.block_on(body)?
 }
 
 /// 10,000 connections need more descriptors than the usual soft limit of 1024.
