@@ -96,11 +96,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for HandshakeIo<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for HandshakeIo<S> {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        match self.state {
+            // Every frame after the handshake: a plain write, as without the wrapper.
+            State::Done => Pin::new(&mut self.inner).poll_write(cx, buf),
+            _ => self.poll_write_vectored(cx, &[IoSlice::new(buf)]),
+        }
     }
 
     fn poll_write_vectored(
@@ -133,9 +137,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for HandshakeIo<S> {
     }
 
     fn is_write_vectored(&self) -> bool {
-        // Vectored writes are what makes holding free: the response and the frame
-        // go out in one writev without copying them together.
-        true
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
