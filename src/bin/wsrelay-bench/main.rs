@@ -57,7 +57,7 @@ pub(crate) struct Target {
     otel_ratio: Option<f64>,
     /// Read buffer of each client connection, in bytes. Small on purpose: a large
     /// buffer is zero-filled on every read and makes the load generator the bottleneck.
-    #[arg(long, global = true, default_value_t = 4096)]
+    #[arg(long, global = true, default_value_t = 1024)]
     read_buffer: usize,
     /// Connections opened concurrently while connecting.
     #[arg(long, global = true, default_value_t = 256)]
