@@ -380,6 +380,16 @@ async fn write_loop(
                 write_within(limit, &client, sink.send(Message::Ping(Default::default()))).await
             }
             Next::Frames => {
+                if batch.len() > 1 {
+                    // Frames piled up while we were away: the node is behind. Let
+                    // the fan-out run once more and take what it adds, so that a
+                    // behind node writes fewer, larger batches (each write costs
+                    // the same kernel work whatever its size) instead of falling
+                    // further behind. An unloaded connection (one frame) does
+                    // not wait.
+                    tokio::task::yield_now().await;
+                    batch.extend(queue.take_all());
+                }
                 // Everything queued goes out with one flush.
                 let write = async {
                     for frame in batch.drain(..) {
