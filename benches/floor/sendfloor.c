@@ -4,8 +4,8 @@
  * process reads them all with epoll. Prints the writer's CPU time per write.
  *
  *   cc -O2 -o /tmp/sendfloor benches/floor/sendfloor.c
- *   taskset -c 0 /tmp/sendfloor write 40000 1000 10 & sleep 0.2
- *   taskset -c 1 /tmp/sendfloor read 40000 1000
+ *   taskset -c 0 /tmp/sendfloor write 29123 1000 10 & sleep 0.2
+ *   taskset -c 1 /tmp/sendfloor read 29123 1000
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
