@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -45,7 +45,10 @@ pub(crate) async fn connect(url: &str, read_buffer: usize) -> anyhow::Result<Ws>
         if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
             break at + 4;
         }
-        anyhow::ensure!(received.len() < MAX_RESPONSE, "upgrade response too large from {url}");
+        anyhow::ensure!(
+            received.len() < MAX_RESPONSE,
+            "upgrade response too large from {url}"
+        );
         let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut received))
             .await
             .map_err(|_| anyhow::anyhow!("no upgrade response from {url}"))??;
