@@ -17,6 +17,7 @@ pub mod envelope;
 mod handshake_io;
 pub mod healthcheck;
 mod http;
+mod memory;
 pub mod metrics;
 mod node;
 pub mod protocol;

@@ -197,6 +197,7 @@ impl Node {
         };
         tokio::spawn(trigger);
         tokio::spawn(heartbeat(state.clone()));
+        tokio::spawn(crate::memory::trim_after_churn(state.clone()));
 
         // On a worker thread, not the caller's: `main` awaits `serve` inside
         // `block_on`, and an accept loop there would hand every new connection over

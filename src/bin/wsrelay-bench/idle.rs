@@ -50,11 +50,18 @@ pub(crate) async fn run(
     tokio::time::sleep(Duration::from_secs(1).min(Duration::from_secs(args.duration))).await;
     let rss_after = cluster.map(Cluster::rss_kib);
     tokio::time::sleep(Duration::from_secs(args.duration.saturating_sub(1))).await;
+    // Again at the end of a longer hold: a node may give memory back once the
+    // connect burst is over.
+    let rss_end = cluster.filter(|_| args.duration > 1).map(Cluster::rss_kib);
     drop(conns);
 
-    let per_conn = rss_before.zip(rss_after).map(|(before, after)| {
-        after.saturating_sub(before) as f64 / args.connections.max(1) as f64
-    });
+    let per_conn_of = |after: Option<u64>| {
+        rss_before.zip(after).map(|(before, after)| {
+            after.saturating_sub(before) as f64 / args.connections.max(1) as f64
+        })
+    };
+    let per_conn = per_conn_of(rss_after);
+    let per_conn_end = per_conn_of(rss_end);
     eprintln!();
     eprintln!(
         "idle: {} connections over {} node(s)",
@@ -71,6 +78,12 @@ pub(crate) async fn run(
             "  server RSS (nodes+redis)  {before} KiB -> {after} KiB = {per:.2} KiB per connection"
         );
     }
+    if let (Some(end), Some(per)) = (rss_end, per_conn_end) {
+        eprintln!(
+            "  after holding {} s        {end} KiB = {per:.2} KiB per connection",
+            args.duration
+        );
+    }
     let report = json!({
         "mode": "idle",
         "connections": args.connections,
@@ -81,6 +94,8 @@ pub(crate) async fn run(
         "server_rss_kib_before": rss_before,
         "server_rss_kib_after": rss_after,
         "server_rss_kib_per_connection": per_conn,
+        "server_rss_kib_end": rss_end,
+        "server_rss_kib_per_connection_end": per_conn_end,
     });
     println!("{report}");
     Ok(())
