@@ -33,7 +33,7 @@ impl Trigger {
     fn should_trim(&mut self, churn: u64) -> bool {
         let quiet = churn == self.previous;
         self.previous = churn;
-        if quiet && churn - self.trimmed_at >= CHURN_WORTH_A_TRIM {
+        if quiet && churn.saturating_sub(self.trimmed_at) >= CHURN_WORTH_A_TRIM {
             self.trimmed_at = churn;
             return true;
         }
@@ -54,6 +54,8 @@ pub(crate) async fn trim_after_churn(state: Arc<NodeState>) {
         let opened = state.metrics.connections_opened.get();
         let open = state.registry.stats().connections as u64;
         // Every closed connection was opened: opened + closed = 2 * opened - open.
+        // (Read a moment apart, the two can disagree by a connection in the middle
+        // of opening; the count is only a trigger.)
         let churn = (2 * opened).saturating_sub(open);
         if trigger.should_trim(churn) {
             // Off the runtime's threads: a trim of a large heap takes a moment.
