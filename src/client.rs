@@ -268,6 +268,12 @@ impl ClientQueue {
         .await
     }
 
+    /// Moves whatever is queued to the end of `batch`, without waiting. The queue
+    /// keeps its buffer (it is refilled at once when the node is behind).
+    pub fn append_to(&mut self, batch: &mut VecDeque<Utf8Bytes>) {
+        batch.append(&mut self.shared.queue());
+    }
+
     /// Takes whatever is queued, without waiting (used to flush before a close).
     pub fn take_all(&mut self) -> VecDeque<Utf8Bytes> {
         std::mem::take(&mut *self.shared.queue())
@@ -314,6 +320,17 @@ mod tests {
         let batch = writer.await.unwrap();
         assert!(!batch.is_empty() && batch.len() <= 3);
         assert_eq!(batch[0], "1");
+    }
+
+    #[test]
+    fn appending_keeps_the_order_and_empties_the_queue() {
+        let (h, mut q) = ClientHandle::new(1, 8);
+        let mut batch: VecDeque<Utf8Bytes> = ["1".into()].into();
+        assert!(h.send("2".into()));
+        assert!(h.send("3".into()));
+        q.append_to(&mut batch);
+        assert_eq!(batch, ["1", "2", "3"]);
+        assert!(q.take_all().is_empty());
     }
 
     #[tokio::test]

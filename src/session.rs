@@ -388,7 +388,7 @@ async fn write_loop(
                     // further behind. An unloaded connection (one frame) does
                     // not wait.
                     tokio::task::yield_now().await;
-                    batch.extend(queue.take_all());
+                    queue.append_to(&mut batch);
                 }
                 // Everything queued goes out with one flush.
                 let write = async {
