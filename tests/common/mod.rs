@@ -21,13 +21,34 @@ use wsrelay::{Config, Node, NodeHandle};
 /// Default bound of every wait in the tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A free loopback port (bound and released; the OS does not hand it out again at once).
+/// A free loopback port for a server a test starts by port number (Redis, nginx, a
+/// node process restarted on the same port).
+///
+/// Below the kernel's ephemeral range on purpose: a port from that range, once
+/// released, can become the source port of any outgoing connection (the nodes' own
+/// Redis connections included), or stay held by such a connection in TIME_WAIT, and
+/// the server's `bind` then fails. Ports are handed out in turn from a per-process
+/// start, and each is checked by binding it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    let high: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|&p| p > LOW + 1_000)
+        .unwrap_or(32_768);
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = high - LOW;
+    // Test binaries run one after another, but other processes may hold ports: start
+    // each process somewhere else in the range.
+    let start = std::process::id() * 7_919 % span;
+    for _ in 0..span {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{high}");
 }
 
 /// A `redis-server` child process owned by the test; killed on drop.
