@@ -1,5 +1,7 @@
 //! Micro-benchmarks of the per-message hot path: the fan-out of one encoded frame to
-//! local subscribers, request decoding, frame encoding and envelope decoding.
+//! local subscribers (on channels without and with history: the offset must not
+//! change the per-delivery cost), request decoding, frame encoding (once per
+//! publication per node) and the envelope.
 //!
 //! `cargo bench --bench hot_path`
 
@@ -7,16 +9,31 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use serde_json::value::RawValue;
+use bytes::Bytes;
 use wsrelay::client::{ClientHandle, ClientQueue};
+use wsrelay::publication::{Epoch, Kind, Position, Publication};
 use wsrelay::registry::Registry;
 use wsrelay::{envelope, protocol};
+
+fn publication(data: &str, offset: Option<u64>) -> Publication {
+    Publication {
+        kind: Kind::Message,
+        data: Bytes::copy_from_slice(data.as_bytes()),
+        from: None,
+        position: offset.map(|offset| Position {
+            epoch: Epoch::parse("k3x9ab01").unwrap(),
+            offset,
+        }),
+        traceparent: Bytes::new(),
+        published_at_us: 0,
+    }
+}
 
 const PUB: &str = r#"{"op":"pub","ch":"room1","data":{"user":"ada","text":"the quick brown fox jumps over the lazy dog","n":[1,2,3]},"id":42}"#;
 
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
-    for subscribers in [100usize, 10_000] {
+    for (subscribers, offset) in [(100usize, None), (10_000, None), (10_000, Some(42u64))] {
         let registry = Registry::new();
         let mut clients: Vec<(ClientHandle, ClientQueue)> = (0..subscribers)
             .map(|_| {
@@ -25,15 +42,18 @@ fn fanout(c: &mut Criterion) {
                 (handle, queue)
             })
             .collect();
-        let data = RawValue::from_string(r#"{"text":"hello"}"#.into()).unwrap();
-        let frame = protocol::encode_message("room1", &data, None);
+        let frame = protocol::encode_publication("room1", &publication(r#"{"text":"hello"}"#, offset));
         group.throughput(Throughput::Elements(subscribers as u64));
-        group.bench_function(format!("{subscribers}_subscribers"), |b| {
+        let name = match offset {
+            None => format!("{subscribers}_subscribers"),
+            Some(_) => format!("{subscribers}_subscribers_history"),
+        };
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut timed = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    let delivered = registry.fanout("room1", black_box(&frame));
+                    let delivered = registry.fanout("room1", black_box(&frame), offset);
                     timed += start.elapsed();
                     assert_eq!(delivered, subscribers);
                     // Drained outside the timed part, as the writers would.
@@ -62,13 +82,17 @@ fn codec(c: &mut Criterion) {
     let protocol::Request::Publish { data, .. } = protocol::parse_request(PUB).unwrap() else {
         unreachable!()
     };
+    let plain = publication(data.get(), None);
+    let with_offset = publication(data.get(), Some(1_234_567));
     group.bench_function("encode_msg_frame", |b| {
-        b.iter(|| protocol::encode_message(black_box("room1"), black_box(data), None))
+        b.iter(|| protocol::encode_publication(black_box("room1"), black_box(&plain)))
     });
-    let frame = protocol::encode_message("room1", data, None);
-    let wire = envelope::encode(frame.as_bytes(), b"");
+    group.bench_function("encode_msg_frame_with_offset", |b| {
+        b.iter(|| protocol::encode_publication(black_box("room1"), black_box(&with_offset)))
+    });
+    let wire = envelope::encode(&with_offset);
     group.bench_function("envelope_encode", |b| {
-        b.iter(|| envelope::encode(black_box(frame.as_bytes()), b""))
+        b.iter(|| envelope::encode(black_box(&with_offset)))
     });
     group.bench_function("envelope_decode", |b| {
         b.iter(|| envelope::decode(black_box(wire.clone())).unwrap())

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::{AuthConfig, ConfigError};
 
 /// Why a connection was refused before the upgrade.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,12 @@ pub enum AuthError {
 pub struct KeyError {
     flag: &'static str,
     reason: String,
+}
+
+impl From<KeyError> for ConfigError {
+    fn from(e: KeyError) -> Self {
+        ConfigError::new(e.flag, e.reason)
+    }
 }
 
 impl KeyError {
@@ -79,7 +85,7 @@ struct Claims {
 
 impl Verifier {
     /// The verifier the configuration asks for, or `None` when auth is off.
-    pub fn from_config(config: &Config) -> Result<Option<Verifier>, KeyError> {
+    pub fn from_config(config: &AuthConfig) -> Result<Option<Verifier>, KeyError> {
         let err = |flag, reason: String| KeyError { flag, reason };
         let (key, algorithm) = if let Some(secret) = &config.jwt_secret {
             (

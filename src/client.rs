@@ -51,6 +51,9 @@ pub enum CloseReason {
     TokenExpired,
     /// The client kept publishing while rate limited.
     RateLimited,
+    /// More messages arrived while a subscription was recovering than its hold-back
+    /// buffer takes (`--client-queue`); the client recovers again from its position.
+    HoldBackOverflow,
 }
 
 impl CloseReason {
@@ -65,7 +68,9 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => Some(1007),
             CloseReason::TooLarge => Some(1009),
             CloseReason::PingTimeout => Some(1011),
-            CloseReason::SlowConsumer | CloseReason::BrokerUnavailable => Some(1013),
+            CloseReason::SlowConsumer
+            | CloseReason::BrokerUnavailable
+            | CloseReason::HoldBackOverflow => Some(1013),
         }
     }
 
@@ -85,6 +90,7 @@ impl CloseReason {
             CloseReason::BrokerUnavailable => "broker_unavailable",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::RateLimited => "rate_limited",
+            CloseReason::HoldBackOverflow => "holdback_overflow",
         }
     }
 
@@ -104,6 +110,7 @@ impl CloseReason {
             CloseReason::BrokerUnavailable => "broker unavailable",
             CloseReason::TokenExpired => "token expired",
             CloseReason::RateLimited => "rate limit exceeded",
+            CloseReason::HoldBackOverflow => "too many messages during recovery",
         }
     }
 }
@@ -125,7 +132,7 @@ struct Shared {
     id: ConnId,
     /// Why a std mutex: pushes and takes are a few instructions, never span an
     /// `.await`, and are almost never contended (one fan-out, one writer).
-    queue: Mutex<VecDeque<Utf8Bytes>>,
+    queue: Mutex<Queue>,
     capacity: usize,
     /// The writer's waker: woken when the queue becomes non-empty or on close.
     writer: AtomicWaker,
@@ -138,8 +145,25 @@ struct Shared {
     pong_due: AtomicBool,
 }
 
+/// The frames waiting for the writer.
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Utf8Bytes>,
+    /// Frames of a recovery queued since the writer last took the queue: they do not
+    /// count against the capacity, which bounds live traffic (a recovery is bounded
+    /// by `--max-recovery` on its own).
+    allowance: usize,
+}
+
+impl Queue {
+    fn take_into(&mut self, batch: &mut VecDeque<Utf8Bytes>) {
+        std::mem::swap(&mut self.frames, batch);
+        self.allowance = 0;
+    }
+}
+
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Utf8Bytes>> {
+    fn queue(&self) -> MutexGuard<'_, Queue> {
         // The queue holds plain frames: a panic elsewhere cannot leave it torn.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -150,7 +174,7 @@ impl ClientHandle {
     pub fn new(id: ConnId, capacity: usize) -> (ClientHandle, ClientQueue) {
         let shared = Arc::new(Shared {
             id,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             capacity,
             writer: AtomicWaker::new(),
             reason: OnceLock::new(),
@@ -179,13 +203,13 @@ impl ClientHandle {
             return false;
         }
         let mut queue = self.shared.queue();
-        if queue.len() >= self.shared.capacity {
+        if queue.frames.len() >= self.shared.capacity + queue.allowance {
             drop(queue);
             self.close(CloseReason::SlowConsumer);
             return false;
         }
-        queue.push_back(frame);
-        let first = queue.len() == 1;
+        queue.frames.push_back(frame);
+        let first = queue.frames.len() == 1;
         drop(queue);
         // A writer that found the queue non-empty takes everything; only the first
         // frame after a drain needs to wake it.
@@ -193,6 +217,24 @@ impl ClientHandle {
             self.shared.writer.wake();
         }
         true
+    }
+
+    /// Queues the frames of a recovery (replayed messages and the ack) without
+    /// waiting and beyond the capacity, which bounds live traffic: the recovery is
+    /// bounded by `--max-recovery`, and the writer takes it in one batch.
+    pub fn send_recovered(&self, frames: impl IntoIterator<Item = Utf8Bytes>) {
+        if self.shared.reason.get().is_some() {
+            return;
+        }
+        let mut queue = self.shared.queue();
+        let before = queue.frames.len();
+        queue.frames.extend(frames);
+        let added = queue.frames.len() - before;
+        queue.allowance += added;
+        drop(queue);
+        if added > 0 && before == 0 {
+            self.shared.writer.wake();
+        }
     }
 
     /// Asks the connection to close; the first reason given wins.
@@ -259,10 +301,10 @@ impl ClientQueue {
                 return Poll::Ready(Next::Ping);
             }
             let mut queue = self.shared.queue();
-            if queue.is_empty() {
+            if queue.frames.is_empty() {
                 return Poll::Pending;
             }
-            std::mem::swap(&mut *queue, batch);
+            queue.take_into(batch);
             Poll::Ready(Next::Frames)
         })
         .await
@@ -271,12 +313,16 @@ impl ClientQueue {
     /// Moves whatever is queued to the end of `batch`, without waiting. The queue
     /// keeps its buffer (it is refilled at once when the node is behind).
     pub fn append_to(&mut self, batch: &mut VecDeque<Utf8Bytes>) {
-        batch.append(&mut self.shared.queue());
+        let mut queue = self.shared.queue();
+        batch.append(&mut queue.frames);
+        queue.allowance = 0;
     }
 
     /// Takes whatever is queued, without waiting (used to flush before a close).
     pub fn take_all(&mut self) -> VecDeque<Utf8Bytes> {
-        std::mem::take(&mut *self.shared.queue())
+        let mut all = VecDeque::new();
+        self.shared.queue().take_into(&mut all);
+        all
     }
 }
 
@@ -347,6 +393,17 @@ mod tests {
         assert_eq!(h.close_reason(), Some(CloseReason::PingTimeout));
         assert_eq!(q.next(&mut batch).await, Next::Close);
         h.closing().await;
+    }
+
+    #[test]
+    fn a_recovery_does_not_count_against_the_live_bound() {
+        let (h, mut q) = ClientHandle::new(1, 2);
+        h.send_recovered(["r1".into(), "r2".into(), "r3".into()]);
+        assert!(h.send("live1".into()));
+        assert!(h.send("live2".into()));
+        assert!(!h.send("live3".into()), "the live bound still holds");
+        assert_eq!(h.close_reason(), Some(CloseReason::SlowConsumer));
+        assert_eq!(q.take_all(), ["r1", "r2", "r3", "live1", "live2"]);
     }
 
     #[test]

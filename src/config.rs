@@ -1,14 +1,27 @@
-//! Node configuration: every setting, its flag, its environment variable and its default.
+//! Node configuration: every setting, its flag, its environment variable, its key in
+//! the `--config` file, and its default.
 //!
-//! Configuration is parsed once at start-up into [`Config`] and then only read. Every
-//! field that carries a policy (a bound, a timeout) says why it has its default.
-//! Invalid values make start-up fail with a one-line error that names the flag.
+//! Configuration is loaded once at start-up ([`Config::load`]) into [`Config`] and then
+//! only read. Settings are grouped by the part of the node that owns them (broker,
+//! limits, auth, history); every field that carries a policy (a bound, a timeout) says
+//! why it has its default. Precedence: flags, then environment variables, then the
+//! config file, then defaults. [`Config::validate`] is pure (no file or network I/O):
+//! JWT keys are loaded by the node, once.
+//!
+//! Per-channel options (history today; presence later) come from the channel's
+//! namespace, the part of its name before the first `:` (`chat:room1` -> `chat`). The
+//! flags give the options of every channel; `[namespaces.NAME]` sections of the config
+//! file override them for one namespace ([`Config::channel_options`]).
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use serde::Deserialize;
 
 use crate::protocol;
 use crate::telemetry::LogFormat;
@@ -25,6 +38,11 @@ pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,
 
+    /// TOML file with settings (keys are the flag names without `--`) and per-namespace
+    /// channel options (`[namespaces.chat]`). Flags and environment variables win over it.
+    #[arg(long, env = "WSRELAY_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address the HTTP/WebSocket server listens on.
     #[arg(long, env = "WSRELAY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -36,16 +54,6 @@ pub struct Config {
     #[arg(long, env = "WSRELAY_LISTEN_BACKLOG", default_value_t = 4096)]
     pub listen_backlog: u32,
 
-    /// Redis URL (`redis://[:password@]host:port[/db]`). Unset: the in-process memory
-    /// broker serves a single node.
-    #[arg(long, env = "WSRELAY_REDIS_URL")]
-    pub redis_url: Option<String>,
-
-    /// Prefix of the Redis pub/sub channel names, so several relays (or other
-    /// applications) can share one Redis.
-    #[arg(long, env = "WSRELAY_REDIS_PREFIX", default_value = "wsrelay:")]
-    pub redis_prefix: String,
-
     /// Name of this node, shown to clients in `welcome`. Default: hostname plus a short
     /// random suffix, so two nodes on one host never share a name.
     #[arg(long, env = "WSRELAY_NODE_ID")]
@@ -55,6 +63,53 @@ pub struct Config {
     #[arg(long, env = "WSRELAY_DEFAULT_CHANNEL", default_value = "global")]
     pub default_channel: String,
 
+    /// Log line format: `text` for people, `json` for log collectors.
+    #[arg(long, env = "WSRELAY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// How this node reaches the other nodes.
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+
+    /// Bounds on what clients may make the node hold or do.
+    #[command(flatten)]
+    pub limits: LimitsConfig,
+
+    /// Who may connect and what they may do.
+    #[command(flatten)]
+    pub auth: AuthConfig,
+
+    /// Message history and recovery (the defaults of every namespace).
+    #[command(flatten)]
+    pub history: HistoryConfig,
+
+    /// Per-namespace overrides of the channel options, from the config file.
+    #[arg(skip)]
+    pub namespaces: HashMap<String, NamespaceOptions>,
+}
+
+/// The broker: Redis, or the in-process one.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerConfig {
+    /// Redis URL (`redis://[:password@]host:port[/db]` or `rediss://` for TLS). Unset:
+    /// the in-process memory broker serves a single node.
+    #[arg(long, env = "WSRELAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and pub/sub channel name, so several relays (or other
+    /// applications) can share one Redis.
+    #[arg(long, env = "WSRELAY_REDIS_PREFIX", default_value = "wsrelay:")]
+    pub redis_prefix: String,
+
+    /// Longest wait for the broker on a publish, subscribe or history read before the
+    /// client gets an `unavailable` error (a stalled Redis must never hang a client).
+    #[arg(long, env = "WSRELAY_BROKER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub broker_timeout: Duration,
+}
+
+/// Bounds on clients and connections.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitsConfig {
     /// Largest message a client may send, in bytes; larger ones close the connection
     /// with 1009. 64 KiB covers chat and dashboard payloads while bounding what one
     /// client can make the node buffer.
@@ -63,7 +118,8 @@ pub struct Config {
 
     /// Outbound queue of each connection, in frames. When it is full the client is too
     /// slow and is closed with 1013: 1024 frames absorb a burst of a second or more at
-    /// typical rates without letting one reader pin unbounded memory.
+    /// typical rates without letting one reader pin unbounded memory. The hold-back
+    /// buffer of a recovering subscription has the same bound.
     #[arg(long, env = "WSRELAY_CLIENT_QUEUE", default_value_t = 1024)]
     pub client_queue: usize,
 
@@ -80,47 +136,6 @@ pub struct Config {
     /// Kubernetes' default grace period is 30 s; 10 s leaves room for a preStop hook.
     #[arg(long, env = "WSRELAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-
-    /// Longest wait for the broker on a publish or subscribe before the client gets
-    /// an `unavailable` error (a stalled Redis must never hang a client).
-    #[arg(long, env = "WSRELAY_BROKER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
-    pub broker_timeout: Duration,
-
-    /// Log line format: `text` for people, `json` for log collectors.
-    #[arg(long, env = "WSRELAY_LOG_FORMAT", value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-
-    /// HS256 secret for client JWTs. Setting any JWT key turns authentication on.
-    #[arg(long, env = "WSRELAY_JWT_SECRET", hide_env_values = true, conflicts_with_all = ["jwt_secret_file", "jwt_public_key_file"])]
-    pub jwt_secret: Option<String>,
-
-    /// File holding the HS256 secret (trailing whitespace ignored), e.g. a mounted Secret.
-    #[arg(
-        long,
-        env = "WSRELAY_JWT_SECRET_FILE",
-        conflicts_with = "jwt_public_key_file"
-    )]
-    pub jwt_secret_file: Option<PathBuf>,
-
-    /// PEM public key for RS256 (RSA key) or ES256 (EC P-256 key) client JWTs.
-    #[arg(long, env = "WSRELAY_JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<PathBuf>,
-
-    /// Clock skew allowed on a token's `exp`, at connect and while connected. The JWT
-    /// library's own 60 s default would keep expired tokens alive too long.
-    #[arg(long, env = "WSRELAY_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
-    pub jwt_leeway: Duration,
-
-    /// Add the publisher's JWT `sub` to every message as `"from"`.
-    #[arg(long, env = "WSRELAY_EXPOSE_PUBLISHER")]
-    pub expose_publisher: bool,
-
-    /// Browser origins allowed to connect (comma-separated): `https://app.example.com`,
-    /// `app.example.com` (any scheme), `*.example.com`, or `*` for all (logged as a
-    /// warning). Unset: only pages served by this host. Clients that send no `Origin`
-    /// (backends, apps) are not browsers and are always allowed.
-    #[arg(long, env = "WSRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
-    pub allowed_origins: Vec<String>,
 
     /// Open WebSocket connections per node; beyond it, HTTP 503 (the load balancer
     /// retries elsewhere). Each connection costs ~4 KiB and a file descriptor.
@@ -154,6 +169,46 @@ pub struct Config {
     #[arg(long, env = "WSRELAY_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
 
+    /// Largest `/api/publish` request body, in bytes (413 beyond).
+    #[arg(long, env = "WSRELAY_MAX_API_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_api_body_bytes: usize,
+}
+
+/// Authentication of clients and backends.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuthConfig {
+    /// HS256 secret for client JWTs. Setting any JWT key turns authentication on.
+    #[arg(long, env = "WSRELAY_JWT_SECRET", hide_env_values = true, conflicts_with_all = ["jwt_secret_file", "jwt_public_key_file"])]
+    pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret (trailing whitespace ignored), e.g. a mounted Secret.
+    #[arg(
+        long,
+        env = "WSRELAY_JWT_SECRET_FILE",
+        conflicts_with = "jwt_public_key_file"
+    )]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// PEM public key for RS256 (RSA key) or ES256 (EC P-256 key) client JWTs.
+    #[arg(long, env = "WSRELAY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Clock skew allowed on a token's `exp`, at connect and while connected. The JWT
+    /// library's own 60 s default would keep expired tokens alive too long.
+    #[arg(long, env = "WSRELAY_JWT_LEEWAY", default_value = "5s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Add the publisher's JWT `sub` to every message as `"from"`.
+    #[arg(long, env = "WSRELAY_EXPOSE_PUBLISHER")]
+    pub expose_publisher: bool,
+
+    /// Browser origins allowed to connect (comma-separated): `https://app.example.com`,
+    /// `app.example.com` (any scheme), `*.example.com`, or `*` for all (logged as a
+    /// warning). Unset: only pages served by this host. Clients that send no `Origin`
+    /// (backends, apps) are not browsers and are always allowed.
+    #[arg(long, env = "WSRELAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// API keys accepted by `/api/*` as `Authorization: Bearer <key>` (comma-separated).
     /// Unset: the server API is disabled.
     #[arg(
@@ -163,10 +218,70 @@ pub struct Config {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
+}
 
-    /// Largest `/api/publish` request body, in bytes (413 beyond).
-    #[arg(long, env = "WSRELAY_MAX_API_BODY_BYTES", default_value_t = 1024 * 1024)]
-    pub max_api_body_bytes: usize,
+/// History and recovery. `history-size` and `history-ttl` are the options of every
+/// channel whose namespace does not override them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HistoryConfig {
+    /// Messages kept per channel for recovery and `history` (exactly the last N).
+    /// 0 turns history off: messages carry no offset and cost nothing extra.
+    #[arg(long, env = "WSRELAY_HISTORY_SIZE", default_value_t = 0)]
+    pub history_size: usize,
+
+    /// How long a channel's messages are kept after its last publish. Five minutes
+    /// covers a reconnect, a deploy or a phone going through a tunnel.
+    #[arg(long, env = "WSRELAY_HISTORY_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+
+    /// How long a quiet channel keeps its epoch and top offset after its last publish,
+    /// so a client coming back after the messages expired learns "nothing new" rather
+    /// than "lost". Tiny (two fields per channel), so kept long.
+    #[arg(long, env = "WSRELAY_HISTORY_META_TTL", default_value = "30days", value_parser = parse_duration)]
+    pub history_meta_ttl: Duration,
+
+    /// Most messages one recovery replays; a client that missed more is told
+    /// `recovered:false` and reloads its state (cheaper for everyone than a replay
+    /// that floods its queue).
+    #[arg(long, env = "WSRELAY_MAX_RECOVERY", default_value_t = 1000)]
+    pub max_recovery: usize,
+
+    /// Most messages one `history` request returns.
+    #[arg(long, env = "WSRELAY_MAX_HISTORY_LIMIT", default_value_t = 1000)]
+    pub max_history_limit: usize,
+
+    /// How often a node compares the last offset it delivered on each quiet history
+    /// channel with Redis, to notice a pub/sub connection that stopped delivering
+    /// without closing. One pipelined batch per check.
+    #[arg(long, env = "WSRELAY_POSITION_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub position_check_interval: Duration,
+}
+
+/// Options of one channel, resolved from its namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelOptions {
+    /// Messages kept; 0: no history.
+    pub history_size: usize,
+    /// Lifetime of the kept messages after the last publish.
+    pub history_ttl: Duration,
+}
+
+impl ChannelOptions {
+    /// Whether the channel keeps history (and its messages carry offsets).
+    pub fn has_history(&self) -> bool {
+        self.history_size > 0
+    }
+}
+
+/// A `[namespaces.NAME]` section of the config file: what it sets, the rest inherited.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NamespaceOptions {
+    /// Overrides `history-size`.
+    pub history_size: Option<usize>,
+    /// Overrides `history-ttl` (a duration string such as `"300s"`).
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub history_ttl: Option<Duration>,
 }
 
 /// Subcommands of the binary.
@@ -180,94 +295,200 @@ pub enum Command {
     },
 }
 
-/// A setting that cannot work, named by its flag.
+/// A setting that cannot work, named by its flag (or config file key).
 #[derive(Debug, thiserror::Error)]
 #[error("invalid --{flag}: {reason}")]
 pub struct ConfigError {
-    flag: &'static str,
+    flag: String,
     reason: String,
 }
 
 impl ConfigError {
-    /// The error for a JWT key that cannot be loaded.
-    pub fn from_key_error(e: &crate::auth::KeyError) -> Self {
-        Self::new(e.flag(), e.reason())
-    }
-
-    fn new(flag: &'static str, reason: impl Into<String>) -> Self {
+    /// An error about `flag` (named without `--`).
+    pub fn new(flag: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
-            flag,
+            flag: flag.into(),
             reason: reason.into(),
         }
     }
 }
 
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Flags or environment variables clap refused (including `--help` and `--version`,
+    /// which it prints itself).
+    #[error(transparent)]
+    Args(#[from] clap::Error),
+    /// The config file or a value in it.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+impl LoadError {
+    /// Prints the error the way the binary reports it and returns the exit code.
+    pub fn report(&self) -> u8 {
+        match self {
+            LoadError::Args(e) => {
+                let _ = e.print();
+                e.exit_code() as u8
+            }
+            LoadError::Invalid(e) => {
+                eprintln!("wsrelay: {e}");
+                2
+            }
+        }
+    }
+}
+
 impl Config {
-    /// Checks what clap's parsers cannot: ranges and cross-field rules.
+    /// Loads the configuration of the process: flags, environment, `--config` file.
+    pub fn load() -> Result<Config, LoadError> {
+        Config::load_from(std::env::args_os())
+    }
+
+    /// Loads from the given arguments (the first is the program name), the
+    /// environment and the `--config` file they name.
+    pub fn load_from<I, T>(args: I) -> Result<Config, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let matches = Config::command().try_get_matches_from(&args)?;
+        let config = Config::from_arg_matches(&matches)?;
+        let Some(path) = config.config.clone() else {
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError::new("config", format!("{}: {e}", path.display())))?;
+        let file = ConfigFile::parse(&path, &text)?;
+        // The file's settings become flags placed before the given ones, but only for
+        // settings no flag or variable gave: those win, and clap then parses and
+        // checks every value the same way whatever its source.
+        let mut merged = vec![args.first().cloned().unwrap_or_else(|| "wsrelay".into())];
+        for (key, value) in &file.settings {
+            let arg = Config::command()
+                .get_arguments()
+                .find(|a| a.get_long() == Some(key.as_str()))
+                .cloned()
+                .ok_or_else(|| file.error(key, "unknown key"))?;
+            if matches!(
+                matches.value_source(arg.get_id().as_str()),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            ) {
+                continue;
+            }
+            file.append_flag(&mut merged, key, value, arg.get_action())?;
+        }
+        merged.extend(args.iter().skip(1).cloned());
+        let matches = Config::command()
+            .try_get_matches_from(&merged)
+            .map_err(|e| file.error("", first_line(&e.to_string())))?;
+        let mut config = Config::from_arg_matches(&matches)?;
+        config.namespaces = file.namespaces;
+        Ok(config)
+    }
+
+    /// The options of `channel`, from its namespace's section or the defaults.
+    pub fn channel_options(&self, channel: &str) -> ChannelOptions {
+        let defaults = ChannelOptions {
+            history_size: self.history.history_size,
+            history_ttl: self.history.history_ttl,
+        };
+        if self.namespaces.is_empty() {
+            return defaults;
+        }
+        let Some((namespace, _)) = channel.split_once(':') else {
+            return defaults;
+        };
+        match self.namespaces.get(namespace) {
+            None => defaults,
+            Some(ns) => ChannelOptions {
+                history_size: ns.history_size.unwrap_or(defaults.history_size),
+                history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
+            },
+        }
+    }
+
+    /// Checks what clap's parsers cannot: ranges and cross-field rules. Pure: reads
+    /// no file and opens no connection.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let limits = &self.limits;
         if let Err(e) = protocol::validate_channel(&self.default_channel) {
             return Err(ConfigError::new("default-channel", e.to_string()));
         }
-        if self.max_message_bytes < 16 {
+        if limits.max_message_bytes < 16 {
             return Err(ConfigError::new(
                 "max-message-bytes",
                 "must be at least 16 bytes",
             ));
         }
-        if self.client_queue == 0 {
+        if limits.client_queue == 0 {
             return Err(ConfigError::new("client-queue", "must be at least 1 frame"));
         }
         for (flag, value) in [
-            ("ping-interval", self.ping_interval),
-            ("write-timeout", self.write_timeout),
-            ("drain-timeout", self.drain_timeout),
-            ("broker-timeout", self.broker_timeout),
+            ("ping-interval", limits.ping_interval),
+            ("write-timeout", limits.write_timeout),
+            ("drain-timeout", limits.drain_timeout),
+            ("broker-timeout", self.broker.broker_timeout),
+            ("handshake-timeout", limits.handshake_timeout),
+            ("history-ttl", self.history.history_ttl),
+            ("history-meta-ttl", self.history.history_meta_ttl),
+            ("position-check-interval", self.history.position_check_interval),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(flag, "must be greater than zero"));
             }
         }
         for (flag, value) in [
-            ("max-connections", self.max_connections),
-            ("max-subscriptions", self.max_subscriptions),
-            ("max-channels", self.max_channels),
-            ("max-api-body-bytes", self.max_api_body_bytes),
-            ("publish-burst", self.publish_burst as usize),
+            ("max-connections", limits.max_connections),
+            ("max-subscriptions", limits.max_subscriptions),
+            ("max-channels", limits.max_channels),
+            ("max-api-body-bytes", limits.max_api_body_bytes),
+            ("publish-burst", limits.publish_burst as usize),
+            ("max-recovery", self.history.max_recovery),
+            ("max-history-limit", self.history.max_history_limit),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(flag, "must be at least 1"));
             }
         }
-        if !(self.publish_rate > 0.0 && self.publish_rate.is_finite()) {
+        if !(limits.publish_rate > 0.0 && limits.publish_rate.is_finite()) {
             return Err(ConfigError::new(
                 "publish-rate",
                 "must be a positive number",
             ));
         }
-        if self.handshake_timeout.is_zero() {
-            return Err(ConfigError::new(
-                "handshake-timeout",
-                "must be greater than zero",
-            ));
-        }
-        if self.max_header_bytes < 8192 {
+        if limits.max_header_bytes < 8192 {
             return Err(ConfigError::new(
                 "max-header-bytes",
                 "must be at least 8192",
             ));
         }
-        if self.api_keys.iter().any(|k| k.len() < 16) {
+        if self.auth.api_keys.iter().any(|k| k.len() < 16) {
             return Err(ConfigError::new(
                 "api-key",
                 "keys must be at least 16 characters",
             ));
         }
-        if let Err(e) = crate::auth::Verifier::from_config(self) {
-            return Err(ConfigError::from_key_error(&e));
+        if let Some(url) = &self.broker.redis_url {
+            validate_redis_url(url)?;
         }
-        if let Some(url) = &self.redis_url {
-            redis::Client::open(url.as_str())
-                .map_err(|e| ConfigError::new("redis-url", e.to_string()))?;
+        validate_history("history-size", "history-ttl", self.channel_defaults())?;
+        for (name, ns) in &self.namespaces {
+            let options = self.channel_options(&format!("{name}:x"));
+            validate_history(
+                &format!("config: namespaces.{name}.history-size"),
+                &format!("config: namespaces.{name}.history-ttl"),
+                options,
+            )?;
+            if ns.history_ttl.is_some_and(|t| t.is_zero()) {
+                return Err(ConfigError::new(
+                    format!("config: namespaces.{name}.history-ttl"),
+                    "must be greater than zero",
+                ));
+            }
         }
         if let Some(id) = &self.node_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
@@ -278,6 +499,22 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn channel_defaults(&self) -> ChannelOptions {
+        ChannelOptions {
+            history_size: self.history.history_size,
+            history_ttl: self.history.history_ttl,
+        }
+    }
+
+    /// Whether any channel can have history (so the node needs the history machinery).
+    pub fn any_history(&self) -> bool {
+        self.history.history_size > 0
+            || self
+                .namespaces
+                .values()
+                .any(|ns| ns.history_size.is_some_and(|n| n > 0))
     }
 
     /// The node id: the configured one, or hostname plus a random suffix.
@@ -295,8 +532,137 @@ impl Config {
     }
 }
 
+/// Most messages a channel may keep: one million 64 KiB messages is already 64 GiB of
+/// Redis memory for one channel; a larger number is a typo.
+const MAX_HISTORY_SIZE: usize = 1_000_000;
+
+fn validate_history(size_key: &str, ttl_key: &str, options: ChannelOptions) -> Result<(), ConfigError> {
+    if options.history_size > MAX_HISTORY_SIZE {
+        return Err(ConfigError::new(
+            size_key,
+            format!("at most {MAX_HISTORY_SIZE} messages"),
+        ));
+    }
+    if options.history_ttl < Duration::from_millis(1) {
+        return Err(ConfigError::new(ttl_key, "must be at least 1ms"));
+    }
+    Ok(())
+}
+
+fn validate_redis_url(url: &str) -> Result<(), ConfigError> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    if !matches!(scheme, Some("redis" | "rediss")) {
+        return Err(ConfigError::new(
+            "redis-url",
+            format!("{url:?}: the scheme must be redis:// or rediss://"),
+        ));
+    }
+    redis::Client::open(url)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new("redis-url", format!("{url:?}: {e}")))
+}
+
+/// A parsed `--config` file.
+struct ConfigFile<'a> {
+    path: &'a Path,
+    settings: Vec<(String, toml::Value)>,
+    namespaces: HashMap<String, NamespaceOptions>,
+}
+
+impl<'a> ConfigFile<'a> {
+    fn parse(path: &'a Path, text: &str) -> Result<ConfigFile<'a>, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| {
+            ConfigError::new("config", format!("{}: {}", path.display(), e.message()))
+        })?;
+        let mut file = ConfigFile {
+            path,
+            settings: Vec::new(),
+            namespaces: HashMap::new(),
+        };
+        if let Some(namespaces) = table.remove("namespaces") {
+            let toml::Value::Table(namespaces) = namespaces else {
+                return Err(file.error("namespaces", "must be a table of [namespaces.NAME]"));
+            };
+            for (name, options) in namespaces {
+                let key = format!("namespaces.{name}");
+                if name.is_empty() || name.contains(':') || protocol::validate_channel(&name).is_err()
+                {
+                    return Err(file.error(
+                        &key,
+                        "a namespace is a channel name prefix without ':' (A-Z a-z 0-9 _ . @ -)",
+                    ));
+                }
+                let options = NamespaceOptions::deserialize(options)
+                    .map_err(|e| file.error(&key, e.message()))?;
+                file.namespaces.insert(name, options);
+            }
+        }
+        for key in ["config", "help", "version"] {
+            if table.contains_key(key) {
+                return Err(file.error(key, "not allowed in a config file"));
+            }
+        }
+        file.settings = table.into_iter().collect();
+        Ok(file)
+    }
+
+    fn error(&self, key: &str, reason: &str) -> ConfigError {
+        let flag = if key.is_empty() {
+            format!("config {}", self.path.display())
+        } else {
+            format!("config {}: key {key}", self.path.display())
+        };
+        ConfigError::new(flag, reason)
+    }
+
+    /// Appends the flag(s) for one setting of the file to `args`.
+    fn append_flag(
+        &self,
+        args: &mut Vec<OsString>,
+        key: &str,
+        value: &toml::Value,
+        action: &ArgAction,
+    ) -> Result<(), ConfigError> {
+        let flag = format!("--{key}");
+        let scalar = |v: &toml::Value| -> Result<String, ConfigError> {
+            match v {
+                toml::Value::String(s) => Ok(s.clone()),
+                toml::Value::Integer(i) => Ok(i.to_string()),
+                toml::Value::Float(f) => Ok(f.to_string()),
+                _ => Err(self.error(key, "must be a string or a number")),
+            }
+        };
+        match (action, value) {
+            (ArgAction::SetTrue, toml::Value::Boolean(true)) => args.push(flag.into()),
+            (ArgAction::SetTrue, toml::Value::Boolean(false)) => {}
+            (ArgAction::SetTrue, _) => return Err(self.error(key, "must be true or false")),
+            (ArgAction::Append, toml::Value::Array(items)) => {
+                for item in items {
+                    args.push(flag.clone().into());
+                    args.push(scalar(item)?.into());
+                }
+            }
+            (_, value) => {
+                args.push(flag.into());
+                args.push(scalar(value)?.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    let line = text.lines().next().unwrap_or(text);
+    line.strip_prefix("error: ").unwrap_or(line)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 1m)"))
+}
+
+fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -306,9 +672,24 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Config, String> {
         let mut argv = vec!["wsrelay"];
         argv.extend_from_slice(args);
-        let config = Config::try_parse_from(argv).map_err(|e| e.to_string())?;
+        let config = Config::load_from(argv).map_err(|e| e.to_string())?;
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
+    }
+
+    fn with_file(text: &str, args: &[&str]) -> Result<Config, String> {
+        let dir = std::env::temp_dir().join(format!(
+            "wsrelay-config-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::write(&dir, text).unwrap();
+        let path = dir.to_str().unwrap().to_owned();
+        let mut argv = vec!["--config", path.as_str()];
+        argv.extend_from_slice(args);
+        let result = parse(&argv);
+        let _ = std::fs::remove_file(&dir);
+        result
     }
 
     #[test]
@@ -316,11 +697,15 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.default_channel, "global");
-        assert_eq!(c.max_message_bytes, 65536);
-        assert_eq!(c.client_queue, 1024);
-        assert_eq!(c.ping_interval, Duration::from_secs(25));
-        assert_eq!(c.drain_timeout, Duration::from_secs(10));
-        assert!(c.redis_url.is_none());
+        assert_eq!(c.limits.max_message_bytes, 65536);
+        assert_eq!(c.limits.client_queue, 1024);
+        assert_eq!(c.limits.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.limits.drain_timeout, Duration::from_secs(10));
+        assert!(c.broker.redis_url.is_none());
+        assert_eq!(c.history.history_size, 0);
+        assert!(!c.channel_options("chat:1").has_history());
+        assert_eq!(c.history.max_recovery, 1000);
+        assert_eq!(c.history.history_meta_ttl, Duration::from_secs(30 * 86400));
     }
 
     #[test]
@@ -332,9 +717,68 @@ mod tests {
         let e = parse(&["--ping-interval", "soon"]).unwrap_err();
         assert!(e.contains("--ping-interval"), "{e}");
         let e = parse(&["--redis-url", "http://nope"]).unwrap_err();
-        assert!(e.contains("--redis-url"), "{e}");
+        assert!(e.contains("--redis-url") && e.contains("redis://"), "{e}");
         let e = parse(&["--drain-timeout", "0s"]).unwrap_err();
         assert!(e.contains("--drain-timeout"), "{e}");
+        let e = parse(&["--history-size", "2000000"]).unwrap_err();
+        assert!(e.contains("--history-size"), "{e}");
+    }
+
+    #[test]
+    fn namespaces_override_the_defaults() {
+        let c = with_file(
+            r#"
+history-size = 10
+history-ttl = "1m"
+[namespaces.chat]
+history-size = 100
+[namespaces.live]
+history-size = 0
+"#,
+            &[],
+        )
+        .unwrap();
+        let chat = c.channel_options("chat:room1");
+        assert_eq!(chat.history_size, 100);
+        assert_eq!(chat.history_ttl, Duration::from_secs(60), "inherited");
+        assert!(!c.channel_options("live:scores").has_history());
+        assert_eq!(c.channel_options("other:x").history_size, 10);
+        assert_eq!(c.channel_options("chat").history_size, 10, "no namespace");
+        assert!(c.any_history());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let text = "client-queue = 64\nmax-channels = 5\nexpose-publisher = true\napi-key = [\"0123456789abcdef\", \"fedcba9876543210\"]\n";
+        let c = with_file(text, &["--client-queue", "32"]).unwrap();
+        assert_eq!(c.limits.client_queue, 32, "flag wins");
+        assert_eq!(c.limits.max_channels, 5, "file fills the rest");
+        assert!(c.auth.expose_publisher);
+        assert_eq!(c.auth.api_keys.len(), 2);
+    }
+
+    #[test]
+    fn bad_files_are_one_line_errors_naming_the_key() {
+        let e = with_file("no-such-key = 1\n", &[]).unwrap_err();
+        assert!(e.contains("no-such-key") && e.contains("unknown key"), "{e}");
+        let e = with_file("client-queue = \"many\"\n", &[]).unwrap_err();
+        assert!(e.contains("client-queue"), "{e}");
+        let e = with_file("[namespaces.chat]\nhistory-sise = 1\n", &[]).unwrap_err();
+        assert!(e.contains("namespaces.chat") && e.contains("history-sise"), "{e}");
+        let e = with_file("[namespaces.chat]\nhistory-ttl = \"soon\"\n", &[]).unwrap_err();
+        assert!(e.contains("namespaces.chat"), "{e}");
+        let e = with_file("[namespaces.\"a:b\"]\n", &[]).unwrap_err();
+        assert!(e.contains("namespaces.a:b"), "{e}");
+        let e = with_file("this is not toml", &[]).unwrap_err();
+        assert!(e.contains("--config"), "{e}");
+        for e in [
+            with_file("no-such-key = 1\n", &[]).unwrap_err(),
+            with_file("client-queue = \"many\"\n", &[]).unwrap_err(),
+        ] {
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let e = parse(&["--config", "/nonexistent/wsrelay.toml"]).unwrap_err();
+        assert!(e.contains("--config") && e.contains("/nonexistent"), "{e}");
     }
 
     #[test]

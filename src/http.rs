@@ -20,10 +20,25 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{self, AuthError};
-use crate::node::NodeState;
-use crate::protocol::{self, ErrorCode, Field};
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, AuthError, Grants, OriginPolicy, Verifier};
+use crate::hub::{Hub, Refusal};
+use crate::protocol::{self, ErrorCode, Field, Since};
 use crate::session;
+
+/// What the HTTP handlers share: the hub, and what only the HTTP surface needs.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) hub: Arc<Hub>,
+    /// Upgraded WebSocket sessions, which axum's graceful shutdown does not see.
+    pub(crate) sessions: TaskTracker,
+    /// Verifies client tokens; `None` when authentication is off.
+    pub(crate) verifier: Option<Verifier>,
+    pub(crate) origins: OriginPolicy,
+    /// The grants of every connection when authentication is off, shared.
+    pub(crate) anyone: Arc<Grants>,
+}
 
 /// tungstenite reads into a buffer of this size per connection, allocated and
 /// zero-filled up front; its 128 KiB default would dominate the memory of an idle
@@ -33,8 +48,8 @@ const READ_BUFFER_BYTES: usize = 512;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 
-pub(crate) fn router(state: Arc<NodeState>) -> Router {
-    let api_body_limit = state.config.max_api_body_bytes;
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let api_body_limit = state.hub.config.limits.max_api_body_bytes;
     Router::new()
         .route("/", get(index))
         .route("/ws", get(websocket))
@@ -46,6 +61,7 @@ pub(crate) fn router(state: Arc<NodeState>) -> Router {
             post(api_publish).layer(DefaultBodyLimit::max(api_body_limit)),
         )
         .route("/api/channels", get(api_channels))
+        .route("/api/history", get(api_history))
         .with_state(state)
 }
 
@@ -57,7 +73,8 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-async fn readyz(State(node): State<Arc<NodeState>>) -> Response {
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let node = &state.hub;
     let reason = if node.is_draining() {
         Some("draining")
     } else if !node.broker.is_ready() {
@@ -75,8 +92,8 @@ async fn readyz(State(node): State<Arc<NodeState>>) -> Response {
     }
 }
 
-async fn metrics(State(node): State<Arc<NodeState>>) -> Response {
-    let body = node.metrics.render(node.registry.stats());
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state.hub.metrics.render(state.hub.registry.stats());
     (
         [(
             header::CONTENT_TYPE,
@@ -107,20 +124,21 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn websocket(
-    State(node): State<Arc<NodeState>>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    if node.is_draining() {
+    let hub = &state.hub;
+    if hub.is_draining() {
         return http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "node is shutting down; connect to another node",
         );
     }
-    let max = node.config.max_connections;
-    if node.registry.stats().connections >= max {
+    let max = hub.config.limits.max_connections;
+    if hub.registry.stats().connections >= max {
         return http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
@@ -129,7 +147,7 @@ async fn websocket(
     }
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    if !node.origins.allows(origin, host) {
+    if !state.origins.allows(origin, host) {
         return http_error(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
@@ -139,12 +157,12 @@ async fn websocket(
             ),
         );
     }
-    let params = match ConnectParams::parse(query.as_deref(), &node.config.default_channel) {
+    let params = match ConnectParams::parse(query.as_deref(), &hub.config.default_channel) {
         Ok(params) => params,
-        Err(message) => return http_error(StatusCode::BAD_REQUEST, "invalid_channel", message),
+        Err((code, message)) => return http_error(StatusCode::BAD_REQUEST, code, message),
     };
-    let grants = match &node.verifier {
-        None => node.anyone.clone(),
+    let grants = match &state.verifier {
+        None => state.anyone.clone(),
         Some(verifier) => {
             let token = bearer(&headers).or(params.token.as_deref());
             match token
@@ -158,84 +176,110 @@ async fn websocket(
             }
         }
     };
-    if let Some(channel) = params.channels.iter().find(|c| !grants.may_subscribe(c)) {
-        return http_error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("not allowed to subscribe to {channel}"),
-        );
+    let names = params.channels.iter().map(|(c, _)| c.as_str());
+    let checked = hub.check_subscribe(&grants, None, names).and_then(|()| {
+        params
+            .channels
+            .iter()
+            .filter(|(_, since)| since.is_some())
+            .try_for_each(|(c, _)| hub.check_since(c))
+    });
+    if let Err(refusal) = checked {
+        return refusal_response(&refusal);
     }
-    let limit = node.config.max_subscriptions;
-    if params.channels.len() > limit {
-        return http_error(
-            StatusCode::BAD_REQUEST,
-            "limit_exceeded",
-            format!("at most {limit} subscriptions per connection"),
-        );
-    }
-    // The same node limit as a `sub` to a channel the node does not serve yet.
-    let limit = node.config.max_channels;
-    let new_channels = params
-        .channels
-        .iter()
-        .filter(|c| !node.registry.has_subscribers(c))
-        .count();
-    if new_channels > 0 && node.registry.stats().channels + new_channels > limit {
-        return http_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "limit_exceeded",
-            format!("this node serves at most {limit} channels; try another"),
-        );
-    }
-    let message_limit = node.config.max_message_bytes;
+    let message_limit = hub.config.limits.max_message_bytes;
     let channels = params.channels;
+    let hub = state.hub.clone();
+    let sessions = state.sessions.clone();
     upgrade
         .max_message_size(message_limit)
         .max_frame_size(message_limit)
         .read_buffer_size(READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| {
-            let sessions = node.sessions.clone();
-            sessions.track_future(session::run(socket, node, channels, grants))
-        })
+        .on_upgrade(move |socket| sessions.track_future(session::run(socket, hub, channels, grants)))
+}
+
+/// The HTTP answer to a refused request.
+fn refusal_response(refusal: &Refusal) -> Response {
+    let status = match refusal.code {
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::LimitExceeded if refusal.node_full => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    http_error(status, refusal.code.as_str(), refusal.message.clone())
 }
 
 /// What the query string of `/ws` carries.
 #[derive(Debug)]
 struct ConnectParams {
-    /// `channel` parameters (repeatable), deduplicated in order; the default channel
-    /// when there are none.
-    channels: Vec<String>,
+    /// `channel` parameters (repeatable), deduplicated in order, each with the
+    /// position its `since` parameter names; the default channel when there are none.
+    channels: Vec<(String, Option<Since>)>,
     /// `token`, for browsers, which cannot set headers on a WebSocket.
     token: Option<String>,
 }
 
 impl ConnectParams {
-    fn parse(query: Option<&str>, default_channel: &str) -> Result<ConnectParams, String> {
-        let mut channels: Vec<String> = Vec::new();
+    /// Parses the query; a refusal is `(error code, message)`.
+    fn parse(
+        query: Option<&str>,
+        default_channel: &str,
+    ) -> Result<ConnectParams, (&'static str, String)> {
+        let mut channels: Vec<(String, Option<Since>)> = Vec::new();
+        let mut since = Vec::new();
         let mut token = None;
         for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
             match key.as_ref() {
                 "channel" => {
                     protocol::validate_channel(&value)
-                        .map_err(|e| format!("channel {value:?}: {e}"))?;
-                    if !channels.iter().any(|c| *c == value) {
-                        channels.push(value.into_owned());
+                        .map_err(|e| ("invalid_channel", format!("channel {value:?}: {e}")))?;
+                    if !channels.iter().any(|(c, _)| *c == value) {
+                        channels.push((value.into_owned(), None));
                     }
+                }
+                // `<channel>:<epoch>:<offset>`: channel names may contain `:`, so the
+                // position is the last two fields.
+                "since" => {
+                    let bad = |m: &str| {
+                        (
+                            "bad_request",
+                            format!("since {value:?}: {m} (expected <channel>:<epoch>:<offset>)"),
+                        )
+                    };
+                    let mut fields = value.rsplitn(3, ':');
+                    let (Some(offset), Some(epoch), Some(channel)) =
+                        (fields.next(), fields.next(), fields.next())
+                    else {
+                        return Err(bad("too few fields"));
+                    };
+                    let position = Since::parse_pair(epoch, offset).map_err(bad)?;
+                    since.push((channel.to_owned(), position));
                 }
                 "token" => token = Some(value.into_owned()),
                 _ => {}
             }
         }
         if channels.is_empty() {
-            channels.push(default_channel.to_owned());
+            channels.push((default_channel.to_owned(), None));
+        }
+        for (channel, position) in since {
+            let Some(entry) = channels.iter_mut().find(|(c, _)| *c == channel) else {
+                return Err((
+                    "bad_request",
+                    format!("since names {channel:?}, which is not among the channel parameters"),
+                ));
+            };
+            entry.1 = Some(position);
         }
         Ok(ConnectParams { channels, token })
     }
 }
 
 /// The refusal of an `/api/*` request without a configured API key, if it has none.
-fn api_key_refusal(node: &NodeState, headers: &HeaderMap) -> Option<Response> {
-    if node.config.api_keys.is_empty() {
+fn api_key_refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
+    let keys = &state.hub.config.auth.api_keys;
+    if keys.is_empty() {
         return Some(http_error(
             StatusCode::FORBIDDEN,
             "api_disabled",
@@ -243,7 +287,7 @@ fn api_key_refusal(node: &NodeState, headers: &HeaderMap) -> Option<Response> {
         ));
     }
     match bearer(headers) {
-        Some(key) if auth::api_key_matches(&node.config.api_keys, key) => None,
+        Some(key) if auth::api_key_matches(keys, key) => None,
         Some(_) => Some(http_error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -279,11 +323,12 @@ struct ApiPublish<'a> {
 /// `POST /api/publish`: `{"ch":..,"data":..}` or `{"messages":[{"ch":..,"data":..},..]}`.
 /// Messages of a batch are published in order. Answers `{"published": n}`.
 async fn api_publish(
-    State(node): State<Arc<NodeState>>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    if let Some(refused) = api_key_refusal(&node, &headers) {
+    let node = &state.hub;
+    if let Some(refused) = api_key_refusal(&state, &headers) {
         return refused;
     }
     let body = match body {
@@ -351,25 +396,35 @@ async fn api_publish(
         .and_then(|v| v.to_str().ok())
         .filter(|tp| protocol::is_traceparent(tp));
     let mut published = 0;
+    let mut offsets = Vec::with_capacity(batch.len());
     for (ch, data) in batch {
-        let result = node.publish(ch, data, None, traceparent).await;
-        if let Err(e) = result {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": "unavailable", "message": e.to_string(), "published": published})),
-            )
-                .into_response();
+        match node.publish(ch, data, None, traceparent).await {
+            Ok(offset) => offsets.push(offset),
+            Err(e) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"error": "unavailable", "message": e.to_string(), "published": published})),
+                )
+                    .into_response();
+            }
         }
         published += 1;
     }
-    Json(json!({"published": published})).into_response()
+    // Offsets (null on channels without history) only when any channel has history,
+    // so answers about plain channels stay as they were.
+    if offsets.iter().any(Option::is_some) {
+        Json(json!({"published": published, "offsets": offsets})).into_response()
+    } else {
+        Json(json!({"published": published})).into_response()
+    }
 }
 
 /// `GET /api/channels`: channels with subscribers on this node.
-async fn api_channels(State(node): State<Arc<NodeState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = api_key_refusal(&node, &headers) {
+async fn api_channels(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = api_key_refusal(&state, &headers) {
         return refused;
     }
+    let node = &state.hub;
     let channels: Vec<_> = node
         .registry
         .channel_counts()
@@ -379,13 +434,76 @@ async fn api_channels(State(node): State<Arc<NodeState>>, headers: HeaderMap) ->
     Json(json!({"node": node.node_id, "channels": channels})).into_response()
 }
 
+/// `GET /api/history?ch=..&limit=..&since_offset=..&epoch=..`: what a channel's
+/// history holds, as the `history` frame says it (without `op` and `id`).
+async fn api_history(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refused) = api_key_refusal(&state, &headers) {
+        return refused;
+    }
+    let (mut ch, mut limit, mut since_offset, mut epoch) = (None, None, None, None);
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "ch" => ch = Some(value.into_owned()),
+            "limit" => limit = Some(value.into_owned()),
+            "since_offset" => since_offset = Some(value.into_owned()),
+            "epoch" => epoch = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    let bad = |code: ErrorCode, message: String| http_error(StatusCode::BAD_REQUEST, code.as_str(), message);
+    let Some(ch) = ch else {
+        return bad(ErrorCode::BadRequest, "missing query parameter ch".into());
+    };
+    if let Err(e) = protocol::validate_channel(&ch) {
+        return bad(ErrorCode::InvalidChannel, format!("channel {ch:?}: {e}"));
+    }
+    let limit = match limit.map(|l| l.parse::<u64>()) {
+        None => None,
+        Some(Ok(limit)) => Some(limit),
+        Some(Err(_)) => {
+            return bad(ErrorCode::BadRequest, "limit must be a non-negative integer".into());
+        }
+    };
+    let since = match (epoch, since_offset) {
+        (None, None) => None,
+        (Some(epoch), Some(offset)) => match Since::parse_pair(&epoch, &offset) {
+            Ok(since) => Some(since),
+            Err(e) => return bad(ErrorCode::BadRequest, e.into()),
+        },
+        _ => {
+            return bad(
+                ErrorCode::BadRequest,
+                "since_offset and epoch go together".into(),
+            );
+        }
+    };
+    match state.hub.history(&state.anyone, &ch, since, limit).await {
+        Ok(history) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!(
+                "{{{}}}",
+                protocol::history_body(&ch, &history.top, &history.publications)
+            ),
+        )
+            .into_response(),
+        Err(refusal) => refusal_response(&refusal),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ConnectParams;
 
     #[test]
     fn connect_params_from_query() {
-        let channels = |q| ConnectParams::parse(q, "global").map(|p| p.channels);
+        let channels = |q| {
+            ConnectParams::parse(q, "global")
+                .map(|p| p.channels.into_iter().map(|(c, _)| c).collect::<Vec<_>>())
+        };
         assert_eq!(channels(None).unwrap(), vec!["global"]);
         assert_eq!(channels(Some("token=x")).unwrap(), vec!["global"]);
         assert_eq!(
@@ -393,8 +511,19 @@ mod tests {
             vec!["a", "b"]
         );
         assert_eq!(channels(Some("channel=room%3A1")).unwrap(), vec!["room:1"]);
-        assert!(channels(Some("channel=a%20b")).unwrap_err().contains("a b"));
+        assert!(channels(Some("channel=a%20b")).unwrap_err().1.contains("a b"));
         assert!(channels(Some("channel=")).is_err());
+        let p = ConnectParams::parse(Some("channel=chat:1&since=chat:1:k3x9:40"), "g").unwrap();
+        let since = p.channels[0].1.as_ref().unwrap();
+        assert_eq!((since.epoch.as_str(), since.offset), ("k3x9", 40));
+        for bad in [
+            "channel=a&since=a:k3x9",
+            "channel=a&since=b:k3x9:1",
+            "channel=a&since=a:k3x9:x",
+            "channel=a&since=a:k-3:1",
+        ] {
+            assert_eq!(ConnectParams::parse(Some(bad), "g").unwrap_err().0, "bad_request", "{bad}");
+        }
         let params = ConnectParams::parse(Some("token=abc.def&channel=x"), "g").unwrap();
         assert_eq!(params.token.as_deref(), Some("abc.def"));
     }

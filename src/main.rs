@@ -3,14 +3,16 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use wsrelay::config::Command;
 use wsrelay::metrics::Metrics;
 use wsrelay::{Config, Node, healthcheck, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let mut config = Config::parse();
+    let mut config = match Config::load() {
+        Ok(config) => config,
+        Err(e) => return ExitCode::from(e.report()),
+    };
     if let Some(Command::Healthcheck { url }) = &config.command {
         let url = url
             .clone()
@@ -47,10 +49,10 @@ async fn main() -> ExitCode {
         tracing::info!("exporting traces over OTLP");
     }
     let open_files = raise_open_file_limit();
-    if open_files < config.max_connections as u64 + 64 {
+    if open_files < config.limits.max_connections as u64 + 64 {
         tracing::warn!(
             open_files,
-            max_connections = config.max_connections,
+            max_connections = config.limits.max_connections,
             "the open-file limit is below --max-connections: connections beyond it will fail; raise `ulimit -n`"
         );
     }
@@ -65,10 +67,18 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let served = match Node::with_telemetry(config, metrics, tracing) {
-        Ok(node) => node.serve(listener, wsrelay::shutdown::signal()).await,
-        Err(e) => Err(e),
+    let node = match Node::with_telemetry(config, metrics, tracing) {
+        Ok(node) => node,
+        Err(e @ wsrelay::NodeError::Config(_)) => {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("wsrelay: {e}");
+            return ExitCode::FAILURE;
+        }
     };
+    let served = node.serve(listener, wsrelay::shutdown::signal()).await;
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -10,7 +10,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::node::NodeState;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
 
 /// How often churn is looked at; a burst counts as over after one quiet period.
 const PERIOD: Duration = Duration::from_millis(500);
@@ -42,17 +45,21 @@ impl Trigger {
 }
 
 /// Runs until the node shuts down.
-pub(crate) async fn trim_after_churn(state: Arc<NodeState>) {
+pub(crate) async fn trim_after_churn(
+    registry: Registry,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let mut trigger = Trigger::default();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = state.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let opened = state.metrics.connections_opened.get();
-        let open = state.registry.stats().connections as u64;
+        let opened = metrics.connections_opened.get();
+        let open = registry.stats().connections as u64;
         // Every closed connection was opened: opened + closed = 2 * opened - open.
         // (Read a moment apart, the two can disagree by a connection in the middle
         // of opening; the count is only a trigger.)

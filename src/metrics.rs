@@ -51,6 +51,13 @@ pub struct Metrics {
     pub redis_publish_latency: Histogram,
     /// Trace spans dropped because the collector could not take them.
     pub trace_spans_dropped: Counter,
+    history_gaps: Family<Labels, Counter>,
+    /// Publications of history channels read back from the stream to fill a gap in
+    /// pub/sub delivery.
+    pub history_repaired_messages: Counter,
+    /// Publications of history channels received twice (after a repair) and dropped.
+    pub history_duplicates: Counter,
+    recoveries: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -82,6 +89,10 @@ impl Metrics {
             fanout_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             redis_publish_latency: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             trace_spans_dropped: Counter::default(),
+            history_gaps: Family::default(),
+            history_repaired_messages: Counter::default(),
+            history_duplicates: Counter::default(),
+            recoveries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -172,6 +183,26 @@ impl Metrics {
             m.trace_spans_dropped.clone(),
         );
         registry.register(
+            "history_gaps",
+            "Gaps in pub/sub delivery of history channels, by outcome (repaired from the stream, or lost and reported to subscribers)",
+            m.history_gaps.clone(),
+        );
+        registry.register(
+            "history_repaired_messages",
+            "Publications read back from history to fill gaps in pub/sub delivery",
+            m.history_repaired_messages.clone(),
+        );
+        registry.register(
+            "history_duplicates",
+            "Publications of history channels received again and dropped",
+            m.history_duplicates.clone(),
+        );
+        registry.register(
+            "recoveries",
+            "Subscriptions that asked to recover, by result (recovered or not)",
+            m.recoveries.clone(),
+        );
+        registry.register(
             "build",
             "Version and git commit of this binary",
             Info::new([
@@ -185,6 +216,18 @@ impl Metrics {
     /// Counts a publish that failed with `code` (an error code of the protocol).
     pub fn publish_error(&self, code: &'static str) {
         self.publish_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    /// Counts a gap in the delivery of a history channel (`repaired` or `lost`).
+    pub fn history_gap(&self, outcome: &'static str) {
+        self.history_gaps
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// Counts a recovery attempt (`recovered` or `not_recovered`).
+    pub fn recovery(&self, result: &'static str) {
+        self.recoveries.get_or_create(&[("result", result)]).inc();
     }
 
     /// Counts a closed connection.

@@ -1,86 +1,29 @@
-//! A relay node: its shared state, start-up, serving and graceful drain.
+//! A relay node: start-up, serving and graceful drain.
 //!
-//! [`NodeState`] is built once and shared (`Arc`) by the HTTP handlers and every
-//! session. One [`CancellationToken`] is the node's shutdown signal, threaded through
-//! every task: the HTTP server, each session's reader and writer, and the broker's
-//! subscriber task. Sessions live outside axum's graceful shutdown (an upgraded
+//! [`Node::new`] builds the node's state once — the [`Hub`] (channels and clients)
+//! and the HTTP [`AppState`] around it — and shares it (`Arc`) with the HTTP handlers
+//! and every session. One [`CancellationToken`] is the node's shutdown signal,
+//! threaded through every task: the HTTP server, each session's reader and writer,
+//! the broker's subscriber, repair and check tasks. Sessions live outside axum's graceful shutdown (an upgraded
 //! connection is no longer an HTTP request), so a [`TaskTracker`] tracks them and
 //! the drain waits for it, bounded by `--drain-timeout`.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Grants, OriginPolicy, Verifier};
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Local};
 use crate::config::{Config, ConfigError};
-use serde_json::value::RawValue;
-
 use crate::handshake_io::HandshakeIo;
-use crate::http;
+use crate::http::{self, AppState};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::protocol::{self, ErrorCode};
 use crate::registry::{Registry, RegistryStats};
 use crate::telemetry::Tracing;
-
-/// State shared by everything on one node.
-#[derive(Debug)]
-pub(crate) struct NodeState {
-    pub(crate) config: Config,
-    pub(crate) node_id: String,
-    pub(crate) registry: Registry,
-    pub(crate) broker: Broker,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) tracing: Tracing,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) sessions: TaskTracker,
-    /// Verifies client tokens; `None` when authentication is off.
-    pub(crate) verifier: Option<Verifier>,
-    pub(crate) origins: OriginPolicy,
-    /// The grants of every connection when authentication is off, shared.
-    pub(crate) anyone: Arc<Grants>,
-    draining: AtomicBool,
-}
-
-impl NodeState {
-    pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// Publishes one message to every node: encodes the `msg` frame once (with `from`
-    /// when given), runs the publish span (continuing `traceparent` when given) around
-    /// the broker call, and counts the outcome. Used by WebSocket clients and the API.
-    pub(crate) async fn publish(
-        &self,
-        channel: &str,
-        data: &RawValue,
-        from: Option<&str>,
-        traceparent: Option<&str>,
-    ) -> Result<(), BrokerError> {
-        let frame = protocol::encode_message(channel, data, from);
-        let span = self.tracing.publish(channel, data.get().len(), traceparent);
-        let context = span.as_ref().map_or("", |s| s.traceparent.as_str());
-        let publish = self.broker.publish(channel, frame, context);
-        let published = match &span {
-            Some(span) => span.broker_publish(&self.tracing, publish).await,
-            None => publish.await,
-        };
-        if let Some(span) = span {
-            span.end(published.as_ref().err().map(|e| e.to_string()).as_deref());
-        }
-        match &published {
-            Ok(()) => {
-                self.metrics.messages_published.inc();
-            }
-            Err(_) => self.metrics.publish_error(ErrorCode::Unavailable.as_str()),
-        }
-        published
-    }
-}
 
 /// Why a node could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -99,13 +42,13 @@ pub enum NodeError {
 /// A configured node, ready to serve.
 #[derive(Debug)]
 pub struct Node {
-    state: Arc<NodeState>,
+    state: Arc<AppState>,
 }
 
 /// A handle to a running node, for tests and tooling to observe it.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
-    state: Arc<NodeState>,
+    hub: Arc<Hub>,
 }
 
 impl Node {
@@ -123,20 +66,19 @@ impl Node {
         tracing: Tracing,
     ) -> Result<Node, NodeError> {
         config.validate()?;
+        // The one place JWT keys are loaded.
+        let verifier = Verifier::from_config(&config.auth).map_err(ConfigError::from)?;
+        let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let registry = Registry::new();
-        let broker = Broker::start(
-            &config,
-            registry.clone(),
-            metrics.clone(),
-            tracing.clone(),
-            shutdown.clone(),
-        )?;
+        let local = Local {
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            tracing: tracing.clone(),
+        };
+        let broker = Broker::start(config.clone(), local, shutdown.clone())?;
         let node_id = config.resolved_node_id();
-        // validate() already loaded the key once: this cannot fail.
-        let verifier = Verifier::from_config(&config)
-            .map_err(|e| NodeError::Config(crate::config::ConfigError::from_key_error(&e)))?;
-        let origins = OriginPolicy::from_list(&config.allowed_origins);
+        let origins = OriginPolicy::from_list(&config.auth.allowed_origins);
         if matches!(origins, OriginPolicy::Any) {
             tracing::warn!(
                 "--allowed-origins '*': pages from any site may open WebSockets to this relay"
@@ -145,20 +87,22 @@ impl Node {
         if verifier.is_none() {
             tracing::info!("no JWT key configured: clients connect without authentication");
         }
+        let hub = Arc::new(Hub {
+            config,
+            node_id,
+            registry,
+            broker,
+            metrics,
+            tracing,
+            shutdown,
+        });
         Ok(Node {
-            state: Arc::new(NodeState {
-                config,
-                node_id,
-                registry,
-                broker,
-                metrics,
-                tracing,
-                shutdown,
+            state: Arc::new(AppState {
+                hub,
                 sessions: TaskTracker::new(),
                 verifier,
                 origins,
                 anyone: Arc::new(Grants::anyone()),
-                draining: AtomicBool::new(false),
             }),
         })
     }
@@ -166,7 +110,7 @@ impl Node {
     /// A handle that stays valid while and after the node serves.
     pub fn handle(&self) -> NodeHandle {
         NodeHandle {
-            state: self.state.clone(),
+            hub: self.state.hub.clone(),
         }
     }
 
@@ -179,25 +123,35 @@ impl Node {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), NodeError> {
         let state = self.state;
+        let hub = state.hub.clone();
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, node = %state.node_id, broker = state.broker.kind(), "listening");
+        tracing::info!(%addr, node = %hub.node_id, broker = hub.broker.kind(), "listening");
 
-        let token = state.shutdown.clone();
+        let token = hub.shutdown.clone();
         let trigger = {
-            let state = state.clone();
+            let hub = hub.clone();
             async move {
                 tokio::select! {
                     _ = shutdown => {}
-                    _ = state.shutdown.cancelled() => {}
+                    _ = hub.shutdown.cancelled() => {}
                 }
-                state.draining.store(true, Ordering::Release);
-                tracing::info!(connections = state.registry.stats().connections, "draining");
-                state.shutdown.cancel();
+                tracing::info!(connections = hub.registry.stats().connections, "draining");
+                // Cancelling is what draining means: readiness, the accept loop and
+                // every session follow this token.
+                hub.shutdown.cancel();
             }
         };
         tokio::spawn(trigger);
-        tokio::spawn(heartbeat(state.clone()));
-        tokio::spawn(crate::memory::trim_after_churn(state.clone()));
+        tokio::spawn(heartbeat(
+            hub.registry.clone(),
+            hub.config.limits.ping_interval,
+            token.clone(),
+        ));
+        tokio::spawn(crate::memory::trim_after_churn(
+            hub.registry.clone(),
+            hub.metrics.clone(),
+            token.clone(),
+        ));
 
         // On a worker thread, not the caller's: `main` awaits `serve` inside
         // `block_on`, and an accept loop there would hand every new connection over
@@ -208,13 +162,13 @@ impl Node {
         }
 
         state.sessions.close();
-        let drain_timeout = state.config.drain_timeout;
+        let drain_timeout = hub.config.limits.drain_timeout;
         if tokio::time::timeout(drain_timeout, state.sessions.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                remaining = state.registry.stats().connections,
+                remaining = hub.registry.stats().connections,
                 ?drain_timeout,
                 "drain timeout: closing the remaining connections abruptly"
             );
@@ -227,27 +181,27 @@ impl Node {
 impl NodeHandle {
     /// The node id shown to clients.
     pub fn node_id(&self) -> &str {
-        &self.state.node_id
+        &self.hub.node_id
     }
 
     /// Current registry sizes.
     pub fn stats(&self) -> RegistryStats {
-        self.state.registry.stats()
+        self.hub.registry.stats()
     }
 
     /// The node's metrics in the Prometheus text format, as `/metrics` serves them.
     pub fn metrics_text(&self) -> String {
-        self.state.metrics.render(self.state.registry.stats())
+        self.hub.metrics.render(self.hub.registry.stats())
     }
 
     /// Whether the node would answer `/readyz` with 200.
     pub fn is_ready(&self) -> bool {
-        !self.state.is_draining() && self.state.broker.is_ready()
+        !self.hub.is_draining() && self.hub.broker.is_ready()
     }
 
     /// Starts the drain, as SIGTERM does.
     pub fn shutdown(&self) {
-        self.state.shutdown.cancel();
+        self.hub.shutdown.cancel();
     }
 }
 
@@ -256,15 +210,16 @@ impl NodeHandle {
 /// a request (slowloris), and its buffer limit bounds request heads. Requests in
 /// flight when the node stops are finished; upgraded WebSockets are drained by the
 /// caller.
-async fn accept_loop(state: Arc<NodeState>, listener: TcpListener, stop: CancellationToken) {
+async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
-    let app = http::router(state.clone());
+    let limits = state.hub.config.limits.clone();
+    let app = http::router(state);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(state.config.handshake_timeout)
-        .max_buf_size(state.config.max_header_bytes);
+        .header_read_timeout(limits.handshake_timeout)
+        .max_buf_size(limits.max_header_bytes);
     let connections = TaskTracker::new();
     loop {
         let stream = tokio::select! {
@@ -300,20 +255,19 @@ async fn accept_loop(state: Arc<NodeState>, listener: TcpListener, stop: Cancell
     }
     drop(listener);
     connections.close();
-    let _ = tokio::time::timeout(state.config.drain_timeout, connections.wait()).await;
+    let _ = tokio::time::timeout(limits.drain_timeout, connections.wait()).await;
 }
 
 /// Pings every connection each `--ping-interval` from one task, and closes those
 /// that did not answer the previous ping. One timer for the node rather than one
 /// per connection: an idle connection then carries no timer at all.
-async fn heartbeat(state: Arc<NodeState>) {
-    let period = state.config.ping_interval;
+async fn heartbeat(registry: Registry, period: std::time::Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tick.tick() => state.registry.heartbeat(),
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => registry.heartbeat(),
         }
     }
 }

@@ -14,6 +14,8 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::publication::{Epoch, MAX_OFFSET, Position, Publication};
+
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 128;
 
@@ -103,10 +105,12 @@ impl<'a> RequestId<'a> {
 /// A decoded client request.
 #[derive(Debug)]
 pub enum Request<'a> {
-    /// `sub`: start receiving `ch`.
+    /// `sub`: start receiving `ch`, recovering what was missed after `since`.
     Subscribe {
         /// Channel (validated).
         ch: Cow<'a, str>,
+        /// The last position the client saw, to recover from.
+        since: Option<Since>,
         /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
@@ -128,7 +132,44 @@ pub enum Request<'a> {
         /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
+    /// `history`: read what the channel's history holds.
+    History {
+        /// Channel (validated).
+        ch: Cow<'a, str>,
+        /// Messages after this position; without it, the latest ones.
+        since: Option<Since>,
+        /// Most messages wanted (capped by the node).
+        limit: Option<u64>,
+        /// Request id, echoed in the reply.
+        id: Option<RequestId<'a>>,
+    },
 }
+
+/// A position a client names: `{"epoch":"k3x9","offset":40}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    /// The epoch the client saw.
+    pub epoch: Epoch,
+    /// The last offset the client received.
+    pub offset: u64,
+}
+
+impl Since {
+    /// Parses the connect-time form `<epoch>:<offset>` (the tail of a `since` query
+    /// parameter after the channel name).
+    pub fn parse_pair(epoch: &str, offset: &str) -> Result<Since, &'static str> {
+        let epoch = Epoch::parse(epoch).ok_or(SINCE_EPOCH)?;
+        let offset = offset
+            .parse::<u64>()
+            .ok()
+            .filter(|o| *o <= MAX_OFFSET)
+            .ok_or(SINCE_OFFSET)?;
+        Ok(Since { epoch, offset })
+    }
+}
+
+const SINCE_EPOCH: &str = "since.epoch must be 1 to 32 letters or digits";
+const SINCE_OFFSET: &str = "since.offset must be an integer from 0 to 2^53-1";
 
 impl<'a> Request<'a> {
     /// The request id, if the client gave one.
@@ -136,7 +177,8 @@ impl<'a> Request<'a> {
         match self {
             Request::Subscribe { id, .. }
             | Request::Unsubscribe { id, .. }
-            | Request::Publish { id, .. } => *id,
+            | Request::Publish { id, .. }
+            | Request::History { id, .. } => *id,
         }
     }
 }
@@ -193,6 +235,38 @@ struct RawRequest<'a> {
     id: Field<'a>,
     #[serde(borrow, default)]
     tp: Field<'a>,
+    #[serde(borrow, default)]
+    since: Field<'a>,
+    #[serde(borrow, default)]
+    limit: Field<'a>,
+}
+
+/// `since` as sent: an object with `epoch` and `offset`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSince<'a> {
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+    offset: u64,
+}
+
+fn parse_since<'a>(
+    raw: Option<&RawValue>,
+    id: Option<RequestId<'a>>,
+) -> Result<Option<Since>, RequestError<'a>> {
+    let Some(raw) = raw else { return Ok(None) };
+    let bad = |m: &'static str| RequestError::new(id, ErrorCode::BadRequest, m);
+    let since: RawSince<'_> = serde_json::from_str(raw.get()).map_err(|_| {
+        bad("since must be {\"epoch\":<string>,\"offset\":<integer>}")
+    })?;
+    let epoch = Epoch::parse(&since.epoch).ok_or_else(|| bad(SINCE_EPOCH))?;
+    if since.offset > MAX_OFFSET {
+        return Err(bad(SINCE_OFFSET));
+    }
+    Ok(Some(Since {
+        epoch,
+        offset: since.offset,
+    }))
 }
 
 /// Decodes one client text frame.
@@ -249,13 +323,31 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
     }
 
     match op.as_ref() {
-        "sub" | "unsub" => {
+        "sub" | "unsub" | "history" => {
             let ch =
                 ch.ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field ch"))?;
-            Ok(if op == "sub" {
-                Request::Subscribe { ch, id }
-            } else {
-                Request::Unsubscribe { ch, id }
+            let since = parse_since(raw.since.0, id)?;
+            Ok(match op.as_ref() {
+                "sub" => Request::Subscribe { ch, since, id },
+                "unsub" => Request::Unsubscribe { ch, id },
+                _ => {
+                    let limit = match raw.limit.0 {
+                        None => None,
+                        Some(v) => Some(serde_json::from_str::<u64>(v.get()).map_err(|_| {
+                            RequestError::new(
+                                id,
+                                ErrorCode::BadRequest,
+                                "limit must be a non-negative integer",
+                            )
+                        })?),
+                    };
+                    Request::History {
+                        ch,
+                        since,
+                        limit,
+                        id,
+                    }
+                }
             })
         }
         "pub" => {
@@ -287,7 +379,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             Err(RequestError::new(
                 id,
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?} (expected sub, unsub or pub)"),
+                format!("unknown op {shown:?} (expected sub, unsub, pub or history)"),
             ))
         }
     }
@@ -309,32 +401,123 @@ pub fn is_traceparent(s: &str) -> bool {
         && hex(parts[3], 2)
 }
 
-/// `{"op":"msg","ch":..,"data":..}`, with `"from"` (the publisher's user id) when
-/// given: built once per publish, shared by every recipient.
-pub fn encode_message(ch: &str, data: &RawValue, from: Option<&str>) -> Utf8Bytes {
+/// `{"op":"msg","ch":..,"offset":..,"from":..,"data":..}` (`offset` on channels with
+/// history, `from` when the publisher is exposed): built once per publication on each
+/// node, shared by every local recipient.
+pub fn encode_publication(ch: &str, publication: &Publication) -> Utf8Bytes {
     debug_assert!(
         validate_channel(ch).is_ok(),
         "channel names never need escaping"
     );
-    let data = data.get();
-    let mut out = String::with_capacity(30 + ch.len() + data.len());
+    let data = publication.data_str();
+    let mut out = String::with_capacity(48 + ch.len() + data.len());
     out.push_str(r#"{"op":"msg","ch":""#);
     out.push_str(ch);
-    if let Some(from) = from {
-        out.push_str(r#"","from":"#);
-        out.push_str(&serde_json::Value::from(from).to_string());
-        out.push_str(r#","data":"#);
-    } else {
-        out.push_str(r#"","data":"#);
+    out.push('"');
+    if let Some(offset) = publication.offset() {
+        let _ = write!(out, r#","offset":{offset}"#);
     }
+    if let Some(from) = publication.publisher() {
+        out.push_str(r#","from":"#);
+        push_json_string(&mut out, from);
+    }
+    out.push_str(r#","data":"#);
     out.push_str(data);
     out.push('}');
     out.into()
 }
 
+fn push_json_string(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).expect("strings always serialise"));
+}
+
 /// `{"op":"ack","id":..}`.
 pub fn encode_ack(id: RequestId<'_>) -> Utf8Bytes {
     format!(r#"{{"op":"ack","id":{}}}"#, id.as_json()).into()
+}
+
+/// The ack of a `pub` to a channel with history: `{"op":"ack","id":..,"offset":..}`.
+pub fn encode_publish_ack(id: RequestId<'_>, offset: u64) -> Utf8Bytes {
+    format!(r#"{{"op":"ack","id":{},"offset":{offset}}}"#, id.as_json()).into()
+}
+
+/// The ack of a `sub` to a channel with history:
+/// `{"op":"ack","id":..,"epoch":..,"offset":..,"recovered":..}` (`recovered` only
+/// when the client asked to recover).
+pub fn encode_subscribe_ack(
+    id: RequestId<'_>,
+    position: &Position,
+    recovered: Option<bool>,
+) -> Utf8Bytes {
+    let mut out = format!(
+        r#"{{"op":"ack","id":{},"epoch":"{}","offset":{}"#,
+        id.as_json(),
+        position.epoch,
+        position.offset
+    );
+    if let Some(recovered) = recovered {
+        let _ = write!(out, r#","recovered":{recovered}"#);
+    }
+    out.push('}');
+    out.into()
+}
+
+/// `{"op":"gap","ch":..,"epoch":..,"offset":..}`: messages of the channel up to this
+/// position could not be delivered; delivery continues after it.
+pub fn encode_gap(ch: &str, position: &Position) -> Utf8Bytes {
+    format!(
+        r#"{{"op":"gap","ch":"{ch}","epoch":"{}","offset":{}}}"#,
+        position.epoch, position.offset
+    )
+    .into()
+}
+
+/// The reply to `history`:
+/// `{"op":"history","id":..,"ch":..,"epoch":..,"offset":..,"messages":[{"offset":..,"data":..},..]}`.
+pub fn encode_history(
+    id: Option<RequestId<'_>>,
+    ch: &str,
+    position: &Position,
+    messages: &[Publication],
+) -> Utf8Bytes {
+    let mut out = String::from(r#"{"op":"history","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{},"#, id.as_json());
+    }
+    out.push_str(&history_body(ch, position, messages));
+    out.push('}');
+    out.into()
+}
+
+/// The fields of a history reply, shared by the frame and `GET /api/history`:
+/// `"ch":..,"epoch":..,"offset":..,"messages":[..]` (without braces).
+pub fn history_body(ch: &str, position: &Position, messages: &[Publication]) -> String {
+    let size: usize = messages.iter().map(|m| m.data.len() + 32).sum();
+    let mut out = String::with_capacity(64 + size);
+    let _ = write!(
+        out,
+        r#""ch":"{ch}","epoch":"{}","offset":{},"messages":["#,
+        position.epoch, position.offset
+    );
+    for (i, m) in messages.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('{');
+        if let Some(offset) = m.offset() {
+            let _ = write!(out, r#""offset":{offset},"#);
+        }
+        if let Some(from) = m.publisher() {
+            out.push_str(r#""from":"#);
+            push_json_string(&mut out, from);
+            out.push(',');
+        }
+        out.push_str(r#""data":"#);
+        out.push_str(m.data_str());
+        out.push('}');
+    }
+    out.push(']');
+    out
 }
 
 /// `{"op":"error","id":..,"code":..,"message":..}`; `id` is left out when unknown.
@@ -353,8 +536,28 @@ pub fn encode_error(id: Option<RequestId<'_>>, code: ErrorCode, message: &str) -
     out.into()
 }
 
-/// `{"op":"welcome","node":..,"conn":..,"channels":[..]}`.
-pub fn encode_welcome(node: &str, conn: &str, channels: &[String]) -> Utf8Bytes {
+/// Where a connect-time channel with history stands, for `welcome`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChannelPosition {
+    /// The channel.
+    pub ch: String,
+    /// Its history's epoch.
+    pub epoch: String,
+    /// Its top offset when the subscription went live.
+    pub offset: u64,
+    /// Whether the client's `since` was recovered (absent without `since`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+/// `{"op":"welcome","node":..,"conn":..,"channels":[..],"positions":[..]}`;
+/// `positions` lists the connect-time channels with history (absent when none).
+pub fn encode_welcome(
+    node: &str,
+    conn: &str,
+    channels: &[String],
+    positions: &[ChannelPosition],
+) -> Utf8Bytes {
     // A struct keeps the documented field order, `op` first like every other frame.
     #[derive(serde::Serialize)]
     struct Welcome<'a> {
@@ -362,12 +565,15 @@ pub fn encode_welcome(node: &str, conn: &str, channels: &[String]) -> Utf8Bytes 
         node: &'a str,
         conn: &'a str,
         channels: &'a [String],
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        positions: &'a [ChannelPosition],
     }
     let welcome = Welcome {
         op: "welcome",
         node,
         conn,
         channels,
+        positions,
     };
     serde_json::to_string(&welcome)
         .expect("strings always serialise")
@@ -404,7 +610,8 @@ mod tests {
     #[test]
     fn parses_the_three_ops() {
         match parse_request(r#"{"op":"sub","ch":"room1","id":1}"#).unwrap() {
-            Request::Subscribe { ch, id } => {
+            Request::Subscribe { ch, id, since } => {
+                assert!(since.is_none());
                 assert_eq!(ch, "room1");
                 assert_eq!(id.unwrap().as_json(), "1");
             }
@@ -518,21 +725,107 @@ mod tests {
     }
 
     #[test]
+    fn since_and_history_requests() {
+        match parse_request(r#"{"op":"sub","ch":"c:1","since":{"epoch":"k3x9","offset":40},"id":2}"#)
+            .unwrap()
+        {
+            Request::Subscribe { since, .. } => assert_eq!(
+                since,
+                Some(Since {
+                    epoch: Epoch::parse("k3x9").unwrap(),
+                    offset: 40
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+        match parse_request(r#"{"op":"history","ch":"c:1","limit":5}"#).unwrap() {
+            Request::History { since, limit, .. } => {
+                assert!(since.is_none());
+                assert_eq!(limit, Some(5));
+            }
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            r#"{"op":"sub","ch":"a","since":5,"id":1}"#,
+            r#"{"op":"sub","ch":"a","since":{"epoch":"x"},"id":1}"#,
+            r#"{"op":"sub","ch":"a","since":{"epoch":"a b","offset":1},"id":1}"#,
+            r#"{"op":"sub","ch":"a","since":{"epoch":"x","offset":-1},"id":1}"#,
+            r#"{"op":"sub","ch":"a","since":{"epoch":"x","offset":9007199254740992},"id":1}"#,
+            r#"{"op":"history","ch":"a","limit":"ten","id":1}"#,
+            r#"{"op":"history","ch":"a","limit":-1,"id":1}"#,
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad}");
+            assert_eq!(e.id.map(|i| i.as_json()), Some("1"), "{bad}");
+        }
+        assert_eq!(
+            Since::parse_pair("k3x9", "40").unwrap().offset,
+            40
+        );
+        assert!(Since::parse_pair("k3x9", "x").is_err());
+    }
+
+    #[test]
     fn encoders_produce_the_documented_frames() {
-        let data = RawValue::from_string(r#"{"text":"hi \"you\""}"#.into()).unwrap();
-        let msg = encode_message("room1", &data, None);
+        use bytes::Bytes;
+        let publication = |from: Option<&'static str>, offset: Option<u64>| Publication {
+            kind: crate::publication::Kind::Message,
+            data: Bytes::from_static(br#"{"text":"hi \"you\""}"#),
+            from: from.map(|f| Bytes::from_static(f.as_bytes())),
+            position: offset.map(|offset| Position {
+                epoch: Epoch::parse("k3x9").unwrap(),
+                offset,
+            }),
+            traceparent: Bytes::new(),
+            published_at_us: 0,
+        };
+        let msg = encode_publication("room1", &publication(None, None));
         assert_eq!(
             msg.as_str(),
             r#"{"op":"msg","ch":"room1","data":{"text":"hi \"you\""}}"#
         );
         assert_eq!(json(&msg)["data"]["text"], "hi \"you\"");
-        let from = encode_message("room1", &data, Some("ada \"l\""));
-        assert_eq!(json(&from)["from"], "ada \"l\"");
-        assert_eq!(json(&from)["data"], json(&msg)["data"]);
+        let from = encode_publication("room1", &publication(Some("ada \"l\""), Some(42)));
+        assert_eq!(
+            from.as_str(),
+            r#"{"op":"msg","ch":"room1","offset":42,"from":"ada \"l\"","data":{"text":"hi \"you\""}}"#
+        );
 
         let req = r#"{"op":"sub","ch":"a","id":"r-1"}"#;
         let id = parse_request(req).unwrap().id().unwrap();
         assert_eq!(encode_ack(id).as_str(), r#"{"op":"ack","id":"r-1"}"#);
+        assert_eq!(
+            encode_publish_ack(id, 43).as_str(),
+            r#"{"op":"ack","id":"r-1","offset":43}"#
+        );
+        let position = Position {
+            epoch: Epoch::parse("k3x9").unwrap(),
+            offset: 42,
+        };
+        assert_eq!(
+            encode_subscribe_ack(id, &position, Some(true)).as_str(),
+            r#"{"op":"ack","id":"r-1","epoch":"k3x9","offset":42,"recovered":true}"#
+        );
+        assert_eq!(
+            encode_subscribe_ack(id, &position, None).as_str(),
+            r#"{"op":"ack","id":"r-1","epoch":"k3x9","offset":42}"#
+        );
+        assert_eq!(
+            encode_gap("c:1", &position).as_str(),
+            r#"{"op":"gap","ch":"c:1","epoch":"k3x9","offset":42}"#
+        );
+        let history = json(&encode_history(
+            Some(id),
+            "c:1",
+            &position,
+            &[publication(None, Some(41)), publication(Some("bo"), Some(42))],
+        ));
+        assert_eq!(
+            history,
+            serde_json::json!({"op":"history","id":"r-1","ch":"c:1","epoch":"k3x9","offset":42,
+                "messages":[{"offset":41,"data":{"text":"hi \"you\""}},
+                            {"offset":42,"from":"bo","data":{"text":"hi \"you\""}}]})
+        );
 
         let err = json(&encode_error(
             Some(id),
@@ -546,10 +839,25 @@ mod tests {
         let err = json(&encode_error(None, ErrorCode::BadRequest, "x"));
         assert!(err.get("id").is_none());
 
-        let w = json(&encode_welcome("n1", "42", &["a".into(), "b".into()]));
+        let w = json(&encode_welcome("n1", "42", &["a".into(), "b".into()], &[]));
         assert_eq!(
             w,
             serde_json::json!({"op":"welcome","node":"n1","conn":"42","channels":["a","b"]})
+        );
+        let w = json(&encode_welcome(
+            "n1",
+            "42",
+            &["c:1".into()],
+            &[ChannelPosition {
+                ch: "c:1".into(),
+                epoch: "k3x9".into(),
+                offset: 7,
+                recovered: Some(false),
+            }],
+        ));
+        assert_eq!(
+            w["positions"],
+            serde_json::json!([{"ch":"c:1","epoch":"k3x9","offset":7,"recovered":false}])
         );
     }
 }

@@ -1,6 +1,12 @@
 //! The local registry: which connections this node holds and which channels each is
 //! subscribed to, and the fan-out of one frame to a channel's local subscribers.
 //!
+//! A subscription to a channel with history starts *held back*: the fan-out keeps
+//! its frames (bounded by the client's queue size) while the hub reads what the
+//! client missed; [`Registry::release`] then queues the recovery, and the held frames
+//! the recovery did not already contain, in one critical section, so nothing is lost
+//! or doubled between the replay and live delivery.
+//!
 //! State lives in one place, [`Registry`], a cheap-to-clone handle. Both maps are
 //! `DashMap`s: sharded read/write locks, so a fan-out on one channel never waits for
 //! subscription changes on another, and there is no global lock on the per-message
@@ -9,10 +15,10 @@
 //! the type system rather than of discipline).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::client::{ClientHandle, ClientQueue, ConnId};
+use crate::client::{ClientHandle, ClientQueue, CloseReason, ConnId};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -27,11 +33,45 @@ pub struct Registry {
 struct Shared {
     next_id: AtomicU64,
     /// channel -> its local subscribers.
-    channels: DashMap<String, HashMap<ConnId, ClientHandle>>,
+    channels: DashMap<String, HashMap<ConnId, Subscriber>>,
     /// connection -> its handle and the channels it is subscribed to.
     connections: DashMap<ConnId, Connection>,
     /// Total (connection, channel) pairs, kept so `stats` need not walk the maps.
     subscriptions: AtomicUsize,
+}
+
+/// One subscription, as the fan-out sees it.
+#[derive(Debug)]
+struct Subscriber {
+    handle: ClientHandle,
+    /// Frames kept while the subscription recovers; `None` once it is live.
+    held: Option<Box<HoldBack>>,
+}
+
+/// Frames (with their offsets) that arrived while a subscription was recovering.
+#[derive(Debug)]
+struct HoldBack {
+    /// Why a mutex: the fan-out only holds the channel's read lock (so other channels'
+    /// fan-outs run in parallel), and it pushes here through a shared reference.
+    frames: Mutex<Vec<(Option<u64>, Utf8Bytes)>>,
+    capacity: usize,
+}
+
+impl Subscriber {
+    /// Queues (or holds back) one frame; returns whether it was queued now.
+    fn send(&self, frame: &Utf8Bytes, offset: Option<u64>) -> bool {
+        let Some(held) = &self.held else {
+            return self.handle.send(frame.clone());
+        };
+        let mut frames = held.frames.lock().unwrap_or_else(|e| e.into_inner());
+        if frames.len() >= held.capacity {
+            drop(frames);
+            self.handle.close(CloseReason::HoldBackOverflow);
+        } else {
+            frames.push((offset, frame.clone()));
+        }
+        false
+    }
 }
 
 #[derive(Debug)]
@@ -73,8 +113,59 @@ impl Registry {
         (handle, rx)
     }
 
-    /// Subscribes a registered connection to `channel`. Returns `false` if it already was.
+    /// Subscribes a registered connection to `channel`, live at once. Returns `false`
+    /// if it already was subscribed.
     pub fn subscribe(&self, client: &ClientHandle, channel: &str) -> bool {
+        self.add(client, channel, None)
+    }
+
+    /// Subscribes a registered connection to `channel` with its frames held back (at
+    /// most `capacity`; one more closes the client with 1013) until [`release`](Self::release).
+    pub fn subscribe_held(&self, client: &ClientHandle, channel: &str, capacity: usize) -> bool {
+        let held = HoldBack {
+            frames: Mutex::new(Vec::new()),
+            capacity,
+        };
+        self.add(client, channel, Some(Box::new(held)))
+    }
+
+    /// Makes a held-back subscription live: queues `first` (the recovery and its
+    /// ack), then the held frames with an offset above `after`, in one critical
+    /// section with the fan-out, so no frame is lost or doubled in between. Returns
+    /// how many held frames were queued.
+    pub fn release(
+        &self,
+        client: &ClientHandle,
+        channel: &str,
+        after: u64,
+        first: Vec<Utf8Bytes>,
+    ) -> usize {
+        // The write lock waits for a fan-out in progress on this channel and keeps
+        // the next one out until the subscription is live.
+        let Some(mut subscribers) = self.shared.channels.get_mut(channel) else {
+            return 0;
+        };
+        let Some(subscriber) = subscribers.get_mut(&client.id()) else {
+            return 0;
+        };
+        let held = subscriber.held.take();
+        let held = held
+            .map(|h| h.frames.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or_default();
+        let mut released = 0;
+        let frames = first.into_iter().chain(
+            held.into_iter()
+                .filter(|(offset, _)| offset.is_none_or(|o| o > after))
+                .map(|(_, frame)| {
+                    released += 1;
+                    frame
+                }),
+        );
+        client.send_recovered(frames);
+        released
+    }
+
+    fn add(&self, client: &ClientHandle, channel: &str, held: Option<Box<HoldBack>>) -> bool {
         let id = client.id();
         {
             let Some(mut conn) = self.shared.connections.get_mut(&id) else {
@@ -89,7 +180,13 @@ impl Registry {
             .channels
             .entry(channel.to_owned())
             .or_default()
-            .insert(id, client.clone());
+            .insert(
+                id,
+                Subscriber {
+                    handle: client.clone(),
+                    held,
+                },
+            );
         self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
         true
     }
@@ -144,16 +241,18 @@ impl Registry {
         }
     }
 
-    /// Queues `frame` to every local subscriber of `channel`; returns how many got it.
+    /// Queues `frame` (the message with `offset`, on channels with history) to every
+    /// local subscriber of `channel`, or holds it back for those still recovering;
+    /// returns how many got it queued.
     ///
     /// Never waits: a subscriber whose queue is full is closed as a slow consumer.
-    pub fn fanout(&self, channel: &str, frame: &Utf8Bytes) -> usize {
+    pub fn fanout(&self, channel: &str, frame: &Utf8Bytes, offset: Option<u64>) -> usize {
         let Some(subscribers) = self.shared.channels.get(channel) else {
             return 0;
         };
         subscribers
             .values()
-            .filter(|client| client.send(frame.clone()))
+            .filter(|subscriber| subscriber.send(frame, offset))
             .count()
     }
 
@@ -240,8 +339,8 @@ mod tests {
             }
         );
 
-        assert_eq!(reg.fanout("room", &"m1".into()), 2);
-        assert_eq!(reg.fanout("nobody", &"m2".into()), 0);
+        assert_eq!(reg.fanout("room", &"m1".into(), None), 2);
+        assert_eq!(reg.fanout("nobody", &"m2".into(), None), 0);
         assert_eq!(rx_a.take_all(), ["m1"]);
         assert_eq!(rx_b.take_all(), ["m1"]);
 
@@ -287,7 +386,7 @@ mod tests {
         reg.subscribe(&slow, "c");
         reg.subscribe(&fast, "c");
         for i in 0..5 {
-            reg.fanout("c", &format!("{i}").into());
+            reg.fanout("c", &format!("{i}").into(), None);
         }
         assert_eq!(
             slow.close_reason(),
@@ -295,5 +394,39 @@ mod tests {
         );
         let expected: Vec<String> = (0..5).map(|i| i.to_string()).collect();
         assert_eq!(rx_fast.take_all(), expected);
+    }
+
+    #[test]
+    fn a_held_subscription_is_released_without_loss_or_duplicates() {
+        let reg = Registry::new();
+        let (live, mut rx_live) = reg.register(8);
+        let (late, mut rx_late) = reg.register(8);
+        reg.subscribe(&live, "h");
+        assert!(reg.subscribe_held(&late, "h", 4));
+        for offset in 5..=7u64 {
+            reg.fanout("h", &format!("m{offset}").into(), Some(offset));
+        }
+        assert_eq!(rx_live.take_all(), ["m5", "m6", "m7"]);
+        assert!(rx_late.take_all().is_empty(), "held back");
+        // The recovery read up to offset 6: 7 is the only held frame it lacks.
+        let released = reg.release(&late, "h", 6, vec!["r5".into(), "r6".into(), "ack".into()]);
+        assert_eq!(released, 1);
+        reg.fanout("h", &"m8".into(), Some(8));
+        assert_eq!(rx_late.take_all(), ["r5", "r6", "ack", "m7", "m8"]);
+    }
+
+    #[test]
+    fn an_overflowing_hold_back_closes_only_that_client() {
+        let reg = Registry::new();
+        let (late, _rx) = reg.register(8);
+        let (live, mut rx_live) = reg.register(8);
+        reg.subscribe_held(&late, "h", 2);
+        reg.subscribe(&live, "h");
+        for offset in 1..=3u64 {
+            reg.fanout("h", &"m".into(), Some(offset));
+        }
+        assert_eq!(late.close_reason(), Some(CloseReason::HoldBackOverflow));
+        assert_eq!(live.close_reason(), None);
+        assert_eq!(rx_live.take_all().len(), 3);
     }
 }

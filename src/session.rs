@@ -20,10 +20,9 @@ use tracing::Instrument;
 use serde_json::value::RawValue;
 
 use crate::auth::{Grants, RateLimiter};
-use crate::broker::BrokerError;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
-use crate::node::NodeState;
-use crate::protocol::{self, ErrorCode, Request, RequestId};
+use crate::hub::{Hub, Refusal};
+use crate::protocol::{self, ChannelPosition, ErrorCode, Request, RequestId, Since};
 
 /// How long to wait for the client's close frame after sending ours: a well-behaved
 /// client answers at once; a dead one must not hold the session (or the drain).
@@ -32,51 +31,57 @@ const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
 /// this many frames (32 bytes each).
 const SPARE_BATCH_CAPACITY: usize = 64;
 
-/// Serves one upgraded connection until it ends. `channels` were validated before
-/// the upgrade.
+/// Serves one upgraded connection until it ends. `channels` (with the positions to
+/// recover from) were checked before the upgrade.
 ///
 /// Not an `async fn`, and the socket is split here: a connection's task holds its
 /// future for hours, and an async wrapper (or the socket as an argument) would keep
 /// dead copies of the arguments in it.
 pub(crate) fn run(
     socket: WebSocket,
-    node: Arc<NodeState>,
-    channels: Vec<String>,
+    hub: Arc<Hub>,
+    channels: Vec<(String, Option<Since>)>,
     grants: Arc<Grants>,
 ) -> impl Future<Output = ()> + Send {
-    let (client, queue) = node.registry.register(node.config.client_queue);
-    node.metrics.connections_opened.inc();
+    let (client, queue) = hub.registry.register(hub.config.limits.client_queue);
+    hub.metrics.connections_opened.inc();
     // A span for the connection's lifetime only when traces are exported: it costs
     // memory for as long as the connection lives, and logs name the connection anyway.
-    let span = if node.tracing.enabled() {
-        tracing::info_span!("connection", node = %node.node_id, conn = client.id())
+    let span = if hub.tracing.enabled() {
+        tracing::info_span!("connection", node = %hub.node_id, conn = client.id())
     } else {
         tracing::Span::none()
     };
     let (sink, stream) = socket.split();
     let writer = tokio::spawn(
-        write_loop(sink, queue, client.clone(), node.clone()).instrument(span.clone()),
+        write_loop(sink, queue, client.clone(), hub.config.limits.write_timeout)
+            .instrument(span.clone()),
     );
-    serve(stream, writer, node, client, channels, grants).instrument(span)
+    serve(stream, writer, hub, client, channels, grants).instrument(span)
 }
 
 async fn serve(
     mut stream: SplitStream<WebSocket>,
     writer: tokio::task::JoinHandle<()>,
-    node: Arc<NodeState>,
+    hub: Arc<Hub>,
     client: ClientHandle,
-    channels: Vec<String>,
+    channels: Vec<(String, Option<Since>)>,
     grants: Arc<Grants>,
 ) {
     let opened = std::time::Instant::now();
-    tracing::info!(node = %node.node_id, conn = client.id(), ?channels, "connection opened");
+    tracing::info!(
+        node = %hub.node_id,
+        conn = client.id(),
+        channels = ?channels.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+        "connection opened"
+    );
 
     let limiter = Mutex::new(RateLimiter::new(
-        node.config.publish_rate,
-        node.config.publish_burst,
+        hub.config.limits.publish_rate,
+        hub.config.limits.publish_burst,
     ));
     let session = Session {
-        node,
+        hub,
         client,
         grants,
         limiter,
@@ -87,17 +92,15 @@ async fn serve(
     }
 
     // Leave the registry first, so no fan-out queues to a connection that is going.
-    for channel in session.node.registry.deregister(session.client.id()) {
-        session.node.broker.release(&channel);
-    }
+    session.hub.disconnect(session.client.id());
     let _ = writer.await;
     let reason = session
         .client
         .close_reason()
         .unwrap_or(CloseReason::PeerGone);
-    session.node.metrics.client_closed(reason);
+    session.hub.metrics.client_closed(reason);
     tracing::info!(
-        node = %session.node.node_id,
+        node = %session.hub.node_id,
         conn = session.client.id(),
         reason = reason.metric_label(),
         code = reason.code(),
@@ -119,7 +122,7 @@ async fn serve(
 }
 
 struct Session {
-    node: Arc<NodeState>,
+    hub: Arc<Hub>,
     client: ClientHandle,
     /// What the connection's token allows (without auth, one shared "anyone").
     grants: Arc<Grants>,
@@ -128,59 +131,53 @@ struct Session {
     limiter: Mutex<RateLimiter>,
 }
 
-/// Why a request was refused, as the client reads it in an `error` frame.
-struct Refusal {
-    code: ErrorCode,
-    message: String,
-}
-
-impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Refusal {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<BrokerError> for Refusal {
-    fn from(e: BrokerError) -> Self {
-        Refusal::new(ErrorCode::Unavailable, e.to_string())
-    }
-}
-
 impl Session {
-    /// Subscribes the channels named at connect and sends `welcome` once they are
-    /// live. Returns `false` (and closes the connection) if the broker cannot serve them.
-    async fn subscribe_at_connect(&self, channels: Vec<String>) -> bool {
-        for channel in &channels {
-            self.node.registry.subscribe(&self.client, channel);
-        }
-        let results =
-            futures_util::future::join_all(channels.iter().map(|c| self.node.broker.subscribe(c)))
-                .await;
-        if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
-            self.send(protocol::encode_error(
-                None,
-                ErrorCode::Unavailable,
-                &format!("could not subscribe: {e}"),
-            ));
-            self.client.close(CloseReason::BrokerUnavailable);
-            return false;
-        }
+    /// Subscribes the channels named at connect, sends `welcome` once they are live
+    /// (with the position of each history channel), then what each recovered.
+    /// Returns `false` (and closes the connection) if the broker cannot serve them.
+    async fn subscribe_at_connect(&self, channels: Vec<(String, Option<Since>)>) -> bool {
+        let subscribed = match self.hub.subscribe_at_connect(&self.client, &channels).await {
+            Ok(subscribed) => subscribed,
+            Err(e) => {
+                self.send(protocol::encode_error(
+                    None,
+                    ErrorCode::Unavailable,
+                    &format!("could not subscribe: {e}"),
+                ));
+                self.client.close(CloseReason::BrokerUnavailable);
+                return false;
+            }
+        };
+        let positions: Vec<ChannelPosition> = subscribed
+            .iter()
+            .filter_map(|s| {
+                let position = s.position()?;
+                Some(ChannelPosition {
+                    ch: s.channel().to_owned(),
+                    epoch: position.epoch.to_string(),
+                    offset: position.offset,
+                    recovered: s.recovered(),
+                })
+            })
+            .collect();
+        let names: Vec<String> = channels.into_iter().map(|(c, _)| c).collect();
         let conn = self.client.id().to_string();
         self.send(protocol::encode_welcome(
-            &self.node.node_id,
+            &self.hub.node_id,
             &conn,
-            &channels,
+            &names,
+            &positions,
         ));
+        for subscribed in subscribed {
+            self.hub.go_live(&self.client, subscribed, None);
+        }
         true
     }
 
     async fn read_loop(&self, stream: &mut SplitStream<WebSocket>) {
         // Created once: re-creating them on every frame would re-register wakers.
         let mut closing = std::pin::pin!(self.client.closing());
-        let mut shutdown = std::pin::pin!(self.node.shutdown.cancelled());
+        let mut shutdown = std::pin::pin!(self.hub.shutdown.cancelled());
         // Boxed, and only when the token expires: an unauthenticated connection
         // carries no timer.
         let mut expired: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
@@ -206,8 +203,8 @@ impl Session {
             self.client.alive();
             match msg {
                 Some(Ok(Message::Text(text))) => {
-                    self.node.metrics.frames_received.inc();
-                    self.node.metrics.bytes_received.inc_by(text.len() as u64);
+                    self.hub.metrics.frames_received.inc();
+                    self.hub.metrics.bytes_received.inc_by(text.len() as u64);
                     // Boxed: a request's broker futures are large, and an idle
                     // connection should not carry their space in its task.
                     Box::pin(self.handle_text(&text)).await
@@ -231,52 +228,69 @@ impl Session {
         };
         let id = request.id();
         let result = match request {
-            Request::Subscribe { ch, .. } => self.subscribe(&ch).await,
+            Request::Subscribe { ch, since, .. } => self.subscribe(&ch, since, id).await,
             Request::Publish { ch, data, tp, .. } => {
-                let channel = ch.as_deref().unwrap_or(&self.node.config.default_channel);
-                self.publish(channel, data, tp.as_deref()).await
+                let channel = ch
+                    .as_deref()
+                    .unwrap_or(&self.hub.config.default_channel);
+                self.publish(channel, data, tp.as_deref())
+                    .await
+                    .map(|offset| match (id, offset) {
+                        (Some(id), Some(offset)) => Some(protocol::encode_publish_ack(id, offset)),
+                        (Some(id), None) => Some(protocol::encode_ack(id)),
+                        (None, _) => None,
+                    })
             }
             Request::Unsubscribe { ch, .. } => {
-                self.unsubscribe(&ch);
-                Ok(())
+                self.hub.unsubscribe(self.client.id(), &ch);
+                Ok(id.map(protocol::encode_ack))
             }
+            Request::History {
+                ch, since, limit, ..
+            } => self
+                .hub
+                .history(&self.grants, &ch, since, limit)
+                .await
+                .map(|h| Some(protocol::encode_history(id, &ch, &h.top, &h.publications))),
         };
-        self.reply(id, result);
+        match result {
+            Ok(Some(reply)) => self.send(reply),
+            Ok(None) => {}
+            Err(refusal) => self.send(protocol::encode_error(id, refusal.code, &refusal.message)),
+        }
     }
 
-    async fn subscribe(&self, channel: &str) -> Result<(), Refusal> {
-        let (node, id) = (&self.node, self.client.id());
-        if !self.grants.may_subscribe(channel) {
-            return Err(Refusal::new(
-                ErrorCode::Forbidden,
-                format!("not allowed to subscribe to {channel}"),
-            ));
-        }
-        if node.registry.is_subscribed(id, channel) {
+    /// Subscribes (recovering from `since`) and queues the ack in its place: after
+    /// the replayed messages, before the live ones. Returns no reply of its own.
+    async fn subscribe(
+        &self,
+        channel: &str,
+        since: Option<Since>,
+        id: Option<RequestId<'_>>,
+    ) -> Result<Option<Utf8Bytes>, Refusal> {
+        let Some(subscribed) = self
+            .hub
+            .subscribe(&self.client, &self.grants, channel, since)
+            .await?
+        else {
             // Already subscribed, and that subscription was acknowledged as live.
-            return Ok(());
-        }
-        let limit = node.config.max_subscriptions;
-        if node.registry.subscription_count(id) >= limit {
-            return Err(Refusal::new(
-                ErrorCode::LimitExceeded,
-                format!("at most {limit} subscriptions per connection"),
-            ));
-        }
-        let limit = node.config.max_channels;
-        if !node.registry.has_subscribers(channel) && node.registry.stats().channels >= limit {
-            return Err(Refusal::new(
-                ErrorCode::LimitExceeded,
-                format!("this node serves at most {limit} channels"),
-            ));
-        }
-        node.registry.subscribe(&self.client, channel);
-        let result = node.broker.subscribe(channel).await;
-        if result.is_err() {
-            // Roll back, so the client's view (not subscribed) matches the node's.
-            self.unsubscribe(channel);
-        }
-        Ok(result?)
+            return Ok(id.map(protocol::encode_ack));
+        };
+        let reply = match (id, subscribed.position()) {
+            (Some(id), Some(position)) => Some(protocol::encode_subscribe_ack(
+                id,
+                position,
+                subscribed.recovered(),
+            )),
+            (Some(id), None) => Some(protocol::encode_ack(id)),
+            // Without an id there is no ack; a failed recovery must still be told.
+            (None, Some(position)) if subscribed.recovered() == Some(false) => {
+                Some(protocol::encode_gap(channel, position))
+            }
+            (None, _) => None,
+        };
+        self.hub.go_live(&self.client, subscribed, reply);
+        Ok(None)
     }
 
     async fn publish(
@@ -284,10 +298,10 @@ impl Session {
         channel: &str,
         data: &RawValue,
         tp: Option<&str>,
-    ) -> Result<(), Refusal> {
-        let node = &self.node;
+    ) -> Result<Option<u64>, Refusal> {
+        let hub = &self.hub;
         if !self.grants.may_publish(channel) {
-            node.metrics.publish_error(ErrorCode::Forbidden.as_str());
+            hub.metrics.publish_error(ErrorCode::Forbidden.as_str());
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to publish to {channel}"),
@@ -299,8 +313,9 @@ impl Session {
             .unwrap_or_else(|e| e.into_inner())
             .try_take();
         if let Err(refused_in_a_row) = taken {
-            node.metrics.publish_error(ErrorCode::RateLimited.as_str());
-            let (rate, burst) = (node.config.publish_rate, node.config.publish_burst);
+            hub.metrics.publish_error(ErrorCode::RateLimited.as_str());
+            let limits = &hub.config.limits;
+            let (rate, burst) = (limits.publish_rate, limits.publish_burst);
             if refused_in_a_row > burst {
                 // It keeps publishing while refused: not a burst, abuse.
                 self.client.close(CloseReason::RateLimited);
@@ -310,35 +325,18 @@ impl Session {
                 format!("publishing faster than {rate}/s (bursts of {burst})"),
             ));
         }
-        let from = if node.config.expose_publisher {
+        let from = if hub.config.auth.expose_publisher {
             self.grants.user.as_deref()
         } else {
             None
         };
-        Ok(node.publish(channel, data, from, tp).await?)
-    }
-
-    fn unsubscribe(&self, channel: &str) {
-        if self.node.registry.unsubscribe(self.client.id(), channel) == Some(true) {
-            self.node.broker.release(channel);
-        }
-    }
-
-    /// Acks a successful request that had an id; reports every failure.
-    fn reply(&self, id: Option<RequestId<'_>>, result: Result<(), Refusal>) {
-        match (result, id) {
-            (Ok(()), Some(id)) => self.send(protocol::encode_ack(id)),
-            (Ok(()), None) => {}
-            (Err(refusal), id) => {
-                self.send(protocol::encode_error(id, refusal.code, &refusal.message))
-            }
-        }
+        Ok(hub.publish(channel, data, from, tp).await?)
     }
 
     fn send(&self, frame: Utf8Bytes) {
         let len = frame.len() as u64;
         if self.client.send(frame) {
-            self.node.metrics.bytes_sent.inc_by(len);
+            self.hub.metrics.bytes_sent.inc_by(len);
         }
     }
 }
@@ -368,9 +366,8 @@ async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: ClientQueue,
     client: ClientHandle,
-    node: Arc<NodeState>,
+    limit: Duration,
 ) {
-    let limit = node.config.write_timeout;
     // Swapped with the queue on every batch, so a busy connection allocates nothing.
     let mut batch = VecDeque::new();
     loop {

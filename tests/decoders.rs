@@ -4,7 +4,9 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use wsrelay::envelope;
+use bytes::Bytes;
 use wsrelay::protocol::{self, ErrorCode, Request};
+use wsrelay::publication::{Epoch, Kind, Position, Publication};
 
 fn arb_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -80,11 +82,19 @@ proptest! {
             Ok(Request::Publish { ch, data, .. }) => {
                 let channel = ch.as_deref().unwrap_or("global");
                 prop_assert!(protocol::validate_channel(channel).is_ok());
-                let msg: Value = serde_json::from_str(protocol::encode_message(channel, data, None).as_str()).unwrap();
+                let publication = Publication {
+                    kind: Kind::Message,
+                    data: Bytes::copy_from_slice(data.get().as_bytes()),
+                    from: None,
+                    position: None,
+                    traceparent: Bytes::new(),
+                    published_at_us: 0,
+                };
+                let msg: Value = serde_json::from_str(protocol::encode_publication(channel, &publication).as_str()).unwrap();
                 let sent: Value = serde_json::from_str(&frame).unwrap();
                 prop_assert_eq!(&msg["data"], &sent["data"], "data forwarded unchanged");
             }
-            Ok(Request::Subscribe { ch, .. } | Request::Unsubscribe { ch, .. }) => {
+            Ok(Request::Subscribe { ch, .. } | Request::Unsubscribe { ch, .. } | Request::History { ch, .. }) => {
                 prop_assert!(protocol::validate_channel(&ch).is_ok());
             }
             Err(e) => {
@@ -100,16 +110,28 @@ proptest! {
 
     #[test]
     fn any_bytes_from_redis_are_decoded_or_refused(bytes in prop::collection::vec(any::<u8>(), 0..400)) {
-        if let Ok(env) = envelope::decode(bytes.clone().into()) {
-            prop_assert!(std::str::from_utf8(&env.frame).is_ok());
-            prop_assert!(env.frame.len() + env.traceparent.len() < bytes.len());
+        if let Ok(p) = envelope::decode(bytes.clone().into()) {
+            prop_assert!(std::str::from_utf8(&p.data).is_ok());
+            prop_assert!(p.data.len() + p.traceparent.len() < bytes.len());
         }
     }
 
     #[test]
-    fn envelopes_round_trip(frame in ".{0,200}", traceparent in "[0-9a-f-]{0,60}") {
-        let env = envelope::decode(envelope::encode(frame.as_bytes(), traceparent.as_bytes())).unwrap();
-        prop_assert_eq!(&env.frame[..], frame.as_bytes());
-        prop_assert_eq!(&env.traceparent[..], traceparent.as_bytes());
+    fn envelopes_round_trip(
+        data in ".{0,200}",
+        traceparent in "[0-9a-f-]{0,60}",
+        from in proptest::option::of(".{1,40}"),
+        offset in proptest::option::of(1u64..(1 << 53)),
+        epoch in "[a-z0-9]{1,32}",
+    ) {
+        let publication = Publication {
+            kind: Kind::Message,
+            data: Bytes::from(data),
+            from: from.map(Bytes::from),
+            position: offset.map(|offset| Position { epoch: Epoch::parse(&epoch).unwrap(), offset }),
+            traceparent: Bytes::from(traceparent),
+            published_at_us: 7,
+        };
+        prop_assert_eq!(envelope::decode(envelope::encode(&publication)).unwrap(), publication);
     }
 }

@@ -1,25 +1,163 @@
 //! The in-process broker: one node, no Redis. A publish is the local fan-out itself,
 //! so it is accepted, ordered and delivered before `publish` returns.
+//!
+//! History has the Redis broker's semantics: a bounded ring of the last
+//! `history-size` publications per channel, dropped `history-ttl` after the last
+//! publish, and an epoch and top offset kept for `--history-meta-ttl`. A channel's
+//! epoch is chosen at random when its position is created (so a restarted node, which
+//! lost its history, has new epochs), and a channel whose position expired starts
+//! again at offset 1 under a new epoch: an offset never means two messages.
 
-use axum::extract::ws::Utf8Bytes;
+use std::collections::VecDeque;
+use std::time::Duration;
 
-use super::Local;
+use dashmap::DashMap;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{History, HistoryRequest, Local, select};
+use crate::config::ChannelOptions;
+use crate::publication::{Epoch, Position, Publication};
+
+/// How often expired histories are dropped from memory (reads and publishes also
+/// check expiry exactly, so this only bounds how long expired data occupies memory).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Broker for a single node.
 #[derive(Debug, Clone)]
 pub struct MemoryBroker {
+    inner: std::sync::Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     local: Local,
+    meta_ttl: Duration,
+    /// Channels with history (or a position). Why a `DashMap`: a publish holds its
+    /// channel's entry while it assigns the offset and fans out, which orders the
+    /// publications of one channel without serialising other channels.
+    channels: DashMap<String, ChannelHistory>,
+}
+
+#[derive(Debug)]
+struct ChannelHistory {
+    epoch: Epoch,
+    top: u64,
+    /// The last publications, oldest first; at most the channel's `history-size`.
+    ring: VecDeque<Publication>,
+    /// When `ring` expires (`history-ttl` after the last publish).
+    ring_expires: Instant,
+    /// When the position expires (`--history-meta-ttl` after the last publish).
+    meta_expires: Instant,
+}
+
+impl ChannelHistory {
+    fn new(now: Instant, meta_ttl: Duration) -> Self {
+        ChannelHistory {
+            epoch: Epoch::random(),
+            top: 0,
+            ring: VecDeque::new(),
+            ring_expires: now,
+            meta_expires: now + meta_ttl,
+        }
+    }
+
+    /// Applies expiry as of `now`.
+    fn expire(&mut self, now: Instant, meta_ttl: Duration) {
+        if now >= self.meta_expires {
+            *self = ChannelHistory::new(now, meta_ttl);
+        } else if now >= self.ring_expires {
+            self.ring = VecDeque::new();
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            offset: self.top,
+        }
+    }
 }
 
 impl MemoryBroker {
-    /// A broker delivering straight to this node's subscribers.
-    pub fn new(local: Local) -> Self {
+    /// A broker delivering straight to this node's subscribers; its sweeper of
+    /// expired histories runs until `shutdown`.
+    pub fn start(local: Local, meta_ttl: Duration, shutdown: CancellationToken) -> Self {
         local.metrics.broker_up.set(1);
-        Self { local }
+        let inner = std::sync::Arc::new(Inner {
+            local,
+            meta_ttl,
+            channels: DashMap::new(),
+        });
+        tokio::spawn(sweep(std::sync::Arc::downgrade(&inner), shutdown));
+        Self { inner }
     }
 
-    /// Delivers the frame to the channel's local subscribers.
-    pub fn publish(&self, channel: &str, frame: Utf8Bytes, traceparent: &str) {
-        self.local.deliver(channel, &frame, traceparent.as_bytes());
+    /// Delivers the publication to the channel's local subscribers; with history,
+    /// first stores it under the next offset, and returns that position.
+    pub fn publish(
+        &self,
+        channel: &str,
+        mut publication: Publication,
+        options: ChannelOptions,
+    ) -> Option<Position> {
+        let inner = &self.inner;
+        if !options.has_history() {
+            inner.local.deliver(channel, &publication);
+            return None;
+        }
+        let now = Instant::now();
+        let mut history = inner
+            .channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| ChannelHistory::new(now, inner.meta_ttl));
+        history.expire(now, inner.meta_ttl);
+        history.top += 1;
+        let position = history.position();
+        publication.position = Some(position.clone());
+        history.ring_expires = now + options.history_ttl;
+        history.meta_expires = now + inner.meta_ttl;
+        // Delivered while the entry is held, so subscribers see offsets in order.
+        inner.local.deliver(channel, &publication);
+        history.ring.push_back(publication);
+        while history.ring.len() > options.history_size {
+            history.ring.pop_front();
+        }
+        Some(position)
+    }
+
+    /// Reads a channel's position and stored publications.
+    pub fn history(&self, channel: &str, request: &HistoryRequest) -> History {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let mut history = inner
+            .channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| ChannelHistory::new(now, inner.meta_ttl));
+        history.expire(now, inner.meta_ttl);
+        let top = history.position();
+        let publications = select(&top, history.ring.iter(), request);
+        History { top, publications }
+    }
+}
+
+/// Drops expired histories and positions, so channels published once do not hold
+/// memory forever.
+async fn sweep(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        inner.channels.retain(|_, history| {
+            if now >= history.ring_expires && !history.ring.is_empty() {
+                history.ring = VecDeque::new();
+            }
+            now < history.meta_expires
+        });
     }
 }

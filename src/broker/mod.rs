@@ -1,34 +1,43 @@
-//! The broker: how a message published on one node reaches the other nodes.
+//! The broker: how a publication made on one node reaches the other nodes, and where
+//! channel history lives.
 //!
 //! Two implementations behind one type: [`memory`] (in-process, one node, the
-//! zero-setup default) and [`redis`] (Redis pub/sub, any number of nodes). The set
-//! is closed, so [`Broker`] is an enum rather than a trait object: static dispatch
-//! and plain `async fn`s.
+//! zero-setup default) and [`redis`] (Redis pub/sub and streams, any number of
+//! nodes). The set is closed, so [`Broker`] is an enum rather than a trait object:
+//! static dispatch and plain `async fn`s.
 //!
-//! Contract, for both:
-//! - [`Broker::publish`] resolves once the message is accepted for delivery to every
-//!   node, or fails within `--broker-timeout`. Publishes awaited one after another
-//!   are delivered in that order.
-//! - [`Broker::subscribe`] resolves once messages of the channel published from now
-//!   on reach this node's registry (the guarantee behind a `sub` ack).
+//! Contract, for both (pinned by one test suite run against each, `tests/broker.rs`):
+//! - The broker carries [`Publication`]s (raw data, publisher, position, trace
+//!   context), never client frames. [`Broker::publish`] resolves once the publication
+//!   is accepted for delivery to every node, or fails within `--broker-timeout`.
+//!   Publishes awaited one after another are delivered in that order. On a channel
+//!   with history it is stored and given the next offset atomically with being
+//!   published, and the position is returned.
+//! - [`Broker::subscribe`] resolves once publications of the channel made from now on
+//!   reach this node (the guarantee behind a `sub` ack).
 //! - [`Broker::release`] tells the broker the channel may have lost its last local
 //!   subscriber; the broker re-checks the registry and drops its interest.
-//! - Incoming messages are handed to [`Registry::fanout`], which never waits.
+//! - [`Broker::history`] reads a channel's position and stored publications.
+//! - Incoming publications are handed to [`Local`], which builds the client frame once
+//!   and queues it to local subscribers without waiting. On channels with history they
+//!   arrive in offset order, each once: the Redis broker repairs its own gaps from the
+//!   stream, and reports what it cannot repair with [`Local::gap`].
 //!
 //! This is the only module that talks to Redis.
 
 pub mod memory;
 pub mod redis;
-
-use std::time::Duration;
-
-use axum::extract::ws::Utf8Bytes;
-use tokio_util::sync::CancellationToken;
+mod tracker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ChannelOptions, Config};
 use crate::metrics::Metrics;
+use crate::protocol;
+use crate::publication::{Epoch, Position, Publication};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 
@@ -44,7 +53,40 @@ pub enum BrokerError {
     Unavailable(String),
 }
 
-/// What a broker needs to deliver a message on this node.
+/// What to read from a channel's history.
+#[derive(Debug, Clone)]
+pub struct HistoryRequest {
+    /// Publications after this position (only when its epoch is current); `None`:
+    /// the latest ones.
+    pub since: Option<(Epoch, u64)>,
+    /// Most publications to return; 0 reads only the position.
+    pub limit: usize,
+    /// All or nothing: return no publication when more than `limit` follow `since`
+    /// (a recovery that cannot be complete is not attempted).
+    pub all_or_nothing: bool,
+}
+
+impl HistoryRequest {
+    /// Only the channel's current position.
+    pub fn position() -> Self {
+        HistoryRequest {
+            since: None,
+            limit: 0,
+            all_or_nothing: false,
+        }
+    }
+}
+
+/// A channel's position and the publications read from its history, oldest first.
+#[derive(Debug, Clone)]
+pub struct History {
+    /// The epoch and the offset of the latest publication (0: none yet).
+    pub top: Position,
+    /// Stored publications, in offset order.
+    pub publications: Vec<Publication>,
+}
+
+/// What a broker needs to deliver a publication on this node.
 #[derive(Debug, Clone)]
 pub struct Local {
     /// Where the subscribers are.
@@ -56,17 +98,33 @@ pub struct Local {
 }
 
 impl Local {
-    /// Hands one frame to the local subscribers of `channel` (inside a delivery span
-    /// when the message is traced) and counts it. Never waits.
-    pub fn deliver(&self, channel: &str, frame: &Utf8Bytes, traceparent: &[u8]) -> usize {
-        let delivered = self.tracing.deliver(channel, traceparent, || {
-            self.registry.fanout(channel, frame)
-        });
+    /// Builds the client frame of one publication (once for this node) and hands it to
+    /// the local subscribers of `channel`, inside a delivery span when the publication
+    /// is traced. Never waits. Returns how many subscribers got it queued.
+    pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
+        let delivered = self
+            .tracing
+            .deliver(channel, &publication.traceparent, || {
+                let frame = protocol::encode_publication(channel, publication);
+                let delivered = self
+                    .registry
+                    .fanout(channel, &frame, publication.offset());
+                self.metrics
+                    .bytes_sent
+                    .inc_by((delivered * frame.len()) as u64);
+                delivered
+            });
         self.metrics.messages_delivered.inc_by(delivered as u64);
-        self.metrics
-            .bytes_sent
-            .inc_by((delivered * frame.len()) as u64);
         delivered
+    }
+
+    /// Tells the local subscribers of `channel` that publications up to `position`
+    /// were lost (the history no longer holds them): they reload their state.
+    pub fn gap(&self, channel: &str, position: &Position) {
+        let frame = protocol::encode_gap(channel, position);
+        self.registry.fanout(channel, &frame, Some(position.offset));
+        self.metrics.history_gap("lost");
+        tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");
     }
 }
 
@@ -84,43 +142,36 @@ impl Broker {
     /// subscriber task, which keeps (re)connecting until `shutdown` is cancelled; a
     /// Redis that is down at start-up only delays readiness.
     pub fn start(
-        config: &Config,
-        registry: Registry,
-        metrics: Arc<Metrics>,
-        tracing: Tracing,
+        config: Arc<Config>,
+        local: Local,
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
-        let local = Local {
-            registry,
-            metrics,
-            tracing,
-        };
-        match &config.redis_url {
-            None => Ok(Broker::Memory(memory::MemoryBroker::new(local))),
-            Some(url) => Ok(Broker::Redis(redis::RedisBroker::start(
-                url,
-                &config.redis_prefix,
-                config.broker_timeout,
+        match &config.broker.redis_url {
+            None => Ok(Broker::Memory(memory::MemoryBroker::start(
                 local,
+                config.history.history_meta_ttl,
                 shutdown,
-            )?)),
+            ))),
+            Some(url) => {
+                let url = url.clone();
+                Ok(Broker::Redis(redis::RedisBroker::start(
+                    &url, config, local, shutdown,
+                )?))
+            }
         }
     }
 
-    /// Publishes one encoded `msg` frame to `channel` on every node; `traceparent`
-    /// (W3C, may be empty) lets receiving nodes continue the publish's trace.
+    /// Publishes to `channel` on every node; with history (`options`), stores it and
+    /// returns the position it was given.
     pub async fn publish(
         &self,
         channel: &str,
-        frame: Utf8Bytes,
-        traceparent: &str,
-    ) -> Result<(), BrokerError> {
+        publication: Publication,
+        options: ChannelOptions,
+    ) -> Result<Option<Position>, BrokerError> {
         match self {
-            Broker::Memory(b) => {
-                b.publish(channel, frame, traceparent);
-                Ok(())
-            }
-            Broker::Redis(b) => b.publish(channel, frame, traceparent).await,
+            Broker::Memory(b) => Ok(b.publish(channel, publication, options)),
+            Broker::Redis(b) => b.publish(channel, publication, options).await,
         }
     }
 
@@ -140,6 +191,18 @@ impl Broker {
         }
     }
 
+    /// Reads the position and stored publications of a channel with history.
+    pub async fn history(
+        &self,
+        channel: &str,
+        request: HistoryRequest,
+    ) -> Result<History, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.history(channel, &request)),
+            Broker::Redis(b) => b.history(channel, &request).await,
+        }
+    }
+
     /// Whether the broker is connected (readiness).
     pub fn is_ready(&self) -> bool {
         match self {
@@ -153,6 +216,38 @@ impl Broker {
         match self {
             Broker::Memory(_) => "memory",
             Broker::Redis(_) => "redis",
+        }
+    }
+}
+
+/// The stored publications after `since` (all of them when `since` is `None`), given
+/// the channel's current position, as both brokers answer a [`HistoryRequest`]:
+/// `entries` are the publications the history holds, oldest first.
+fn select<'a>(
+    top: &Position,
+    entries: impl DoubleEndedIterator<Item = &'a Publication>,
+    request: &HistoryRequest,
+) -> Vec<Publication> {
+    if request.limit == 0 {
+        return Vec::new();
+    }
+    match &request.since {
+        None => {
+            let mut latest: Vec<Publication> = entries.rev().take(request.limit).cloned().collect();
+            latest.reverse();
+            latest
+        }
+        Some((epoch, offset)) => {
+            if *epoch != top.epoch
+                || (request.all_or_nothing && top.offset.saturating_sub(*offset) > request.limit as u64)
+            {
+                return Vec::new();
+            }
+            entries
+                .filter(|p| p.offset().is_some_and(|o| o > *offset))
+                .take(request.limit)
+                .cloned()
+                .collect()
         }
     }
 }

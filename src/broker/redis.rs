@@ -16,22 +16,39 @@
 //!   (the registry) with "channels subscribed on the connection" (`live`). Sessions
 //!   only mark channels dirty and wait for `live`; a racing sub/unsub therefore
 //!   always converges, and after a reconnect every channel is subscribed again.
+//! - **History**: a publish to a channel with history runs [`PUBLISH_SCRIPT`], which
+//!   assigns the next offset, appends the envelope to the channel's stream (exactly
+//!   `history-size` entries kept), refreshes the TTLs and PUBLISHes the same bytes,
+//!   atomically: no message is published without being stored, or stored without an
+//!   offset. Each channel has two keys, `<prefix>{<channel>}:stream` and
+//!   `<prefix>{<channel>}:meta` (epoch and top offset); the hash tag keeps them on one
+//!   Redis Cluster slot. Scripts run by EVALSHA; redis-rs loads them again after
+//!   `NOSCRIPT` (a restart or `SCRIPT FLUSH`).
+//! - **Gap repair**: publications of history channels go through the [`Tracker`],
+//!   which delivers them in offset order, once, and asks for repairs (read from the
+//!   stream by [`repair`] tasks) when offsets are missing: after a pub/sub drop and
+//!   reconnect (positions are read on the new subscriber connection right after it
+//!   re-SUBSCRIBEs), when a publication skips offsets, and when the periodic position
+//!   check ([`position_checks`]) finds a quiet channel behind its stream.
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{BrokerError, Local};
+use super::tracker::{Repair, Tracker};
+use super::{BrokerError, History, HistoryRequest, Local};
+use crate::config::{ChannelOptions, Config};
 use crate::envelope;
+use crate::publication::{Epoch, Position, Publication};
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
 /// reconnect): large enough to resubscribe thousands of channels in a few round
@@ -43,6 +60,74 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// Reconnect backoff: first delay and cap (jittered).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Quiet channels per pipelined batch of the position check.
+const CHECK_BATCH: usize = 1000;
+
+/// Stores a publication in its channel's history under the next offset and
+/// publishes it, atomically. A channel without a meta key (new, expired or lost)
+/// starts a new epoch, and its stale stream, if any, is dropped with it.
+///
+/// KEYS: stream, meta. ARGV: pub/sub channel, envelope head, data, history size,
+/// history TTL (ms), meta TTL (ms), epoch for a new history.
+/// Returns `{offset, epoch}`.
+static PUBLISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[7]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
+local pos = string.format('%d', offset) .. ':' .. epoch
+local payload = ARGV[2] .. string.char(#pos) .. pos .. ARGV[3]
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], string.format('%d-0', offset), 'p', payload)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', ARGV[1], payload)
+return {offset, epoch}
+"#,
+    )
+});
+
+/// Reads a channel's position and, optionally, stored envelopes: the latest `limit`
+/// (since epoch empty), or up to `limit` after the since offset when the since epoch
+/// is current (none when all-or-nothing and more than `limit` follow it). A channel
+/// without a meta key gets one (a new epoch at offset 0), so the position a subscriber
+/// is given stays valid.
+///
+/// KEYS: stream, meta. ARGV: epoch for a new history, meta TTL (ms), since epoch,
+/// since offset, limit, all-or-nothing (`1`/`0`). Returns `{epoch, top, {envelope..}}`.
+static HISTORY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 's'))
+local limit = tonumber(ARGV[5])
+local entries = {}
+if limit > 0 then
+  if ARGV[3] == '' then
+    local rev = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
+    for i = #rev, 1, -1 do entries[#entries + 1] = rev[i][2][2] end
+  elseif ARGV[3] == epoch then
+    local since = tonumber(ARGV[4])
+    if not (ARGV[6] == '1' and top - since > limit) then
+      local range = redis.call('XRANGE', KEYS[1], string.format('%d-0', since + 1), '+', 'COUNT', limit)
+      for i = 1, #range do entries[#entries + 1] = range[i][2][2] end
+    end
+  end
+end
+return {epoch, top, entries}
+"#,
+    )
+});
 
 /// Handle to the Redis broker.
 #[derive(Debug, Clone)]
@@ -55,13 +140,18 @@ struct Inner {
     publisher: ConnectionManager,
     prefix: String,
     timeout: Duration,
+    config: Arc<Config>,
     local: Local,
+    /// The last offset delivered per history channel, and the repairs.
+    tracker: Tracker,
     /// Why a std mutex: critical sections are a few set operations and are never
     /// held across an `.await`; shared by sessions and the subscriber task.
     state: Mutex<SubState>,
     /// Wakes the subscriber task when `state.dirty` gained a channel.
     wake: Notify,
     connected: AtomicBool,
+    /// Ends repair tasks with the node.
+    shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Inner {
@@ -110,14 +200,16 @@ enum Ended {
 }
 
 impl RedisBroker {
-    /// Creates the publishing pool and starts the subscriber task.
+    /// Creates the publishing connection and starts the subscriber task and the
+    /// position check.
     pub fn start(
         url: &str,
-        prefix: &str,
-        timeout: Duration,
+        config: Arc<Config>,
         local: Local,
         shutdown: CancellationToken,
     ) -> Result<Self, BrokerError> {
+        let prefix = config.broker.redis_prefix.as_str();
+        let timeout = config.broker.broker_timeout;
         let invalid =
             |e: &dyn std::fmt::Display| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
 
@@ -143,49 +235,104 @@ impl RedisBroker {
         let client =
             redis::Client::open(info.set_redis_settings(settings)).map_err(|e| invalid(&e))?;
 
+        // A repair buffers what arrives meanwhile like a client's queue would.
+        let tracker = Tracker::new(
+            local.clone(),
+            config.limits.client_queue,
+            config.history.max_recovery as u64,
+        );
         let inner = Arc::new(Inner {
             publisher,
             prefix: prefix.to_owned(),
             timeout,
             local,
+            tracker,
             state: Mutex::new(SubState::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
+            shutdown: shutdown.clone(),
+            config,
         });
-        tokio::spawn(subscriber_task(inner.clone(), client, shutdown));
+        tokio::spawn(subscriber_task(inner.clone(), client, shutdown.clone()));
+        if inner.config.any_history() {
+            tokio::spawn(position_checks(Arc::downgrade(&inner), shutdown));
+        }
         Ok(Self { inner })
     }
 
-    /// Sends one frame to every node subscribed to `channel`.
+    /// Sends a publication to every node subscribed to `channel`; on a channel with
+    /// history, stores it first (one script) and returns its position.
     pub async fn publish(
         &self,
         channel: &str,
-        frame: Utf8Bytes,
-        traceparent: &str,
-    ) -> Result<(), BrokerError> {
+        publication: Publication,
+        options: ChannelOptions,
+    ) -> Result<Option<Position>, BrokerError> {
         let inner = &self.inner;
-        let payload = envelope::encode(frame.as_bytes(), traceparent.as_bytes());
         let started = std::time::Instant::now();
-        let key = inner.key(channel);
         let mut conn = inner.publisher.clone();
-        let publish = async {
-            redis::cmd("PUBLISH")
+        let key = inner.key(channel);
+        let published = if options.has_history() {
+            let head = envelope::head(&publication);
+            let mut script = PUBLISH_SCRIPT.prepare_invoke();
+            script
+                .key(inner.history_key(channel, "stream"))
+                .key(inner.history_key(channel, "meta"))
                 .arg(&key)
-                .arg(&payload[..])
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))
+                .arg(head.as_bytes())
+                .arg(&publication.data[..])
+                .arg(options.history_size)
+                .arg(millis(options.history_ttl))
+                .arg(millis(inner.config.history.history_meta_ttl))
+                .arg(Epoch::random().as_str());
+            let publish = async {
+                let (offset, epoch): (u64, String) = script
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+                let epoch = Epoch::parse(&epoch).ok_or_else(|| {
+                    BrokerError::Unavailable(format!("Redis returned a malformed epoch {epoch:?}"))
+                })?;
+                Ok(Some(Position { epoch, offset }))
+            };
+            tokio::time::timeout(inner.timeout, publish).await
+        } else {
+            let payload = envelope::encode(&publication);
+            let publish = async {
+                redis::cmd("PUBLISH")
+                    .arg(&key)
+                    .arg(&payload[..])
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map(|_receivers| None)
+                    .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            };
+            tokio::time::timeout(inner.timeout, publish).await
         };
-        match tokio::time::timeout(inner.timeout, publish).await {
+        match published {
             Ok(result) => {
                 inner
                     .local
                     .metrics
                     .redis_publish_latency
                     .observe(started.elapsed().as_secs_f64());
-                result.map(|_receivers| ())
+                result
             }
             Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        }
+    }
+
+    /// Reads a channel's position and stored publications.
+    pub async fn history(
+        &self,
+        channel: &str,
+        request: &HistoryRequest,
+    ) -> Result<History, BrokerError> {
+        let mut conn = self.inner.publisher.clone();
+        let read = self.inner.read_history(&mut conn, channel, request);
+        match tokio::time::timeout(self.inner.timeout, read).await {
+            Ok(result) => result.map_err(|e| BrokerError::Unavailable(e.to_string())),
+            Err(_) => Err(BrokerError::Timeout(self.inner.timeout)),
         }
     }
 
@@ -259,6 +406,91 @@ impl Inner {
         key
     }
 
+    /// `<prefix>{<channel>}:<suffix>`: the hash tag keeps a channel's keys together.
+    fn history_key(&self, channel: &str, suffix: &str) -> String {
+        format!("{}{{{channel}}}:{suffix}", self.prefix)
+    }
+
+    /// Runs [`HISTORY_SCRIPT`] on `conn` and decodes what it read.
+    async fn read_history(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        channel: &str,
+        request: &HistoryRequest,
+    ) -> redis::RedisResult<History> {
+        let (since_epoch, since_offset) = match &request.since {
+            Some((epoch, offset)) => (epoch.as_str().to_owned(), *offset),
+            None => (String::new(), 0),
+        };
+        let mut script = HISTORY_SCRIPT.prepare_invoke();
+        script
+            .key(self.history_key(channel, "stream"))
+            .key(self.history_key(channel, "meta"))
+            .arg(Epoch::random().as_str())
+            .arg(millis(self.config.history.history_meta_ttl))
+            .arg(since_epoch)
+            .arg(since_offset)
+            .arg(request.limit)
+            .arg(if request.all_or_nothing { "1" } else { "0" });
+        let (epoch, top, entries): (String, u64, Vec<Vec<u8>>) =
+            script.invoke_async(conn).await?;
+        let malformed = |what: String| -> redis::RedisError {
+            (redis::ErrorKind::Parse, "malformed history in Redis", what).into()
+        };
+        let epoch = Epoch::parse(&epoch).ok_or_else(|| malformed(format!("epoch {epoch:?}")))?;
+        let mut publications = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match envelope::decode(Bytes::from(entry)) {
+                Ok(publication) => publications.push(publication),
+                Err(e) => {
+                    // Not fatal: the rest of the history is still good; the tracker
+                    // or the client sees the missing offset.
+                    self.local.metrics.broker_dropped("malformed");
+                    tracing::warn!(channel, error = %e, "dropping a malformed history entry");
+                }
+            }
+        }
+        Ok(History {
+            top: Position { epoch, offset: top },
+            publications,
+        })
+    }
+
+    /// Starts a task that reads a repair's range and hands it to the tracker, until
+    /// the channel is whole again (or no longer wanted).
+    fn spawn_repair(self: &Arc<Self>, repair: Repair) {
+        tokio::spawn(repair_task(self.clone(), repair));
+    }
+
+    /// Reads the positions of history channels just subscribed on `conn` (the
+    /// subscriber connection, so they are ordered with its pushes) and hands them to
+    /// the tracker.
+    async fn read_positions(
+        self: &Arc<Self>,
+        conn: &MultiplexedConnection,
+        channels: &[String],
+    ) -> redis::RedisResult<()> {
+        let reads = channels
+            .iter()
+            .filter(|c| self.config.channel_options(c).has_history())
+            .map(|channel| {
+                let mut conn = conn.clone();
+                async move {
+                    let history = self
+                        .read_history(&mut conn, channel, &HistoryRequest::position())
+                        .await?;
+                    Ok::<_, redis::RedisError>((channel, history.top))
+                }
+            });
+        for read in futures_util::future::join_all(reads).await {
+            let (channel, top) = read?;
+            if let Some(repair) = self.tracker.on_position(channel, top) {
+                self.spawn_repair(repair);
+            }
+        }
+        Ok(())
+    }
+
     /// After (re)connecting: nothing is live on the new connection; every channel
     /// with local subscribers or waiters must be subscribed again.
     fn on_connected(&self) {
@@ -267,6 +499,9 @@ impl Inner {
         let pending: Vec<String> = state.waiters.keys().cloned().collect();
         state.dirty.extend(pending);
         state.dirty.extend(self.local.registry.channel_names());
+        // Channels that lost their subscribers during the outage need no repair.
+        self.tracker
+            .retain(|channel| self.local.registry.has_subscribers(channel));
         self.connected.store(true, Ordering::Release);
         self.local.metrics.broker_up.set(1);
     }
@@ -281,7 +516,7 @@ impl Inner {
 
     /// Brings the connection's subscriptions in line with the registry for the
     /// channels marked dirty.
-    async fn reconcile(&self, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn reconcile(self: &Arc<Self>, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let (to_subscribe, to_unsubscribe) = {
             let mut state = self.lock();
             let dirty = std::mem::take(&mut state.dirty);
@@ -310,6 +545,7 @@ impl Inner {
         for batch in to_subscribe.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
             conn.subscribe(&keys).await?;
+            self.read_positions(conn, batch).await?;
             let mut state = self.lock();
             for channel in batch {
                 state.live.insert(channel.clone());
@@ -319,13 +555,16 @@ impl Inner {
         for batch in to_unsubscribe.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
             conn.unsubscribe(&keys).await?;
+            for channel in batch {
+                self.tracker.forget(channel);
+            }
         }
         Ok(())
     }
 
     /// Serves one subscriber connection until it fails or the node shuts down.
     async fn serve(
-        &self,
+        self: &Arc<Self>,
         conn: &mut MultiplexedConnection,
         disconnected: &Notify,
         shutdown: &CancellationToken,
@@ -355,7 +594,7 @@ impl Inner {
 
     /// Handles one push from the subscriber connection. Runs inside the connection's
     /// reader: must not block.
-    fn on_push(&self, info: PushInfo, disconnected: &Notify) {
+    fn on_push(self: &Arc<Self>, info: PushInfo, disconnected: &Notify) {
         match info.kind {
             PushKind::Message => {
                 let mut data = info.data;
@@ -372,13 +611,12 @@ impl Inner {
                 else {
                     return;
                 };
-                match envelope::decode(Bytes::from(payload)).and_then(|env| {
-                    let frame = Utf8Bytes::try_from(env.frame)
-                        .map_err(|_| envelope::EnvelopeError::NotUtf8)?;
-                    Ok((frame, env.traceparent, env.published_at_us))
-                }) {
-                    Ok((frame, traceparent, published_at_us)) => {
-                        self.local.deliver(channel, &frame, &traceparent);
+                match envelope::decode(Bytes::from(payload)) {
+                    Ok(publication) => {
+                        let published_at_us = publication.published_at_us;
+                        if let Some(repair) = self.tracker.on_live(channel, publication) {
+                            self.spawn_repair(repair);
+                        }
                         let latency_us = envelope::now_us().saturating_sub(published_at_us);
                         self.local
                             .metrics
@@ -395,6 +633,123 @@ impl Inner {
             _ => {}
         }
     }
+}
+
+/// Reads a repair's range from the stream (retrying while Redis cannot answer) and
+/// hands it to the tracker, until the channel is whole again or no longer tracked.
+async fn repair_task(inner: Arc<Inner>, mut repair: Repair) {
+    let mut backoff = Backoff::default();
+    loop {
+        if !inner.tracker.still_wanted(&repair) {
+            return;
+        }
+        let request = HistoryRequest {
+            since: Some((repair.epoch.clone(), repair.after)),
+            limit: (repair.upto - repair.after) as usize,
+            all_or_nothing: false,
+        };
+        let mut conn = inner.publisher.clone();
+        let read = inner.read_history(&mut conn, &repair.channel, &request);
+        match tokio::time::timeout(inner.timeout, read).await {
+            Ok(Ok(history)) => {
+                tracing::info!(
+                    channel = %repair.channel,
+                    from = repair.after + 1,
+                    to = repair.upto,
+                    read = history.publications.len(),
+                    "repairing a gap in pub/sub delivery from history"
+                );
+                match inner
+                    .tracker
+                    .on_repaired(&repair, history.top, history.publications)
+                {
+                    Some(next) => {
+                        repair = next;
+                        backoff.reset();
+                    }
+                    None => return,
+                }
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {:?}", inner.timeout),
+                };
+                let delay = backoff.next_delay();
+                tracing::warn!(channel = %repair.channel, %error, retry_in = ?delay, "history repair read failed");
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Every `--position-check-interval`, compares the last offset delivered on each
+/// quiet history channel with its meta key in Redis (one pipelined round trip per
+/// batch), so a subscriber connection that silently stopped delivering is noticed
+/// and the tracker repairs what it missed.
+async fn position_checks(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
+    let period = match inner.upgrade() {
+        Some(inner) => inner.config.history.position_check_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if !inner.is_connected() {
+            continue;
+        }
+        let quiet = inner.tracker.quiet_channels();
+        for batch in quiet.chunks(CHECK_BATCH) {
+            let mut pipe = redis::pipe();
+            for (channel, _, _) in batch {
+                pipe.cmd("HMGET")
+                    .arg(inner.history_key(channel, "meta"))
+                    .arg("e")
+                    .arg("s");
+            }
+            let mut conn = inner.publisher.clone();
+            let read = pipe.query_async::<Vec<(Option<String>, Option<u64>)>>(&mut conn);
+            let positions = match tokio::time::timeout(inner.timeout, read).await {
+                Ok(Ok(positions)) => positions,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "position check failed");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!("position check not answered within {:?}", inner.timeout);
+                    break;
+                }
+            };
+            for ((channel, _, last), position) in batch.iter().zip(positions) {
+                // A missing meta key: the history was lost; the next publication
+                // starts a new epoch, which the tracker reports as a gap.
+                let (Some(epoch), Some(top)) = position else {
+                    continue;
+                };
+                let Some(epoch) = Epoch::parse(&epoch) else {
+                    continue;
+                };
+                if top > *last {
+                    tracing::warn!(channel, last, top, "a quiet channel is behind its history: pub/sub delivery missed messages");
+                }
+                if let Some(repair) = inner.tracker.on_position(channel, Position { epoch, offset: top }) {
+                    inner.spawn_repair(repair);
+                }
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().clamp(1, u64::MAX as u128) as u64
 }
 
 async fn subscriber_task(inner: Arc<Inner>, client: redis::Client, shutdown: CancellationToken) {
@@ -493,14 +848,17 @@ mod tests {
             tracing: crate::telemetry::Tracing::disabled(),
         };
         let shutdown = CancellationToken::new();
-        let broker = RedisBroker::start(
-            &format!("redis://127.0.0.1:{port}"),
-            "wsrelay:",
-            Duration::from_millis(20),
-            local,
-            shutdown.clone(),
-        )
+        let url = format!("redis://127.0.0.1:{port}");
+        let config = crate::Config::load_from([
+            "wsrelay",
+            "--redis-url",
+            url.as_str(),
+            "--broker-timeout",
+            "20ms",
+        ])
         .unwrap();
+        let broker =
+            RedisBroker::start(&url, Arc::new(config), local, shutdown.clone()).unwrap();
         for i in 0..20 {
             let channel = format!("fresh-{i}");
             assert!(broker.subscribe(&channel).await.is_err());

@@ -182,7 +182,7 @@ impl TestNode {
     pub async fn start(args: &[&str]) -> TestNode {
         let mut argv = vec!["wsrelay", "--listen", "127.0.0.1:0"];
         argv.extend_from_slice(args);
-        let config = <Config as clap::Parser>::try_parse_from(argv).expect("valid test flags");
+        let config = Config::load_from(argv).expect("valid test flags");
         let listener = wsrelay::bind(&config).unwrap();
         let addr = listener.local_addr().unwrap();
         let node = Node::new(config).expect("node starts");

@@ -1,0 +1,469 @@
+//! The hub: the life of subscriptions and publications on this node, for WebSocket
+//! sessions and the HTTP API alike.
+//!
+//! It owns the rules that apply whoever asks (permissions, per-connection and
+//! per-node limits, channel options), subscribing with recovery, unsubscribing,
+//! disconnecting, publishing and reading history. State stays where it lives (the
+//! [`Registry`] for local clients, the [`Broker`] for the cluster); the hub is the
+//! one place that combines them.
+//!
+//! A subscription to a channel with history is made in this order, which is what
+//! makes recovery exact:
+//! 1. the client is added to the registry with its frames *held back*;
+//! 2. the broker makes the channel live on this node;
+//! 3. the channel's history is read: its position (and, to recover, what followed
+//!    the client's `since`);
+//! 4. [`Hub::go_live`] queues the replayed messages and the ack, then the held-back
+//!    frames above the position read — in one critical section with the fan-out.
+//!
+//! Every message published after step 2 is either in the history read in step 3 or
+//! held back with a higher offset, so the client gets each offset once, in order.
+
+use std::sync::Arc;
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Grants;
+use crate::broker::{Broker, BrokerError, History, HistoryRequest};
+use crate::client::{ClientHandle, ConnId};
+use crate::config::Config;
+use crate::envelope;
+use crate::metrics::Metrics;
+use crate::protocol::{self, ErrorCode, Since};
+use crate::publication::{Kind, Position, Publication};
+use crate::registry::Registry;
+use crate::telemetry::Tracing;
+
+/// Why a request was refused, as a client reads it in an `error` frame (or a
+/// backend in an HTTP error body).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct Refusal {
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+    /// A limit of this node rather than of the request: another node may serve it
+    /// (HTTP 503 rather than 400 before an upgrade).
+    pub(crate) node_full: bool,
+}
+
+impl Refusal {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            node_full: false,
+        }
+    }
+}
+
+impl From<BrokerError> for Refusal {
+    fn from(e: BrokerError) -> Self {
+        Refusal::new(ErrorCode::Unavailable, e.to_string())
+    }
+}
+
+/// A subscription made in the registry and the broker, not yet live for its client
+/// (see [`Hub::go_live`]).
+#[derive(Debug)]
+#[must_use = "a subscription to a history channel delivers nothing until go_live"]
+pub(crate) struct Subscribed {
+    channel: String,
+    /// The channel's position when the subscription went live (history channels).
+    position: Option<Position>,
+    /// Whether the client's `since` was recovered, when it gave one.
+    recovered: Option<bool>,
+    /// What the client missed, oldest first (only when recovered).
+    replay: Vec<Publication>,
+}
+
+impl Subscribed {
+    /// The channel.
+    pub(crate) fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// The position the ack carries, on channels with history.
+    pub(crate) fn position(&self) -> Option<&Position> {
+        self.position.as_ref()
+    }
+
+    /// Whether recovery succeeded, when it was asked for.
+    pub(crate) fn recovered(&self) -> Option<bool> {
+        self.recovered
+    }
+}
+
+/// Channels and clients of one node.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    pub(crate) config: Arc<Config>,
+    pub(crate) node_id: String,
+    pub(crate) registry: Registry,
+    pub(crate) broker: Broker,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) tracing: Tracing,
+    /// The node's one shutdown signal; cancelled means draining.
+    pub(crate) shutdown: CancellationToken,
+}
+
+impl Hub {
+    /// Whether the node is draining (it then refuses new connections).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+
+    /// Checks that a connection may add subscriptions to `channels` (which it does not
+    /// have yet): its token's grants, `--max-subscriptions`, `--max-channels`.
+    /// `conn` is `None` for a connection not yet opened.
+    pub(crate) fn check_subscribe<'a>(
+        &self,
+        grants: &Grants,
+        conn: Option<ConnId>,
+        channels: impl IntoIterator<Item = &'a str> + Clone,
+    ) -> Result<(), Refusal> {
+        if let Some(channel) = channels.clone().into_iter().find(|c| !grants.may_subscribe(c)) {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {channel}"),
+            ));
+        }
+        let limits = &self.config.limits;
+        let count = channels.clone().into_iter().count();
+        let existing = conn.map_or(0, |id| self.registry.subscription_count(id));
+        if existing + count > limits.max_subscriptions {
+            return Err(Refusal::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "at most {} subscriptions per connection",
+                    limits.max_subscriptions
+                ),
+            ));
+        }
+        let new_channels = channels
+            .into_iter()
+            .filter(|c| !self.registry.has_subscribers(c))
+            .count();
+        if new_channels > 0 && self.registry.stats().channels + new_channels > limits.max_channels
+        {
+            return Err(Refusal {
+                node_full: true,
+                ..Refusal::new(
+                    ErrorCode::LimitExceeded,
+                    format!("this node serves at most {} channels", limits.max_channels),
+                )
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that `since` may be used on `channel` (it needs history).
+    pub(crate) fn check_since(&self, channel: &str) -> Result<(), Refusal> {
+        if self.config.channel_options(channel).has_history() {
+            Ok(())
+        } else {
+            Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "channel {channel} keeps no history, so it cannot recover: `since` needs history-size > 0 for its namespace"
+                ),
+            ))
+        }
+    }
+
+    /// Subscribes a connection to `channel`, recovering from `since`. `None` when it
+    /// already was subscribed (which changes nothing). The subscription is made but
+    /// delivers nothing until [`go_live`](Self::go_live).
+    pub(crate) async fn subscribe(
+        &self,
+        client: &ClientHandle,
+        grants: &Grants,
+        channel: &str,
+        since: Option<Since>,
+    ) -> Result<Option<Subscribed>, Refusal> {
+        if since.is_some() {
+            self.check_since(channel)?;
+        }
+        if self.registry.is_subscribed(client.id(), channel) {
+            if !grants.may_subscribe(channel) {
+                return Err(Refusal::new(
+                    ErrorCode::Forbidden,
+                    format!("not allowed to subscribe to {channel}"),
+                ));
+            }
+            return Ok(None);
+        }
+        self.check_subscribe(grants, Some(client.id()), [channel])?;
+        self.add(client, channel);
+        if let Err(e) = self.broker.subscribe(channel).await {
+            // Roll back, so the client's view (not subscribed) matches the node's.
+            self.unsubscribe(client.id(), channel);
+            return Err(e.into());
+        }
+        match self.read_position(channel, since).await {
+            Ok(subscribed) => Ok(Some(subscribed)),
+            Err(e) => {
+                self.unsubscribe(client.id(), channel);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Subscribes a new connection to the channels it named at connect (checked
+    /// before the upgrade), in parallel.
+    pub(crate) async fn subscribe_at_connect(
+        &self,
+        client: &ClientHandle,
+        channels: &[(String, Option<Since>)],
+    ) -> Result<Vec<Subscribed>, BrokerError> {
+        for (channel, _) in channels {
+            self.add(client, channel);
+        }
+        let live = futures_util::future::join_all(
+            channels.iter().map(|(c, _)| self.broker.subscribe(c)),
+        )
+        .await;
+        live.into_iter().collect::<Result<Vec<()>, _>>()?;
+        futures_util::future::join_all(
+            channels
+                .iter()
+                .map(|(c, since)| self.read_position(c, since.clone())),
+        )
+        .await
+        .into_iter()
+        .collect()
+    }
+
+    /// Adds a subscriber to the registry: held back on channels with history.
+    fn add(&self, client: &ClientHandle, channel: &str) {
+        if self.config.channel_options(channel).has_history() {
+            self.registry
+                .subscribe_held(client, channel, self.config.limits.client_queue);
+        } else {
+            self.registry.subscribe(client, channel);
+        }
+    }
+
+    /// Step 3 of a subscription: on a channel with history, read its position and
+    /// what the client missed.
+    async fn read_position(
+        &self,
+        channel: &str,
+        since: Option<Since>,
+    ) -> Result<Subscribed, BrokerError> {
+        let mut subscribed = Subscribed {
+            channel: channel.to_owned(),
+            position: None,
+            recovered: None,
+            replay: Vec::new(),
+        };
+        if !self.config.channel_options(channel).has_history() {
+            return Ok(subscribed);
+        }
+        let request = match &since {
+            None => HistoryRequest::position(),
+            Some(since) => HistoryRequest {
+                since: Some((since.epoch.clone(), since.offset)),
+                limit: self.config.history.max_recovery,
+                all_or_nothing: true,
+            },
+        };
+        let history = self.broker.history(channel, request).await?;
+        if let Some(since) = since {
+            let replay = recover(&since, &history);
+            self.metrics.recovery(if replay.is_some() {
+                "recovered"
+            } else {
+                "not_recovered"
+            });
+            subscribed.recovered = Some(replay.is_some());
+            subscribed.replay = replay.unwrap_or_default();
+        }
+        subscribed.position = Some(history.top);
+        Ok(subscribed)
+    }
+
+    /// Step 4: queues what the client missed, then `ack` (if any), then the
+    /// held-back frames the replay did not contain; from then on the subscription
+    /// is live.
+    pub(crate) fn go_live(&self, client: &ClientHandle, subscribed: Subscribed, ack: Option<Utf8Bytes>) {
+        let Some(position) = &subscribed.position else {
+            if let Some(ack) = ack {
+                self.send(client, ack);
+            }
+            return;
+        };
+        let mut frames: Vec<Utf8Bytes> = subscribed
+            .replay
+            .iter()
+            .map(|p| protocol::encode_publication(&subscribed.channel, p))
+            .collect();
+        let replayed = frames.len();
+        let bytes: usize = frames.iter().map(|f| f.len()).sum::<usize>()
+            + ack.as_ref().map_or(0, |a| a.len());
+        frames.extend(ack);
+        let released = self
+            .registry
+            .release(client, &subscribed.channel, position.offset, frames);
+        self.metrics
+            .messages_delivered
+            .inc_by((replayed + released) as u64);
+        self.metrics.bytes_sent.inc_by(bytes as u64);
+    }
+
+    /// Removes one subscription (no effect if there was none).
+    pub(crate) fn unsubscribe(&self, conn: ConnId, channel: &str) {
+        if self.registry.unsubscribe(conn, channel) == Some(true) {
+            self.broker.release(channel);
+        }
+    }
+
+    /// Removes a connection and all its subscriptions.
+    pub(crate) fn disconnect(&self, conn: ConnId) {
+        for channel in self.registry.deregister(conn) {
+            self.broker.release(&channel);
+        }
+    }
+
+    /// Publishes `data` to `channel` on every node (with `from` when given), inside a
+    /// publish span continuing `traceparent` when given; counts the outcome. Returns
+    /// the message's offset on channels with history. Used by WebSocket clients and
+    /// the API, after their own permission checks.
+    pub(crate) async fn publish(
+        &self,
+        channel: &str,
+        data: &RawValue,
+        from: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<Option<u64>, BrokerError> {
+        let span = self.tracing.publish(channel, data.get().len(), traceparent);
+        let context = span.as_ref().map_or("", |s| s.traceparent.as_str());
+        let publication = Publication {
+            kind: Kind::Message,
+            data: Bytes::copy_from_slice(data.get().as_bytes()),
+            from: from.map(|f| Bytes::copy_from_slice(f.as_bytes())),
+            position: None,
+            traceparent: Bytes::copy_from_slice(context.as_bytes()),
+            published_at_us: envelope::now_us(),
+        };
+        let options = self.config.channel_options(channel);
+        let publish = self.broker.publish(channel, publication, options);
+        let published = match &span {
+            Some(span) => span.broker_publish(&self.tracing, publish).await,
+            None => publish.await,
+        };
+        if let Some(span) = span {
+            span.end(published.as_ref().err().map(|e| e.to_string()).as_deref());
+        }
+        match &published {
+            Ok(_) => {
+                self.metrics.messages_published.inc();
+            }
+            Err(_) => self.metrics.publish_error(ErrorCode::Unavailable.as_str()),
+        }
+        published.map(|position| position.map(|p| p.offset))
+    }
+
+    /// Reads a channel's history: up to `limit` messages after `since`, or the latest
+    /// ones. Needs the permission to subscribe.
+    pub(crate) async fn history(
+        &self,
+        grants: &Grants,
+        channel: &str,
+        since: Option<Since>,
+        limit: Option<u64>,
+    ) -> Result<History, Refusal> {
+        if !grants.may_subscribe(channel) {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to read the history of {channel}"),
+            ));
+        }
+        if !self.config.channel_options(channel).has_history() {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!("channel {channel} keeps no history (history-size is 0 for its namespace)"),
+            ));
+        }
+        let max = self.config.history.max_history_limit;
+        let limit = limit.map_or(max, |l| l.min(max as u64) as usize);
+        let request = HistoryRequest {
+            since: since.map(|s| (s.epoch, s.offset)),
+            limit,
+            all_or_nothing: false,
+        };
+        Ok(self.broker.history(channel, request).await?)
+    }
+
+    fn send(&self, client: &ClientHandle, frame: Utf8Bytes) {
+        let len = frame.len() as u64;
+        if client.send(frame) {
+            self.metrics.bytes_sent.inc_by(len);
+        }
+    }
+}
+
+/// What a client that saw `since` missed, if the history holds all of it: all or
+/// nothing, never part.
+fn recover(since: &Since, history: &History) -> Option<Vec<Publication>> {
+    let top = &history.top;
+    if since.epoch != top.epoch || since.offset > top.offset {
+        return None;
+    }
+    let missing = top.offset - since.offset;
+    let complete = history.publications.len() as u64 == missing
+        && history
+            .publications
+            .iter()
+            .zip(since.offset + 1..)
+            .all(|(p, expected)| p.offset() == Some(expected));
+    complete.then(|| history.publications.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publication::Epoch;
+
+    fn history(epoch: &str, top: u64, offsets: std::ops::RangeInclusive<u64>) -> History {
+        let epoch = Epoch::parse(epoch).unwrap();
+        History {
+            top: Position {
+                epoch: epoch.clone(),
+                offset: top,
+            },
+            publications: offsets
+                .map(|offset| Publication {
+                    kind: Kind::Message,
+                    data: Bytes::from_static(b"1"),
+                    from: None,
+                    position: Some(Position {
+                        epoch: epoch.clone(),
+                        offset,
+                    }),
+                    traceparent: Bytes::new(),
+                    published_at_us: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn since(epoch: &str, offset: u64) -> Since {
+        Since {
+            epoch: Epoch::parse(epoch).unwrap(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn recovery_is_all_or_nothing() {
+        assert_eq!(recover(&since("e", 40), &history("e", 42, 41..=42)).map(|r| r.len()), Some(2));
+        assert_eq!(recover(&since("e", 42), &history("e", 42, 1..=0)).map(|r| r.len()), Some(0));
+        assert!(recover(&since("old", 40), &history("e", 42, 41..=42)).is_none(), "epoch");
+        assert!(recover(&since("e", 40), &history("e", 42, 42..=42)).is_none(), "trimmed");
+        assert!(recover(&since("e", 43), &history("e", 42, 1..=0)).is_none(), "ahead");
+        assert!(recover(&since("e", 10), &history("e", 42, 1..=0)).is_none(), "too many");
+    }
+}
