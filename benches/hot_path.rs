@@ -8,8 +8,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use bytes::Bytes;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use wsrelay::client::{ClientHandle, ClientQueue};
 use wsrelay::publication::{Epoch, Kind, Position, Publication};
 use wsrelay::registry::Registry;
@@ -42,7 +42,8 @@ fn fanout(c: &mut Criterion) {
                 (handle, queue)
             })
             .collect();
-        let frame = protocol::encode_publication("room1", &publication(r#"{"text":"hello"}"#, offset));
+        let frame =
+            protocol::encode_publication("room1", &publication(r#"{"text":"hello"}"#, offset));
         group.throughput(Throughput::Elements(subscribers as u64));
         let name = match offset {
             None => format!("{subscribers}_subscribers"),

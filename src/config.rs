@@ -435,7 +435,10 @@ impl Config {
             ("handshake-timeout", limits.handshake_timeout),
             ("history-ttl", self.history.history_ttl),
             ("history-meta-ttl", self.history.history_meta_ttl),
-            ("position-check-interval", self.history.position_check_interval),
+            (
+                "position-check-interval",
+                self.history.position_check_interval,
+            ),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(flag, "must be greater than zero"));
@@ -536,7 +539,11 @@ impl Config {
 /// Redis memory for one channel; a larger number is a typo.
 const MAX_HISTORY_SIZE: usize = 1_000_000;
 
-fn validate_history(size_key: &str, ttl_key: &str, options: ChannelOptions) -> Result<(), ConfigError> {
+fn validate_history(
+    size_key: &str,
+    ttl_key: &str,
+    options: ChannelOptions,
+) -> Result<(), ConfigError> {
     if options.history_size > MAX_HISTORY_SIZE {
         return Err(ConfigError::new(
             size_key,
@@ -585,7 +592,9 @@ impl<'a> ConfigFile<'a> {
             };
             for (name, options) in namespaces {
                 let key = format!("namespaces.{name}");
-                if name.is_empty() || name.contains(':') || protocol::validate_channel(&name).is_err()
+                if name.is_empty()
+                    || name.contains(':')
+                    || protocol::validate_channel(&name).is_err()
                 {
                     return Err(file.error(
                         &key,
@@ -660,9 +669,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 1m)"))
 }
 
-fn deserialize_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
     let text = String::deserialize(d)?;
-    parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]
@@ -760,11 +773,17 @@ history-size = 0
     #[test]
     fn bad_files_are_one_line_errors_naming_the_key() {
         let e = with_file("no-such-key = 1\n", &[]).unwrap_err();
-        assert!(e.contains("no-such-key") && e.contains("unknown key"), "{e}");
+        assert!(
+            e.contains("no-such-key") && e.contains("unknown key"),
+            "{e}"
+        );
         let e = with_file("client-queue = \"many\"\n", &[]).unwrap_err();
         assert!(e.contains("client-queue"), "{e}");
         let e = with_file("[namespaces.chat]\nhistory-sise = 1\n", &[]).unwrap_err();
-        assert!(e.contains("namespaces.chat") && e.contains("history-sise"), "{e}");
+        assert!(
+            e.contains("namespaces.chat") && e.contains("history-sise"),
+            "{e}"
+        );
         let e = with_file("[namespaces.chat]\nhistory-ttl = \"soon\"\n", &[]).unwrap_err();
         assert!(e.contains("namespaces.chat"), "{e}");
         let e = with_file("[namespaces.\"a:b\"]\n", &[]).unwrap_err();

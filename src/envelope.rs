@@ -310,7 +310,14 @@ mod tests {
         let mut bad_utf8 = good.clone();
         bad_utf8.push(0xff);
         assert_eq!(decode(bad_utf8.into()), Err(EnvelopeError::NotUtf8));
-        for pos in [&b"x:abc"[..], b"0:abc", b"5:", b"5", b"5:a-b", b"99999999999999999999:a"] {
+        for pos in [
+            &b"x:abc"[..],
+            b"0:abc",
+            b"5:",
+            b"5",
+            b"5:a-b",
+            b"99999999999999999999:a",
+        ] {
             let p = publication(None);
             let mut wire = head(&p).as_bytes().to_vec();
             wire.push(pos.len() as u8);

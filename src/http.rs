@@ -195,7 +195,9 @@ async fn websocket(
         .max_message_size(message_limit)
         .max_frame_size(message_limit)
         .read_buffer_size(READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| sessions.track_future(session::run(socket, hub, channels, grants)))
+        .on_upgrade(move |socket| {
+            sessions.track_future(session::run(socket, hub, channels, grants))
+        })
 }
 
 /// The HTTP answer to a refused request.
@@ -454,7 +456,9 @@ async fn api_history(
             _ => {}
         }
     }
-    let bad = |code: ErrorCode, message: String| http_error(StatusCode::BAD_REQUEST, code.as_str(), message);
+    let bad = |code: ErrorCode, message: String| {
+        http_error(StatusCode::BAD_REQUEST, code.as_str(), message)
+    };
     let Some(ch) = ch else {
         return bad(ErrorCode::BadRequest, "missing query parameter ch".into());
     };
@@ -465,7 +469,10 @@ async fn api_history(
         None => None,
         Some(Ok(limit)) => Some(limit),
         Some(Err(_)) => {
-            return bad(ErrorCode::BadRequest, "limit must be a non-negative integer".into());
+            return bad(
+                ErrorCode::BadRequest,
+                "limit must be a non-negative integer".into(),
+            );
         }
     };
     let since = match (epoch, since_offset) {
@@ -511,7 +518,12 @@ mod tests {
             vec!["a", "b"]
         );
         assert_eq!(channels(Some("channel=room%3A1")).unwrap(), vec!["room:1"]);
-        assert!(channels(Some("channel=a%20b")).unwrap_err().1.contains("a b"));
+        assert!(
+            channels(Some("channel=a%20b"))
+                .unwrap_err()
+                .1
+                .contains("a b")
+        );
         assert!(channels(Some("channel=")).is_err());
         let p = ConnectParams::parse(Some("channel=chat:1&since=chat:1:k3x9:40"), "g").unwrap();
         let since = p.channels[0].1.as_ref().unwrap();
@@ -522,7 +534,11 @@ mod tests {
             "channel=a&since=a:k3x9:x",
             "channel=a&since=a:k-3:1",
         ] {
-            assert_eq!(ConnectParams::parse(Some(bad), "g").unwrap_err().0, "bad_request", "{bad}");
+            assert_eq!(
+                ConnectParams::parse(Some(bad), "g").unwrap_err().0,
+                "bad_request",
+                "{bad}"
+            );
         }
         let params = ConnectParams::parse(Some("token=abc.def&channel=x"), "g").unwrap();
         assert_eq!(params.token.as_deref(), Some("abc.def"));

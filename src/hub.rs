@@ -124,7 +124,11 @@ impl Hub {
         conn: Option<ConnId>,
         channels: impl IntoIterator<Item = &'a str> + Clone,
     ) -> Result<(), Refusal> {
-        if let Some(channel) = channels.clone().into_iter().find(|c| !grants.may_subscribe(c)) {
+        if let Some(channel) = channels
+            .clone()
+            .into_iter()
+            .find(|c| !grants.may_subscribe(c))
+        {
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to subscribe to {channel}"),
@@ -146,8 +150,7 @@ impl Hub {
             .into_iter()
             .filter(|c| !self.registry.has_subscribers(c))
             .count();
-        if new_channels > 0 && self.registry.stats().channels + new_channels > limits.max_channels
-        {
+        if new_channels > 0 && self.registry.stats().channels + new_channels > limits.max_channels {
             return Err(Refusal {
                 node_full: true,
                 ..Refusal::new(
@@ -221,10 +224,9 @@ impl Hub {
         for (channel, _) in channels {
             self.add(client, channel);
         }
-        let live = futures_util::future::join_all(
-            channels.iter().map(|(c, _)| self.broker.subscribe(c)),
-        )
-        .await;
+        let live =
+            futures_util::future::join_all(channels.iter().map(|(c, _)| self.broker.subscribe(c)))
+                .await;
         live.into_iter().collect::<Result<Vec<()>, _>>()?;
         futures_util::future::join_all(
             channels
@@ -288,7 +290,12 @@ impl Hub {
     /// Step 4: queues what the client missed, then `ack` (if any), then the
     /// held-back frames the replay did not contain; from then on the subscription
     /// is live.
-    pub(crate) fn go_live(&self, client: &ClientHandle, subscribed: Subscribed, ack: Option<Utf8Bytes>) {
+    pub(crate) fn go_live(
+        &self,
+        client: &ClientHandle,
+        subscribed: Subscribed,
+        ack: Option<Utf8Bytes>,
+    ) {
         let Some(position) = &subscribed.position else {
             if let Some(ack) = ack {
                 self.send(client, ack);
@@ -301,8 +308,8 @@ impl Hub {
             .map(|p| protocol::encode_publication(&subscribed.channel, p))
             .collect();
         let replayed = frames.len();
-        let bytes: usize = frames.iter().map(|f| f.len()).sum::<usize>()
-            + ack.as_ref().map_or(0, |a| a.len());
+        let bytes: usize =
+            frames.iter().map(|f| f.len()).sum::<usize>() + ack.as_ref().map_or(0, |a| a.len());
         frames.extend(ack);
         let released = self
             .registry
@@ -427,7 +434,7 @@ mod tests {
     use super::*;
     use crate::publication::Epoch;
 
-    fn history(epoch: &str, top: u64, offsets: std::ops::RangeInclusive<u64>) -> History {
+    fn history(epoch: &str, top: u64, offsets: std::ops::Range<u64>) -> History {
         let epoch = Epoch::parse(epoch).unwrap();
         History {
             top: Position {
@@ -459,11 +466,29 @@ mod tests {
 
     #[test]
     fn recovery_is_all_or_nothing() {
-        assert_eq!(recover(&since("e", 40), &history("e", 42, 41..=42)).map(|r| r.len()), Some(2));
-        assert_eq!(recover(&since("e", 42), &history("e", 42, 1..=0)).map(|r| r.len()), Some(0));
-        assert!(recover(&since("old", 40), &history("e", 42, 41..=42)).is_none(), "epoch");
-        assert!(recover(&since("e", 40), &history("e", 42, 42..=42)).is_none(), "trimmed");
-        assert!(recover(&since("e", 43), &history("e", 42, 1..=0)).is_none(), "ahead");
-        assert!(recover(&since("e", 10), &history("e", 42, 1..=0)).is_none(), "too many");
+        assert_eq!(
+            recover(&since("e", 40), &history("e", 42, 41..43)).map(|r| r.len()),
+            Some(2)
+        );
+        assert_eq!(
+            recover(&since("e", 42), &history("e", 42, 1..1)).map(|r| r.len()),
+            Some(0)
+        );
+        assert!(
+            recover(&since("old", 40), &history("e", 42, 41..43)).is_none(),
+            "epoch"
+        );
+        assert!(
+            recover(&since("e", 40), &history("e", 42, 42..43)).is_none(),
+            "trimmed"
+        );
+        assert!(
+            recover(&since("e", 43), &history("e", 42, 1..1)).is_none(),
+            "ahead"
+        );
+        assert!(
+            recover(&since("e", 10), &history("e", 42, 1..1)).is_none(),
+            "too many"
+        );
     }
 }

@@ -256,9 +256,8 @@ fn parse_since<'a>(
 ) -> Result<Option<Since>, RequestError<'a>> {
     let Some(raw) = raw else { return Ok(None) };
     let bad = |m: &'static str| RequestError::new(id, ErrorCode::BadRequest, m);
-    let since: RawSince<'_> = serde_json::from_str(raw.get()).map_err(|_| {
-        bad("since must be {\"epoch\":<string>,\"offset\":<integer>}")
-    })?;
+    let since: RawSince<'_> = serde_json::from_str(raw.get())
+        .map_err(|_| bad("since must be {\"epoch\":<string>,\"offset\":<integer>}"))?;
     let epoch = Epoch::parse(&since.epoch).ok_or_else(|| bad(SINCE_EPOCH))?;
     if since.offset > MAX_OFFSET {
         return Err(bad(SINCE_OFFSET));
@@ -726,8 +725,10 @@ mod tests {
 
     #[test]
     fn since_and_history_requests() {
-        match parse_request(r#"{"op":"sub","ch":"c:1","since":{"epoch":"k3x9","offset":40},"id":2}"#)
-            .unwrap()
+        match parse_request(
+            r#"{"op":"sub","ch":"c:1","since":{"epoch":"k3x9","offset":40},"id":2}"#,
+        )
+        .unwrap()
         {
             Request::Subscribe { since, .. } => assert_eq!(
                 since,
@@ -758,10 +759,7 @@ mod tests {
             assert_eq!(e.code, ErrorCode::BadRequest, "{bad}");
             assert_eq!(e.id.map(|i| i.as_json()), Some("1"), "{bad}");
         }
-        assert_eq!(
-            Since::parse_pair("k3x9", "40").unwrap().offset,
-            40
-        );
+        assert_eq!(Since::parse_pair("k3x9", "40").unwrap().offset, 40);
         assert!(Since::parse_pair("k3x9", "x").is_err());
     }
 
@@ -818,7 +816,10 @@ mod tests {
             Some(id),
             "c:1",
             &position,
-            &[publication(None, Some(41)), publication(Some("bo"), Some(42))],
+            &[
+                publication(None, Some(41)),
+                publication(Some("bo"), Some(42)),
+            ],
         ));
         assert_eq!(
             history,

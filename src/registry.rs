@@ -4,8 +4,10 @@
 //! A subscription to a channel with history starts *held back*: the fan-out keeps
 //! its frames (bounded by the client's queue size) while the hub reads what the
 //! client missed; [`Registry::release`] then queues the recovery, and the held frames
-//! the recovery did not already contain, in one critical section, so nothing is lost
-//! or doubled between the replay and live delivery.
+//! the recovery did not already contain, in one critical section. From then on the
+//! subscription drops frames at or below the position the recovery read (its
+//! *floor*): with Redis, the read and the live messages travel on different
+//! connections, so a message the read already returned may still arrive live.
 //!
 //! State lives in one place, [`Registry`], a cheap-to-clone handle. Both maps are
 //! `DashMap`s: sharded read/write locks, so a fan-out on one channel never waits for
@@ -46,6 +48,9 @@ struct Subscriber {
     handle: ClientHandle,
     /// Frames kept while the subscription recovers; `None` once it is live.
     held: Option<Box<HoldBack>>,
+    /// Offsets up to this one were delivered by the recovery: frames with an offset
+    /// at or below it are dropped. Reset by a `gap` (a new epoch starts over).
+    floor: AtomicU64,
 }
 
 /// Frames (with their offsets) that arrived while a subscription was recovering.
@@ -61,6 +66,9 @@ impl Subscriber {
     /// Queues (or holds back) one frame; returns whether it was queued now.
     fn send(&self, frame: &Utf8Bytes, offset: Option<u64>) -> bool {
         let Some(held) = &self.held else {
+            if offset.is_some_and(|o| o <= self.floor.load(Ordering::Relaxed)) {
+                return false;
+            }
             return self.handle.send(frame.clone());
         };
         let mut frames = held.frames.lock().unwrap_or_else(|e| e.into_inner());
@@ -148,6 +156,7 @@ impl Registry {
         let Some(subscriber) = subscribers.get_mut(&client.id()) else {
             return 0;
         };
+        subscriber.floor.store(after, Ordering::Relaxed);
         let held = subscriber.held.take();
         let held = held
             .map(|h| h.frames.into_inner().unwrap_or_else(|e| e.into_inner()))
@@ -185,6 +194,7 @@ impl Registry {
                 Subscriber {
                     handle: client.clone(),
                     held,
+                    floor: AtomicU64::new(0),
                 },
             );
         self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -253,6 +263,22 @@ impl Registry {
         subscribers
             .values()
             .filter(|subscriber| subscriber.send(frame, offset))
+            .count()
+    }
+
+    /// Queues a `gap` frame to every local subscriber of `channel` (held back for
+    /// those still recovering): what came before is lost, and offsets may start over
+    /// in a new epoch, so every floor is reset.
+    pub fn fanout_gap(&self, channel: &str, frame: &Utf8Bytes) -> usize {
+        let Some(subscribers) = self.shared.channels.get(channel) else {
+            return 0;
+        };
+        subscribers
+            .values()
+            .filter(|subscriber| {
+                subscriber.floor.store(0, Ordering::Relaxed);
+                subscriber.send(frame, None)
+            })
             .count()
     }
 
@@ -412,7 +438,15 @@ mod tests {
         let released = reg.release(&late, "h", 6, vec!["r5".into(), "r6".into(), "ack".into()]);
         assert_eq!(released, 1);
         reg.fanout("h", &"m8".into(), Some(8));
-        assert_eq!(rx_late.take_all(), ["r5", "r6", "ack", "m7", "m8"]);
+        // The same message may still arrive live after the recovery read it.
+        reg.fanout("h", &"m6-again".into(), Some(6));
+        reg.fanout("h", &"m9".into(), Some(9));
+        assert_eq!(rx_late.take_all(), ["r5", "r6", "ack", "m7", "m8", "m9"]);
+        assert_eq!(rx_live.take_all(), ["m8", "m6-again", "m9"]);
+        // A gap starts over: offsets of a new epoch are not held to the old floor.
+        reg.fanout_gap("h", &"gap".into());
+        reg.fanout("h", &"new1".into(), Some(1));
+        assert_eq!(rx_late.take_all(), ["gap", "new1"]);
     }
 
     #[test]

@@ -230,9 +230,7 @@ impl Session {
         let result = match request {
             Request::Subscribe { ch, since, .. } => self.subscribe(&ch, since, id).await,
             Request::Publish { ch, data, tp, .. } => {
-                let channel = ch
-                    .as_deref()
-                    .unwrap_or(&self.hub.config.default_channel);
+                let channel = ch.as_deref().unwrap_or(&self.hub.config.default_channel);
                 self.publish(channel, data, tp.as_deref())
                     .await
                     .map(|offset| match (id, offset) {

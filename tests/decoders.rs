@@ -1,10 +1,10 @@
 //! Random input for the two decoders that face untrusted bytes: client frames and
 //! envelopes from Redis. Runs in every test run (see `fuzz/` for long runs).
 
+use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 use wsrelay::envelope;
-use bytes::Bytes;
 use wsrelay::protocol::{self, ErrorCode, Request};
 use wsrelay::publication::{Epoch, Kind, Position, Publication};
 

@@ -102,18 +102,14 @@ impl Local {
     /// the local subscribers of `channel`, inside a delivery span when the publication
     /// is traced. Never waits. Returns how many subscribers got it queued.
     pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
-        let delivered = self
-            .tracing
-            .deliver(channel, &publication.traceparent, || {
-                let frame = protocol::encode_publication(channel, publication);
-                let delivered = self
-                    .registry
-                    .fanout(channel, &frame, publication.offset());
-                self.metrics
-                    .bytes_sent
-                    .inc_by((delivered * frame.len()) as u64);
-                delivered
-            });
+        let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
+            let frame = protocol::encode_publication(channel, publication);
+            let delivered = self.registry.fanout(channel, &frame, publication.offset());
+            self.metrics
+                .bytes_sent
+                .inc_by((delivered * frame.len()) as u64);
+            delivered
+        });
         self.metrics.messages_delivered.inc_by(delivered as u64);
         delivered
     }
@@ -122,7 +118,7 @@ impl Local {
     /// were lost (the history no longer holds them): they reload their state.
     pub fn gap(&self, channel: &str, position: &Position) {
         let frame = protocol::encode_gap(channel, position);
-        self.registry.fanout(channel, &frame, Some(position.offset));
+        self.registry.fanout_gap(channel, &frame);
         self.metrics.history_gap("lost");
         tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");
     }
@@ -239,7 +235,8 @@ fn select<'a>(
         }
         Some((epoch, offset)) => {
             if *epoch != top.epoch
-                || (request.all_or_nothing && top.offset.saturating_sub(*offset) > request.limit as u64)
+                || (request.all_or_nothing
+                    && top.offset.saturating_sub(*offset) > request.limit as u64)
             {
                 return Vec::new();
             }

@@ -432,8 +432,7 @@ impl Inner {
             .arg(since_offset)
             .arg(request.limit)
             .arg(if request.all_or_nothing { "1" } else { "0" });
-        let (epoch, top, entries): (String, u64, Vec<Vec<u8>>) =
-            script.invoke_async(conn).await?;
+        let (epoch, top, entries): (String, u64, Vec<Vec<u8>>) = script.invoke_async(conn).await?;
         let malformed = |what: String| -> redis::RedisError {
             (redis::ErrorKind::Parse, "malformed history in Redis", what).into()
         };
@@ -516,7 +515,10 @@ impl Inner {
 
     /// Brings the connection's subscriptions in line with the registry for the
     /// channels marked dirty.
-    async fn reconcile(self: &Arc<Self>, conn: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn reconcile(
+        self: &Arc<Self>,
+        conn: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
         let (to_subscribe, to_unsubscribe) = {
             let mut state = self.lock();
             let dirty = std::mem::take(&mut state.dirty);
@@ -738,9 +740,17 @@ async fn position_checks(inner: std::sync::Weak<Inner>, shutdown: CancellationTo
                     continue;
                 };
                 if top > *last {
-                    tracing::warn!(channel, last, top, "a quiet channel is behind its history: pub/sub delivery missed messages");
+                    tracing::warn!(
+                        channel,
+                        last,
+                        top,
+                        "a quiet channel is behind its history: pub/sub delivery missed messages"
+                    );
                 }
-                if let Some(repair) = inner.tracker.on_position(channel, Position { epoch, offset: top }) {
+                if let Some(repair) = inner
+                    .tracker
+                    .on_position(channel, Position { epoch, offset: top })
+                {
                     inner.spawn_repair(repair);
                 }
             }
@@ -857,8 +867,7 @@ mod tests {
             "20ms",
         ])
         .unwrap();
-        let broker =
-            RedisBroker::start(&url, Arc::new(config), local, shutdown.clone()).unwrap();
+        let broker = RedisBroker::start(&url, Arc::new(config), local, shutdown.clone()).unwrap();
         for i in 0..20 {
             let channel = format!("fresh-{i}");
             assert!(broker.subscribe(&channel).await.is_err());

@@ -774,3 +774,199 @@ pub async fn connect_with_headers(
         Err(e) => panic!("connect to {url}: {e}"),
     }
 }
+
+/// Nodes of one test topology, so one suite runs on each: a single node on the
+/// memory broker, or several nodes on one real Redis. `node(i)` wraps around, so a
+/// test written for three nodes runs unchanged on one.
+pub struct Topology {
+    pub redis: Option<RedisServer>,
+    pub nodes: Vec<TestNode>,
+}
+
+impl Topology {
+    /// One node with the in-process broker.
+    pub async fn memory(args: &[&str]) -> Topology {
+        let node = TestNode::start(args).await;
+        node.wait_ready().await;
+        Topology {
+            redis: None,
+            nodes: vec![node],
+        }
+    }
+
+    /// `n` nodes (ids n1, n2, …) sharing one new `redis-server`.
+    pub async fn redis(n: usize, args: &[&str]) -> Topology {
+        let redis = RedisServer::start().await;
+        let mut nodes = Vec::with_capacity(n);
+        for i in 1..=n {
+            nodes.push(TestNode::with_redis(&redis, &format!("n{i}"), args).await);
+        }
+        Topology {
+            redis: Some(redis),
+            nodes,
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &TestNode {
+        &self.nodes[i % self.nodes.len()]
+    }
+
+    pub fn name(&self) -> &'static str {
+        if self.redis.is_some() {
+            "redis"
+        } else {
+            "memory"
+        }
+    }
+}
+
+/// The `offset` of each frame.
+pub fn offsets(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| {
+            f["offset"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no offset in {f}"))
+        })
+        .collect()
+}
+
+impl Client {
+    /// `sub` with an optional `since` (epoch, offset): returns the frames that came
+    /// before the ack (the recovered messages), and the ack.
+    pub async fn sub_since(
+        &mut self,
+        ch: &str,
+        since: Option<(&str, u64)>,
+        id: u64,
+    ) -> (Vec<Value>, Value) {
+        let mut frame = json!({"op":"sub","ch":ch});
+        if let Some((epoch, offset)) = since {
+            frame["since"] = json!({"epoch": epoch, "offset": offset});
+        }
+        let mut before = Vec::new();
+        let ack = self.request(frame, id, &mut before).await;
+        (before, ack)
+    }
+
+    /// Publishes with an id; returns the ack (frames meanwhile are dropped).
+    pub async fn publish(&mut self, ch: &str, data: Value, id: u64) -> Value {
+        let mut stash = Vec::new();
+        self.request(json!({"op":"pub","ch":ch,"data":data}), id, &mut stash)
+            .await
+    }
+}
+
+/// A TCP proxy between a node and Redis that can turn *deaf*: it then drops the
+/// RESP3 push frames (`>`, pub/sub messages) Redis sends, and forwards everything
+/// else (replies to PING and other commands), so the node's subscriber connection
+/// looks healthy while it receives nothing.
+pub struct DeafProxy {
+    pub port: u16,
+    deaf: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DeafProxy {
+    pub async fn start(upstream_port: u16) -> DeafProxy {
+        use std::sync::atomic::AtomicBool;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let deaf = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = deaf.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, uw) = upstream.into_split();
+                let mut uw = uw;
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                });
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut pending: Vec<u8> = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        pending.extend_from_slice(&buf[..n]);
+                        let mut out = Vec::new();
+                        let mut at = 0;
+                        while let Some(len) = resp_frame_len(&pending[at..]) {
+                            let frame = &pending[at..at + len];
+                            let drop =
+                                frame[0] == b'>' && flag.load(std::sync::atomic::Ordering::Relaxed);
+                            if !drop {
+                                out.extend_from_slice(frame);
+                            }
+                            at += len;
+                        }
+                        pending.drain(..at);
+                        if !out.is_empty() && cw.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        DeafProxy { port, deaf, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on, pub/sub messages are dropped (or, with `false`, forwarded again).
+    pub fn set_deaf(&self, deaf: bool) {
+        self.deaf.store(deaf, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for DeafProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The length of the complete RESP2/RESP3 frame at the start of `buf`, if it is
+/// all there.
+fn resp_frame_len(buf: &[u8]) -> Option<usize> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let header = std::str::from_utf8(&buf[1..line_end]).ok()?;
+    let after = line_end + 2;
+    match buf.first()? {
+        b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => Some(after),
+        b'$' | b'!' | b'=' => {
+            let len: i64 = header.parse().ok()?;
+            if len < 0 {
+                return Some(after);
+            }
+            let end = after + len as usize + 2;
+            (buf.len() >= end).then_some(end)
+        }
+        kind @ (b'*' | b'~' | b'>' | b'%' | b'|') => {
+            let n: i64 = header.parse().ok()?;
+            if n < 0 {
+                return Some(after);
+            }
+            let elements = if matches!(kind, b'%' | b'|') {
+                2 * n
+            } else {
+                n
+            };
+            let mut at = after;
+            for _ in 0..elements {
+                at += resp_frame_len(&buf[at..])?;
+            }
+            Some(at)
+        }
+        _ => panic!("unexpected RESP type byte {:?}", buf[0] as char),
+    }
+}

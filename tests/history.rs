@@ -1,0 +1,840 @@
+//! History and recovery, end to end: real nodes, real WebSocket clients and, for the
+//! Redis topology, a real `redis-server` (killed, restarted, or cut off where a test
+//! says so). Each scenario that does not need Redis itself runs on both topologies:
+//! one node on the memory broker, and three nodes sharing one Redis.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{
+    Client, DeafProxy, RedisServer, TestNode, Topology, WAIT, http_request, metric, offsets,
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::time::timeout;
+
+const API_KEY: &str = "api-key-0123456789abcdef";
+
+/// Publishers fast enough for the tests, and the API.
+const FLAGS: &[&str] = &[
+    "--publish-rate",
+    "100000",
+    "--publish-burst",
+    "100000",
+    "--api-key",
+    API_KEY,
+];
+
+/// A `--config` file giving the `chat` namespace `history_size` messages of history
+/// (every other channel has none).
+fn chat_history(history_size: usize) -> String {
+    let path = std::env::temp_dir().join(format!(
+        "wsrelay-history-{}-{history_size}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        format!("[namespaces.chat]\nhistory-size = {history_size}\n"),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn flags(history_size: usize, extra: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = vec!["--config".into(), chat_history(history_size)];
+    all.extend(FLAGS.iter().chain(extra).map(|f| f.to_string()));
+    all
+}
+
+async fn memory(history_size: usize, extra: &[&str]) -> Topology {
+    let flags = flags(history_size, extra);
+    Topology::memory(&flags.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
+async fn redis(history_size: usize, extra: &[&str]) -> Topology {
+    let flags = flags(history_size, extra);
+    Topology::redis(3, &flags.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
+fn epoch_of(frame: &Value) -> String {
+    frame["epoch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no epoch in {frame}"))
+        .to_owned()
+}
+
+/// The position of `ch` in a `welcome` frame.
+fn welcome_position(client: &Client, ch: &str) -> Value {
+    client.welcome["positions"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["ch"] == ch))
+        .unwrap_or_else(|| panic!("no position of {ch} in {}", client.welcome))
+        .clone()
+}
+
+async fn publish_range(publisher: &mut Client, ch: &str, range: std::ops::RangeInclusive<u64>) {
+    for i in range {
+        let ack = publisher.publish(ch, json!({"n": i}), i).await;
+        assert_eq!(ack, json!({"op":"ack","id":i,"offset":i}), "pub {i}");
+    }
+}
+
+// 1 and 5: a client reads 1..10 on one node, goes away while 20 more are published
+// on another, and comes back on a third with `since`.
+
+async fn recovery_across_nodes(t: Topology) {
+    let ch = "chat:recover";
+    let mut publisher = t.node(0).client("channel=side").await;
+    let mut reader = t.node(1).client(&format!("channel={ch}")).await;
+    let position = welcome_position(&reader, ch);
+    assert_eq!(position["offset"], 0, "{}", t.name());
+    let epoch = epoch_of(&position);
+
+    publish_range(&mut publisher, ch, 1..=10).await;
+    let got = reader.recv_msgs(10).await;
+    assert_eq!(offsets(&got), (1..=10).collect::<Vec<_>>());
+    assert_eq!(
+        got[0],
+        json!({"op":"msg","ch":ch,"offset":1,"data":{"n":1}})
+    );
+    drop(reader);
+
+    publish_range(&mut publisher, ch, 11..=30).await;
+    let mut back = t.node(2).client("channel=other").await;
+    let (recovered, ack) = back.sub_since(ch, Some((&epoch, 10)), 1).await;
+    assert_eq!(offsets(&recovered), (11..=30).collect::<Vec<_>>());
+    assert_eq!(recovered[19]["data"], json!({"n": 30}));
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":1,"epoch":epoch,"offset":30,"recovered":true})
+    );
+    // Live from 31 on, nothing twice.
+    publish_range(&mut publisher, ch, 31..=32).await;
+    assert_eq!(offsets(&back.recv_msgs(2).await), vec![31, 32]);
+    assert!(back.try_recv(Duration::from_millis(200)).await.is_none());
+
+    // Nothing missed: recovered, no replay.
+    let mut current = t.node(1).client("channel=other").await;
+    let (recovered, ack) = current.sub_since(ch, Some((&epoch, 32)), 2).await;
+    assert!(recovered.is_empty(), "{recovered:?}");
+    assert_eq!(ack["recovered"], true);
+    // A plain `sub` on a history channel carries the position.
+    let mut plain = t.node(1).client("channel=other").await;
+    let (before, ack) = plain.sub_since(ch, None, 3).await;
+    assert!(before.is_empty());
+    assert_eq!(ack, json!({"op":"ack","id":3,"epoch":epoch,"offset":32}));
+
+    // Recovery at connect: welcome first, then what was missed, then live.
+    let mut again = t
+        .node(0)
+        .client(&format!("channel={ch}&since={ch}:{epoch}:28"))
+        .await;
+    assert_eq!(
+        again.welcome["positions"],
+        json!([{"ch":ch,"epoch":epoch,"offset":32,"recovered":true}])
+    );
+    assert_eq!(offsets(&again.recv_msgs(4).await), vec![29, 30, 31, 32]);
+    publish_range(&mut publisher, ch, 33..=33).await;
+    assert_eq!(offsets(&again.recv_msgs(1).await), vec![33]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_across_nodes_memory() {
+    recovery_across_nodes(memory(5000, &[]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_across_nodes_redis() {
+    recovery_across_nodes(redis(5000, &[]).await).await;
+}
+
+// 2: a publisher at full rate while 20 clients keep disconnecting and recovering
+// on other nodes; every client's offsets are strictly consecutive.
+
+async fn recovery_races_a_publisher(t: Topology) {
+    const READERS: usize = 20;
+    const MESSAGES: u64 = 3000;
+    let ch = "chat:race";
+    let urls: Vec<String> = (0..3).map(|i| t.node(i).ws_url("")).collect();
+    // The final offset, once the publisher is done (0 until then).
+    let last_published = Arc::new(AtomicU64::new(0));
+
+    let publisher = {
+        let url = t.node(0).ws_url("channel=pubside");
+        let last_published = last_published.clone();
+        tokio::spawn(async move {
+            let mut c = Client::connect(&url).await;
+            // 1 ms ticks catch up after a late one: at least 1,000 publishes/s.
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let started = std::time::Instant::now();
+            for i in 1..MESSAGES {
+                tick.tick().await;
+                c.send(json!({"op":"pub","ch":ch,"data":i})).await;
+            }
+            let ack = c.publish(ch, json!(MESSAGES), 1).await;
+            let elapsed = started.elapsed();
+            last_published.store(ack["offset"].as_u64().unwrap(), Ordering::SeqCst);
+            elapsed
+        })
+    };
+
+    let mut readers = Vec::new();
+    for r in 0..READERS {
+        let urls = urls.clone();
+        let last_published = last_published.clone();
+        readers.push(tokio::spawn(async move {
+            let base = |i: usize| urls[i % urls.len()].clone();
+            let mut client = Client::connect(&format!("{}?channel={ch}", base(r))).await;
+            let position = welcome_position(&client, ch);
+            let epoch = epoch_of(&position);
+            let mut last = position["offset"].as_u64().unwrap();
+            let mut reconnects = 0u32;
+            let mut received = 0u64;
+            let mut hop = r;
+            let mut seen = Vec::new();
+            let mut idle_since = std::time::Instant::now();
+            loop {
+                let done = last_published.load(Ordering::SeqCst);
+                if done != 0 && last >= done {
+                    return (received, reconnects);
+                }
+                // Leave after a few dozen messages, then come back on the next node.
+                if received > 0 && received.is_multiple_of(20 + r as u64 * 3) && done == 0 {
+                    drop(client);
+                    hop += 1;
+                    let url = format!("{}?channel={ch}&since={ch}:{epoch}:{last}", base(hop));
+                    client = Client::connect(&url).await;
+                    let position = welcome_position(&client, ch);
+                    assert_eq!(position["recovered"], true, "reader {r}: {position}");
+                    assert_eq!(epoch_of(&position), epoch);
+                    reconnects += 1;
+                }
+                // Short waits: the publisher may finish just after this reader got
+                // the last message, and the loop must see that.
+                let Some(frame) = client.try_recv(Duration::from_millis(100)).await else {
+                    assert!(
+                        idle_since.elapsed() < WAIT,
+                        "reader {r}: nothing after {last} (published: {})",
+                        last_published.load(Ordering::SeqCst),
+                    );
+                    continue;
+                };
+                idle_since = std::time::Instant::now();
+                assert_eq!(frame["op"], "msg", "reader {r}: {frame}");
+                let offset = frame["offset"].as_u64().unwrap();
+                seen.push(offset);
+                assert_eq!(
+                    offset,
+                    last + 1,
+                    "reader {r} conn {}: offsets must be consecutive: {:?}",
+                    client.welcome["conn"],
+                    &seen[seen.len().saturating_sub(12)..]
+                );
+                last = offset;
+                received += 1;
+            }
+        }));
+    }
+    let elapsed = timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("publisher in time")
+        .unwrap();
+    let rate = MESSAGES as f64 / elapsed.as_secs_f64();
+    let mut total_reconnects = 0;
+    for reader in readers {
+        let (received, reconnects) = timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("reader in time")
+            .unwrap();
+        assert!(received > 0);
+        total_reconnects += reconnects;
+    }
+    assert!(
+        total_reconnects >= READERS as u32 * 5,
+        "{total_reconnects} reconnects"
+    );
+    eprintln!(
+        "{}: {MESSAGES} messages at {rate:.0}/s, {total_reconnects} recoveries, all consecutive",
+        t.name()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_races_a_publisher_memory() {
+    recovery_races_a_publisher(memory(5000, &[]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_races_a_publisher_redis() {
+    recovery_races_a_publisher(redis(5000, &[]).await).await;
+}
+
+// 3: history that no longer holds what a client missed is not recovered, never in
+// part.
+
+async fn trimmed_history_is_not_recovered(t: Topology) {
+    let ch = "chat:trim";
+    let mut publisher = t.node(0).client(&format!("channel={ch}")).await;
+    let epoch = epoch_of(&welcome_position(&publisher, ch));
+    publish_range(&mut publisher, ch, 1..=50).await;
+
+    let mut c = t.node(1).client("channel=other").await;
+    let (before, ack) = c.sub_since(ch, Some((&epoch, 5)), 1).await;
+    assert!(
+        before.is_empty(),
+        "nothing of a partial recovery: {before:?}"
+    );
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":1,"epoch":epoch,"offset":50,"recovered":false})
+    );
+    // Live delivery goes on after a failed recovery.
+    publish_range(&mut publisher, ch, 51..=51).await;
+    assert_eq!(offsets(&c.recv_msgs(1).await), vec![51]);
+
+    let mut c = t.node(2).client("channel=other").await;
+    let (before, ack) = c.sub_since(ch, Some((&epoch, 45)), 2).await;
+    assert_eq!(offsets(&before), (46..=51).collect::<Vec<_>>());
+    assert_eq!(ack["recovered"], true);
+
+    for (since, what) in [
+        (("zzzz9", 45), "another epoch"),
+        ((epoch.as_str(), 99), "ahead"),
+    ] {
+        let mut c = t.node(1).client("channel=other").await;
+        let (before, ack) = c.sub_since(ch, Some(since), 3).await;
+        assert!(before.is_empty(), "{what}");
+        assert_eq!(ack["recovered"], false, "{what}: {ack}");
+        assert_eq!(ack["epoch"], json!(epoch), "{what}: the current epoch");
+    }
+
+    // More missed than --max-recovery (20 here) is not replayed either.
+    let mut c = t.node(1).client("channel=other").await;
+    let (before, ack) = c.sub_since(ch, Some((&epoch, 30)), 4).await;
+    assert!(before.is_empty());
+    assert_eq!(ack["recovered"], false);
+
+    // Without an id there is no ack: the failed recovery comes as a gap.
+    c.send(json!({"op":"sub","ch":"chat:trim2","since":{"epoch":"zzzz9","offset":1}}))
+        .await;
+    let gap = c.recv().await;
+    assert_eq!(gap["op"], "gap", "{gap}");
+    assert_eq!(gap["ch"], "chat:trim2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_is_not_recovered_memory() {
+    trimmed_history_is_not_recovered(memory(10, &["--max-recovery", "20"]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_is_not_recovered_redis() {
+    let t = redis(10, &["--max-recovery", "20"]).await;
+    trimmed_history_is_not_recovered(t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_keeps_exactly_history_size_entries() {
+    let t = redis(10, &[]).await;
+    let mut publisher = t.node(0).client("channel=other").await;
+    publish_range(&mut publisher, "chat:exact", 1..=25).await;
+    let mut conn = t.redis.as_ref().unwrap().connection().await.unwrap();
+    let len: u64 = redis::cmd("XLEN")
+        .arg("wsrelay:{chat:exact}:stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 10, "exact MAXLEN, not approximate");
+}
+
+// 3: Redis restarted without its data: the epoch changes; subscribers that stayed
+// are told with a gap, and recovery with the old epoch fails.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_losing_its_data_changes_the_epoch() {
+    let mut t = redis(5000, &[]).await;
+    let ch = "chat:restart";
+    let mut stayer = t.node(1).client(&format!("channel={ch}")).await;
+    let old = epoch_of(&welcome_position(&stayer, ch));
+    let mut publisher = t.node(0).client("channel=other").await;
+    publish_range(&mut publisher, ch, 1..=5).await;
+    assert_eq!(
+        offsets(&stayer.recv_msgs(5).await),
+        (1..=5).collect::<Vec<_>>()
+    );
+
+    t.redis.as_mut().unwrap().restart().await;
+    // Node 2 re-subscribes, reads the new position and tells its subscriber.
+    let gap = stayer.recv().await;
+    assert_eq!(gap["op"], "gap", "{gap}");
+    let new = epoch_of(&gap);
+    assert_ne!(new, old);
+    assert_eq!(gap["offset"], 0);
+
+    for node in &t.nodes {
+        node.wait_ready().await;
+    }
+    // The first publish after the restart may find the publishing connection broken
+    // (`unavailable`, as documented); it reconnects.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ack = loop {
+        let reply = publisher.publish(ch, json!("after"), 1).await;
+        if reply["op"] == "ack" {
+            break reply;
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        assert!(tokio::time::Instant::now() < deadline, "{reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ack["offset"], 1, "offsets start again in the new epoch");
+    let msg = stayer.recv().await;
+    assert_eq!(
+        (msg["op"].clone(), msg["offset"].clone()),
+        (json!("msg"), json!(1))
+    );
+
+    let mut late = t.node(2).client("channel=other").await;
+    let (before, ack) = late.sub_since(ch, Some((&old, 5)), 2).await;
+    assert!(before.is_empty());
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":2,"epoch":new,"offset":1,"recovered":false})
+    );
+}
+
+// 4: the node repairs its own gaps: its pub/sub connection dropped (and kept out
+// for a while), or deaf without being closed.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pubsub_connection_is_repaired_from_history() {
+    let t = redis(5000, &[]).await;
+    let redis_server = t.redis.as_ref().unwrap();
+    let ch = "chat:kill";
+    let mut subscribers = Vec::new();
+    for i in 0..3 {
+        subscribers.push(t.node(i).client(&format!("channel={ch}")).await);
+    }
+    // A steady publisher through node 1.
+    let publisher = {
+        let url = t.node(0).ws_url("channel=pubside");
+        tokio::spawn(async move {
+            let mut c = Client::connect(&url).await;
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            for i in 1..=600u64 {
+                tick.tick().await;
+                c.send(json!({"op":"pub","ch":ch,"data":i})).await;
+            }
+            c.publish(ch, json!("end"), 1).await["offset"]
+                .as_u64()
+                .unwrap()
+        })
+    };
+    let mut admin = redis_server.connection().await.unwrap();
+    // Connected (and subscribed) before the outages: it publishes during them.
+    let mut side = Client::connect(&t.node(0).ws_url("channel=other")).await;
+    let mut restored = Vec::new();
+    for _ in 0..2 {
+        // Let some traffic through, then cut every node's subscriber connection and
+        // keep the nodes from reconnecting while messages go on being published.
+        subscribers[0]
+            .recv_msgs(50)
+            .await
+            .into_iter()
+            .for_each(|m| restored.push(m));
+        // Every node subscribed again (after the previous round).
+        redis_server.wait_numsub(ch, 3).await;
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let connected = clients.lines().count();
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(connected - 3)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert_eq!(killed, 3, "one subscriber connection per node");
+        for i in 0..20 {
+            side.publish(ch, json!({"during": i}), 100 + i).await;
+        }
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxclients")
+            .arg(10_000)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let last = timeout(Duration::from_secs(30), publisher)
+        .await
+        .expect("publisher in time")
+        .unwrap();
+    assert_eq!(last, 641, "600 + 2 x 20 + 1 published");
+
+    // Node 1's subscriber: the frames taken above, then the rest.
+    let mut first = restored;
+    let rest = subscribers[0].recv_msgs(last as usize - first.len()).await;
+    first.extend(rest);
+    assert_eq!(offsets(&first), (1..=last).collect::<Vec<_>>(), "node 1");
+    for (i, s) in subscribers.iter_mut().enumerate().skip(1) {
+        let got = s.recv_msgs(last as usize).await;
+        assert_eq!(
+            offsets(&got),
+            (1..=last).collect::<Vec<_>>(),
+            "node {}",
+            i + 1
+        );
+        assert!(
+            s.try_recv(Duration::from_millis(100)).await.is_none(),
+            "nothing twice"
+        );
+    }
+    let mut repaired = 0.0;
+    for node in &t.nodes {
+        let text = node.handle.metrics_text();
+        repaired += metric(&text, "wsrelay_history_repaired_messages_total");
+        assert_eq!(
+            metric(&text, r#"wsrelay_history_gaps_total{outcome="lost"}"#),
+            0.0
+        );
+    }
+    assert!(
+        repaired >= 3.0 * 40.0,
+        "each node repaired what it missed: {repaired}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deaf_subscriber_connection_is_noticed_by_the_position_check() {
+    let redis_server = RedisServer::start().await;
+    let proxy = DeafProxy::start(redis_server.port).await;
+    let flags = flags(5000, &["--position-check-interval", "300ms"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let n1 = TestNode::with_redis(&redis_server, "n1", &flags).await;
+    let url = proxy.url();
+    let n2 =
+        TestNode::start(&[flags.as_slice(), &["--redis-url", &url, "--node-id", "n2"]].concat())
+            .await;
+    n2.wait_ready().await;
+    let ch = "chat:deaf";
+    let mut far = n2.client(&format!("channel={ch}")).await;
+    let mut publisher = n1.client(&format!("channel={ch}")).await;
+    publish_range(&mut publisher, ch, 1..=3).await;
+    assert_eq!(offsets(&far.recv_msgs(3).await), vec![1, 2, 3]);
+
+    proxy.set_deaf(true);
+    publish_range(&mut publisher, ch, 4..=20).await;
+    // Nothing arrives by pub/sub; the position check finds the channel behind.
+    assert_eq!(
+        offsets(&far.recv_msgs(17).await),
+        (4..=20).collect::<Vec<_>>()
+    );
+    assert!(
+        n2.handle.is_ready(),
+        "the connection itself looked healthy throughout"
+    );
+    proxy.set_deaf(false);
+    publish_range(&mut publisher, ch, 21..=22).await;
+    assert_eq!(offsets(&far.recv_msgs(2).await), vec![21, 22]);
+    let text = n2.handle.metrics_text();
+    assert!(
+        metric(&text, "wsrelay_history_repaired_messages_total") >= 17.0,
+        "{text}"
+    );
+    assert!(metric(&text, r#"wsrelay_history_gaps_total{outcome="repaired"}"#) >= 1.0);
+}
+
+// 6: the `history` request and `GET /api/history`.
+
+async fn history_requests(t: Topology) {
+    let ch = "chat:hist";
+    let mut c = t.node(0).client("channel=other").await;
+    let mut publisher = t.node(1).client("channel=other").await;
+    publish_range(&mut publisher, ch, 1..=8).await;
+
+    let mut stash = Vec::new();
+    let reply = c
+        .request(json!({"op":"history","ch":ch}), 1, &mut stash)
+        .await;
+    assert_eq!(reply["op"], "history", "{reply}");
+    assert_eq!(reply["offset"], 8);
+    let epoch = epoch_of(&reply);
+    assert_eq!(
+        offsets(reply["messages"].as_array().unwrap()),
+        vec![4, 5, 6, 7, 8],
+        "latest, capped by --max-history-limit"
+    );
+    assert_eq!(reply["messages"][0], json!({"offset":4,"data":{"n":4}}));
+    let reply = c
+        .request(json!({"op":"history","ch":ch,"limit":2}), 2, &mut stash)
+        .await;
+    assert_eq!(offsets(reply["messages"].as_array().unwrap()), vec![7, 8]);
+    let reply = c
+        .request(
+            json!({"op":"history","ch":ch,"since":{"epoch":epoch,"offset":2},"limit":3}),
+            3,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(
+        offsets(reply["messages"].as_array().unwrap()),
+        vec![3, 4, 5]
+    );
+    let reply = c
+        .request(json!({"op":"history","ch":ch,"limit":0}), 4, &mut stash)
+        .await;
+    assert_eq!(
+        reply,
+        json!({"op":"history","id":4,"ch":ch,"epoch":epoch,"offset":8,"messages":[]})
+    );
+    let reply = c
+        .request(
+            json!({"op":"history","ch":ch,"since":{"epoch":"other1","offset":2}}),
+            5,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(reply["messages"], json!([]), "another epoch: nothing of it");
+
+    for (request, code) in [
+        (json!({"op":"history","ch":"plain"}), "bad_request"),
+        (json!({"op":"history","ch":"bad name"}), "invalid_channel"),
+        (json!({"op":"history"}), "bad_request"),
+        (json!({"op":"history","ch":ch,"limit":"x"}), "bad_request"),
+        (
+            json!({"op":"history","ch":ch,"since":{"epoch":"e"}}),
+            "bad_request",
+        ),
+        (
+            json!({"op":"sub","ch":"plain","since":{"epoch":"e","offset":1}}),
+            "bad_request",
+        ),
+    ] {
+        let reply = c.request(request.clone(), 9, &mut stash).await;
+        assert_eq!(
+            (reply["op"].clone(), reply["code"].clone()),
+            (json!("error"), json!(code)),
+            "{request}"
+        );
+    }
+    assert!(stash.is_empty(), "{stash:?}");
+
+    let addr = t.node(2).addr;
+    let auth = format!("Bearer {API_KEY}");
+    let get = |path: String| {
+        let auth = auth.clone();
+        async move {
+            let (status, body) =
+                http_request(addr, "GET", &path, &[("authorization", auth.as_str())], b"").await;
+            (
+                status,
+                serde_json::from_str::<Value>(&body).unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (status, body) = get(format!("/api/history?ch={ch}&limit=2")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"ch":ch,"epoch":epoch,"offset":8,"messages":[{"offset":7,"data":{"n":7}},{"offset":8,"data":{"n":8}}]})
+    );
+    let (_, body) = get(format!("/api/history?ch={ch}&since_offset=6&epoch={epoch}")).await;
+    assert_eq!(offsets(body["messages"].as_array().unwrap()), vec![7, 8]);
+    for (path, status, code) in [
+        ("/api/history?ch=plain".to_owned(), 400, "bad_request"),
+        ("/api/history?ch=a%20b".to_owned(), 400, "invalid_channel"),
+        ("/api/history".to_owned(), 400, "bad_request"),
+        (format!("/api/history?ch={ch}&limit=-1"), 400, "bad_request"),
+        (
+            format!("/api/history?ch={ch}&since_offset=1"),
+            400,
+            "bad_request",
+        ),
+    ] {
+        let (got, body) = get(path.clone()).await;
+        assert_eq!(
+            (got, body["error"].clone()),
+            (status, json!(code)),
+            "{path}"
+        );
+    }
+    let (status, _) = http_request(addr, "GET", &format!("/api/history?ch={ch}"), &[], b"").await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_requests_memory() {
+    history_requests(memory(5000, &["--max-history-limit", "5"]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_requests_redis() {
+    history_requests(redis(5000, &["--max-history-limit", "5"]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_needs_the_permission_to_subscribe() {
+    const SECRET: &str = "test-secret-of-some-length";
+    let flags = flags(5000, &["--jwt-secret", SECRET]);
+    let node = TestNode::start(&flags.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub":"u","exp":exp,"channels":["chat:open"],"publish":["chat:*"]}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut c = node
+        .client(&format!("channel=chat:open&token={token}"))
+        .await;
+    let mut stash = Vec::new();
+    let reply = c
+        .request(json!({"op":"history","ch":"chat:open"}), 1, &mut stash)
+        .await;
+    assert_eq!(reply["op"], "history");
+    let reply = c
+        .request(json!({"op":"history","ch":"chat:closed"}), 2, &mut stash)
+        .await;
+    assert_eq!(reply["code"], "forbidden", "{reply}");
+    let reply = c
+        .request(
+            json!({"op":"sub","ch":"chat:closed","since":{"epoch":"e1","offset":0}}),
+            3,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(reply["code"], "forbidden", "{reply}");
+}
+
+// 7: an idle channel's messages expire after --history-ttl; its position stays.
+
+async fn idle_history_expires_but_the_position_stays(t: Topology) {
+    let ch = "chat:ttl";
+    let mut publisher = t.node(0).client("channel=other").await;
+    publish_range(&mut publisher, ch, 1..=3).await;
+    let mut stash = Vec::new();
+    let reply = publisher
+        .request(json!({"op":"history","ch":ch}), 10, &mut stash)
+        .await;
+    let epoch = epoch_of(&reply);
+    assert_eq!(
+        offsets(reply["messages"].as_array().unwrap()),
+        vec![1, 2, 3]
+    );
+
+    if let Some(redis) = &t.redis {
+        let mut conn = redis.connection().await.unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let exists: u64 = redis::cmd("EXISTS")
+                .arg("wsrelay:{chat:ttl}:stream")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if exists == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the stream did not expire"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg("wsrelay:{chat:ttl}:meta")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 86_400_000,
+            "the meta key outlives the stream: {ttl} ms"
+        );
+    }
+    // Poll the history until its messages are gone (the memory broker expires them
+    // on access).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let reply = loop {
+        let reply = publisher
+            .request(json!({"op":"history","ch":ch}), 11, &mut stash)
+            .await;
+        if reply["messages"] == json!([]) {
+            break reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history did not expire: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (epoch_of(&reply), reply["offset"].clone()),
+        (epoch.clone(), json!(3))
+    );
+
+    // "Nothing new" for a client that saw everything, "lost" for one that did not.
+    let mut c = t.node(1).client("channel=other").await;
+    let (before, ack) = c.sub_since(ch, Some((&epoch, 3)), 1).await;
+    assert!(before.is_empty());
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let (before, ack) = c.sub_since("chat:ttl2", None, 2).await;
+    assert!(before.is_empty() && ack["offset"] == 0);
+    let mut c = t.node(2).client("channel=other").await;
+    let (_, ack) = c.sub_since(ch, Some((&epoch, 1)), 3).await;
+    assert_eq!(ack["recovered"], false, "{ack}");
+    // Publishing again continues the offsets.
+    let ack = publisher.publish(ch, json!(4), 12).await;
+    assert_eq!(ack["offset"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_history_expires_but_the_position_stays_memory() {
+    idle_history_expires_but_the_position_stays(memory(5000, &["--history-ttl", "1s"]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_history_expires_but_the_position_stays_redis() {
+    idle_history_expires_but_the_position_stays(redis(5000, &["--history-ttl", "1s"]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_without_history_are_unchanged() {
+    let t = Topology::memory(&[]).await;
+    let mut c = t.node(0).client("channel=room").await;
+    assert!(c.welcome.get("positions").is_none(), "{}", c.welcome);
+    let (before, ack) = c.sub_since("room2", None, 1).await;
+    assert!(before.is_empty());
+    assert_eq!(ack, json!({"op":"ack","id":1}));
+    let mut frames = Vec::new();
+    let ack = c
+        .request(json!({"op":"pub","ch":"room","data":"hi"}), 2, &mut frames)
+        .await;
+    assert_eq!(ack, json!({"op":"ack","id":2}));
+    if frames.is_empty() {
+        frames.push(c.recv().await);
+    }
+    assert_eq!(frames, vec![json!({"op":"msg","ch":"room","data":"hi"})]);
+    let refused =
+        common::connect_with_headers(&t.node(0).ws_url("channel=room&since=room:e1:3"), &[]).await;
+    let Err((status, body)) = refused else {
+        panic!("since on a channel without history must be refused");
+    };
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("no history"), "{body}");
+}
