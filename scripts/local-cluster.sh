@@ -53,6 +53,7 @@ i=0
 for port in $NODE_PORTS; do
   i=$((i + 1))
   WSRELAY_LISTEN="127.0.0.1:$port" WSRELAY_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" WSRELAY_NODE_ID="node$i" \
+    WSRELAY_HISTORY_SIZE=100 WSRELAY_CONFIG=deploy/wsrelay.toml \
     "$WSRELAY_BIN" 2>"$work/node$i.log" &
   pids+=($!)
   echo "        server 127.0.0.1:$port max_fails=1 fail_timeout=2s;" >> "$work/upstreams"

@@ -67,6 +67,19 @@ validate "$out/helm.yaml" "helm template (defaults)"
 "$tools/helm" template wsrelay "$chart" --namespace wsrelay --set redis.existingSecret=wsrelay-redis \
   --set ingress.enabled=true --set autoscaling.enabled=false --set otel.endpoint=http://collector:4317 > "$out/helm-all.yaml"
 validate "$out/helm-all.yaml" "helm template (secret, ingress, fixed replicas, traces)"
+# The config file each render ships must be TOML with the per-namespace sections the
+# values ask for (the Rust tests load k8s/base/wsrelay.toml with the relay's own parser).
+"$tools/venv/bin/python" - "$out/base.yaml" "$out/helm.yaml" <<'PY'
+import sys, tomllib, yaml
+for path in sys.argv[1:]:
+    files = [d["data"]["wsrelay.toml"] for d in yaml.safe_load_all(open(path))
+             if d and d.get("kind") == "ConfigMap" and "wsrelay.toml" in d.get("data", {})]
+    assert len(files) == 1, f"{path}: expected one ConfigMap with wsrelay.toml, found {len(files)}"
+    config = tomllib.loads(files[0])
+    chat = config["namespaces"]["chat"]
+    assert chat["history-size"] == 100 and chat["history-ttl"] == "10m", f"{path}: {chat}"
+    print(f"ok: wsrelay.toml in {path.rsplit('/', 1)[-1]}")
+PY
 
 docker-compose -f docker-compose.yml config -q
 docker-compose -f docker-compose.yml --profile observability config -q

@@ -801,6 +801,23 @@ history-size = 0
     }
 
     #[test]
+    fn the_shipped_config_files_load() {
+        for (name, text) in [
+            (
+                "k8s/base/wsrelay.toml",
+                include_str!("../k8s/base/wsrelay.toml"),
+            ),
+            (
+                "deploy/wsrelay.toml",
+                include_str!("../deploy/wsrelay.toml"),
+            ),
+        ] {
+            let c = with_file(text, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(c.channel_options("chat:1").has_history(), "{name}");
+        }
+    }
+
+    #[test]
     fn generated_node_ids_differ() {
         let c = parse(&[]).unwrap();
         assert_ne!(c.resolved_node_id(), c.resolved_node_id());

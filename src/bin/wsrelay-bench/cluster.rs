@@ -84,6 +84,7 @@ impl Cluster {
                 // A benchmark publisher sends far above the per-connection default
                 // (100/s); --node-arg flags come later and win.
                 .args(["--publish-rate", "100000000", "--publish-burst", "10000000"])
+                .args(["--history-size", &target.history.to_string()])
                 .args(&target.node_args)
                 .env("RUST_LOG", "warn")
                 .envs(otel_env.iter().map(|(k, v)| (k, v)))

@@ -38,6 +38,10 @@ pub(crate) struct FanoutArgs {
     /// Longest wait after publishing for deliveries still in flight.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     drain: Duration,
+    /// After the run, time recoveries of this many missed messages (needs history
+    /// on the nodes, at least this deep). 0: none.
+    #[arg(long, default_value_t = 0)]
+    recover: u64,
 }
 
 /// What one subscriber saw: the latency of each delivery, in microseconds. A plain
@@ -156,10 +160,17 @@ pub(crate) async fn run(
         }
     }
     let published: u64 = published_per_channel.iter().sum();
+    let recovery = if args.recover > 0 {
+        Some(time_recoveries(&urls[0], target.read_buffer, args.recover).await?)
+    } else {
+        None
+    };
     let deliveries_per_s = got as f64 / elapsed.as_secs_f64();
     let q = |p: f64| Duration::from_micros(latency.value_at_quantile(p));
     let server_cpu_per_million =
         server_cpu.map(|cpu| cpu.as_secs_f64() / (got.max(1) as f64 / 1e6));
+    let server_cpu_per_thousand_publishes =
+        server_cpu.map(|cpu| cpu.as_secs_f64() / (published.max(1) as f64 / 1e3));
 
     eprintln!();
     eprintln!(
@@ -195,10 +206,24 @@ pub(crate) async fn run(
         own_cpu.as_secs_f64(),
         100.0 * own_cpu.as_secs_f64() / elapsed.as_secs_f64()
     );
-    if let (Some(cpu), Some(per_m)) = (server_cpu, server_cpu_per_million) {
+    if let (Some(cpu), Some(per_m), Some(per_k)) = (
+        server_cpu,
+        server_cpu_per_million,
+        server_cpu_per_thousand_publishes,
+    ) {
         eprintln!(
-            "  server CPU (nodes+redis)  {:.2} s = {per_m:.2} CPU-s per million deliveries",
+            "  server CPU (nodes+redis)  {:.2} s = {per_m:.2} CPU-s per million deliveries, {per_k:.4} per thousand publishes",
             cpu.as_secs_f64()
+        );
+    }
+    if let Some(times) = &recovery {
+        eprintln!(
+            "  recovery of {} messages  median {} (min {}, max {}, {} runs)",
+            args.recover,
+            ms(times[times.len() / 2]),
+            ms(times[0]),
+            ms(times[times.len() - 1]),
+            times.len()
         );
     }
     let report = json!({
@@ -226,9 +251,83 @@ pub(crate) async fn run(
         "loadgen_cpu_s": own_cpu.as_secs_f64(),
         "server_cpu_s": server_cpu.map(|c| c.as_secs_f64()),
         "server_cpu_s_per_million_deliveries": server_cpu_per_million,
+        "server_cpu_s_per_thousand_publishes": server_cpu_per_thousand_publishes,
+        "history": target.history,
+        "recovery_ms": recovery.as_ref().map(|t| json!({
+            "messages": args.recover,
+            "median": t[t.len() / 2].as_secs_f64() * 1e3,
+            "min": t[0].as_secs_f64() * 1e3,
+            "max": t[t.len() - 1].as_secs_f64() * 1e3,
+        })),
     });
     println!("{report}");
     Ok(())
+}
+
+/// Times recoveries of `missed` messages on `bench-0`: a new client subscribes with
+/// `since` set `missed` offsets back, and the clock runs from sending the `sub` to its
+/// ack (the replayed messages come first). Sorted durations of several runs.
+async fn time_recoveries(
+    url: &str,
+    read_buffer: usize,
+    missed: u64,
+) -> anyhow::Result<Vec<Duration>> {
+    const RUNS: usize = 9;
+    let mut ws = conn::connect(&format!("{url}?channel=bench-recovery"), read_buffer).await?;
+    let ack = request(&mut ws, json!({"op":"sub","ch":"bench-0","id":0}), 0)
+        .await?
+        .1;
+    let (Some(epoch), Some(top)) = (ack["epoch"].as_str(), ack["offset"].as_u64()) else {
+        anyhow::bail!("no position in {ack}: start the nodes with --history");
+    };
+    anyhow::ensure!(
+        top >= missed,
+        "only {top} messages were published; need {missed}"
+    );
+    let epoch = epoch.to_owned();
+    let mut times = Vec::with_capacity(RUNS);
+    for run in 1..=RUNS as u64 {
+        request(
+            &mut ws,
+            json!({"op":"unsub","ch":"bench-0","id":run * 2}),
+            run * 2,
+        )
+        .await?;
+        let sub = json!({"op":"sub","ch":"bench-0","since":{"epoch":epoch,"offset":top - missed},"id":run * 2 + 1});
+        let started = Instant::now();
+        let (replayed, ack) = request(&mut ws, sub, run * 2 + 1).await?;
+        times.push(started.elapsed());
+        anyhow::ensure!(
+            ack["recovered"] == true && replayed == missed,
+            "recovery failed: {replayed} replayed, ack {ack}"
+        );
+    }
+    times.sort();
+    Ok(times)
+}
+
+/// Sends a request and reads until its reply; returns how many `msg` frames came
+/// before it, and the reply.
+async fn request(
+    ws: &mut Ws,
+    frame: serde_json::Value,
+    id: u64,
+) -> anyhow::Result<(u64, serde_json::Value)> {
+    ws.send(Message::text(frame.to_string())).await?;
+    let mut msgs = 0;
+    loop {
+        let Some(msg) = ws.next().await else {
+            anyhow::bail!("connection closed during a request");
+        };
+        let Message::Text(text) = msg? else { continue };
+        let reply: serde_json::Value = serde_json::from_str(text.as_str())?;
+        if reply["id"] == id {
+            return Ok((msgs, reply));
+        }
+        if reply["op"] == "msg" {
+            msgs += 1;
+        }
+    }
 }
 
 /// Paces one publisher at `rate` messages/s for `duration`; returns how many it

@@ -7,6 +7,9 @@
 //!   connect, and its own CPU use.
 //! - `idle`: opens C connections and holds them, to measure memory per connection.
 //!
+//! With `--history N` spawned nodes keep history, and `fanout` also times recoveries
+//! (`--recover M`: a client that missed M messages subscribes with `since`).
+//!
 //! With `--spawn-cluster N` it starts a private `redis-server` and N release nodes,
 //! samples their CPU time and RSS from /proc, reports server CPU-seconds per million
 //! deliveries and RSS per idle connection, and stops everything it started.
@@ -62,6 +65,10 @@ pub(crate) struct Target {
     /// Connections opened concurrently while connecting.
     #[arg(long, global = true, default_value_t = 256)]
     connect_concurrency: usize,
+    /// Keep this many messages of history per channel on spawned nodes
+    /// (`--history-size`): every message is then stored with an offset. 0: off.
+    #[arg(long, global = true, default_value_t = 0)]
+    history: usize,
 }
 
 #[derive(Debug, Subcommand)]
