@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Runs every test of wsrelay on a Debian/Ubuntu machine that has Rust.
-# Installs what the tests need when it is missing (redis-server and nginx, from
-# Debian's packages), then runs unit and integration tests. Extra arguments go to `cargo test`.
+# Installs what the tests need when it is missing (redis-server, nginx, Node.js with
+# npm and Chromium from Debian's packages; the browser tests' npm packages), then runs
+# the unit and integration tests (extra arguments go to `cargo test`), then the
+# browser tests (`node --test` in tests/browser, against the debug binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# redis-server for every Redis test, nginx for the local cluster behind a load balancer.
+# redis-server for every Redis test, nginx for the local cluster behind a load
+# balancer, Node.js and Chromium for the pages.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages)" >&2
   sudo=""
@@ -19,4 +25,9 @@ fi
 # Debian installs nginx in /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin"
 
-exec cargo test --locked "$@"
+cargo test --locked "$@"
+
+# The browser tests drive the binary cargo test built; playwright-core only talks to
+# the system's Chromium (it downloads no browser).
+cargo build --locked --bin wsrelay
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && node --test)
