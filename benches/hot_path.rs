@@ -38,7 +38,14 @@ fn fanout(c: &mut Criterion) {
         let mut clients: Vec<(ClientHandle, ClientQueue)> = (0..subscribers)
             .map(|_| {
                 let (handle, queue) = registry.register(1024);
-                registry.subscribe(&handle, "room1");
+                if offset.is_some() {
+                    // A subscription to a history channel, as the hub leaves it: made
+                    // held back, then released after its (empty) recovery.
+                    registry.subscribe_held(&handle, "room1", 1024);
+                    registry.release(&handle, "room1", 0, Vec::new());
+                } else {
+                    registry.subscribe(&handle, "room1");
+                }
                 (handle, queue)
             })
             .collect();

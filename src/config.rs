@@ -392,17 +392,20 @@ impl Config {
 
     /// The options of `channel`, from its namespace's section or the defaults.
     pub fn channel_options(&self, channel: &str) -> ChannelOptions {
+        let section = match channel.split_once(':') {
+            Some((namespace, _)) if !self.namespaces.is_empty() => self.namespaces.get(namespace),
+            _ => None,
+        };
+        self.options_with(section)
+    }
+
+    /// The defaults, overridden by a namespace's section when there is one.
+    fn options_with(&self, section: Option<&NamespaceOptions>) -> ChannelOptions {
         let defaults = ChannelOptions {
             history_size: self.history.history_size,
             history_ttl: self.history.history_ttl,
         };
-        if self.namespaces.is_empty() {
-            return defaults;
-        }
-        let Some((namespace, _)) = channel.split_once(':') else {
-            return defaults;
-        };
-        match self.namespaces.get(namespace) {
+        match section {
             None => defaults,
             Some(ns) => ChannelOptions {
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
@@ -478,20 +481,13 @@ impl Config {
         if let Some(url) = &self.broker.redis_url {
             validate_redis_url(url)?;
         }
-        validate_history("history-size", "history-ttl", self.channel_defaults())?;
-        for (name, ns) in &self.namespaces {
-            let options = self.channel_options(&format!("{name}:x"));
+        validate_history("history-size", "history-ttl", self.options_with(None))?;
+        for (name, section) in &self.namespaces {
             validate_history(
                 &format!("config: namespaces.{name}.history-size"),
                 &format!("config: namespaces.{name}.history-ttl"),
-                options,
+                self.options_with(Some(section)),
             )?;
-            if ns.history_ttl.is_some_and(|t| t.is_zero()) {
-                return Err(ConfigError::new(
-                    format!("config: namespaces.{name}.history-ttl"),
-                    "must be greater than zero",
-                ));
-            }
         }
         if let Some(id) = &self.node_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
@@ -502,13 +498,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    fn channel_defaults(&self) -> ChannelOptions {
-        ChannelOptions {
-            history_size: self.history.history_size,
-            history_ttl: self.history.history_ttl,
-        }
     }
 
     /// Whether any channel can have history (so the node needs the history machinery).

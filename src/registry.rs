@@ -17,7 +17,7 @@
 //! the type system rather than of discipline).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::client::{ClientHandle, ClientQueue, CloseReason, ConnId};
@@ -46,37 +46,48 @@ struct Shared {
 #[derive(Debug)]
 struct Subscriber {
     handle: ClientHandle,
-    /// Frames kept while the subscription recovers; `None` once it is live.
-    held: Option<Box<HoldBack>>,
-    /// Offsets up to this one were delivered by the recovery: frames with an offset
-    /// at or below it are dropped. Reset by a `gap` (a new epoch starts over).
-    floor: AtomicU64,
+    /// Where a subscription to a channel with history stands; `None` on channels
+    /// without history, whose fan-out therefore costs what it always did.
+    history: Option<Box<Recovery>>,
 }
 
-/// Frames (with their offsets) that arrived while a subscription was recovering.
+/// The recovery state of a subscription to a channel with history.
 #[derive(Debug)]
-struct HoldBack {
-    /// Why a mutex: the fan-out only holds the channel's read lock (so other channels'
-    /// fan-outs run in parallel), and it pushes here through a shared reference.
-    frames: Mutex<Vec<(Option<u64>, Utf8Bytes)>>,
+struct Recovery {
+    /// Set once the recovery is delivered ([`Registry::release`]). Written under the
+    /// channel's write lock, read under its read lock: the lock orders them, so
+    /// relaxed atomics suffice.
+    live: AtomicBool,
+    /// Offsets up to this one were delivered by the recovery: later frames with an
+    /// offset at or below it are dropped. Reset by a `gap` (a new epoch starts over).
+    floor: AtomicU64,
+    /// Frames (with their offsets) that arrived before the subscription was live.
+    /// Why a mutex: the fan-out pushes through a shared reference, holding only the
+    /// channel's read lock (so other channels' fan-outs run in parallel).
+    held: Mutex<Vec<(Option<u64>, Utf8Bytes)>>,
+    /// Most frames held; one more closes the client with 1013.
     capacity: usize,
 }
 
 impl Subscriber {
-    /// Queues (or holds back) one frame; returns whether it was queued now.
+    /// Queues (or holds back, or drops as already recovered) one frame; returns
+    /// whether it was queued now.
     fn send(&self, frame: &Utf8Bytes, offset: Option<u64>) -> bool {
-        let Some(held) = &self.held else {
-            if offset.is_some_and(|o| o <= self.floor.load(Ordering::Relaxed)) {
+        let Some(recovery) = &self.history else {
+            return self.handle.send(frame.clone());
+        };
+        if recovery.live.load(Ordering::Relaxed) {
+            if offset.is_some_and(|o| o <= recovery.floor.load(Ordering::Relaxed)) {
                 return false;
             }
             return self.handle.send(frame.clone());
-        };
-        let mut frames = held.frames.lock().unwrap_or_else(|e| e.into_inner());
-        if frames.len() >= held.capacity {
-            drop(frames);
+        }
+        let mut held = recovery.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= recovery.capacity {
+            drop(held);
             self.handle.close(CloseReason::HoldBackOverflow);
         } else {
-            frames.push((offset, frame.clone()));
+            held.push((offset, frame.clone()));
         }
         false
     }
@@ -130,11 +141,13 @@ impl Registry {
     /// Subscribes a registered connection to `channel` with its frames held back (at
     /// most `capacity`; one more closes the client with 1013) until [`release`](Self::release).
     pub fn subscribe_held(&self, client: &ClientHandle, channel: &str, capacity: usize) -> bool {
-        let held = HoldBack {
-            frames: Mutex::new(Vec::new()),
+        let recovery = Recovery {
+            live: AtomicBool::new(false),
+            floor: AtomicU64::new(0),
+            held: Mutex::new(Vec::new()),
             capacity,
         };
-        self.add(client, channel, Some(Box::new(held)))
+        self.add(client, channel, Some(Box::new(recovery)))
     }
 
     /// Makes a held-back subscription live: queues `first` (the recovery and its
@@ -156,11 +169,14 @@ impl Registry {
         let Some(subscriber) = subscribers.get_mut(&client.id()) else {
             return 0;
         };
-        subscriber.floor.store(after, Ordering::Relaxed);
-        let held = subscriber.held.take();
-        let held = held
-            .map(|h| h.frames.into_inner().unwrap_or_else(|e| e.into_inner()))
-            .unwrap_or_default();
+        let held = match subscriber.history.as_mut() {
+            Some(recovery) => {
+                recovery.floor.store(after, Ordering::Relaxed);
+                recovery.live.store(true, Ordering::Relaxed);
+                std::mem::take(recovery.held.get_mut().unwrap_or_else(|e| e.into_inner()))
+            }
+            None => Vec::new(),
+        };
         let mut released = 0;
         let frames = first.into_iter().chain(
             held.into_iter()
@@ -174,7 +190,7 @@ impl Registry {
         released
     }
 
-    fn add(&self, client: &ClientHandle, channel: &str, held: Option<Box<HoldBack>>) -> bool {
+    fn add(&self, client: &ClientHandle, channel: &str, history: Option<Box<Recovery>>) -> bool {
         let id = client.id();
         {
             let Some(mut conn) = self.shared.connections.get_mut(&id) else {
@@ -193,8 +209,7 @@ impl Registry {
                 id,
                 Subscriber {
                     handle: client.clone(),
-                    held,
-                    floor: AtomicU64::new(0),
+                    history,
                 },
             );
         self.shared.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +291,9 @@ impl Registry {
         subscribers
             .values()
             .filter(|subscriber| {
-                subscriber.floor.store(0, Ordering::Relaxed);
+                if let Some(recovery) = &subscriber.history {
+                    recovery.floor.store(0, Ordering::Relaxed);
+                }
                 subscriber.send(frame, None)
             })
             .count()

@@ -95,7 +95,9 @@ return {offset, epoch}
 /// (since epoch empty), or up to `limit` after the since offset when the since epoch
 /// is current (none when all-or-nothing and more than `limit` follow it). A channel
 /// without a meta key gets one (a new epoch at offset 0), so the position a subscriber
-/// is given stays valid.
+/// is given stays valid. It gets the full meta TTL, not a shorter one: a subscriber
+/// waiting on a quiet channel would otherwise see the epoch change under it at the
+/// first publish, as if history had been lost.
 ///
 /// KEYS: stream, meta. ARGV: epoch for a new history, meta TTL (ms), since epoch,
 /// since offset, limit, all-or-nothing (`1`/`0`). Returns `{epoch, top, {envelope..}}`.
