@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use dashmap::mapref::one::RefMut;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -107,11 +108,7 @@ impl MemoryBroker {
             return None;
         }
         let now = Instant::now();
-        let mut history = inner
-            .channels
-            .entry(channel.to_owned())
-            .or_insert_with(|| ChannelHistory::new(now, inner.meta_ttl));
-        history.expire(now, inner.meta_ttl);
+        let mut history = inner.channel(channel, now);
         history.top += 1;
         let position = history.position();
         publication.position = Some(position.clone());
@@ -128,16 +125,23 @@ impl MemoryBroker {
 
     /// Reads a channel's position and stored publications.
     pub fn history(&self, channel: &str, request: &HistoryRequest) -> History {
-        let inner = &self.inner;
-        let now = Instant::now();
-        let mut history = inner
-            .channels
-            .entry(channel.to_owned())
-            .or_insert_with(|| ChannelHistory::new(now, inner.meta_ttl));
-        history.expire(now, inner.meta_ttl);
+        let history = self.inner.channel(channel, Instant::now());
         let top = history.position();
         let publications = select(&top, history.ring.iter(), request);
         History { top, publications }
+    }
+}
+
+impl Inner {
+    /// The history of `channel` as of `now` (expired parts dropped), created when
+    /// missing; the channel's entry stays locked while the guard lives.
+    fn channel(&self, channel: &str, now: Instant) -> RefMut<'_, String, ChannelHistory> {
+        let mut history = self
+            .channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| ChannelHistory::new(now, self.meta_ttl));
+        history.expire(now, self.meta_ttl);
+        history
     }
 }
 

@@ -344,6 +344,13 @@ mod tests {
         Epoch::parse(e).unwrap()
     }
 
+    fn pos(e: &str, offset: u64) -> Position {
+        Position {
+            epoch: epoch(e),
+            offset,
+        }
+    }
+
     fn publication(e: &str, offset: u64) -> Publication {
         Publication {
             kind: Kind::Message,
@@ -388,16 +395,7 @@ mod tests {
     #[test]
     fn in_order_duplicates_dropped() {
         let (t, mut q) = setup();
-        assert_eq!(
-            t.on_position(
-                "c",
-                Position {
-                    epoch: epoch("e"),
-                    offset: 3
-                }
-            ),
-            None
-        );
+        assert_eq!(t.on_position("c", pos("e", 3)), None);
         for o in [4, 5, 5, 3, 6] {
             assert_eq!(t.on_live("c", publication("e", o)), None);
         }
@@ -407,21 +405,12 @@ mod tests {
     #[test]
     fn a_gap_is_repaired_before_later_messages() {
         let (t, mut q) = setup();
-        t.on_position(
-            "c",
-            Position {
-                epoch: epoch("e"),
-                offset: 3,
-            },
-        );
+        t.on_position("c", pos("e", 3));
         let repair = t.on_live("c", publication("e", 6)).expect("gap 4..5");
         assert_eq!((repair.after, repair.upto), (3, 5));
         assert_eq!(t.on_live("c", publication("e", 7)), None, "buffered");
         assert!(received(&mut q).is_empty());
-        let top = Position {
-            epoch: epoch("e"),
-            offset: 7,
-        };
+        let top = pos("e", 7);
         let next = t.on_repaired(&repair, top, vec![publication("e", 4), publication("e", 5)]);
         assert_eq!(next, None);
         assert_eq!(received(&mut q), ["4", "5", "6", "7"]);
@@ -431,19 +420,10 @@ mod tests {
     #[test]
     fn what_the_stream_lost_is_reported_as_a_gap() {
         let (t, mut q) = setup();
-        t.on_position(
-            "c",
-            Position {
-                epoch: epoch("e"),
-                offset: 3,
-            },
-        );
+        t.on_position("c", pos("e", 3));
         let repair = t.on_live("c", publication("e", 9)).unwrap();
         // The stream was trimmed: only 7 and 8 are left of 4..8.
-        let top = Position {
-            epoch: epoch("e"),
-            offset: 9,
-        };
+        let top = pos("e", 9);
         t.on_repaired(&repair, top, vec![publication("e", 7), publication("e", 8)]);
         assert_eq!(received(&mut q), ["gap@6", "7", "8", "9"]);
     }
@@ -451,27 +431,10 @@ mod tests {
     #[test]
     fn a_quiet_channel_behind_the_stream_is_repaired() {
         let (t, mut q) = setup();
-        t.on_position(
-            "c",
-            Position {
-                epoch: epoch("e"),
-                offset: 3,
-            },
-        );
+        t.on_position("c", pos("e", 3));
         assert_eq!(t.quiet_channels(), vec![("c".into(), epoch("e"), 3)]);
-        let repair = t
-            .on_position(
-                "c",
-                Position {
-                    epoch: epoch("e"),
-                    offset: 5,
-                },
-            )
-            .expect("behind");
-        let top = Position {
-            epoch: epoch("e"),
-            offset: 5,
-        };
+        let repair = t.on_position("c", pos("e", 5)).expect("behind");
+        let top = pos("e", 5);
         t.on_repaired(&repair, top, vec![publication("e", 4), publication("e", 5)]);
         assert_eq!(received(&mut q), ["4", "5"]);
         assert!(t.quiet_channels().is_empty(), "it delivered");
@@ -480,13 +443,7 @@ mod tests {
     #[test]
     fn a_gap_larger_than_a_repair_is_reported_at_once() {
         let (t, mut q) = setup();
-        t.on_position(
-            "c",
-            Position {
-                epoch: epoch("e"),
-                offset: 3,
-            },
-        );
+        t.on_position("c", pos("e", 3));
         assert_eq!(t.on_live("c", publication("e", 500)), None);
         assert_eq!(received(&mut q), ["gap@499", "500"]);
     }
@@ -494,22 +451,10 @@ mod tests {
     #[test]
     fn an_epoch_change_is_a_gap() {
         let (t, mut q) = setup();
-        t.on_position(
-            "c",
-            Position {
-                epoch: epoch("old"),
-                offset: 3,
-            },
-        );
+        t.on_position("c", pos("old", 3));
         t.on_live("c", publication("new", 1));
         assert_eq!(received(&mut q), ["gap@0", "1"]);
-        t.on_position(
-            "c",
-            Position {
-                epoch: epoch("newer"),
-                offset: 5,
-            },
-        );
+        t.on_position("c", pos("newer", 5));
         assert_eq!(received(&mut q), ["gap@5"]);
     }
 
@@ -519,16 +464,7 @@ mod tests {
         // Pushes of a fresh subscription arrive before its position read.
         t.on_live("c", publication("e", 10));
         t.on_live("c", publication("e", 11));
-        assert_eq!(
-            t.on_position(
-                "c",
-                Position {
-                    epoch: epoch("e"),
-                    offset: 11
-                }
-            ),
-            None
-        );
+        assert_eq!(t.on_position("c", pos("e", 11)), None);
         t.on_live("c", publication("e", 12));
         assert_eq!(received(&mut q), ["10", "11", "12"]);
     }
@@ -536,21 +472,12 @@ mod tests {
     #[test]
     fn the_buffer_is_bounded_and_what_it_drops_is_repaired_later() {
         let (t, mut q) = setup();
-        t.on_position(
-            "c",
-            Position {
-                epoch: epoch("e"),
-                offset: 0,
-            },
-        );
+        t.on_position("c", pos("e", 0));
         let repair = t.on_live("c", publication("e", 2)).unwrap();
         for o in 3..=10 {
             t.on_live("c", publication("e", o));
         }
-        let top = Position {
-            epoch: epoch("e"),
-            offset: 10,
-        };
+        let top = pos("e", 10);
         let next = t
             .on_repaired(&repair, top.clone(), vec![publication("e", 1)])
             .expect("the dropped ones are read again");
