@@ -31,8 +31,12 @@ const FLAGS: &[&str] = &[
 /// A `--config` file giving the `chat` namespace `history_size` messages of history
 /// (every other channel has none).
 fn chat_history(history_size: usize) -> String {
+    // One file per call: tests run in parallel, and a file being rewritten can be
+    // read empty.
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!(
-        "wsrelay-history-{}-{history_size}.toml",
+        "wsrelay-history-{}-{call}.toml",
         std::process::id()
     ));
     std::fs::write(
