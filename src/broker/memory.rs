@@ -34,6 +34,10 @@ pub struct MemoryBroker {
 struct Inner {
     local: Local,
     meta_ttl: Duration,
+    /// Most channels whose history or position is kept (`--max-channels`): beyond,
+    /// the positions closest to expiring are evicted, as Redis evicts keys under
+    /// `maxmemory` (a channel evicted starts over under a new epoch).
+    max_histories: usize,
     /// Channels with history (or a position). Why a `DashMap`: a publish holds its
     /// channel's entry while it assigns the offset and fans out, which orders the
     /// publications of one channel without serialising other channels.
@@ -83,11 +87,17 @@ impl ChannelHistory {
 impl MemoryBroker {
     /// A broker delivering straight to this node's subscribers; its sweeper of
     /// expired histories runs until `shutdown`.
-    pub fn start(local: Local, meta_ttl: Duration, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        local: Local,
+        meta_ttl: Duration,
+        max_histories: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
         local.metrics.broker_up.set(1);
         let inner = std::sync::Arc::new(Inner {
             local,
             meta_ttl,
+            max_histories,
             channels: DashMap::new(),
         });
         tokio::spawn(sweep(std::sync::Arc::downgrade(&inner), shutdown));
@@ -136,12 +146,32 @@ impl Inner {
     /// The history of `channel` as of `now` (expired parts dropped), created when
     /// missing; the channel's entry stays locked while the guard lives.
     fn channel(&self, channel: &str, now: Instant) -> RefMut<'_, String, ChannelHistory> {
+        // Checked before the entry is taken: eviction locks every shard in turn.
+        if self.channels.len() >= self.max_histories && !self.channels.contains_key(channel) {
+            self.evict(now);
+        }
         let mut history = self
             .channels
             .entry(channel.to_owned())
             .or_insert_with(|| ChannelHistory::new(now, self.meta_ttl));
         history.expire(now, self.meta_ttl);
         history
+    }
+
+    /// Drops expired positions, then, if the map is still full, the tenth of them
+    /// closest to expiring (so a burst of new channels evicts in batches).
+    fn evict(&self, now: Instant) {
+        self.channels
+            .retain(|_, history| now < history.meta_expires);
+        if self.channels.len() < self.max_histories {
+            return;
+        }
+        let mut expiries: Vec<Instant> = self.channels.iter().map(|h| h.meta_expires).collect();
+        let cut = expiries.len() / 10;
+        let (_, cutoff, _) = expiries.select_nth_unstable(cut);
+        let cutoff = *cutoff;
+        self.channels
+            .retain(|_, history| history.meta_expires > cutoff);
     }
 }
 
@@ -163,5 +193,53 @@ async fn sweep(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
             }
             now < history.meta_expires
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::publication::Kind;
+    use crate::registry::Registry;
+
+    #[tokio::test]
+    async fn positions_are_bounded_and_eviction_starts_a_new_epoch() {
+        let local = Local {
+            registry: Registry::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            tracing: crate::telemetry::Tracing::disabled(),
+        };
+        let shutdown = CancellationToken::new();
+        let broker = MemoryBroker::start(local, Duration::from_secs(3600), 100, shutdown.clone());
+        let options = ChannelOptions {
+            history_size: 10,
+            history_ttl: Duration::from_secs(60),
+        };
+        let publication = Publication {
+            kind: Kind::Message,
+            data: Bytes::from_static(b"1"),
+            from: None,
+            position: None,
+            traceparent: Bytes::new(),
+            published_at_us: 0,
+        };
+        let first = broker.publish("c:0", publication.clone(), options).unwrap();
+        for i in 1..1000 {
+            broker.history(&format!("c:{i}"), &HistoryRequest::position());
+            assert!(
+                broker.inner.channels.len() <= 100,
+                "{}",
+                broker.inner.channels.len()
+            );
+        }
+        // c:0 was the oldest: evicted, it starts over under a new epoch.
+        let again = broker.publish("c:0", publication, options).unwrap();
+        assert_eq!(again.offset, 1);
+        assert_ne!(again.epoch, first.epoch);
+        shutdown.cancel();
     }
 }

@@ -146,6 +146,7 @@ impl Broker {
             None => Ok(Broker::Memory(memory::MemoryBroker::start(
                 local,
                 config.history.history_meta_ttl,
+                config.limits.max_channels,
                 shutdown,
             ))),
             Some(url) => {
