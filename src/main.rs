@@ -48,22 +48,51 @@ async fn main() -> ExitCode {
     if tracing.enabled() {
         tracing::info!("exporting traces over OTLP");
     }
+    // Each connection is a file descriptor: past the open-file limit, accepts fail.
+    // The soft limit was raised to the hard one; if that is still short, the node
+    // serves what the limit allows (beyond it, clients get a clear 503).
     let open_files = raise_open_file_limit();
-    if open_files < config.limits.max_connections as u64 + 64 {
-        tracing::warn!(
-            open_files,
-            max_connections = config.limits.max_connections,
-            "the open-file limit is below --max-connections: connections beyond it will fail; raise `ulimit -n`"
-        );
+    let fits = open_files.saturating_sub(FILES_BESIDES_CONNECTIONS) as usize;
+    if fits < config.limits.max_connections {
+        let log = |level_warn: bool| {
+            let message = "--max-connections lowered to fit the open-file limit; raise the hard limit (ulimit -Hn) to serve more";
+            if level_warn {
+                tracing::warn!(
+                    open_files,
+                    max_connections = fits,
+                    requested = config.limits.max_connections,
+                    "{message}"
+                );
+            } else {
+                tracing::info!(
+                    open_files,
+                    max_connections = fits,
+                    requested = config.limits.max_connections,
+                    "{message}"
+                );
+            }
+        };
+        // A few thousand connections is a working node; fewer is worth a warning.
+        log(fits < 1024);
+        config.limits.max_connections = fits.max(1);
     }
 
     let listener = match wsrelay::bind(&config) {
         Ok(listener) => listener,
         Err(e) => {
-            eprintln!(
-                "wsrelay: invalid --listen: cannot listen on {}: {e}",
-                config.listen
-            );
+            let why = match e.kind() {
+                std::io::ErrorKind::AddrInUse => {
+                    "the address is already in use (another program listens there; choose another with --listen)".to_owned()
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "permission denied (ports below 1024 need privileges; choose another with --listen)".to_owned()
+                }
+                std::io::ErrorKind::AddrNotAvailable => {
+                    "no interface of this host has that address (check --listen)".to_owned()
+                }
+                _ => format!("{e} (check --listen)"),
+            };
+            eprintln!("wsrelay: cannot listen on {}: {why}", config.listen);
             return ExitCode::from(2);
         }
     };
@@ -87,6 +116,10 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+/// File descriptors a node needs besides its connections (listener, Redis, logs,
+/// the trace exporter), with room to spare.
+const FILES_BESIDES_CONNECTIONS: u64 = 64;
 
 /// Raises the soft open-file limit to the hard one (each connection is a file
 /// descriptor; many systems start processes with a soft limit of 1024) and returns

@@ -172,6 +172,47 @@ fn invalid_configuration_exits_non_zero_naming_the_flag() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-message-bytes"));
+
+    // What is wrong is said in words a newcomer can act on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    for (args, expected) in [
+        (vec!["--listen", addr.as_str()], "already in use"),
+        (
+            vec!["--redis-url", "http://x"],
+            "must be redis:// or rediss://",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("wsrelay:"))
+            .collect();
+        assert_eq!(errors.len(), 1, "one error line: {stderr}");
+        assert!(errors[0].contains(expected), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_is_not_blamed_on_its_version() {
+    let port = common::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let node = common::NodeProcess::spawn(&["--redis-url", &url]);
+    let line = node
+        .wait_log("a failed Redis connection", |l| {
+            l.contains("Redis subscriber connection failed")
+        })
+        .await;
+    assert!(
+        !line.contains("RESP3") && !line.contains("Redis 6"),
+        "{line}"
+    );
 }
 
 /// A reconnect storm while the node is busy: the kernel must queue the connections

@@ -794,7 +794,17 @@ async fn subscriber_task(inner: Arc<Inner>, client: redis::Client, shutdown: Can
                     _ => format!("no connection within {:?}", inner.timeout),
                 };
                 let delay = backoff.next_delay();
-                tracing::warn!(%error, retry_in = ?delay, "Redis subscriber connection failed (Redis 6+ with RESP3 is required)");
+                // The subscriber connection speaks RESP3 (HELLO 3): say so only when
+                // Redis is what refused, not when it could not be reached.
+                let lower = error.to_lowercase();
+                if lower.contains("hello")
+                    || lower.contains("noproto")
+                    || lower.contains("unknown command")
+                {
+                    tracing::warn!(%error, retry_in = ?delay, "Redis refused the subscriber connection: Redis 6 or newer is required (RESP3)");
+                } else {
+                    tracing::warn!(%error, retry_in = ?delay, "Redis subscriber connection failed");
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(delay) => continue,
