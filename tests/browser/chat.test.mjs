@@ -3,10 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Harness, waitFor } from "./harness.mjs";
-
-/** The text of every line in the page's log. */
-const lines = (page) => page.$$eval("#log p", (ps) => ps.map((p) => p.textContent));
+import { Harness, lines, waitFor } from "./harness.mjs";
 
 test("a node restart under the page loses no chat line", async (t) => {
   const h = new Harness();

@@ -122,3 +122,7 @@ export class Harness {
     await Promise.all(this.procs.map((p) => p.stop()));
   }
 }
+
+/** The text of every line in a chat page's log (without its time). */
+export const lines = (page) =>
+  page.$$eval("#log p", (ps) => ps.map((p) => (p.querySelector(".body") ?? p).textContent));
