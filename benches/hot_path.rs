@@ -42,7 +42,7 @@ fn fanout(c: &mut Criterion) {
                     // A subscription to a history channel, as the hub leaves it: made
                     // held back, then released after its (empty) recovery.
                     registry.subscribe_held(&handle, "room1", 1024);
-                    registry.release(&handle, "room1", 0, Vec::new());
+                    registry.release(&handle, "room1", Some(0), Vec::new());
                 } else {
                     registry.subscribe(&handle, "room1");
                 }

@@ -7,6 +7,7 @@
 //! and publish to those its `publish` claim matches: exact names, or `prefix*`
 //! wildcards (`room:*`, or `*` for everything). A missing claim grants nothing.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -81,7 +82,13 @@ struct Claims {
     channels: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
 }
+
+/// Largest `info` claim, in bytes of JSON: it travels with every presence entry and
+/// join/leave event of the connection.
+pub const MAX_INFO_BYTES: usize = 1024;
 
 impl Verifier {
     /// The verifier the configuration asks for, or `None` when auth is off.
@@ -136,8 +143,17 @@ impl Verifier {
             },
         )?;
         let claims = data.claims;
+        if let Some(info) = &claims.info {
+            let text = info.get();
+            if !text.starts_with('{') || text.len() > MAX_INFO_BYTES {
+                return Err(AuthError::Invalid(format!(
+                    "the info claim must be a JSON object of at most {MAX_INFO_BYTES} bytes"
+                )));
+            }
+        }
         Ok(Grants {
             user: claims.sub,
+            info: claims.info.map(|i| Arc::from(i.get())),
             subscribe: claims.channels.iter().map(|p| Pattern::parse(p)).collect(),
             publish: claims.publish.iter().map(|p| Pattern::parse(p)).collect(),
             expires: Some(
@@ -177,6 +193,8 @@ impl Pattern {
 pub struct Grants {
     /// The token's `sub`, if any.
     pub user: Option<String>,
+    /// The token's `info` claim (a JSON object, as sent), shown in presence.
+    pub info: Option<Arc<str>>,
     subscribe: Vec<Pattern>,
     publish: Vec<Pattern>,
     /// When the token stops being valid (its `exp` plus the leeway).
@@ -188,6 +206,7 @@ impl Grants {
     pub fn anyone() -> Grants {
         Grants {
             user: None,
+            info: None,
             subscribe: vec![Pattern::Prefix(String::new())],
             publish: vec![Pattern::Prefix(String::new())],
             expires: None,
@@ -322,6 +341,7 @@ mod tests {
     fn patterns() {
         let grants = Grants {
             user: None,
+            info: None,
             subscribe: ["room:*", "lobby"]
                 .iter()
                 .map(|p| Pattern::parse(p))

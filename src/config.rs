@@ -83,6 +83,10 @@ pub struct Config {
     #[command(flatten)]
     pub history: HistoryConfig,
 
+    /// Presence and join/leave events (the defaults of every namespace).
+    #[command(flatten)]
+    pub presence: PresenceConfig,
+
     /// Per-namespace overrides of the channel options, from the config file.
     #[arg(skip)]
     pub namespaces: HashMap<String, NamespaceOptions>,
@@ -257,6 +261,29 @@ pub struct HistoryConfig {
     pub position_check_interval: Duration,
 }
 
+/// Presence and join/leave. `presence` and `join-leave` are the options of every
+/// channel whose namespace does not override them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PresenceConfig {
+    /// Keep a cluster-wide list of each channel's subscribers (`presence` requests).
+    #[arg(long, env = "WSRELAY_PRESENCE")]
+    pub presence: bool,
+
+    /// Send `join` and `leave` events to a channel's subscribers.
+    #[arg(long, env = "WSRELAY_JOIN_LEAVE")]
+    pub join_leave: bool,
+
+    /// How long a presence entry outlives its node's last refresh: a node that dies
+    /// without saying goodbye drops out of presence within this. Nodes refresh their
+    /// entries every third of it.
+    #[arg(long, env = "WSRELAY_PRESENCE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub presence_ttl: Duration,
+
+    /// Most entries one `presence` answer lists (`presence_stats` counts them all).
+    #[arg(long, env = "WSRELAY_MAX_PRESENCE", default_value_t = 1000)]
+    pub max_presence: usize,
+}
+
 /// Options of one channel, resolved from its namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChannelOptions {
@@ -264,6 +291,10 @@ pub struct ChannelOptions {
     pub history_size: usize,
     /// Lifetime of the kept messages after the last publish.
     pub history_ttl: Duration,
+    /// A cluster-wide list of subscribers is kept.
+    pub presence: bool,
+    /// Subscribers get `join` and `leave` events.
+    pub join_leave: bool,
 }
 
 impl ChannelOptions {
@@ -282,6 +313,10 @@ pub struct NamespaceOptions {
     /// Overrides `history-ttl` (a duration string such as `"300s"`).
     #[serde(default, deserialize_with = "deserialize_duration")]
     pub history_ttl: Option<Duration>,
+    /// Overrides `presence`.
+    pub presence: Option<bool>,
+    /// Overrides `join-leave`.
+    pub join_leave: Option<bool>,
 }
 
 /// Subcommands of the binary.
@@ -404,12 +439,16 @@ impl Config {
         let defaults = ChannelOptions {
             history_size: self.history.history_size,
             history_ttl: self.history.history_ttl,
+            presence: self.presence.presence,
+            join_leave: self.presence.join_leave,
         };
         match section {
             None => defaults,
             Some(ns) => ChannelOptions {
                 history_size: ns.history_size.unwrap_or(defaults.history_size),
                 history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
+                presence: ns.presence.unwrap_or(defaults.presence),
+                join_leave: ns.join_leave.unwrap_or(defaults.join_leave),
             },
         }
     }
@@ -455,6 +494,7 @@ impl Config {
             ("publish-burst", limits.publish_burst as usize),
             ("max-recovery", self.history.max_recovery),
             ("max-history-limit", self.history.max_history_limit),
+            ("max-presence", self.presence.max_presence),
         ] {
             if value == 0 {
                 return Err(ConfigError::new(flag, "must be at least 1"));
@@ -498,6 +538,11 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Whether any channel can have presence (so the node refreshes its entries).
+    pub fn any_presence(&self) -> bool {
+        self.presence.presence || self.namespaces.values().any(|ns| ns.presence == Some(true))
     }
 
     /// Whether any channel can have history (so the node needs the history machinery).
@@ -736,6 +781,8 @@ history-ttl = "1m"
 history-size = 100
 [namespaces.live]
 history-size = 0
+presence = true
+join-leave = true
 "#,
             &[],
         )
@@ -744,6 +791,10 @@ history-size = 0
         assert_eq!(chat.history_size, 100);
         assert_eq!(chat.history_ttl, Duration::from_secs(60), "inherited");
         assert!(!c.channel_options("live:scores").has_history());
+        assert!(c.channel_options("live:scores").presence);
+        assert!(c.channel_options("live:scores").join_leave);
+        assert!(!c.channel_options("chat:room1").presence);
+        assert!(c.any_presence());
         assert_eq!(c.channel_options("other:x").history_size, 10);
         assert_eq!(c.channel_options("chat").history_size, 10, "no namespace");
         assert!(c.any_history());

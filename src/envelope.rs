@@ -10,6 +10,7 @@
 //! +------+------+--------------+--------+-------------+----------+------+---------+-----------+------+
 //! ```
 //!
+//! `kind`: 0 a message, 1 a join, 2 a leave (`data` is then the presence entry).
 //! Everything before `pos_len` is the [`Head`], built by the publishing node; the
 //! position (`<offset>:<epoch>` in ASCII, empty on channels without history) is
 //! inserted by the Redis publish script, which is the one place offsets are assigned,
@@ -34,6 +35,8 @@ const VERSION: u8 = 2;
 const V1: u8 = 1;
 const V1_HEADER_LEN: usize = 1 + 8 + 1;
 const KIND_MESSAGE: u8 = 0;
+const KIND_JOIN: u8 = 1;
+const KIND_LEAVE: u8 = 2;
 
 /// Why an envelope was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,6 +88,8 @@ pub fn head(publication: &Publication) -> Head {
     out.put_u8(VERSION);
     out.put_u8(match publication.kind {
         Kind::Message => KIND_MESSAGE,
+        Kind::Join => KIND_JOIN,
+        Kind::Leave => KIND_LEAVE,
     });
     out.put_u64(publication.published_at_us);
     out.put_u8(tp.len() as u8);
@@ -134,6 +139,8 @@ pub fn decode(mut buf: Bytes) -> Result<Publication, EnvelopeError> {
     let fixed = take(&mut buf, 1 + 1 + 8 + 1)?;
     let kind = match fixed[1] {
         KIND_MESSAGE => Kind::Message,
+        KIND_JOIN => Kind::Join,
+        KIND_LEAVE => Kind::Leave,
         other => return Err(EnvelopeError::UnknownKind(other)),
     };
     let published_at_us = u64::from_be_bytes(fixed[2..10].try_into().expect("8 bytes"));

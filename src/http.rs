@@ -62,6 +62,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/channels", get(api_channels))
         .route("/api/history", get(api_history))
+        .route("/api/presence", get(api_presence))
+        .route("/api/presence_stats", get(api_presence_stats))
         .with_state(state)
 }
 
@@ -497,6 +499,61 @@ async fn api_history(
             ),
         )
             .into_response(),
+        Err(refusal) => refusal_response(&refusal),
+    }
+}
+
+/// The `ch` query parameter of a channel API, checked; a refusal as a 400 body.
+fn channel_param(query: Option<&str>) -> Result<String, Refusal> {
+    let ch = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "ch")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "missing query parameter ch"))?;
+    protocol::validate_channel(&ch)
+        .map_err(|e| Refusal::new(ErrorCode::InvalidChannel, format!("channel {ch:?}: {e}")))?;
+    Ok(ch)
+}
+
+/// `GET /api/presence?ch=..`: `{"ch":..,"clients":[..]}`, as the `presence` frame.
+async fn api_presence(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refused) = api_key_refusal(&state, &headers) {
+        return refused;
+    }
+    let ch = match channel_param(query.as_deref()) {
+        Ok(ch) => ch,
+        Err(refusal) => return refusal_response(&refusal),
+    };
+    match state.hub.presence(&state.anyone, &ch).await {
+        Ok(entries) => (
+            [(header::CONTENT_TYPE, "application/json")],
+            format!("{{{}}}", protocol::presence_body(&ch, &entries)),
+        )
+            .into_response(),
+        Err(refusal) => refusal_response(&refusal),
+    }
+}
+
+/// `GET /api/presence_stats?ch=..`: `{"ch":..,"clients":N,"users":M}`.
+async fn api_presence_stats(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refused) = api_key_refusal(&state, &headers) {
+        return refused;
+    }
+    let ch = match channel_param(query.as_deref()) {
+        Ok(ch) => ch,
+        Err(refusal) => return refusal_response(&refusal),
+    };
+    match state.hub.presence_stats(&state.anyone, &ch).await {
+        Ok((clients, users)) => {
+            Json(json!({"ch": ch, "clients": clients, "users": users})).into_response()
+        }
         Err(refusal) => refusal_response(&refusal),
     }
 }

@@ -27,9 +27,9 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grants;
-use crate::broker::{Broker, BrokerError, History, HistoryRequest};
+use crate::broker::{Broker, BrokerError, History, HistoryRequest, PresenceEntry};
 use crate::client::{ClientHandle, ConnId};
-use crate::config::Config;
+use crate::config::{ChannelOptions, Config};
 use crate::envelope;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Since};
@@ -197,15 +197,99 @@ impl Hub {
         self.add(client, channel);
         if let Err(e) = self.broker.subscribe(channel).await {
             // Roll back, so the client's view (not subscribed) matches the node's.
-            self.unsubscribe(client.id(), channel);
+            self.drop_subscription(client.id(), channel);
             return Err(e.into());
         }
-        match self.read_position(channel, since).await {
-            Ok(subscribed) => Ok(Some(subscribed)),
+        let subscribed = match self.read_position(channel, since).await {
+            Ok(subscribed) => subscribed,
             Err(e) => {
-                self.unsubscribe(client.id(), channel);
-                Err(e.into())
+                self.drop_subscription(client.id(), channel);
+                return Err(e.into());
             }
+        };
+        if let Err(e) = self.announce(client.id(), grants, channel).await {
+            self.drop_subscription(client.id(), channel);
+            return Err(e.into());
+        }
+        Ok(Some(subscribed))
+    }
+
+    /// A subscription is being made: its presence entry is added before the ack (or
+    /// `welcome`), so the subscriber finds itself in presence.
+    async fn announce(
+        &self,
+        conn: ConnId,
+        grants: &Grants,
+        channel: &str,
+    ) -> Result<(), BrokerError> {
+        if self.config.channel_options(channel).presence {
+            let entry = self.presence_entry(conn, grants);
+            self.broker.presence_add(channel, entry).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the `join` of a subscription, after its ack (or `welcome`) was queued:
+    /// before anything the connection publishes next, since its requests are handled
+    /// one at a time.
+    pub(crate) async fn joined(&self, conn: ConnId, grants: &Grants, channel: &str) {
+        if self.config.channel_options(channel).join_leave {
+            let entry = self.presence_entry(conn, grants);
+            self.publish_event(channel, Kind::Join, entry.json).await;
+        }
+    }
+
+    /// A subscription ended: its presence entry is removed and its `leave` sent.
+    async fn farewell(&self, conn: ConnId, grants: &Grants, channel: &str) {
+        let options = self.config.channel_options(channel);
+        if !options.presence && !options.join_leave {
+            return;
+        }
+        let entry = self.presence_entry(conn, grants);
+        if options.presence
+            && let Err(e) = self.broker.presence_remove(channel, &entry.member).await
+        {
+            // The entry expires within --presence-ttl: this node no longer refreshes it.
+            tracing::warn!(channel, error = %e, "could not remove a presence entry");
+        }
+        if options.join_leave {
+            self.publish_event(channel, Kind::Leave, entry.json).await;
+        }
+    }
+
+    /// This node's entry for a connection: `{"conn":..,"node":..,"user":..,"info":..}`.
+    fn presence_entry(&self, conn: ConnId, grants: &Grants) -> PresenceEntry {
+        let conn = conn.to_string();
+        let json = protocol::presence_entry(
+            &conn,
+            &self.node_id,
+            grants.user.as_deref(),
+            grants.info.as_deref(),
+        );
+        PresenceEntry {
+            member: format!("{}/{conn}", self.node_id),
+            json: Bytes::from(json),
+            user: grants.user.clone(),
+        }
+    }
+
+    /// Sends a join or leave event to the channel on every node (never stored in
+    /// history). A failure is logged: the subscription itself stands.
+    async fn publish_event(&self, channel: &str, kind: Kind, entry: Bytes) {
+        let event = Publication {
+            kind,
+            data: entry,
+            from: None,
+            position: None,
+            traceparent: Bytes::new(),
+            published_at_us: envelope::now_us(),
+        };
+        let options = ChannelOptions {
+            history_size: 0,
+            ..self.config.channel_options(channel)
+        };
+        if let Err(e) = self.broker.publish(channel, event, options).await {
+            tracing::warn!(channel, error = %e, ?kind, "could not send a presence event");
         }
     }
 
@@ -214,6 +298,7 @@ impl Hub {
     pub(crate) async fn subscribe_at_connect(
         &self,
         client: &ClientHandle,
+        grants: &Grants,
         channels: &[(String, Option<Since>)],
     ) -> Result<Vec<Subscribed>, BrokerError> {
         for (channel, _) in channels {
@@ -223,24 +308,32 @@ impl Hub {
             futures_util::future::join_all(channels.iter().map(|(c, _)| self.broker.subscribe(c)))
                 .await;
         live.into_iter().collect::<Result<Vec<()>, _>>()?;
-        futures_util::future::join_all(
+        let subscribed = futures_util::future::join_all(
             channels
                 .iter()
                 .map(|(c, since)| self.read_position(c, since.clone())),
         )
         .await
         .into_iter()
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+        futures_util::future::join_all(
+            channels
+                .iter()
+                .map(|(c, _)| self.announce(client.id(), grants, c)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
+        Ok(subscribed)
     }
 
     /// Adds a subscriber to the registry: held back on channels with history.
+    /// Adds a subscriber to the registry, held back until [`go_live`](Self::go_live):
+    /// so nothing reaches it before its ack or `welcome` (presence and history reads
+    /// come in between), and on history channels, so its recovery is exact.
     fn add(&self, client: &ClientHandle, channel: &str) {
-        if self.config.channel_options(channel).has_history() {
-            self.registry
-                .subscribe_held(client, channel, self.config.limits.client_queue);
-        } else {
-            self.registry.subscribe(client, channel);
-        }
+        self.registry
+            .subscribe_held(client, channel, self.config.limits.client_queue);
     }
 
     /// Step 3 of a subscription: on a channel with history, read its position and
@@ -291,12 +384,6 @@ impl Hub {
         subscribed: Subscribed,
         ack: Option<Utf8Bytes>,
     ) {
-        let Some(position) = &subscribed.position else {
-            if let Some(ack) = ack {
-                self.send(client, ack);
-            }
-            return;
-        };
         let mut frames: Vec<Utf8Bytes> = subscribed
             .replay
             .iter()
@@ -306,27 +393,92 @@ impl Hub {
         let bytes: usize =
             frames.iter().map(|f| f.len()).sum::<usize>() + ack.as_ref().map_or(0, |a| a.len());
         frames.extend(ack);
+        let floor = subscribed.position.as_ref().map(|p| p.offset);
         let released = self
             .registry
-            .release(client, &subscribed.channel, position.offset, frames);
+            .release(client, &subscribed.channel, floor, frames);
         self.metrics
             .messages_delivered
             .inc_by((replayed + released) as u64);
         self.metrics.bytes_sent.inc_by(bytes as u64);
     }
 
-    /// Removes one subscription (no effect if there was none).
-    pub(crate) fn unsubscribe(&self, conn: ConnId, channel: &str) {
-        if self.registry.unsubscribe(conn, channel) == Some(true) {
-            self.broker.release(channel);
+    /// Removes one subscription (no effect if there was none): from the registry,
+    /// then from presence, with a `leave`.
+    pub(crate) async fn unsubscribe(&self, conn: ConnId, grants: &Grants, channel: &str) {
+        if self.drop_subscription(conn, channel) {
+            self.farewell(conn, grants, channel).await;
         }
     }
 
-    /// Removes a connection and all its subscriptions.
-    pub(crate) fn disconnect(&self, conn: ConnId) {
+    /// Removes a subscription from the registry only (a rollback, or the first step
+    /// of an unsubscribe); returns whether there was one.
+    fn drop_subscription(&self, conn: ConnId, channel: &str) -> bool {
+        match self.registry.unsubscribe(conn, channel) {
+            None => false,
+            Some(emptied) => {
+                if emptied {
+                    self.broker.release(channel);
+                }
+                true
+            }
+        }
+    }
+
+    /// Removes a connection and all its subscriptions, then its presence entries,
+    /// with a `leave` on each channel that sends them.
+    pub(crate) async fn disconnect(&self, conn: ConnId, grants: &Grants) {
+        let channels = self.registry.channels_of(conn);
         for channel in self.registry.deregister(conn) {
             self.broker.release(&channel);
         }
+        futures_util::future::join_all(
+            channels
+                .iter()
+                .map(|channel| self.farewell(conn, grants, channel)),
+        )
+        .await;
+    }
+
+    /// Up to `--max-presence` entries of a channel's presence, cluster-wide, and how
+    /// many there are. Needs the permission to subscribe.
+    pub(crate) async fn presence(
+        &self,
+        grants: &Grants,
+        channel: &str,
+    ) -> Result<Vec<Bytes>, Refusal> {
+        self.check_presence(grants, channel)?;
+        let max = self.config.presence.max_presence;
+        Ok(self.broker.presence(channel, max).await?.0)
+    }
+
+    /// Clients and distinct users of a channel's presence. Needs the permission to
+    /// subscribe.
+    pub(crate) async fn presence_stats(
+        &self,
+        grants: &Grants,
+        channel: &str,
+    ) -> Result<(usize, usize), Refusal> {
+        self.check_presence(grants, channel)?;
+        Ok(self.broker.presence_stats(channel).await?)
+    }
+
+    fn check_presence(&self, grants: &Grants, channel: &str) -> Result<(), Refusal> {
+        if !grants.may_subscribe(channel) {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                format!("not allowed to see who is in {channel}"),
+            ));
+        }
+        if !self.config.channel_options(channel).presence {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "channel {channel} keeps no presence (presence = true for its namespace turns it on)"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Publishes `data` to `channel` on every node (with `from` when given), inside a
@@ -397,13 +549,6 @@ impl Hub {
             all_or_nothing: false,
         };
         Ok(self.broker.history(channel, request).await?)
-    }
-
-    fn send(&self, client: &ClientHandle, frame: Utf8Bytes) {
-        let len = frame.len() as u64;
-        if client.send(frame) {
-            self.metrics.bytes_sent.inc_by(len);
-        }
     }
 }
 

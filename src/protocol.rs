@@ -14,7 +14,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::publication::{Epoch, MAX_OFFSET, Position, Publication};
+use crate::publication::{Epoch, Kind, MAX_OFFSET, Position, Publication};
 
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 128;
@@ -132,6 +132,20 @@ pub enum Request<'a> {
         /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
+    /// `presence`: who is subscribed to `ch`, cluster-wide.
+    Presence {
+        /// Channel (validated).
+        ch: Cow<'a, str>,
+        /// Request id, echoed in the reply.
+        id: Option<RequestId<'a>>,
+    },
+    /// `presence_stats`: how many clients and users are subscribed to `ch`.
+    PresenceStats {
+        /// Channel (validated).
+        ch: Cow<'a, str>,
+        /// Request id, echoed in the reply.
+        id: Option<RequestId<'a>>,
+    },
     /// `history`: read what the channel's history holds.
     History {
         /// Channel (validated).
@@ -178,6 +192,8 @@ impl<'a> Request<'a> {
             Request::Subscribe { id, .. }
             | Request::Unsubscribe { id, .. }
             | Request::Publish { id, .. }
+            | Request::Presence { id, .. }
+            | Request::PresenceStats { id, .. }
             | Request::History { id, .. } => *id,
         }
     }
@@ -322,6 +338,15 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
     }
 
     match op.as_ref() {
+        "presence" | "presence_stats" => {
+            let ch =
+                ch.ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field ch"))?;
+            Ok(if op == "presence" {
+                Request::Presence { ch, id }
+            } else {
+                Request::PresenceStats { ch, id }
+            })
+        }
         "sub" | "unsub" | "history" => {
             let ch =
                 ch.ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field ch"))?;
@@ -378,7 +403,9 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
             Err(RequestError::new(
                 id,
                 ErrorCode::UnknownOp,
-                format!("unknown op {shown:?} (expected sub, unsub, pub or history)"),
+                format!(
+                    "unknown op {shown:?} (expected sub, unsub, pub, history, presence or presence_stats)"
+                ),
             ))
         }
     }
@@ -423,6 +450,87 @@ pub fn encode_publication(ch: &str, publication: &Publication) -> Utf8Bytes {
     out.push_str(r#","data":"#);
     out.push_str(data);
     out.push('}');
+    out.into()
+}
+
+/// `{"op":"join"|"leave","ch":..,"conn":..,"node":..,"user":..,"info":..}`: the
+/// event's presence entry (a JSON object built by [`presence_entry`]) with `op` and
+/// `ch` in front. Built once per event on each node.
+pub fn encode_presence_event(ch: &str, publication: &Publication) -> Utf8Bytes {
+    let op = match publication.kind {
+        Kind::Join => "join",
+        Kind::Leave => "leave",
+        Kind::Message => return encode_publication(ch, publication),
+    };
+    let entry = publication.data_str();
+    let fields = entry.strip_prefix('{').unwrap_or("}");
+    let mut out = String::with_capacity(24 + ch.len() + entry.len());
+    let _ = write!(out, r#"{{"op":"{op}","ch":"{ch}""#);
+    if fields != "}" {
+        out.push(',');
+    }
+    out.push_str(fields);
+    out.into()
+}
+
+/// A presence entry: `{"conn":..,"node":..,"user":..,"info":..}` (`user` and `info`
+/// are null when unknown; `info` is the token's claim as sent).
+pub fn presence_entry(conn: &str, node: &str, user: Option<&str>, info: Option<&str>) -> String {
+    let mut out = String::with_capacity(48 + info.map_or(0, str::len));
+    out.push_str(r#"{"conn":"#);
+    push_json_string(&mut out, conn);
+    out.push_str(r#","node":"#);
+    push_json_string(&mut out, node);
+    out.push_str(r#","user":"#);
+    match user {
+        Some(user) => push_json_string(&mut out, user),
+        None => out.push_str("null"),
+    }
+    out.push_str(r#","info":"#);
+    out.push_str(info.unwrap_or("null"));
+    out.push('}');
+    out
+}
+
+/// The fields of a presence reply, shared by the frame and `GET /api/presence`:
+/// `"ch":..,"clients":[entry,..]` (without braces).
+pub fn presence_body(ch: &str, entries: &[bytes::Bytes]) -> String {
+    let size: usize = entries.iter().map(|e| e.len() + 1).sum();
+    let mut out = String::with_capacity(24 + ch.len() + size);
+    let _ = write!(out, r#""ch":"{ch}","clients":["#);
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(std::str::from_utf8(entry).unwrap_or("null"));
+    }
+    out.push(']');
+    out
+}
+
+/// `{"op":"presence","id":..,"ch":..,"clients":[..]}`.
+pub fn encode_presence(id: Option<RequestId<'_>>, ch: &str, entries: &[bytes::Bytes]) -> Utf8Bytes {
+    let mut out = String::from(r#"{"op":"presence","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{},"#, id.as_json());
+    }
+    out.push_str(&presence_body(ch, entries));
+    out.push('}');
+    out.into()
+}
+
+/// `{"op":"presence_stats","id":..,"ch":..,"clients":N,"users":M}`.
+pub fn encode_presence_stats(
+    id: Option<RequestId<'_>>,
+    ch: &str,
+    clients: usize,
+    users: usize,
+) -> Utf8Bytes {
+    let mut out = String::from(r#"{"op":"presence_stats","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{},"#, id.as_json());
+    }
+    let _ = write!(out, r#""ch":"{ch}","clients":{clients},"users":{users}}}"#);
     out.into()
 }
 
@@ -761,6 +869,57 @@ mod tests {
         }
         assert_eq!(Since::parse_pair("k3x9", "40").unwrap().offset, 40);
         assert!(Since::parse_pair("k3x9", "x").is_err());
+    }
+
+    #[test]
+    fn presence_frames() {
+        let entry = presence_entry("17", "n1", Some("ada \"l\""), Some(r#"{"color":"red"}"#));
+        assert_eq!(
+            serde_json::from_str::<Value>(&entry).unwrap(),
+            serde_json::json!({"conn":"17","node":"n1","user":"ada \"l\"","info":{"color":"red"}})
+        );
+        let event = Publication {
+            kind: Kind::Join,
+            data: bytes::Bytes::from(entry.clone()),
+            from: None,
+            position: None,
+            traceparent: bytes::Bytes::new(),
+            published_at_us: 0,
+        };
+        assert_eq!(
+            json(&encode_presence_event("c:1", &event)),
+            serde_json::json!({"op":"join","ch":"c:1","conn":"17","node":"n1","user":"ada \"l\"","info":{"color":"red"}})
+        );
+        let anonymous = presence_entry("3", "n2", None, None);
+        assert_eq!(
+            anonymous,
+            r#"{"conn":"3","node":"n2","user":null,"info":null}"#
+        );
+        let id = parse_request(r#"{"op":"presence","ch":"c:1","id":5}"#)
+            .unwrap()
+            .id();
+        let reply = json(&encode_presence(
+            id,
+            "c:1",
+            &[entry.into(), anonymous.into()],
+        ));
+        assert_eq!(reply["op"], "presence");
+        assert_eq!(reply["id"], 5);
+        assert_eq!(reply["clients"][1]["conn"], "3");
+        assert_eq!(
+            json(&encode_presence_stats(id, "c:1", 2, 1)),
+            serde_json::json!({"op":"presence_stats","id":5,"ch":"c:1","clients":2,"users":1})
+        );
+        assert!(matches!(
+            parse_request(r#"{"op":"presence_stats","ch":"c:1"}"#).unwrap(),
+            Request::PresenceStats { .. }
+        ));
+        assert_eq!(
+            parse_request(r#"{"op":"presence","id":1}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
     }
 
     #[test]

@@ -76,12 +76,15 @@ pub struct Position {
 /// Offsets stay below 2^53 so that JavaScript reads them exactly.
 pub const MAX_OFFSET: u64 = (1 << 53) - 1;
 
-/// What kind of event a publication is. Only messages exist today; join and leave
-/// events of presence travel the same way.
+/// What kind of event a publication is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// A message published by a client or the API.
     Message,
+    /// A client subscribed (`data` is its presence entry); never stored.
+    Join,
+    /// A client unsubscribed or disconnected (`data` is its presence entry).
+    Leave,
 }
 
 /// One published message as the broker carries it.

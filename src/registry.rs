@@ -152,13 +152,15 @@ impl Registry {
 
     /// Makes a held-back subscription live: queues `first` (the recovery and its
     /// ack), then the held frames with an offset above `after`, in one critical
-    /// section with the fan-out, so no frame is lost or doubled in between. Returns
-    /// how many held frames were queued.
+    /// section with the fan-out, so no frame is lost or doubled in between. Later
+    /// frames at or below `after` are dropped (the floor). Without `after` (a channel
+    /// without history) every held frame is queued and the subscription becomes a
+    /// plain one. Returns how many held frames were queued.
     pub fn release(
         &self,
         client: &ClientHandle,
         channel: &str,
-        after: u64,
+        after: Option<u64>,
         first: Vec<Utf8Bytes>,
     ) -> usize {
         // The write lock waits for a fan-out in progress on this channel and keeps
@@ -169,14 +171,21 @@ impl Registry {
         let Some(subscriber) = subscribers.get_mut(&client.id()) else {
             return 0;
         };
-        let held = match subscriber.history.as_mut() {
-            Some(recovery) => {
+        let held = match (subscriber.history.as_mut(), after) {
+            (Some(recovery), Some(after)) => {
                 recovery.floor.store(after, Ordering::Relaxed);
                 recovery.live.store(true, Ordering::Relaxed);
                 std::mem::take(recovery.held.get_mut().unwrap_or_else(|e| e.into_inner()))
             }
-            None => Vec::new(),
+            // No history: nothing to keep once live.
+            (Some(_), None) => subscriber
+                .history
+                .take()
+                .map(|r| r.held.into_inner().unwrap_or_else(|e| e.into_inner()))
+                .unwrap_or_default(),
+            (None, _) => Vec::new(),
         };
+        let after = after.unwrap_or(0);
         let mut released = 0;
         let frames = first.into_iter().chain(
             held.into_iter()
@@ -305,6 +314,14 @@ impl Registry {
             .connections
             .get(&id)
             .is_some_and(|c| c.channels.iter().any(|ch| ch == channel))
+    }
+
+    /// The channels a connection is subscribed to.
+    pub fn channels_of(&self, id: ConnId) -> Vec<String> {
+        self.shared
+            .connections
+            .get(&id)
+            .map_or_else(Vec::new, |c| c.channels.clone())
     }
 
     /// How many channels a connection is subscribed to.
@@ -452,7 +469,12 @@ mod tests {
         assert_eq!(rx_live.take_all(), ["m5", "m6", "m7"]);
         assert!(rx_late.take_all().is_empty(), "held back");
         // The recovery read up to offset 6: 7 is the only held frame it lacks.
-        let released = reg.release(&late, "h", 6, vec!["r5".into(), "r6".into(), "ack".into()]);
+        let released = reg.release(
+            &late,
+            "h",
+            Some(6),
+            vec!["r5".into(), "r6".into(), "ack".into()],
+        );
         assert_eq!(released, 1);
         reg.fanout("h", &"m8".into(), Some(8));
         // The same message may still arrive live after the recovery read it.

@@ -91,8 +91,12 @@ async fn serve(
         session.read_loop(&mut stream).await;
     }
 
-    // Leave the registry first, so no fan-out queues to a connection that is going.
-    session.hub.disconnect(session.client.id());
+    // Leave the registry first (so no fan-out queues to a connection that is going),
+    // then presence, with a `leave` where channels send them.
+    session
+        .hub
+        .disconnect(session.client.id(), &session.grants)
+        .await;
     let _ = writer.await;
     let reason = session
         .client
@@ -136,7 +140,11 @@ impl Session {
     /// (with the position of each history channel), then what each recovered.
     /// Returns `false` (and closes the connection) if the broker cannot serve them.
     async fn subscribe_at_connect(&self, channels: Vec<(String, Option<Since>)>) -> bool {
-        let subscribed = match self.hub.subscribe_at_connect(&self.client, &channels).await {
+        let subscribed = match self
+            .hub
+            .subscribe_at_connect(&self.client, &self.grants, &channels)
+            .await
+        {
             Ok(subscribed) => subscribed,
             Err(e) => {
                 self.send(protocol::encode_error(
@@ -170,6 +178,11 @@ impl Session {
         ));
         for subscribed in subscribed {
             self.hub.go_live(&self.client, subscribed, None);
+        }
+        for channel in &names {
+            self.hub
+                .joined(self.client.id(), &self.grants, channel)
+                .await;
         }
         true
     }
@@ -240,9 +253,23 @@ impl Session {
                     })
             }
             Request::Unsubscribe { ch, .. } => {
-                self.hub.unsubscribe(self.client.id(), &ch);
+                self.hub
+                    .unsubscribe(self.client.id(), &self.grants, &ch)
+                    .await;
                 Ok(id.map(protocol::encode_ack))
             }
+            Request::Presence { ch, .. } => self
+                .hub
+                .presence(&self.grants, &ch)
+                .await
+                .map(|entries| Some(protocol::encode_presence(id, &ch, &entries))),
+            Request::PresenceStats { ch, .. } => self
+                .hub
+                .presence_stats(&self.grants, &ch)
+                .await
+                .map(|(clients, users)| {
+                    Some(protocol::encode_presence_stats(id, &ch, clients, users))
+                }),
             Request::History {
                 ch, since, limit, ..
             } => self
@@ -288,6 +315,9 @@ impl Session {
             (None, _) => None,
         };
         self.hub.go_live(&self.client, subscribed, reply);
+        self.hub
+            .joined(self.client.id(), &self.grants, channel)
+            .await;
         Ok(None)
     }
 

@@ -94,7 +94,13 @@ proptest! {
                 let sent: Value = serde_json::from_str(&frame).unwrap();
                 prop_assert_eq!(&msg["data"], &sent["data"], "data forwarded unchanged");
             }
-            Ok(Request::Subscribe { ch, .. } | Request::Unsubscribe { ch, .. } | Request::History { ch, .. }) => {
+            Ok(
+                Request::Subscribe { ch, .. }
+                | Request::Unsubscribe { ch, .. }
+                | Request::History { ch, .. }
+                | Request::Presence { ch, .. }
+                | Request::PresenceStats { ch, .. },
+            ) => {
                 prop_assert!(protocol::validate_channel(&ch).is_ok());
             }
             Err(e) => {

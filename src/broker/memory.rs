@@ -28,6 +28,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct MemoryBroker {
     inner: std::sync::Arc<Inner>,
+    /// Presence: this node is the whole cluster.
+    pub(super) presence: std::sync::Arc<super::presence::Table>,
 }
 
 #[derive(Debug)]
@@ -101,7 +103,10 @@ impl MemoryBroker {
             channels: DashMap::new(),
         });
         tokio::spawn(sweep(std::sync::Arc::downgrade(&inner), shutdown));
-        Self { inner }
+        Self {
+            inner,
+            presence: Default::default(),
+        }
     }
 
     /// Delivers the publication to the channel's local subscribers; with history,
@@ -218,6 +223,8 @@ mod tests {
         let options = ChannelOptions {
             history_size: 10,
             history_ttl: Duration::from_secs(60),
+            presence: false,
+            join_leave: false,
         };
         let publication = Publication {
             kind: Kind::Message,

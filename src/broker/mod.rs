@@ -26,8 +26,11 @@
 //! This is the only module that talks to Redis.
 
 pub mod memory;
+mod presence;
 pub mod redis;
 mod tracker;
+
+pub use presence::Entry as PresenceEntry;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ChannelOptions, Config};
 use crate::metrics::Metrics;
 use crate::protocol;
-use crate::publication::{Epoch, Position, Publication};
+use crate::publication::{Epoch, Kind, Position, Publication};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 
@@ -103,7 +106,10 @@ impl Local {
     /// is traced. Never waits. Returns how many subscribers got it queued.
     pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
         let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
-            let frame = protocol::encode_publication(channel, publication);
+            let frame = match publication.kind {
+                Kind::Message => protocol::encode_publication(channel, publication),
+                Kind::Join | Kind::Leave => protocol::encode_presence_event(channel, publication),
+            };
             let delivered = self.registry.fanout(channel, &frame, publication.offset());
             self.metrics
                 .bytes_sent
@@ -197,6 +203,54 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.history(channel, &request)),
             Broker::Redis(b) => b.history(channel, &request).await,
+        }
+    }
+
+    /// Adds a local subscriber's entry to the channel's presence; resolves once every
+    /// node would list it.
+    pub async fn presence_add(
+        &self,
+        channel: &str,
+        entry: PresenceEntry,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(b) => {
+                b.presence.add(channel, entry);
+                Ok(())
+            }
+            Broker::Redis(b) => b.presence_add(channel, entry).await,
+        }
+    }
+
+    /// Removes a local subscriber's entry from the channel's presence.
+    pub async fn presence_remove(&self, channel: &str, member: &str) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(b) => {
+                b.presence.remove(channel, member);
+                Ok(())
+            }
+            Broker::Redis(b) => b.presence_remove(channel, member).await,
+        }
+    }
+
+    /// Up to `max` entries of the channel's presence, cluster-wide, and how many
+    /// there are.
+    pub async fn presence(
+        &self,
+        channel: &str,
+        max: usize,
+    ) -> Result<(Vec<bytes::Bytes>, usize), BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.presence.list(channel, max)),
+            Broker::Redis(b) => b.presence(channel, max).await,
+        }
+    }
+
+    /// Clients and distinct users in the channel's presence, cluster-wide.
+    pub async fn presence_stats(&self, channel: &str) -> Result<(usize, usize), BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.presence.stats(channel)),
+            Broker::Redis(b) => b.presence_stats(channel).await,
         }
     }
 

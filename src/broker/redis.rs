@@ -62,6 +62,43 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Quiet channels per pipelined batch of the position check.
 const CHECK_BATCH: usize = 1000;
+/// Presence entries per pipelined batch of the refresh: one round trip each, and
+/// a yield between batches, so a channel of 100,000 subscribers neither blocks the
+/// node nor sends one huge pipeline.
+const REFRESH_BATCH: usize = 500;
+
+/// Reads a channel's presence: drops the entries whose node stopped refreshing them
+/// (expiry in the sorted set), then returns how many there are and up to `max` of
+/// them (all with `max` 0).
+///
+/// KEYS: entries hash, expiry sorted set. ARGV: now (ms), max. Returns `{total, {entry..}}`.
+static PRESENCE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local now = tonumber(ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for i = 1, #expired do redis.call('HDEL', KEYS[1], expired[i]) end
+if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+local total = redis.call('HLEN', KEYS[1])
+local max = tonumber(ARGV[2])
+local out = {}
+if max == 0 or total <= max then
+  out = redis.call('HVALS', KEYS[1])
+else
+  local cursor = '0'
+  repeat
+    local page = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 100)
+    cursor = page[1]
+    local kv = page[2]
+    for i = 2, #kv, 2 do
+      if #out < max then out[#out + 1] = kv[i] end
+    end
+  until cursor == '0' or #out >= max
+end
+return {total, out}
+"#,
+    )
+});
 
 /// Stores a publication in its channel's history under the next offset and
 /// publishes it, atomically. A channel without a meta key (new, expired or lost)
@@ -146,6 +183,8 @@ struct Inner {
     local: Local,
     /// The last offset delivered per history channel, and the repairs.
     tracker: Tracker,
+    /// This node's presence entries, registered in Redis and refreshed there.
+    presence: super::presence::Table,
     /// Why a std mutex: critical sections are a few set operations and are never
     /// held across an `.await`; shared by sessions and the subscriber task.
     state: Mutex<SubState>,
@@ -249,6 +288,7 @@ impl RedisBroker {
             timeout,
             local,
             tracker,
+            presence: Default::default(),
             state: Mutex::new(SubState::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
@@ -257,7 +297,10 @@ impl RedisBroker {
         });
         tokio::spawn(subscriber_task(inner.clone(), client, shutdown.clone()));
         if inner.config.any_history() {
-            tokio::spawn(position_checks(Arc::downgrade(&inner), shutdown));
+            tokio::spawn(position_checks(Arc::downgrade(&inner), shutdown.clone()));
+        }
+        if inner.config.any_presence() {
+            tokio::spawn(presence_refresh(Arc::downgrade(&inner), shutdown));
         }
         Ok(Self { inner })
     }
@@ -338,6 +381,81 @@ impl RedisBroker {
         }
     }
 
+    /// Registers a local subscriber's presence entry in Redis.
+    pub async fn presence_add(
+        &self,
+        channel: &str,
+        entry: super::presence::Entry,
+    ) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let member = entry.member.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        inner.add_presence_commands(&mut pipe, channel, std::slice::from_ref(&entry));
+        inner.presence.add(channel, entry);
+        let result = inner.run(pipe).await;
+        if result.is_err() {
+            inner.presence.remove(channel, &member);
+        }
+        result
+    }
+
+    /// Removes a local subscriber's presence entry from Redis (if the removal fails,
+    /// the entry expires: this node no longer refreshes it).
+    pub async fn presence_remove(&self, channel: &str, member: &str) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        if !inner.presence.remove(channel, member) {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL")
+            .arg(inner.presence_key(channel, "presence"))
+            .arg(member)
+            .ignore()
+            .cmd("ZREM")
+            .arg(inner.presence_key(channel, "presence-exp"))
+            .arg(member)
+            .ignore();
+        inner.run(pipe).await
+    }
+
+    /// Up to `max` entries of a channel's presence (0: all), and how many there are.
+    pub async fn presence(
+        &self,
+        channel: &str,
+        max: usize,
+    ) -> Result<(Vec<Bytes>, usize), BrokerError> {
+        let inner = &self.inner;
+        let mut script = PRESENCE_SCRIPT.prepare_invoke();
+        script
+            .key(inner.presence_key(channel, "presence"))
+            .key(inner.presence_key(channel, "presence-exp"))
+            .arg(envelope::now_us() / 1000)
+            .arg(max);
+        let mut conn = inner.publisher.clone();
+        let read = script.invoke_async::<(usize, Vec<Vec<u8>>)>(&mut conn);
+        match tokio::time::timeout(inner.timeout, read).await {
+            Ok(Ok((total, entries))) => Ok((entries.into_iter().map(Bytes::from).collect(), total)),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        }
+    }
+
+    /// Clients and distinct users of a channel's presence.
+    pub async fn presence_stats(&self, channel: &str) -> Result<(usize, usize), BrokerError> {
+        #[derive(serde::Deserialize)]
+        struct User {
+            user: Option<String>,
+        }
+        let (entries, total) = self.presence(channel, 0).await?;
+        let users: Vec<Option<String>> = entries
+            .iter()
+            .map(|e| serde_json::from_slice::<User>(e).ok().and_then(|u| u.user))
+            .collect();
+        let users = super::presence::count_users(users.iter().map(Option::as_deref));
+        Ok((total, users))
+    }
+
     /// Resolves once `channel` is subscribed on the node's Redis connection. The
     /// caller has already added its subscriber to the registry.
     pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
@@ -411,6 +529,65 @@ impl Inner {
     /// `<prefix>{<channel>}:<suffix>`: the hash tag keeps a channel's keys together.
     fn history_key(&self, channel: &str, suffix: &str) -> String {
         format!("{}{{{channel}}}:{suffix}", self.prefix)
+    }
+
+    /// A channel's presence keys (same shape as its history keys).
+    fn presence_key(&self, channel: &str, suffix: &str) -> String {
+        self.history_key(channel, suffix)
+    }
+
+    /// Adds to `pipe` what registers (or refreshes) `entries` of `channel`: each in
+    /// the hash with its expiry in the sorted set, and both keys kept alive for two
+    /// TTLs (so a channel whose nodes all died leaves nothing behind).
+    fn add_presence_commands(
+        &self,
+        pipe: &mut redis::Pipeline,
+        channel: &str,
+        entries: &[super::presence::Entry],
+    ) {
+        let ttl = self.config.presence.presence_ttl;
+        let expires = envelope::now_us() / 1000 + millis(ttl);
+        let (hash, zset) = (
+            self.presence_key(channel, "presence"),
+            self.presence_key(channel, "presence-exp"),
+        );
+        for entry in entries {
+            pipe.cmd("HSET")
+                .arg(&hash)
+                .arg(&entry.member)
+                .arg(&entry.json[..])
+                .ignore()
+                .cmd("ZADD")
+                .arg(&zset)
+                .arg(expires)
+                .arg(&entry.member)
+                .ignore();
+        }
+        for key in [&hash, &zset] {
+            pipe.cmd("PEXPIRE").arg(key).arg(2 * millis(ttl)).ignore();
+        }
+    }
+
+    /// Runs an idempotent pipeline (presence writes) on the publishing connection
+    /// within the broker timeout. Tried twice: the first command after Redis
+    /// restarted finds the old connection broken, and the connection manager has
+    /// reconnected by the second.
+    async fn run(&self, pipe: redis::Pipeline) -> Result<(), BrokerError> {
+        let attempt = async {
+            let mut conn = self.publisher.clone();
+            match pipe.query_async::<()>(&mut conn).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                    let mut conn = self.publisher.clone();
+                    pipe.query_async::<()>(&mut conn).await
+                }
+                result => result,
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => Err(BrokerError::Timeout(self.timeout)),
+        }
     }
 
     /// Runs [`HISTORY_SCRIPT`] on `conn` and decodes what it read.
@@ -756,6 +933,46 @@ async fn position_checks(inner: std::sync::Weak<Inner>, shutdown: CancellationTo
                     inner.spawn_repair(repair);
                 }
             }
+        }
+    }
+}
+
+/// Every third of `--presence-ttl`, writes this node's presence entries to Redis
+/// again with a new expiry, in pipelined batches: entries of a node that stops
+/// refreshing (it died) expire, and entries Redis lost (a restart without data) are
+/// back within one interval.
+async fn presence_refresh(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
+    let period = match inner.upgrade() {
+        Some(inner) => inner.config.presence.presence_ttl / 3,
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let mut pipe = redis::pipe();
+        let mut batched = 0;
+        for (channel, entries) in inner.presence.snapshot() {
+            for chunk in entries.chunks(REFRESH_BATCH) {
+                inner.add_presence_commands(&mut pipe, &channel, chunk);
+                batched += chunk.len();
+                if batched >= REFRESH_BATCH {
+                    if let Err(e) = inner.run(std::mem::take(&mut pipe)).await {
+                        tracing::warn!(error = %e, "presence refresh failed");
+                    }
+                    batched = 0;
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        if batched > 0
+            && let Err(e) = inner.run(pipe).await
+        {
+            tracing::warn!(error = %e, "presence refresh failed");
         }
     }
 }
