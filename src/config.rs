@@ -282,6 +282,12 @@ pub struct PresenceConfig {
     /// Most entries one `presence` answer lists (`presence_stats` counts them all).
     #[arg(long, env = "WSRELAY_MAX_PRESENCE", default_value_t = 1000)]
     pub max_presence: usize,
+
+    /// How long a node stays in the cluster view (`/api/nodes`) after its last
+    /// announcement; nodes announce themselves every few seconds (a sixth of this,
+    /// at most 5 s).
+    #[arg(long, env = "WSRELAY_NODE_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub node_ttl: Duration,
 }
 
 /// Options of one channel, resolved from its namespace.

@@ -61,6 +61,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             post(api_publish).layer(DefaultBodyLimit::max(api_body_limit)),
         )
         .route("/api/channels", get(api_channels))
+        .route("/api/nodes", get(api_nodes))
         .route("/api/history", get(api_history))
         .route("/api/presence", get(api_presence))
         .route("/api/presence_stats", get(api_presence_stats))
@@ -424,18 +425,49 @@ async fn api_publish(
 }
 
 /// `GET /api/channels`: channels with subscribers on this node.
-async fn api_channels(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+/// `GET /api/channels`: every channel with subscribers on a live node and their
+/// count across nodes (from the nodes' announcements, a few seconds old at most);
+/// `?node=local`: this node's channels, exact.
+async fn api_channels(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     if let Some(refused) = api_key_refusal(&state, &headers) {
         return refused;
     }
     let node = &state.hub;
-    let channels: Vec<_> = node
-        .registry
-        .channel_counts()
+    let local = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+        .any(|(k, v)| k == "node" && v == "local");
+    let counts = if local {
+        node.registry.channel_counts()
+    } else {
+        match node.broker.cluster_channels().await {
+            Ok(counts) => counts,
+            Err(e) => return refusal_response(&Refusal::from(e)),
+        }
+    };
+    let channels: Vec<_> = counts
         .into_iter()
         .map(|(ch, subscribers)| json!({"ch": ch, "subscribers": subscribers}))
         .collect();
-    Json(json!({"node": node.node_id, "channels": channels})).into_response()
+    if local {
+        Json(json!({"node": node.node_id, "channels": channels})).into_response()
+    } else {
+        Json(json!({"channels": channels})).into_response()
+    }
+}
+
+/// `GET /api/nodes`: every live node's announcement (id, version, start, address,
+/// readiness, connections, subscriptions, channels, message rates).
+async fn api_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Some(refused) = api_key_refusal(&state, &headers) {
+        return refused;
+    }
+    match state.hub.broker.nodes().await {
+        Ok(nodes) => Json(json!({"nodes": nodes})).into_response(),
+        Err(e) => refusal_response(&Refusal::from(e)),
+    }
 }
 
 /// `GET /api/history?ch=..&limit=..&since_offset=..&epoch=..`: what a channel's

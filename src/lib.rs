@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod broker;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod envelope;
 mod handshake_io;

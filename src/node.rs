@@ -147,6 +147,7 @@ impl Node {
             hub.config.limits.ping_interval,
             token.clone(),
         ));
+        tokio::spawn(crate::cluster::announce(hub.clone(), addr));
         tokio::spawn(crate::memory::trim_after_churn(
             hub.registry.clone(),
             hub.metrics.clone(),

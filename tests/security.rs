@@ -494,7 +494,7 @@ async fn the_server_publish_api() {
     let (status, body) = http_request(
         n2.addr,
         "GET",
-        "/api/channels",
+        "/api/channels?node=local",
         &[("authorization", &auth)],
         b"",
     )

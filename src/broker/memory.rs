@@ -30,6 +30,9 @@ pub struct MemoryBroker {
     inner: std::sync::Arc<Inner>,
     /// Presence: this node is the whole cluster.
     pub(super) presence: std::sync::Arc<super::presence::Table>,
+    /// This node's last announcement: the cluster view of a one-node cluster. Why a
+    /// mutex: written every few seconds, read by the API.
+    pub(super) announcement: std::sync::Arc<std::sync::Mutex<Option<crate::cluster::Announcement>>>,
 }
 
 #[derive(Debug)]
@@ -106,6 +109,7 @@ impl MemoryBroker {
         Self {
             inner,
             presence: Default::default(),
+            announcement: Default::default(),
         }
     }
 
@@ -136,6 +140,11 @@ impl MemoryBroker {
             history.ring.pop_front();
         }
         Some(position)
+    }
+
+    /// This node's channels and their subscribers: the whole cluster's.
+    pub(super) fn local_channels(&self) -> Vec<(String, usize)> {
+        self.inner.local.registry.channel_counts()
     }
 
     /// Reads a channel's position and stored publications.

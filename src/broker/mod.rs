@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Announcement, NodeInfo};
 use crate::config::{ChannelOptions, Config};
 use crate::metrics::Metrics;
 use crate::protocol;
@@ -251,6 +252,40 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.presence.stats(channel)),
             Broker::Redis(b) => b.presence_stats(channel).await,
+        }
+    }
+
+    /// Publishes this node's announcement for the cluster view (it expires after
+    /// `--node-ttl`).
+    pub async fn announce(&self, announcement: Announcement) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(b) => {
+                *b.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(announcement);
+                Ok(())
+            }
+            Broker::Redis(b) => b.announce(announcement).await,
+        }
+    }
+
+    /// The nodes whose announcement has not expired, by id.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b
+                .announcement
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|a| a.info.clone())
+                .collect()),
+            Broker::Redis(b) => b.nodes().await,
+        }
+    }
+
+    /// Every channel with subscribers on a live node, and how many across nodes.
+    pub async fn cluster_channels(&self) -> Result<Vec<(String, usize)>, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.local_channels()),
+            Broker::Redis(b) => b.cluster_channels().await,
         }
     }
 

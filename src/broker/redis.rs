@@ -456,6 +456,127 @@ impl RedisBroker {
         Ok((total, users))
     }
 
+    /// Writes this node's announcement: its info (expiring after `--node-ttl`, and
+    /// listed in the nodes sorted set with that expiry) and its channel counts, in
+    /// one transaction, so readers never see half of it.
+    pub async fn announce(
+        &self,
+        announcement: crate::cluster::Announcement,
+    ) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let ttl = millis(inner.config.presence.node_ttl);
+        let id = &announcement.info.id;
+        let info = serde_json::to_vec(&announcement.info)
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let channels_key = format!("{}node-channels:{id}", inner.prefix);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(format!("{}node:{id}", inner.prefix))
+            .arg(info)
+            .arg("PX")
+            .arg(ttl)
+            .ignore()
+            .cmd("ZADD")
+            .arg(format!("{}nodes", inner.prefix))
+            .arg(envelope::now_us() / 1000 + ttl)
+            .arg(id)
+            .ignore()
+            .cmd("DEL")
+            .arg(&channels_key)
+            .ignore();
+        for chunk in announcement.channels.chunks(1000) {
+            let hset = pipe.cmd("HSET").arg(&channels_key);
+            for (channel, count) in chunk {
+                hset.arg(channel).arg(count);
+            }
+            hset.ignore();
+        }
+        pipe.cmd("PEXPIRE").arg(&channels_key).arg(ttl).ignore();
+        inner.run(pipe).await
+    }
+
+    /// The ids of the nodes whose announcement has not expired (expired ones are
+    /// dropped from the set on the way).
+    async fn live_nodes(&self) -> Result<Vec<String>, BrokerError> {
+        let inner = &self.inner;
+        let key = format!("{}nodes", inner.prefix);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(envelope::now_us() / 1000)
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1);
+        let mut conn = inner.publisher.clone();
+        match tokio::time::timeout(inner.timeout, pipe.query_async::<(Vec<String>,)>(&mut conn))
+            .await
+        {
+            Ok(Ok((ids,))) => Ok(ids),
+            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        }
+    }
+
+    /// The live nodes' announcements, by id.
+    pub async fn nodes(&self) -> Result<Vec<crate::cluster::NodeInfo>, BrokerError> {
+        let inner = &self.inner;
+        let ids = self.live_nodes().await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}node:{id}", inner.prefix))
+            .collect();
+        let mut conn = inner.publisher.clone();
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&keys);
+        let read = mget.query_async::<Vec<Option<Vec<u8>>>>(&mut conn);
+        let infos = match tokio::time::timeout(inner.timeout, read).await {
+            Ok(Ok(infos)) => infos,
+            Ok(Err(e)) => return Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => return Err(BrokerError::Timeout(inner.timeout)),
+        };
+        let mut nodes: Vec<crate::cluster::NodeInfo> = infos
+            .into_iter()
+            .flatten()
+            .filter_map(|json| serde_json::from_slice(&json).ok())
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    /// Channels with subscribers on any live node, with the sum of their counts.
+    pub async fn cluster_channels(&self) -> Result<Vec<(String, usize)>, BrokerError> {
+        let inner = &self.inner;
+        let ids = self.live_nodes().await?;
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGETALL")
+                .arg(format!("{}node-channels:{id}", inner.prefix));
+        }
+        let mut conn = inner.publisher.clone();
+        let read = pipe.query_async::<Vec<HashMap<String, usize>>>(&mut conn);
+        let per_node = match tokio::time::timeout(inner.timeout, read).await {
+            Ok(Ok(per_node)) => per_node,
+            Ok(Err(e)) => return Err(BrokerError::Unavailable(e.to_string())),
+            Err(_) => return Err(BrokerError::Timeout(inner.timeout)),
+        };
+        let mut total: HashMap<String, usize> = HashMap::new();
+        for channels in per_node {
+            for (channel, count) in channels {
+                *total.entry(channel).or_default() += count;
+            }
+        }
+        let mut channels: Vec<(String, usize)> = total.into_iter().collect();
+        channels.sort();
+        Ok(channels)
+    }
+
     /// Resolves once `channel` is subscribed on the node's Redis connection. The
     /// caller has already added its subscriber to the registry.
     pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
