@@ -47,11 +47,13 @@ pub(crate) struct AppState {
 const READ_BUFFER_BYTES: usize = 512;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
+const ADMIN_HTML: &str = include_str!("../static/admin.html");
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     let api_body_limit = state.hub.config.limits.max_api_body_bytes;
     Router::new()
         .route("/", get(index))
+        .route("/admin", get(admin))
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -70,6 +72,11 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
 
 async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
+}
+
+/// The operator's page; it asks for the API key and calls the server API with it.
+async fn admin() -> Html<&'static str> {
+    Html(ADMIN_HTML)
 }
 
 async fn healthz() -> impl IntoResponse {
