@@ -64,3 +64,32 @@ test("lost history is shown, not hidden", async (t) => {
   await waitFor("publish after the restart", () => a.publish("global", { name: "bob", text: "after" }).then(() => true));
   await waitFor("the next line", async () => (await lines(page)).includes("bob: after"));
 });
+
+test("the page shows who is in the room, and on which node", async (t) => {
+  const h = new Harness();
+  t.after(() => h.close());
+  const redis = await h.redis();
+  const args = ["--redis-url", redis.url, "--presence", "--join-leave"];
+  const a = await h.node("a", args);
+  const b = await h.node("b", args);
+  const roster = (page) => page.$$eval("#roster li", (lis) => lis.map((li) => li.textContent));
+
+  const first = await h.page();
+  await first.goto(`${a.url}/`);
+  await waitFor("own entry", async () => (await roster(first)).join() === "guest · node a (you)");
+  const second = await h.page();
+  await second.goto(`${b.url}/`);
+  await waitFor("the newcomer, by its join", async () =>
+    (await roster(first)).sort().join("|") === "guest · node a (you)|guest · node b");
+  await waitFor("both, by presence", async () => (await roster(second)).length === 2);
+  assert.equal(await first.textContent("#count"), "2");
+  await second.close();
+  await waitFor("the leave", async () => (await roster(first)).join() === "guest · node a (you)");
+
+  // Without presence on the channel, no roster is shown.
+  const plain = await h.node("p", ["--redis-url", redis.url]);
+  const third = await h.page();
+  await third.goto(`${plain.url}/`);
+  await waitFor("connected", async () => (await third.textContent("#status")).includes("node p"));
+  await waitFor("no roster", async () => await third.$eval("#people", (p) => p.hidden));
+});
