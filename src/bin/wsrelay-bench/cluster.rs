@@ -10,6 +10,7 @@ use crate::{Target, procstat};
 
 pub(crate) struct Cluster {
     redis: Child,
+    redis_port: u16,
     nodes: Vec<(Child, u16)>,
 }
 
@@ -48,6 +49,7 @@ impl Cluster {
             .map_err(|e| anyhow::anyhow!("cannot start redis-server: {e}"))?;
         let mut cluster = Cluster {
             redis,
+            redis_port,
             nodes: Vec::new(),
         };
         // Nodes start fine without Redis, but then log reconnect attempts: wait for it.
@@ -107,6 +109,28 @@ impl Cluster {
 
     fn pids(&self) -> impl Iterator<Item = u32> + '_ {
         std::iter::once(self.redis.id()).chain(self.nodes.iter().map(|(c, _)| c.id()))
+    }
+
+    /// Commands Redis has processed so far (`INFO stats`).
+    pub(crate) async fn redis_commands(&self) -> anyhow::Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.redis_port)).await?;
+        stream.write_all(b"INFO stats\r\n").await?;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "Redis closed the connection");
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            if let Some(line) = text.lines().find(|l| l.starts_with("total_commands_processed:")) {
+                // The INFO reply is one bulk string: the line is complete once its end
+                // arrived.
+                if text.contains("total_net_input_bytes") {
+                    return Ok(line["total_commands_processed:".len()..].trim().parse()?);
+                }
+            }
+        }
     }
 
     /// CPU time of every server process (nodes and Redis) so far.

@@ -49,11 +49,37 @@ pub(crate) async fn run(
         .map(|(a, b)| a - b);
     tokio::time::sleep(Duration::from_secs(1).min(Duration::from_secs(args.duration))).await;
     let rss_after = cluster.map(Cluster::rss_kib);
+    // The upkeep of idle connections (heartbeats, presence refreshes): server CPU and
+    // Redis commands per second over the rest of the hold.
+    let hold_started = Instant::now();
+    let hold_cpu_before = cluster.map(Cluster::cpu_time);
+    let hold_commands_before = match cluster {
+        Some(c) => Some(c.redis_commands().await?),
+        None => None,
+    };
     tokio::time::sleep(Duration::from_secs(args.duration.saturating_sub(1))).await;
+    let hold = hold_started.elapsed().as_secs_f64();
+    let upkeep_cpu = cluster
+        .map(Cluster::cpu_time)
+        .zip(hold_cpu_before)
+        .map(|(a, b)| (a - b).as_secs_f64() / hold);
+    let upkeep_commands = match (cluster, hold_commands_before) {
+        // Minus this probe's own INFO.
+        (Some(c), Some(before)) => Some((c.redis_commands().await? - before - 1) as f64 / hold),
+        _ => None,
+    };
     // Again at the end of a longer hold: a node may give memory back once the
     // connect burst is over.
     let rss_end = cluster.filter(|_| args.duration > 1).map(Cluster::rss_kib);
+    // Disconnecting everyone: with presence and join/leave, a leave and an entry
+    // removal per connection.
+    let cpu_before_close = cluster.map(Cluster::cpu_time);
     drop(conns);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let close_cpu = cluster
+        .map(Cluster::cpu_time)
+        .zip(cpu_before_close)
+        .map(|(a, b)| a - b);
 
     let per_conn_of = |after: Option<u64>| {
         rss_before.zip(after).map(|(before, after)| {
@@ -72,6 +98,15 @@ pub(crate) async fn run(
     eprintln!("  load generator CPU        {}", ms(own_cpu));
     if let Some(cpu) = server_cpu {
         eprintln!("  server CPU (nodes+redis)  {}", ms(cpu));
+    }
+    if let (Some(cpu), Some(commands)) = (upkeep_cpu, upkeep_commands) {
+        eprintln!(
+            "  idle upkeep               {:.2}% of one core (nodes+redis), {commands:.1} Redis commands/s",
+            cpu * 100.0
+        );
+    }
+    if let Some(cpu) = close_cpu {
+        eprintln!("  disconnect all, server CPU {}", ms(cpu));
     }
     if let (Some(before), Some(after), Some(per)) = (rss_before, rss_after, per_conn) {
         eprintln!(
@@ -96,6 +131,9 @@ pub(crate) async fn run(
         "server_rss_kib_per_connection": per_conn,
         "server_rss_kib_end": rss_end,
         "server_rss_kib_per_connection_end": per_conn_end,
+        "upkeep_server_cpu_share": upkeep_cpu,
+        "upkeep_redis_commands_per_s": upkeep_commands,
+        "disconnect_server_cpu_s": close_cpu.map(|c| c.as_secs_f64()),
     });
     println!("{report}");
     Ok(())
