@@ -123,7 +123,10 @@ impl Cluster {
             anyhow::ensure!(n > 0, "Redis closed the connection");
             reply.extend_from_slice(&buf[..n]);
             let text = String::from_utf8_lossy(&reply);
-            if let Some(line) = text.lines().find(|l| l.starts_with("total_commands_processed:")) {
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.starts_with("total_commands_processed:"))
+            {
                 // The INFO reply is one bulk string: the line is complete once its end
                 // arrived.
                 if text.contains("total_net_input_bytes") {
