@@ -354,6 +354,22 @@ async fn entries_follow_nodes_and_survive_a_redis_restart() {
     let mut doomed = doomed;
     doomed.signal("KILL");
     doomed.wait_exit(WAIT);
+    // Nobody reads presence now: the survivors' refreshes prune the dead node's entry.
+    let mut conn = redis.connection().await.unwrap();
+    let key = format!("wsrelay:{{{ch}}}:presence");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left: u64 = redis::cmd("HLEN")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if left == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{left} entries");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     wait_members(&[&n1, &n2], ch, vec![member(&a), member(&b)]).await;
 
     redis.restart().await;

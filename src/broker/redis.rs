@@ -67,18 +67,23 @@ const CHECK_BATCH: usize = 1000;
 /// node nor sends one huge pipeline.
 const REFRESH_BATCH: usize = 500;
 
-/// Reads a channel's presence: drops the entries whose node stopped refreshing them
-/// (expiry in the sorted set), then returns how many there are and up to `max` of
-/// them (all with `max` 0).
-///
-/// KEYS: entries hash, expiry sorted set. ARGV: now (ms), max. Returns `{total, {entry..}}`.
-static PRESENCE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
+/// Drops the presence entries whose node stopped refreshing them (their expiry in the
+/// sorted set has passed). KEYS: entries hash, expiry sorted set. ARGV: now (ms).
+const PRUNE_LUA: &str = r#"
 local now = tonumber(ARGV[1])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
 for i = 1, #expired do redis.call('HDEL', KEYS[1], expired[i]) end
 if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+"#;
+
+/// Reads a channel's presence: prunes it ([`PRUNE_LUA`]), then returns how many
+/// entries there are and up to `max` of them (all with `max` 0).
+///
+/// KEYS: entries hash, expiry sorted set. ARGV: now (ms), max. Returns `{total, {entry..}}`.
+static PRESENCE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{PRUNE_LUA}{}",
+        r#"
 local total = redis.call('HLEN', KEYS[1])
 local max = tonumber(ARGV[2])
 local out = {}
@@ -96,8 +101,8 @@ else
   until cursor == '0' or #out >= max
 end
 return {total, out}
-"#,
-    )
+"#
+    ))
 });
 
 /// Stores a publication in its channel's history under the next offset and
@@ -373,12 +378,13 @@ impl RedisBroker {
         channel: &str,
         request: &HistoryRequest,
     ) -> Result<History, BrokerError> {
-        let mut conn = self.inner.publisher.clone();
-        let read = self.inner.read_history(&mut conn, channel, request);
-        match tokio::time::timeout(self.inner.timeout, read).await {
-            Ok(result) => result.map_err(|e| BrokerError::Unavailable(e.to_string())),
-            Err(_) => Err(BrokerError::Timeout(self.inner.timeout)),
-        }
+        let inner = &self.inner;
+        inner
+            .idempotent(|| async {
+                let mut conn = inner.publisher.clone();
+                inner.read_history(&mut conn, channel, request).await
+            })
+            .await
     }
 
     /// Registers a local subscriber's presence entry in Redis.
@@ -426,19 +432,21 @@ impl RedisBroker {
         max: usize,
     ) -> Result<(Vec<Bytes>, usize), BrokerError> {
         let inner = &self.inner;
-        let mut script = PRESENCE_SCRIPT.prepare_invoke();
-        script
-            .key(inner.presence_key(channel, "presence"))
-            .key(inner.presence_key(channel, "presence-exp"))
-            .arg(envelope::now_us() / 1000)
-            .arg(max);
-        let mut conn = inner.publisher.clone();
-        let read = script.invoke_async::<(usize, Vec<Vec<u8>>)>(&mut conn);
-        match tokio::time::timeout(inner.timeout, read).await {
-            Ok(Ok((total, entries))) => Ok((entries.into_iter().map(Bytes::from).collect(), total)),
-            Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
-            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
-        }
+        let (total, entries) = inner
+            .idempotent(|| async {
+                let mut script = PRESENCE_SCRIPT.prepare_invoke();
+                script
+                    .key(inner.presence_key(channel, "presence"))
+                    .key(inner.presence_key(channel, "presence-exp"))
+                    .arg(envelope::now_us() / 1000)
+                    .arg(max);
+                let mut conn = inner.publisher.clone();
+                script
+                    .invoke_async::<(usize, Vec<Vec<u8>>)>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((entries.into_iter().map(Bytes::from).collect(), total))
     }
 
     /// Clients and distinct users of a channel's presence.
@@ -689,26 +697,37 @@ impl Inner {
         }
     }
 
-    /// Runs an idempotent pipeline (presence writes) on the publishing connection
-    /// within the broker timeout. Tried twice: the first command after Redis
-    /// restarted finds the old connection broken, and the connection manager has
-    /// reconnected by the second.
-    async fn run(&self, pipe: redis::Pipeline) -> Result<(), BrokerError> {
+    /// Runs an idempotent operation within the broker timeout, twice if the first
+    /// attempt found the connection dropped: the first command after Redis restarted
+    /// finds the old connection broken, and the connection manager has reconnected
+    /// by the second. Only for operations that may run twice (reads, presence
+    /// writes), never for a publish.
+    async fn idempotent<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let attempt = async {
-            let mut conn = self.publisher.clone();
-            match pipe.query_async::<()>(&mut conn).await {
-                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                    let mut conn = self.publisher.clone();
-                    pipe.query_async::<()>(&mut conn).await
-                }
+            match op().await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => op().await,
                 result => result,
             }
         };
         match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(BrokerError::Unavailable(e.to_string())),
             Err(_) => Err(BrokerError::Timeout(self.timeout)),
         }
+    }
+
+    /// Runs an idempotent pipeline (presence writes, announcements) on the publishing
+    /// connection (see [`idempotent`](Self::idempotent)).
+    async fn run(&self, pipe: redis::Pipeline) -> Result<(), BrokerError> {
+        self.idempotent(|| async {
+            let mut conn = self.publisher.clone();
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await
     }
 
     /// Runs [`HISTORY_SCRIPT`] on `conn` and decodes what it read.
@@ -1078,6 +1097,16 @@ async fn presence_refresh(inner: std::sync::Weak<Inner>, shutdown: CancellationT
         let mut pipe = redis::pipe();
         let mut batched = 0;
         for (channel, entries) in inner.presence.snapshot() {
+            // The entries of dead nodes go even in channels nobody reads. Sent as
+            // EVAL (the script is short), since a pipeline cannot reload a script
+            // Redis forgot.
+            pipe.cmd("EVAL")
+                .arg(PRUNE_LUA)
+                .arg(2)
+                .arg(inner.presence_key(&channel, "presence"))
+                .arg(inner.presence_key(&channel, "presence-exp"))
+                .arg(envelope::now_us() / 1000)
+                .ignore();
             for chunk in entries.chunks(REFRESH_BATCH) {
                 inner.add_presence_commands(&mut pipe, &channel, chunk);
                 batched += chunk.len();
