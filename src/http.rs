@@ -124,6 +124,16 @@ fn http_error(status: StatusCode, code: &str, message: impl Into<String>) -> Res
         .into_response()
 }
 
+/// A JSON object response from the fields `protocol` wrote (shared with a frame,
+/// which adds `op` and `id`).
+fn json_fields(fields: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{{{fields}}}"),
+    )
+        .into_response()
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
@@ -530,14 +540,11 @@ async fn api_history(
         }
     };
     match state.hub.history(&state.anyone, &ch, since, limit).await {
-        Ok(history) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            format!(
-                "{{{}}}",
-                protocol::history_body(&ch, &history.top, &history.publications)
-            ),
-        )
-            .into_response(),
+        Ok(history) => json_fields(protocol::history_body(
+            &ch,
+            &history.top,
+            &history.publications,
+        )),
         Err(refusal) => refusal_response(&refusal),
     }
 }
@@ -567,11 +574,7 @@ async fn api_presence(
         Err(refusal) => return refusal_response(&refusal),
     };
     match state.hub.presence(&state.anyone, &ch).await {
-        Ok(entries) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            format!("{{{}}}", protocol::presence_body(&ch, &entries)),
-        )
-            .into_response(),
+        Ok(entries) => json_fields(protocol::presence_body(&ch, &entries)),
         Err(refusal) => refusal_response(&refusal),
     }
 }

@@ -302,10 +302,14 @@ impl RedisBroker {
         });
         tokio::spawn(subscriber_task(inner.clone(), client, shutdown.clone()));
         if inner.config.any_history() {
-            tokio::spawn(position_checks(Arc::downgrade(&inner), shutdown.clone()));
+            let period = inner.config.history.position_check_interval;
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(every(weak, period, shutdown.clone(), check_positions));
         }
         if inner.config.any_presence() {
-            tokio::spawn(presence_refresh(Arc::downgrade(&inner), shutdown));
+            let period = inner.config.presence.presence_ttl / 3;
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(every(weak, period, shutdown, refresh_presence));
         }
         Ok(Self { inner })
     }
@@ -1007,85 +1011,111 @@ async fn repair_task(inner: Arc<Inner>, mut repair: Repair) {
     }
 }
 
-/// Every `--position-check-interval`, compares the last offset delivered on each
+/// One round of the position check, every `--position-check-interval`: compares the last offset delivered on each
 /// quiet history channel with its meta key in Redis (one pipelined round trip per
 /// batch), so a subscriber connection that silently stopped delivering is noticed
 /// and the tracker repairs what it missed.
-async fn position_checks(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
-    let period = match inner.upgrade() {
-        Some(inner) => inner.config.history.position_check_interval,
-        None => return,
-    };
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+async fn check_positions(inner: Arc<Inner>) {
+    if !inner.is_connected() {
+        return;
+    }
+    let quiet = inner.tracker.quiet_channels();
+    for batch in quiet.chunks(CHECK_BATCH) {
+        let mut pipe = redis::pipe();
+        for (channel, _, _) in batch {
+            pipe.cmd("HMGET")
+                .arg(inner.history_key(channel, "meta"))
+                .arg("e")
+                .arg("s");
         }
-        let Some(inner) = inner.upgrade() else { return };
-        if !inner.is_connected() {
-            continue;
-        }
-        let quiet = inner.tracker.quiet_channels();
-        for batch in quiet.chunks(CHECK_BATCH) {
-            let mut pipe = redis::pipe();
-            for (channel, _, _) in batch {
-                pipe.cmd("HMGET")
-                    .arg(inner.history_key(channel, "meta"))
-                    .arg("e")
-                    .arg("s");
+        let mut conn = inner.publisher.clone();
+        let read = pipe.query_async::<Vec<(Option<String>, Option<u64>)>>(&mut conn);
+        let positions = match tokio::time::timeout(inner.timeout, read).await {
+            Ok(Ok(positions)) => positions,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "position check failed");
+                break;
             }
-            let mut conn = inner.publisher.clone();
-            let read = pipe.query_async::<Vec<(Option<String>, Option<u64>)>>(&mut conn);
-            let positions = match tokio::time::timeout(inner.timeout, read).await {
-                Ok(Ok(positions)) => positions,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "position check failed");
-                    break;
-                }
-                Err(_) => {
-                    tracing::warn!("position check not answered within {:?}", inner.timeout);
-                    break;
-                }
+            Err(_) => {
+                tracing::warn!("position check not answered within {:?}", inner.timeout);
+                break;
+            }
+        };
+        for ((channel, _, last), position) in batch.iter().zip(positions) {
+            // A missing meta key: the history was lost; the next publication
+            // starts a new epoch, which the tracker reports as a gap.
+            let (Some(epoch), Some(top)) = position else {
+                continue;
             };
-            for ((channel, _, last), position) in batch.iter().zip(positions) {
-                // A missing meta key: the history was lost; the next publication
-                // starts a new epoch, which the tracker reports as a gap.
-                let (Some(epoch), Some(top)) = position else {
-                    continue;
-                };
-                let Some(epoch) = Epoch::parse(&epoch) else {
-                    continue;
-                };
-                if top > *last {
-                    tracing::warn!(
-                        channel,
-                        last,
-                        top,
-                        "a quiet channel is behind its history: pub/sub delivery missed messages"
-                    );
-                }
-                if let Some(repair) = inner
-                    .tracker
-                    .on_position(channel, Position { epoch, offset: top })
-                {
-                    inner.spawn_repair(repair);
-                }
+            let Some(epoch) = Epoch::parse(&epoch) else {
+                continue;
+            };
+            if top > *last {
+                tracing::warn!(
+                    channel,
+                    last,
+                    top,
+                    "a quiet channel is behind its history: pub/sub delivery missed messages"
+                );
+            }
+            if let Some(repair) = inner
+                .tracker
+                .on_position(channel, Position { epoch, offset: top })
+            {
+                inner.spawn_repair(repair);
             }
         }
     }
 }
 
-/// Every third of `--presence-ttl`, writes this node's presence entries to Redis
+/// One presence refresh, every third of `--presence-ttl`: writes this node's presence entries to Redis
 /// again with a new expiry, in pipelined batches: entries of a node that stops
 /// refreshing (it died) expire, and entries Redis lost (a restart without data) are
 /// back within one interval.
-async fn presence_refresh(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
-    let period = match inner.upgrade() {
-        Some(inner) => inner.config.presence.presence_ttl / 3,
-        None => return,
-    };
+async fn refresh_presence(inner: Arc<Inner>) {
+    let mut pipe = redis::pipe();
+    let mut batched = 0;
+    for (channel, entries) in inner.presence.snapshot() {
+        // The entries of dead nodes go even in channels nobody reads. Sent as
+        // EVAL (the script is short), since a pipeline cannot reload a script
+        // Redis forgot.
+        pipe.cmd("EVAL")
+            .arg(PRUNE_LUA)
+            .arg(2)
+            .arg(inner.presence_key(&channel, "presence"))
+            .arg(inner.presence_key(&channel, "presence-exp"))
+            .arg(envelope::now_us() / 1000)
+            .ignore();
+        for chunk in entries.chunks(REFRESH_BATCH) {
+            inner.add_presence_commands(&mut pipe, &channel, chunk);
+            batched += chunk.len();
+            if batched >= REFRESH_BATCH {
+                if let Err(e) = inner.run(std::mem::take(&mut pipe)).await {
+                    tracing::warn!(error = %e, "presence refresh failed");
+                }
+                batched = 0;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    if batched > 0
+        && let Err(e) = inner.run(pipe).await
+    {
+        tracing::warn!(error = %e, "presence refresh failed");
+    }
+}
+
+/// Runs `round` every `period` (the first after one period) until shutdown, or until
+/// the broker is gone.
+async fn every<F, Fut>(
+    inner: std::sync::Weak<Inner>,
+    period: Duration,
+    shutdown: CancellationToken,
+    round: F,
+) where
+    F: Fn(Arc<Inner>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1094,36 +1124,7 @@ async fn presence_refresh(inner: std::sync::Weak<Inner>, shutdown: CancellationT
             _ = tick.tick() => {}
         }
         let Some(inner) = inner.upgrade() else { return };
-        let mut pipe = redis::pipe();
-        let mut batched = 0;
-        for (channel, entries) in inner.presence.snapshot() {
-            // The entries of dead nodes go even in channels nobody reads. Sent as
-            // EVAL (the script is short), since a pipeline cannot reload a script
-            // Redis forgot.
-            pipe.cmd("EVAL")
-                .arg(PRUNE_LUA)
-                .arg(2)
-                .arg(inner.presence_key(&channel, "presence"))
-                .arg(inner.presence_key(&channel, "presence-exp"))
-                .arg(envelope::now_us() / 1000)
-                .ignore();
-            for chunk in entries.chunks(REFRESH_BATCH) {
-                inner.add_presence_commands(&mut pipe, &channel, chunk);
-                batched += chunk.len();
-                if batched >= REFRESH_BATCH {
-                    if let Err(e) = inner.run(std::mem::take(&mut pipe)).await {
-                        tracing::warn!(error = %e, "presence refresh failed");
-                    }
-                    batched = 0;
-                    tokio::task::yield_now().await;
-                }
-            }
-        }
-        if batched > 0
-            && let Err(e) = inner.run(pipe).await
-        {
-            tracing::warn!(error = %e, "presence refresh failed");
-        }
+        round(inner).await;
     }
 }
 
