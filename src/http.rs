@@ -177,7 +177,14 @@ async fn websocket(
             ),
         );
     }
-    let params = match ConnectParams::parse(query.as_deref(), &hub.config.default_channel) {
+    // A client asking for the protocol's subprotocol gets it echoed, and no
+    // implicit default channel.
+    let upgrade = upgrade.protocols([protocol::SUBPROTOCOL]);
+    let default_channel = match upgrade.selected_protocol() {
+        Some(_) => None,
+        None => Some(hub.config.default_channel.as_str()),
+    };
+    let params = match ConnectParams::parse(query.as_deref(), default_channel) {
         Ok(params) => params,
         Err((code, message)) => return http_error(StatusCode::BAD_REQUEST, code, message),
     };
@@ -236,7 +243,8 @@ fn refusal_response(refusal: &Refusal) -> Response {
 #[derive(Debug)]
 struct ConnectParams {
     /// `channel` parameters (repeatable), deduplicated in order, each with the
-    /// position its `since` parameter names; the default channel when there are none.
+    /// position its `since` parameter names; the default channel when there are none
+    /// (unless the client speaks the subprotocol).
     channels: Vec<(String, Option<Since>)>,
     /// `token`, for browsers, which cannot set headers on a WebSocket.
     token: Option<String>,
@@ -246,7 +254,7 @@ impl ConnectParams {
     /// Parses the query; a refusal is `(error code, message)`.
     fn parse(
         query: Option<&str>,
-        default_channel: &str,
+        default_channel: Option<&str>,
     ) -> Result<ConnectParams, (&'static str, String)> {
         let mut channels: Vec<(String, Option<Since>)> = Vec::new();
         let mut since = Vec::new();
@@ -282,7 +290,9 @@ impl ConnectParams {
                 _ => {}
             }
         }
-        if channels.is_empty() {
+        if channels.is_empty()
+            && let Some(default_channel) = default_channel
+        {
             channels.push((default_channel.to_owned(), None));
         }
         for (channel, position) in since {
@@ -607,7 +617,7 @@ mod tests {
     #[test]
     fn connect_params_from_query() {
         let channels = |q| {
-            ConnectParams::parse(q, "global")
+            ConnectParams::parse(q, Some("global"))
                 .map(|p| p.channels.into_iter().map(|(c, _)| c).collect::<Vec<_>>())
         };
         assert_eq!(channels(None).unwrap(), vec!["global"]);
@@ -624,7 +634,8 @@ mod tests {
                 .contains("a b")
         );
         assert!(channels(Some("channel=")).is_err());
-        let p = ConnectParams::parse(Some("channel=chat:1&since=chat:1:k3x9:40"), "g").unwrap();
+        let p =
+            ConnectParams::parse(Some("channel=chat:1&since=chat:1:k3x9:40"), Some("g")).unwrap();
         let since = p.channels[0].1.as_ref().unwrap();
         assert_eq!((since.epoch.as_str(), since.offset), ("k3x9", 40));
         for bad in [
@@ -634,12 +645,12 @@ mod tests {
             "channel=a&since=a:k-3:1",
         ] {
             assert_eq!(
-                ConnectParams::parse(Some(bad), "g").unwrap_err().0,
+                ConnectParams::parse(Some(bad), Some("g")).unwrap_err().0,
                 "bad_request",
                 "{bad}"
             );
         }
-        let params = ConnectParams::parse(Some("token=abc.def&channel=x"), "g").unwrap();
+        let params = ConnectParams::parse(Some("token=abc.def&channel=x"), Some("g")).unwrap();
         assert_eq!(params.token.as_deref(), Some("abc.def"));
     }
 }

@@ -132,6 +132,11 @@ pub enum Request<'a> {
         /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
+    /// `ping`: an application-level heartbeat (browsers cannot see WebSocket pings).
+    Ping {
+        /// Request id, echoed in the reply.
+        id: Option<RequestId<'a>>,
+    },
     /// `presence`: who is subscribed to `ch`, cluster-wide.
     Presence {
         /// Channel (validated).
@@ -192,6 +197,7 @@ impl<'a> Request<'a> {
             Request::Subscribe { id, .. }
             | Request::Unsubscribe { id, .. }
             | Request::Publish { id, .. }
+            | Request::Ping { id }
             | Request::Presence { id, .. }
             | Request::PresenceStats { id, .. }
             | Request::History { id, .. } => *id,
@@ -338,6 +344,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
     }
 
     match op.as_ref() {
+        "ping" => Ok(Request::Ping { id }),
         "presence" | "presence_stats" => {
             let ch =
                 ch.ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field ch"))?;
@@ -404,7 +411,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
                 id,
                 ErrorCode::UnknownOp,
                 format!(
-                    "unknown op {shown:?} (expected sub, unsub, pub, history, presence or presence_stats)"
+                    "unknown op {shown:?} (expected sub, unsub, pub, history, presence, presence_stats or ping)"
                 ),
             ))
         }
@@ -536,6 +543,19 @@ pub fn encode_presence_stats(
 
 fn push_json_string(out: &mut String, s: &str) {
     out.push_str(&serde_json::to_string(s).expect("strings always serialise"));
+}
+
+/// The WebSocket subprotocol of this protocol version (`Sec-WebSocket-Protocol`).
+/// A client that asks for it is protocol-aware: it is not put in the default
+/// channel when it names none at connect.
+pub const SUBPROTOCOL: &str = "wsrelay.v1";
+
+/// `{"op":"pong","id":..}` (`id` when the ping had one).
+pub fn encode_pong(id: Option<RequestId<'_>>) -> Utf8Bytes {
+    match id {
+        Some(id) => format!(r#"{{"op":"pong","id":{}}}"#, id.as_json()).into(),
+        None => Utf8Bytes::from_static(r#"{"op":"pong"}"#),
+    }
 }
 
 /// `{"op":"ack","id":..}`.

@@ -258,6 +258,7 @@ impl Session {
                     .await;
                 Ok(id.map(protocol::encode_ack))
             }
+            Request::Ping { .. } => Ok(Some(protocol::encode_pong(id))),
             Request::Presence { ch, .. } => self
                 .hub
                 .presence(&self.grants, &ch)

@@ -307,3 +307,23 @@ async fn the_chat_page_and_probes_are_served() {
     // Connecting works after all that.
     let _ = Client::connect(&node.ws_url("")).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subprotocol_means_no_implicit_channel_and_ping_answers_pong() {
+    let node = TestNode::start(&[]).await;
+    let mut aware = common::connect_with_headers(
+        &node.ws_url(""),
+        &[("sec-websocket-protocol", "wsrelay.v1")],
+    )
+    .await
+    .unwrap_or_else(|(status, body)| panic!("{status} {body}"));
+    assert_eq!(aware.welcome["channels"], json!([]), "no default channel");
+    let mut stash = Vec::new();
+    let pong = aware.request(json!({"op":"ping"}), 5, &mut stash).await;
+    assert_eq!(pong, json!({"op":"pong","id":5}));
+    aware.send(json!({"op":"ping"})).await;
+    assert_eq!(aware.recv().await, json!({"op":"pong"}));
+    // Without the subprotocol, a bare connection is in the default channel, as before.
+    let plain = node.client("").await;
+    assert_eq!(plain.welcome["channels"], json!(["global"]));
+}
