@@ -3,7 +3,8 @@
 # Installs what the tests need when it is missing (redis-server, nginx, Node.js with
 # npm and Chromium from Debian's packages; the browser tests' npm packages), then runs
 # the unit and integration tests (extra arguments go to `cargo test`), then the
-# browser tests (`node --test` in tests/browser, against the debug binary).
+# JavaScript client's tests and the browser tests (`node --test`, against the debug
+# binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,9 @@ export PATH="$PATH:/usr/sbin"
 
 cargo test --locked "$@"
 
-# The browser tests drive the binary cargo test built; playwright-core only talks to
-# the system's Chromium (it downloads no browser).
+# The JavaScript suites drive the binary cargo test built: the client's (with its
+# type check) and the browser tests (playwright-core only talks to the system's
+# Chromium; it downloads no browser).
 cargo build --locked --bin wsrelay
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent typecheck && node --test test/)
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && node --test)

@@ -1,0 +1,101 @@
+// Types of wsrelay-client (src/index.js).
+
+/** The WebSocket subprotocol the client asks for: `wsrelay.v1`. */
+export const SUBPROTOCOL: string;
+
+/** An error of a request: the relay's code (`bad_request`, `invalid_channel`,
+ *  `forbidden`, `rate_limited`, `limit_exceeded`, `unavailable`, …) or
+ *  `disconnected` / `timeout` / `token` / `connect`. */
+export class RelayError extends Error {
+  readonly code: string;
+  constructor(code: string, message?: string);
+}
+
+/** A position in a channel's history. */
+export interface Position {
+  epoch: string;
+  offset: number;
+}
+
+export interface PresenceEntry {
+  conn: string;
+  node: string;
+  user: string | null;
+  info: Record<string, unknown> | null;
+}
+
+export interface HistoryReply {
+  ch: string;
+  epoch: string;
+  offset: number;
+  messages: { offset: number; from?: string; data: unknown }[];
+}
+
+interface SubscriptionEvents {
+  subscribed: { epoch: string | null; offset: number | null; recovered: boolean | null };
+  message: { data: unknown; offset: number | null; from: string | null };
+  gap: Position;
+  join: PresenceEntry;
+  leave: PresenceEntry;
+  unsubscribed: Record<string, never>;
+  error: RelayError;
+}
+
+interface RelayEvents {
+  connecting: Record<string, never>;
+  connected: { node: string; conn: string };
+  disconnected: { code: number; reason: string; reconnect: boolean };
+  error: RelayError;
+}
+
+declare class Emitter<E> {
+  /** Adds a listener; returns a function that removes it. */
+  on<K extends keyof E>(event: K, listener: (value: E[K]) => void): () => void;
+  off<K extends keyof E>(event: K, listener: (value: E[K]) => void): void;
+}
+
+export class Subscription extends Emitter<SubscriptionEvents> {
+  readonly channel: string;
+  /** The history's epoch (channels with history). */
+  epoch: string | null;
+  /** The last offset received (channels with history). */
+  offset: number | null;
+  state: "subscribing" | "subscribed" | "unsubscribed";
+  publish(data: unknown): Promise<{ offset: number | null }>;
+  history(options?: { since?: Position; limit?: number }): Promise<HistoryReply>;
+  presence(): Promise<PresenceEntry[]>;
+  presenceStats(): Promise<{ clients: number; users: number }>;
+  unsubscribe(): Promise<void>;
+}
+
+export interface RelayOptions {
+  /** A JWT, sent as `?token=`. */
+  token?: string | null;
+  /** Called before connecting and after the token expired (close 1008). */
+  getToken?: (() => string | Promise<string>) | null;
+  /** A WebSocket constructor where there is no global one (e.g. `ws` in Node.js). */
+  WebSocket?: unknown;
+  /** Reconnect backoff: full jitter between 0 and min × 2^attempt, capped (ms). */
+  minReconnectDelay?: number;
+  maxReconnectDelay?: number;
+  /** A request without a reply after this long rejects with `timeout` (ms). */
+  requestTimeout?: number;
+  /** Silence after which the client pings, and the wait for any answer (ms). */
+  pingInterval?: number;
+  pingTimeout?: number;
+}
+
+export class Relay extends Emitter<RelayEvents> {
+  constructor(url: string, options?: RelayOptions);
+  readonly state: "disconnected" | "connecting" | "connected";
+  /** The node serving the connection, once connected. */
+  node: string | null;
+  connect(): void;
+  disconnect(): void;
+  subscribe(channel: string, options?: { since?: Position }): Subscription;
+  unsubscribe(channel: string): Promise<void>;
+  publish(channel: string, data: unknown): Promise<{ offset: number | null }>;
+  request(frame: Record<string, unknown>): Promise<Record<string, unknown>>;
+  /** Handles one frame as if it came from the relay (for tests of the wire format). */
+  handleFrame(frame: Record<string, unknown>): void;
+}

@@ -1,0 +1,431 @@
+// wsrelay-client: the official JavaScript client of wsrelay (protocol v1, see
+// docs/protocol.md). No runtime dependencies; browsers and Node.js 18+ (pass a
+// WebSocket constructor, e.g. from the `ws` package, where there is no global one).
+//
+// What it does for you: request ids, acks and timeouts; reconnecting with
+// exponential backoff and full jitter (at once after a drain's 1001); subscribing
+// again after a reconnect with the last epoch and offset seen, so nothing is lost or
+// repeated (or a `gap` event says it could not be recovered); token refresh; a
+// heartbeat of its own to notice a dead connection.
+
+export const SUBPROTOCOL = "wsrelay.v1";
+
+/** An error of a request, with the protocol's error code (`forbidden`,
+ *  `unavailable`, `rate_limited`, …) or `disconnected` / `timeout`. */
+export class RelayError extends Error {
+  constructor(code, message) {
+    super(message || code);
+    this.name = "RelayError";
+    this.code = code;
+  }
+}
+
+/** A minimal event emitter: `on` returns a function that removes the listener. */
+class Emitter {
+  #listeners = new Map();
+
+  on(event, listener) {
+    if (!this.#listeners.has(event)) this.#listeners.set(event, new Set());
+    this.#listeners.get(event).add(listener);
+    return () => this.off(event, listener);
+  }
+
+  off(event, listener) {
+    this.#listeners.get(event)?.delete(listener);
+  }
+
+  emit(event, value) {
+    for (const listener of [...(this.#listeners.get(event) ?? [])]) {
+      try {
+        listener(value);
+      } catch (e) {
+        // A listener's bug must not break the connection's bookkeeping.
+        queueMicrotask(() => {
+          throw e;
+        });
+      }
+    }
+  }
+}
+
+// Close codes (docs/protocol.md).
+const GOING_AWAY = 1001;
+const POLICY = 1008;
+// The client sent something the relay refuses: retrying cannot help.
+const FATAL = new Set([1003, 1007, 1009]);
+// Closes of our own making.
+const CLOSE_NORMAL = 1000;
+const CLOSE_DEAD = 4000;
+
+/** One channel subscription of a {@link Relay}. Events: `subscribed`
+ *  ({epoch, offset, recovered}), `message` ({data, offset, from}), `gap`
+ *  ({epoch, offset}), `join`, `leave`, `unsubscribed`, `error` (a RelayError). */
+export class Subscription extends Emitter {
+  #relay;
+
+  constructor(relay, channel, since) {
+    super();
+    this.#relay = relay;
+    /** The channel. */
+    this.channel = channel;
+    /** The history's epoch, on channels with history. */
+    this.epoch = since?.epoch ?? null;
+    /** The last offset received, on channels with history. */
+    this.offset = since?.offset ?? null;
+    /** `subscribing`, `subscribed` or `unsubscribed`. */
+    this.state = "subscribing";
+  }
+
+  /** Publishes to this channel; resolves with `{offset}` (on channels with history). */
+  publish(data) {
+    return this.#relay.publish(this.channel, data);
+  }
+
+  /** Reads the channel's history: `{epoch, offset, messages}`. */
+  history({ since, limit } = {}) {
+    const frame = { op: "history", ch: this.channel };
+    if (since) frame.since = since;
+    if (limit !== undefined) frame.limit = limit;
+    return this.#relay.request(frame);
+  }
+
+  /** Who is subscribed, on every node: an array of `{conn, node, user, info}`. */
+  async presence() {
+    return (await this.#relay.request({ op: "presence", ch: this.channel })).clients;
+  }
+
+  /** `{clients, users}` of the channel's presence. */
+  async presenceStats() {
+    const { clients, users } = await this.#relay.request({ op: "presence_stats", ch: this.channel });
+    return { clients, users };
+  }
+
+  /** Stops the subscription. */
+  unsubscribe() {
+    return this.#relay.unsubscribe(this.channel);
+  }
+}
+
+/** A connection to wsrelay that reconnects by itself. Events: `connecting`,
+ *  `connected` ({node, conn}), `disconnected` ({code, reason, reconnect}), `error`. */
+export class Relay extends Emitter {
+  #url;
+  #options;
+  #ws = null;
+  #state = "disconnected";
+  #wanted = false;
+  #attempt = 0;
+  #retryTimer = null;
+  #heartbeatTimer = null;
+  #lastFrameAt = 0;
+  #pingSent = false;
+  #nextId = 1;
+  #pending = new Map();
+  #subs = new Map();
+  #token = null;
+
+  /**
+   * @param {string} url `ws://host:port/ws` or `wss://…`
+   * @param {object} [options]
+   */
+  constructor(url, options = {}) {
+    super();
+    this.#url = url;
+    this.#options = {
+      token: null,
+      getToken: null,
+      WebSocket: globalThis.WebSocket,
+      minReconnectDelay: 500,
+      maxReconnectDelay: 20000,
+      requestTimeout: 10000,
+      // The relay pings every 25 s by default; a client that has heard nothing for
+      // this long sends a ping of its own, and gives up on the connection after
+      // `pingTimeout` more.
+      pingInterval: 25000,
+      pingTimeout: 10000,
+      ...options,
+    };
+    if (typeof this.#options.WebSocket !== "function") {
+      throw new TypeError("no WebSocket here: pass one, e.g. new Relay(url, { WebSocket: (await import('ws')).WebSocket })");
+    }
+    this.#token = this.#options.token;
+    /** The node serving the connection, once connected. */
+    this.node = null;
+  }
+
+  /** `disconnected`, `connecting` or `connected`. */
+  get state() {
+    return this.#state;
+  }
+
+  /** Connects (and keeps reconnecting until {@link disconnect}). */
+  connect() {
+    if (this.#wanted) return;
+    this.#wanted = true;
+    this.#open();
+  }
+
+  /** Closes the connection and stops reconnecting. */
+  disconnect() {
+    this.#wanted = false;
+    clearTimeout(this.#retryTimer);
+    const ws = this.#ws;
+    this.#ws = null;
+    if (ws) {
+      this.#closed({ code: CLOSE_NORMAL, reason: "disconnect()" }, false);
+      ws.close(CLOSE_NORMAL);
+    }
+  }
+
+  /** Subscribes to `channel` (again after every reconnect, recovering what was
+   *  missed); `since` ({epoch, offset}) recovers from a position known before. */
+  subscribe(channel, { since } = {}) {
+    let sub = this.#subs.get(channel);
+    if (sub && sub.state !== "unsubscribed") return sub;
+    sub = new Subscription(this, channel, since);
+    this.#subs.set(channel, sub);
+    if (this.#state === "connected") this.#sendSubscribe(sub);
+    return sub;
+  }
+
+  /** Stops a subscription. */
+  async unsubscribe(channel) {
+    const sub = this.#subs.get(channel);
+    if (!sub) return;
+    this.#subs.delete(channel);
+    sub.state = "unsubscribed";
+    sub.emit("unsubscribed", {});
+    if (this.#state === "connected") {
+      await this.request({ op: "unsub", ch: channel }).catch(() => {});
+    }
+  }
+
+  /** Publishes `data` to `channel`; resolves with `{offset}` once the relay accepted
+   *  it. Rejects with a RelayError: the relay's code, or `disconnected` if the
+   *  connection dropped first (the message may or may not have gone out: retry
+   *  only if a duplicate is acceptable). */
+  async publish(channel, data) {
+    const ack = await this.request({ op: "pub", ch: channel, data });
+    return { offset: ack.offset ?? null };
+  }
+
+  /** Sends a request and resolves with its reply (an `ack` or the op's own reply). */
+  request(frame) {
+    if (this.#state !== "connected") {
+      return Promise.reject(new RelayError("disconnected", "not connected"));
+    }
+    const id = this.#nextId++;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new RelayError("timeout", `no reply to ${frame.op} within ${this.#options.requestTimeout} ms`));
+      }, this.#options.requestTimeout);
+      this.#pending.set(id, { resolve, reject, timer });
+      this.#send({ ...frame, id });
+    });
+  }
+
+  async #open() {
+    if (!this.#wanted) return;
+    this.#state = "connecting";
+    this.emit("connecting", {});
+    if (this.#options.getToken && (this.#token === null || this.#needsToken)) {
+      try {
+        this.#token = await this.#options.getToken();
+        this.#needsToken = false;
+      } catch (e) {
+        this.emit("error", new RelayError("token", `getToken failed: ${e?.message ?? e}`));
+        return this.#retry(false);
+      }
+    }
+    if (!this.#wanted) return;
+    const url = new URL(this.#url);
+    if (this.#token) url.searchParams.set("token", this.#token);
+    let ws;
+    try {
+      ws = new this.#options.WebSocket(url.toString(), [SUBPROTOCOL]);
+    } catch (e) {
+      this.emit("error", new RelayError("connect", e?.message ?? String(e)));
+      return this.#retry(false);
+    }
+    this.#ws = ws;
+    ws.onmessage = (ev) => {
+      if (this.#ws !== ws) return;
+      this.#lastFrameAt = Date.now();
+      this.#pingSent = false;
+      let frame;
+      try {
+        frame = JSON.parse(typeof ev.data === "string" ? ev.data : String(ev.data));
+      } catch {
+        return;
+      }
+      this.handleFrame(frame);
+    };
+    ws.onclose = (ev) => {
+      if (this.#ws !== ws) return;
+      this.#ws = null;
+      this.#closed({ code: ev.code, reason: ev.reason }, true);
+    };
+    ws.onerror = () => {};
+  }
+
+  #needsToken = false;
+
+  /** Handles one frame from the relay (exported for tests of the wire format). */
+  handleFrame(frame) {
+    switch (frame.op) {
+      case "welcome":
+        this.#state = "connected";
+        this.#attempt = 0;
+        this.node = frame.node;
+        this.#lastFrameAt = Date.now();
+        this.#startHeartbeat();
+        this.emit("connected", { node: frame.node, conn: frame.conn });
+        for (const sub of this.#subs.values()) this.#sendSubscribe(sub);
+        return;
+      case "msg": {
+        const sub = this.#subs.get(frame.ch);
+        if (!sub || sub.state === "unsubscribed") return;
+        if (typeof frame.offset === "number") {
+          // Delivered offsets only grow; an older one is a duplicate.
+          if (sub.offset !== null && frame.offset <= sub.offset) return;
+          sub.offset = frame.offset;
+        }
+        sub.emit("message", { data: frame.data, offset: frame.offset ?? null, from: frame.from ?? null });
+        return;
+      }
+      case "gap": {
+        const sub = this.#subs.get(frame.ch);
+        if (!sub) return;
+        sub.epoch = frame.epoch;
+        sub.offset = frame.offset;
+        sub.emit("gap", { epoch: frame.epoch, offset: frame.offset });
+        return;
+      }
+      case "join":
+      case "leave": {
+        const sub = this.#subs.get(frame.ch);
+        if (!sub) return;
+        const { conn, node, user, info } = frame;
+        sub.emit(frame.op, { conn, node, user, info });
+        return;
+      }
+      case "error": {
+        const pending = this.#pending.get(frame.id);
+        const error = new RelayError(frame.code, frame.message);
+        if (pending) {
+          this.#pending.delete(frame.id);
+          clearTimeout(pending.timer);
+          pending.reject(error);
+        } else {
+          this.emit("error", error);
+        }
+        return;
+      }
+      default: {
+        // `ack`, `history`, `presence`, `presence_stats`, `pong`: replies.
+        const pending = this.#pending.get(frame.id);
+        if (pending) {
+          this.#pending.delete(frame.id);
+          clearTimeout(pending.timer);
+          pending.resolve(frame);
+        }
+      }
+    }
+  }
+
+  #sendSubscribe(sub) {
+    const frame = { op: "sub", ch: sub.channel };
+    if (sub.epoch !== null && sub.offset !== null) {
+      frame.since = { epoch: sub.epoch, offset: sub.offset };
+    }
+    sub.state = "subscribing";
+    this.request(frame).then(
+      (ack) => {
+        if (this.#subs.get(sub.channel) !== sub) return;
+        sub.state = "subscribed";
+        if (typeof ack.offset === "number") {
+          if (ack.recovered === false) {
+            sub.epoch = ack.epoch;
+            sub.offset = ack.offset;
+            sub.emit("gap", { epoch: ack.epoch, offset: ack.offset });
+          } else {
+            sub.epoch = ack.epoch;
+            // Replayed messages came before the ack and moved the offset already.
+            sub.offset = Math.max(sub.offset ?? 0, ack.offset);
+          }
+        }
+        sub.emit("subscribed", { epoch: ack.epoch ?? null, offset: ack.offset ?? null, recovered: ack.recovered ?? null });
+      },
+      (error) => {
+        if (error.code === "disconnected" || this.#subs.get(sub.channel) !== sub) return;
+        sub.emit("error", error);
+      },
+    );
+  }
+
+  #send(frame) {
+    try {
+      this.#ws?.send(JSON.stringify(frame));
+    } catch {
+      // The close event follows.
+    }
+  }
+
+  #startHeartbeat() {
+    clearInterval(this.#heartbeatTimer);
+    const { pingInterval, pingTimeout } = this.#options;
+    const every = Math.max(100, Math.min(pingInterval, pingTimeout) / 2);
+    this.#heartbeatTimer = setInterval(() => {
+      const quiet = Date.now() - this.#lastFrameAt;
+      if (quiet > pingInterval + pingTimeout) {
+        // Half-open: nothing at all, not even an answer to our ping.
+        const ws = this.#ws;
+        this.#ws = null;
+        this.#closed({ code: CLOSE_DEAD, reason: "no answer to ping" }, true);
+        ws?.close(CLOSE_DEAD, "no answer to ping");
+      } else if (quiet > pingInterval && !this.#pingSent) {
+        this.#pingSent = true;
+        this.#send({ op: "ping" });
+      }
+    }, every);
+  }
+
+  /** The connection ended: fail what was pending, tell, and reconnect if it helps. */
+  #closed({ code, reason }, fromSocket) {
+    clearInterval(this.#heartbeatTimer);
+    this.#state = "disconnected";
+    this.node = null;
+    for (const { reject, timer } of this.#pending.values()) {
+      clearTimeout(timer);
+      reject(new RelayError("disconnected", `connection closed (${code})`));
+    }
+    this.#pending.clear();
+    for (const sub of this.#subs.values()) sub.state = "subscribing";
+    let reconnect = this.#wanted && fromSocket;
+    if (FATAL.has(code)) reconnect = false;
+    if (code === POLICY) {
+      // An expired token (or abuse): only a fresh token can help.
+      if (this.#options.getToken) this.#needsToken = true;
+      else reconnect = false;
+    }
+    this.emit("disconnected", { code, reason, reconnect });
+    if (!reconnect) {
+      if (fromSocket) this.#wanted = false;
+      return;
+    }
+    this.#retry(code === GOING_AWAY);
+  }
+
+  /** Schedules the next connect: at once after a drain (another node takes over),
+   *  otherwise after a full-jitter exponential backoff. */
+  #retry(now) {
+    if (!this.#wanted) return;
+    clearTimeout(this.#retryTimer);
+    const { minReconnectDelay, maxReconnectDelay } = this.#options;
+    const cap = Math.min(maxReconnectDelay, minReconnectDelay * 2 ** this.#attempt);
+    this.#attempt++;
+    const delay = now ? 0 : Math.random() * cap;
+    this.#retryTimer = setTimeout(() => this.#open(), delay);
+  }
+}
