@@ -48,12 +48,16 @@ const READ_BUFFER_BYTES: usize = 512;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const ADMIN_HTML: &str = include_str!("../static/admin.html");
+/// The official JavaScript client, served as is (it needs no build): the chat page
+/// imports it, and so may any page served by the same origin.
+const CLIENT_JS: &str = include_str!("../clients/js/src/index.js");
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     let api_body_limit = state.hub.config.limits.max_api_body_bytes;
     Router::new()
         .route("/", get(index))
         .route("/admin", get(admin))
+        .route("/client.js", get(client_js))
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -72,6 +76,14 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
 
 async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
+}
+
+async fn client_js() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        CLIENT_JS,
+    )
+        .into_response()
 }
 
 /// The operator's page; it asks for the API key and calls the server API with it.

@@ -327,3 +327,25 @@ async fn the_subprotocol_means_no_implicit_channel_and_ping_answers_pong() {
     let plain = node.client("").await;
     assert_eq!(plain.welcome["channels"], json!(["global"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_client_is_the_one_in_the_repository() {
+    let node = TestNode::start(&[]).await;
+    let (status, body) = common::http_get(node.addr, "/client.js").await;
+    assert_eq!(status, 200);
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/clients/js/src/index.js"
+    ))
+    .unwrap();
+    assert_eq!(
+        body, source,
+        "GET /client.js serves clients/js/src/index.js as is"
+    );
+    let (status, page) = common::http_get(node.addr, "/").await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(r#"import { Relay } from "/client.js";"#),
+        "the chat page uses it"
+    );
+}
