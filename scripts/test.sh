@@ -16,6 +16,7 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-li
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
+python3 -c "import venv, ensurepip" 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "test.sh: installing ${missing[*]} (Debian packages)" >&2
   sudo=""
@@ -25,6 +26,14 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # Debian installs nginx in /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin"
+
+# The Python example client's test needs `websockets` (from PyPI), in a venv of its own.
+if [ ! -x .cache/pyenv/bin/python ] || ! .cache/pyenv/bin/python -c "import websockets" 2>/dev/null; then
+  echo "test.sh: installing websockets (PyPI) into .cache/pyenv" >&2
+  python3 -m venv .cache/pyenv
+  .cache/pyenv/bin/pip install --quiet 'websockets==15.0.1'
+fi
+export WSRELAY_PYTHON="$PWD/.cache/pyenv/bin/python"
 
 cargo test --locked "$@"
 
