@@ -38,8 +38,8 @@ export WSRELAY_PYTHON="$PWD/.cache/pyenv/bin/python"
 cargo test --locked "$@"
 
 # The JavaScript suites drive the binary cargo test built: the client's (with its
-# type check) and the browser tests (playwright-core only talks to the system's
+# type check, and a lint: tsc checking the JavaScript itself) and the browser tests (playwright-core only talks to the system's
 # Chromium; it downloads no browser).
 cargo build --locked --bin wsrelay
-(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent typecheck && node --test test/)
+(cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent typecheck && npm run --silent lint && node --test test/)
 (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error && node --test)

@@ -81,7 +81,8 @@ export class Subscription extends Emitter {
     return this.#relay.publish(this.channel, data);
   }
 
-  /** Reads the channel's history: `{epoch, offset, messages}`. */
+  /** Reads the channel's history: `{epoch, offset, messages}`.
+   *  @param {{since?: {epoch: string, offset: number}, limit?: number}} [options] */
   history({ since, limit } = {}) {
     const frame = { op: "history", ch: this.channel };
     if (since) frame.since = since;
@@ -178,7 +179,9 @@ export class Relay extends Emitter {
   }
 
   /** Subscribes to `channel` (again after every reconnect, recovering what was
-   *  missed); `since` ({epoch, offset}) recovers from a position known before. */
+   *  missed); `since` ({epoch, offset}) recovers from a position known before.
+   *  @param {string} channel
+   *  @param {{since?: {epoch: string, offset: number}}} [options] */
   subscribe(channel, { since } = {}) {
     let sub = this.#subs.get(channel);
     if (sub && sub.state !== "unsubscribed") return sub;

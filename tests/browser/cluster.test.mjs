@@ -1,0 +1,89 @@
+// Two chat pages through the local cluster (scripts/local-cluster.sh: Redis, three
+// nodes, nginx from the deployment's template): the node under one page drains, the
+// page reconnects through the load balancer to another node and shows every line.
+
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { readdirSync, readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import { Harness, lines, waitFor } from "./harness.mjs";
+import { WSRELAY_BIN, freePort } from "../support/processes.mjs";
+
+const root = fileURLToPath(new URL("../../", import.meta.url));
+
+/** The pid of the node process listening on `port` (its address is in its environment). */
+function nodePid(port) {
+  for (const pid of readdirSync("/proc").filter((p) => /^\d+$/.test(p))) {
+    try {
+      const env = readFileSync(`/proc/${pid}/environ`, "latin1");
+      if (env.includes(`WSRELAY_LISTEN=127.0.0.1:${port}\0`) && readFileSync(`/proc/${pid}/cmdline`, "latin1").includes("wsrelay")) {
+        return Number(pid);
+      }
+    } catch {
+      // Gone, or not ours.
+    }
+  }
+  throw new Error(`no node on port ${port}`);
+}
+
+test("a drained node under a page loses no line behind the load balancer", async (t) => {
+  const lb = await freePort();
+  const nodes = [await freePort(), await freePort(), await freePort()];
+  const cluster = spawn("bash", [`${root}scripts/local-cluster.sh`], {
+    env: {
+      ...process.env,
+      PATH: `${process.env.PATH}:/usr/sbin`,
+      LB_PORT: String(lb),
+      REDIS_PORT: String(await freePort()),
+      NODE_PORTS: nodes.join(" "),
+      WSRELAY_BIN,
+    },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const exited = new Promise((r) => cluster.once("exit", r));
+  t.after(async () => {
+    cluster.kill("SIGTERM");
+    await exited;
+  });
+  let output = "";
+  cluster.stdout.on("data", (d) => { output += d; });
+  await waitFor("the local cluster", async () => output.includes("ready:"), 30000);
+
+  const h = new Harness();
+  t.after(() => h.close());
+  const status = (page) => page.textContent("#status");
+  const onNode = async (page) => (await status(page)).match(/node (node\d)/)?.[1];
+  const first = await h.page();
+  await first.goto(`http://127.0.0.1:${lb}/`);
+  await waitFor("first page connected", async () => (await onNode(first)) !== undefined);
+  const second = await h.page();
+  await second.goto(`http://127.0.0.1:${lb}/`);
+  await waitFor("second page connected", async () => (await onNode(second)) !== undefined);
+  await first.fill("#name", "ada");
+  await second.fill("#name", "bob");
+
+  const say = async (page, text) => {
+    await page.fill("#text", text);
+    await page.press("#text", "Enter");
+  };
+  await say(first, "one");
+  await say(second, "two");
+  await waitFor("both lines on the first page", async () => (await lines(first)).includes("bob: two"));
+
+  // The first page's node drains; the second page keeps talking meanwhile.
+  const node = await onNode(first);
+  const port = nodes[Number(node.slice(4)) - 1];
+  process.kill(nodePid(port), "SIGTERM");
+  for (const text of ["three", "four", "five"]) await say(second, text);
+  await waitFor("the first page on another node", async () => {
+    const now = await onNode(first);
+    return now !== undefined && now !== node && !(await status(first)).includes("disconnected");
+  });
+  await say(first, "six");
+  await waitFor("every line", async () => (await lines(first)).includes("ada: six"));
+  await waitFor("the second page too", async () => (await lines(second)).includes("ada: six"));
+  const chat = (await lines(first)).filter((l) => l.includes(": "));
+  assert.deepEqual(chat, ["ada: one", "bob: two", "bob: three", "bob: four", "bob: five", "ada: six"]);
+  assert.ok(!(await lines(first)).some((l) => l.includes("could not")), "everything recovered");
+});
