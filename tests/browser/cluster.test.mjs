@@ -57,9 +57,19 @@ test("a drained node under a page loses no line behind the load balancer", async
   const first = await h.page();
   await first.goto(`http://127.0.0.1:${lb}/`);
   await waitFor("first page connected", async () => (await onNode(first)) !== undefined);
+  // The second page must be on another node than the first (the balancer sends a
+  // new connection to the least loaded node; reload until it does).
   const second = await h.page();
   await second.goto(`http://127.0.0.1:${lb}/`);
-  await waitFor("second page connected", async () => (await onNode(second)) !== undefined);
+  await waitFor("second page on another node", async () => {
+    const [a, b] = [await onNode(first), await onNode(second)];
+    if (b === undefined) return false;
+    if (a === b) {
+      await second.reload();
+      return false;
+    }
+    return true;
+  });
   await first.fill("#name", "ada");
   await second.fill("#name", "bob");
 
