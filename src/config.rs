@@ -109,6 +109,13 @@ pub struct BrokerConfig {
     /// client gets an `unavailable` error (a stalled Redis must never hang a client).
     #[arg(long, env = "WSRELAY_BROKER_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub broker_timeout: Duration,
+
+    /// Publish messages of channels without history in the version 1 envelope, which
+    /// nodes of wsrelay 0.1 before history read: set it on the new nodes for the
+    /// duration of a rolling upgrade from those, then remove it. (Messages with
+    /// offsets and join/leave events need version 2; older nodes drop and count them.)
+    #[arg(long, env = "WSRELAY_LEGACY_ENVELOPES")]
+    pub legacy_envelopes: bool,
 }
 
 /// Bounds on clients and connections.

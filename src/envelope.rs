@@ -21,7 +21,8 @@
 //! origin's trace.
 //!
 //! Version 1 envelopes (a finished `msg` frame after the header, from nodes not yet
-//! upgraded during a rolling deploy) are still understood.
+//! upgraded during a rolling deploy) are still understood, and written for plain
+//! messages with `--legacy-envelopes`, so that those nodes understand ours.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -118,6 +119,23 @@ pub fn encode(publication: &Publication) -> Bytes {
     out.put_u8(position.len() as u8);
     out.put_slice(position.as_bytes());
     out.put_slice(&publication.data);
+    out.freeze()
+}
+
+/// Wraps a message in the version 1 envelope (header, then its finished `msg`
+/// frame), which nodes from before version 2 read: for rolling upgrades from them.
+pub fn encode_v1(frame: &[u8], publication: &Publication) -> Bytes {
+    let tp: &[u8] = if publication.traceparent.len() <= u8::MAX as usize {
+        &publication.traceparent
+    } else {
+        &[]
+    };
+    let mut out = BytesMut::with_capacity(V1_HEADER_LEN + tp.len() + frame.len());
+    out.put_u8(V1);
+    out.put_u64(publication.published_at_us);
+    out.put_u8(tp.len() as u8);
+    out.put_slice(tp);
+    out.put_slice(frame);
     out.freeze()
 }
 
@@ -280,6 +298,20 @@ mod tests {
         let decoded = decode(wire.into()).unwrap();
         assert_eq!(decoded.offset(), Some(7));
         assert_eq!(decoded.position.unwrap().epoch.as_str(), "abc");
+    }
+
+    #[test]
+    fn version_1_envelopes_round_trip() {
+        let p = Publication {
+            position: None,
+            ..publication(None)
+        };
+        let frame = format!(
+            r#"{{"op":"msg","ch":"a","from":"ada","data":{}}}"#,
+            p.data_str()
+        );
+        let decoded = decode(encode_v1(frame.as_bytes(), &p)).unwrap();
+        assert_eq!(decoded, p);
     }
 
     #[test]

@@ -195,3 +195,40 @@ async fn readiness_follows_the_broker() {
     let mut client = node.client("channel=a").await;
     assert_eq!(client.sub("b", 1).await["op"], "ack");
 }
+
+/// `--legacy-envelopes`: plain messages go out in the version 1 envelope that nodes
+/// from before history read, and current nodes read them too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn legacy_envelopes_for_a_rolling_upgrade() {
+    use futures_util::StreamExt;
+    let redis = RedisServer::start().await;
+    let old_style = TestNode::with_redis(&redis, "n1", &["--legacy-envelopes"]).await;
+    let current = TestNode::with_redis(&redis, "n2", &[]).await;
+    let mut tap = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    tap.subscribe("wsrelay:legacy").await.unwrap();
+    let mut listener = current.client("channel=legacy").await;
+    let mut publisher = old_style.client("channel=other").await;
+    let mut stash = Vec::new();
+    let ack = publisher
+        .request(
+            json!({"op":"pub","ch":"legacy","data":{"n":1}}),
+            1,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(ack["op"], "ack");
+    let pushed = tokio::time::timeout(common::WAIT, tap.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    let payload: Vec<u8> = pushed.get_payload().unwrap();
+    assert_eq!(payload[0], 1, "version 1 envelope");
+    assert_eq!(
+        listener.recv().await,
+        json!({"op":"msg","ch":"legacy","data":{"n":1}})
+    );
+}

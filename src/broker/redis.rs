@@ -48,7 +48,7 @@ use super::tracker::{Repair, Tracker};
 use super::{BrokerError, History, HistoryRequest, Local};
 use crate::config::{ChannelOptions, Config};
 use crate::envelope;
-use crate::publication::{Epoch, Position, Publication};
+use crate::publication::{Epoch, Kind, Position, Publication};
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
 /// reconnect): large enough to resubscribe thousands of channels in a few round
@@ -351,7 +351,13 @@ impl RedisBroker {
             };
             tokio::time::timeout(inner.timeout, publish).await
         } else {
-            let payload = envelope::encode(&publication);
+            let payload =
+                if inner.config.broker.legacy_envelopes && publication.kind == Kind::Message {
+                    let frame = crate::protocol::encode_publication(channel, &publication);
+                    envelope::encode_v1(frame.as_bytes(), &publication)
+                } else {
+                    envelope::encode(&publication)
+                };
             let publish = async {
                 redis::cmd("PUBLISH")
                     .arg(&key)
