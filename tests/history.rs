@@ -842,3 +842,71 @@ async fn channels_without_history_are_unchanged() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("no history"), "{body}");
 }
+
+/// Live messages arriving while a recovery reads the history are held back, at most
+/// `--client-queue` of them: one more closes the client with 1013 (it then recovers
+/// again), without harm to anyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overflowing_hold_back_closes_the_client_with_1013() {
+    let redis_server = RedisServer::start().await;
+    // The subscriber's node reaches Redis over a slow link: its history read takes a
+    // while, during which a steady publisher's messages must be held back.
+    let slow = common::LatencyProxy::start(redis_server.port, Duration::from_millis(150)).await;
+    let flags = flags(5000, &["--client-queue", "4"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let fast = TestNode::with_redis(&redis_server, "n1", &flags).await;
+    let url = slow.url();
+    let far =
+        TestNode::start(&[flags.as_slice(), &["--redis-url", &url, "--node-id", "n2"]].concat())
+            .await;
+    far.wait_ready().await;
+    let ch = "chat:flood";
+    let mut publisher = fast.client("channel=other").await;
+    publish_range(&mut publisher, ch, 1..=1).await;
+    let bystander = fast.client(&format!("channel={ch}")).await;
+    let epoch = epoch_of(&welcome_position(&bystander, ch));
+    // It reads as messages come, as a client that keeps up does.
+    let bystander = tokio::spawn(async move {
+        let mut bystander = bystander;
+        offsets(&bystander.recv_msgs(400).await)
+    });
+
+    let flood = {
+        let url = fast.ws_url("channel=other2");
+        tokio::spawn(async move {
+            let mut c = Client::connect(&url).await;
+            for i in 0..400u64 {
+                c.send(json!({"op":"pub","ch":ch,"data":i})).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // A client recovering from offset 1 on the slow node while the flood goes on.
+    let mut late = far.client("channel=other3").await;
+    late.send(json!({"op":"sub","ch":ch,"since":{"epoch":epoch,"offset":1},"id":1}))
+        .await;
+    assert_eq!(late.expect_close().await, Some(1013));
+    wait_until_closed_for_holdback(&far).await;
+    flood.await.unwrap();
+    // Everyone else got everything, in order.
+    assert_eq!(bystander.await.unwrap(), (2..=401).collect::<Vec<_>>());
+}
+
+async fn wait_until_closed_for_holdback(node: &TestNode) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = node.handle.metrics_text();
+        if metric(
+            &text,
+            r#"wsrelay_client_closes_total{reason="holdback_overflow"}"#,
+        ) == 1.0
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no holdback_overflow close: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
