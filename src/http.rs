@@ -582,23 +582,41 @@ fn channel_param(query: Option<&str>) -> Result<String, Refusal> {
     Ok(ch)
 }
 
+/// A channel API: checks the API key and the `ch` parameter, then answers with
+/// `answer(ch)`, or the refusal it returns.
+async fn channel_api<F, Fut>(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    answer: F,
+) -> Response
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, Refusal>>,
+{
+    if let Some(refused) = api_key_refusal(state, headers) {
+        return refused;
+    }
+    let result = match channel_param(query) {
+        Ok(ch) => answer(ch).await,
+        Err(refusal) => Err(refusal),
+    };
+    result.unwrap_or_else(|refusal| refusal_response(&refusal))
+}
+
 /// `GET /api/presence?ch=..`: `{"ch":..,"clients":[..]}`, as the `presence` frame.
 async fn api_presence(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Some(refused) = api_key_refusal(&state, &headers) {
-        return refused;
-    }
-    let ch = match channel_param(query.as_deref()) {
-        Ok(ch) => ch,
-        Err(refusal) => return refusal_response(&refusal),
-    };
-    match state.hub.presence(&state.anyone, &ch).await {
-        Ok(entries) => json_fields(protocol::presence_body(&ch, &entries)),
-        Err(refusal) => refusal_response(&refusal),
-    }
+    let hub = &state.hub;
+    let anyone = &state.anyone;
+    channel_api(&state, &headers, query.as_deref(), |ch| async move {
+        let entries = hub.presence(anyone, &ch).await?;
+        Ok(json_fields(protocol::presence_body(&ch, &entries)))
+    })
+    .await
 }
 
 /// `GET /api/presence_stats?ch=..`: `{"ch":..,"clients":N,"users":M}`.
@@ -607,19 +625,13 @@ async fn api_presence_stats(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Some(refused) = api_key_refusal(&state, &headers) {
-        return refused;
-    }
-    let ch = match channel_param(query.as_deref()) {
-        Ok(ch) => ch,
-        Err(refusal) => return refusal_response(&refusal),
-    };
-    match state.hub.presence_stats(&state.anyone, &ch).await {
-        Ok((clients, users)) => {
-            Json(json!({"ch": ch, "clients": clients, "users": users})).into_response()
-        }
-        Err(refusal) => refusal_response(&refusal),
-    }
+    let hub = &state.hub;
+    let anyone = &state.anyone;
+    channel_api(&state, &headers, query.as_deref(), |ch| async move {
+        let (clients, users) = hub.presence_stats(anyone, &ch).await?;
+        Ok(Json(json!({"ch": ch, "clients": clients, "users": users})).into_response())
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -744,23 +744,10 @@ async fn idle_history_expires_but_the_position_stays(t: Topology) {
     );
 
     if let Some(redis) = &t.redis {
+        redis
+            .wait_int(&["EXISTS", "wsrelay:{chat:ttl}:stream"], 0)
+            .await;
         let mut conn = redis.connection().await.unwrap();
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let exists: u64 = redis::cmd("EXISTS")
-                .arg("wsrelay:{chat:ttl}:stream")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            if exists == 0 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the stream did not expire"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         let ttl: i64 = redis::cmd("PTTL")
             .arg("wsrelay:{chat:ttl}:meta")
             .query_async(&mut conn)

@@ -355,21 +355,8 @@ async fn entries_follow_nodes_and_survive_a_redis_restart() {
     doomed.signal("KILL");
     doomed.wait_exit(WAIT);
     // Nobody reads presence now: the survivors' refreshes prune the dead node's entry.
-    let mut conn = redis.connection().await.unwrap();
     let key = format!("wsrelay:{{{ch}}}:presence");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left: u64 = redis::cmd("HLEN")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if left == 2 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{left} entries");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    redis.wait_int(&["HLEN", &key], 2).await;
     wait_members(&[&n1, &n2], ch, vec![member(&a), member(&b)]).await;
 
     redis.restart().await;
@@ -409,24 +396,8 @@ async fn churn_leaves_no_presence_behind_and_an_outage_is_reported() {
     }
     n1.wait_registry_empty().await;
     n2.wait_registry_empty().await;
-    let mut conn = redis.connection().await.unwrap();
     let key = format!("wsrelay:{{{ch}}}:presence");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left: u64 = redis::cmd("HLEN")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if left == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{left} entries left after 2,000 cycles"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    redis.wait_int(&["HLEN", &key], 0).await;
     wait_members(&[&n1, &n2], ch, Vec::new()).await;
 
     // Redis gone: presence is `unavailable` within the broker timeout.

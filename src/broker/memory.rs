@@ -16,7 +16,7 @@ use dashmap::mapref::one::RefMut;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{History, HistoryRequest, Local, select};
+use super::{History, HistoryRequest, Local, every, select};
 use crate::config::ChannelOptions;
 use crate::publication::{Epoch, Position, Publication};
 
@@ -105,7 +105,8 @@ impl MemoryBroker {
             max_histories,
             channels: DashMap::new(),
         });
-        tokio::spawn(sweep(std::sync::Arc::downgrade(&inner), shutdown));
+        let weak = std::sync::Arc::downgrade(&inner);
+        tokio::spawn(every(weak, SWEEP_INTERVAL, shutdown, sweep));
         Self {
             inner,
             presence: Default::default(),
@@ -189,25 +190,16 @@ impl Inner {
     }
 }
 
-/// Drops expired histories and positions, so channels published once do not hold
-/// memory forever.
-async fn sweep(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(SWEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+/// One sweep (every `SWEEP_INTERVAL`): drops expired histories and positions, so
+/// channels published once do not hold memory forever.
+async fn sweep(inner: std::sync::Arc<Inner>) {
+    let now = Instant::now();
+    inner.channels.retain(|_, history| {
+        if now >= history.ring_expires && !history.ring.is_empty() {
+            history.ring = VecDeque::new();
         }
-        let Some(inner) = inner.upgrade() else { return };
-        let now = Instant::now();
-        inner.channels.retain(|_, history| {
-            if now >= history.ring_expires && !history.ring.is_empty() {
-                history.ring = VecDeque::new();
-            }
-            now < history.meta_expires
-        });
-    }
+        now < history.meta_expires
+    });
 }
 
 #[cfg(test)]

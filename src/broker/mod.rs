@@ -306,6 +306,30 @@ impl Broker {
     }
 }
 
+/// Runs `round` every `period` (the first after one period) until shutdown, or until
+/// the broker owning `state` is gone: the driver of the brokers' periodic rounds
+/// (expiry sweeps, position checks, presence refreshes).
+async fn every<T, F, Fut>(
+    state: std::sync::Weak<T>,
+    period: Duration,
+    shutdown: CancellationToken,
+    round: F,
+) where
+    F: Fn(Arc<T>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(state) = state.upgrade() else { return };
+        round(state).await;
+    }
+}
+
 /// The stored publications after `since` (all of them when `since` is `None`), given
 /// the channel's current position, as both brokers answer a [`HistoryRequest`]:
 /// `entries` are the publications the history holds, oldest first.

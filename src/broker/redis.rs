@@ -45,7 +45,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::tracker::{Repair, Tracker};
-use super::{BrokerError, History, HistoryRequest, Local};
+use super::{BrokerError, History, HistoryRequest, Local, every};
 use crate::config::{ChannelOptions, Config};
 use crate::envelope;
 use crate::publication::{Epoch, Kind, Position, Publication};
@@ -1108,29 +1108,6 @@ async fn refresh_presence(inner: Arc<Inner>) {
         && let Err(e) = inner.run(pipe).await
     {
         tracing::warn!(error = %e, "presence refresh failed");
-    }
-}
-
-/// Runs `round` every `period` (the first after one period) until shutdown, or until
-/// the broker is gone.
-async fn every<F, Fut>(
-    inner: std::sync::Weak<Inner>,
-    period: Duration,
-    shutdown: CancellationToken,
-    round: F,
-) where
-    F: Fn(Arc<Inner>) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let Some(inner) = inner.upgrade() else { return };
-        round(inner).await;
     }
 }
 

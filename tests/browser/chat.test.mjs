@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Harness, lines, waitFor } from "./harness.mjs";
+import { Harness, lines, say, waitFor } from "./harness.mjs";
 
 test("a node restart under the page loses no chat line", async (t) => {
   const h = new Harness();
@@ -17,8 +17,7 @@ test("a node restart under the page loses no chat line", async (t) => {
   await page.goto(`${a.url}/`);
   await waitFor("the page on node a", async () => (await page.textContent("#status")).includes("node a"));
   await page.fill("#name", "ada");
-  await page.fill("#text", "before the restart");
-  await page.press("#text", "Enter");
+  await say(page, "before the restart");
   await waitFor("own line", async () => (await lines(page)).includes("ada: before the restart"));
 
   // Node a drains (the page gets 1001) and is gone while others keep talking.

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { readdirSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
-import { Harness, lines, waitFor } from "./harness.mjs";
+import { Harness, lines, say, waitFor } from "./harness.mjs";
 import { WSRELAY_BIN, freePort } from "../support/processes.mjs";
 
 const root = fileURLToPath(new URL("../../", import.meta.url));
@@ -73,10 +73,6 @@ test("a drained node under a page loses no line behind the load balancer", async
   await first.fill("#name", "ada");
   await second.fill("#name", "bob");
 
-  const say = async (page, text) => {
-    await page.fill("#text", text);
-    await page.press("#text", "Enter");
-  };
   await say(first, "one");
   await say(second, "two");
   await waitFor("both lines on the first page", async () => (await lines(first)).includes("bob: two"));

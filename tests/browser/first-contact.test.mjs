@@ -3,7 +3,7 @@
 
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Harness, lines, waitFor } from "./harness.mjs";
+import { Harness, lines, say, waitFor } from "./harness.mjs";
 
 const status = (page) => page.textContent("#status");
 
@@ -16,11 +16,6 @@ async function open(h, node) {
   await page.goto(`${node.url}/`);
   await waitFor("connected", async () => (await status(page)).includes(`node ${node.id}`));
   return { page, notFound, sockets };
-}
-
-async function say(page, text) {
-  await page.fill("#text", text);
-  await page.press("#text", "Enter");
 }
 
 test("an invalid channel name is explained, and no connection is tried", async (t) => {

@@ -31,3 +31,9 @@ export class Harness extends Processes {
 /** The text of every line in a chat page's log (without its time). */
 export const lines = (page) =>
   page.$$eval("#log p", (ps) => ps.map((p) => (p.querySelector(".body") ?? p).textContent));
+
+/** Types a line into a chat page and sends it. */
+export async function say(page, text) {
+  await page.fill("#text", text);
+  await page.press("#text", "Enter");
+}

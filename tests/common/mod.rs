@@ -149,6 +149,25 @@ impl RedisServer {
         }
     }
 
+    /// Waits until the integer reply of `command` (e.g. `["HLEN", key]`) is `expected`.
+    pub async fn wait_int(&self, command: &[&str], expected: i64) {
+        let mut conn = self.connection().await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut cmd = redis::cmd(command[0]);
+            cmd.arg(&command[1..]);
+            let got: i64 = cmd.query_async(&mut conn).await.unwrap();
+            if got == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{command:?} stayed {got}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Kills the server (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
