@@ -95,10 +95,13 @@ pub struct Config {
 /// The broker: Redis, or the in-process one.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerConfig {
-    /// Redis URL (`redis://[:password@]host:port[/db]` or `rediss://` for TLS). Unset:
-    /// the in-process memory broker serves a single node.
-    #[arg(long, env = "WSRELAY_REDIS_URL")]
-    pub redis_url: Option<String>,
+    /// Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for TLS, or a
+    /// Sentinel group `redis+sentinel://[:password@]host:26379,host2:26379/<master>[/db]`).
+    /// Repeated (or a comma-separated list), several Redis instances are shards: each
+    /// channel lives on one of them, chosen by a jump consistent hash of its name.
+    /// Unset: the in-process memory broker serves a single node.
+    #[arg(long, env = "WSRELAY_REDIS_URL", action = clap::ArgAction::Append)]
+    pub redis_url: Vec<String>,
 
     /// Prefix of every Redis key and pub/sub channel name, so several relays (or other
     /// applications) can share one Redis.
@@ -116,6 +119,33 @@ pub struct BrokerConfig {
     /// offsets and join/leave events need version 2; older nodes drop and count them.)
     #[arg(long, env = "WSRELAY_LEGACY_ENVELOPES")]
     pub legacy_envelopes: bool,
+}
+
+impl BrokerConfig {
+    /// The Redis URLs (shards) of `--redis-url`, each occurrence split at its commas.
+    /// A piece without `://` continues the host list of the URL before it, so a
+    /// Sentinel URL (`redis+sentinel://a:26379,b:26379/mymaster`) stays whole.
+    pub fn redis_urls(&self) -> Vec<String> {
+        split_urls(&self.redis_url)
+    }
+}
+
+fn split_urls(values: &[String]) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    for piece in values.iter().flat_map(|v| v.split(',')) {
+        let piece = piece.trim();
+        if piece.is_empty() {
+            continue;
+        }
+        match urls.last_mut() {
+            Some(last) if !piece.contains("://") => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => urls.push(piece.to_owned()),
+        }
+    }
+    urls
 }
 
 /// Bounds on clients and connections.
@@ -531,8 +561,15 @@ impl Config {
                 "keys must be at least 16 characters",
             ));
         }
-        if let Some(url) = &self.broker.redis_url {
-            validate_redis_url(url)?;
+        let urls = self.broker.redis_urls();
+        for (i, url) in urls.iter().enumerate() {
+            validate_redis_url("redis-url", url)?;
+            if urls[..i].contains(url) {
+                return Err(ConfigError::new(
+                    "redis-url",
+                    format!("{url:?} is listed twice: each shard must be a different Redis"),
+                ));
+            }
         }
         validate_history("history-size", "history-ttl", self.options_with(None))?;
         for (name, section) in &self.namespaces {
@@ -603,17 +640,10 @@ fn validate_history(
     Ok(())
 }
 
-fn validate_redis_url(url: &str) -> Result<(), ConfigError> {
-    let scheme = url.split_once("://").map(|(s, _)| s);
-    if !matches!(scheme, Some("redis" | "rediss")) {
-        return Err(ConfigError::new(
-            "redis-url",
-            format!("{url:?}: the scheme must be redis:// or rediss://"),
-        ));
-    }
-    redis::Client::open(url)
+fn validate_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    crate::broker::redis::Endpoint::parse(url)
         .map(|_| ())
-        .map_err(|e| ConfigError::new("redis-url", format!("{url:?}: {e}")))
+        .map_err(|e| ConfigError::new(key, format!("{url:?}: {e}")))
 }
 
 /// A parsed `--config` file.
@@ -761,11 +791,33 @@ mod tests {
         assert_eq!(c.limits.client_queue, 1024);
         assert_eq!(c.limits.ping_interval, Duration::from_secs(25));
         assert_eq!(c.limits.drain_timeout, Duration::from_secs(10));
-        assert!(c.broker.redis_url.is_none());
+        assert!(c.broker.redis_urls().is_empty());
         assert_eq!(c.history.history_size, 0);
         assert!(!c.channel_options("chat:1").has_history());
         assert_eq!(c.history.max_recovery, 1000);
         assert_eq!(c.history.history_meta_ttl, Duration::from_secs(30 * 86400));
+    }
+
+    #[test]
+    fn redis_urls_are_shards_in_order() {
+        let c = parse(&[
+            "--redis-url",
+            "redis://a:1, redis://b:2",
+            "--redis-url",
+            "redis+sentinel://s1:26379,s2:26379/mymaster/2,redis://c:3",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.broker.redis_urls(),
+            [
+                "redis://a:1",
+                "redis://b:2",
+                "redis+sentinel://s1:26379,s2:26379/mymaster/2",
+                "redis://c:3"
+            ]
+        );
+        let c = with_file("redis-url = [\"redis://a:1\", \"redis://b:2\"]\n", &[]).unwrap();
+        assert_eq!(c.broker.redis_urls(), ["redis://a:1", "redis://b:2"]);
     }
 
     #[test]
@@ -778,6 +830,10 @@ mod tests {
         assert!(e.contains("--ping-interval"), "{e}");
         let e = parse(&["--redis-url", "http://nope"]).unwrap_err();
         assert!(e.contains("--redis-url") && e.contains("redis://"), "{e}");
+        let e = parse(&["--redis-url", "redis://a:1,redis://a:1"]).unwrap_err();
+        assert!(e.contains("--redis-url") && e.contains("twice"), "{e}");
+        let e = parse(&["--redis-url", "redis+sentinel://s:26379"]).unwrap_err();
+        assert!(e.contains("--redis-url") && e.contains("master"), "{e}");
         let e = parse(&["--drain-timeout", "0s"]).unwrap_err();
         assert!(e.contains("--drain-timeout"), "{e}");
         let e = parse(&["--history-size", "2000000"]).unwrap_err();

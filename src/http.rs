@@ -98,11 +98,12 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let node = &state.hub;
     let reason = if node.is_draining() {
-        Some("draining")
-    } else if !node.broker.is_ready() {
-        Some("broker unavailable")
+        Some("draining".to_owned())
     } else {
-        None
+        node.broker
+            .readiness()
+            .err()
+            .map(|why| format!("broker unavailable: {why}"))
     };
     match reason {
         None => Json(json!({"status": "ready", "node": node.node_id})).into_response(),

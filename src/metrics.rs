@@ -17,6 +17,8 @@ use crate::client::CloseReason;
 use crate::registry::RegistryStats;
 
 type Labels = [(&'static str, &'static str); 1];
+/// Labels naming a broker shard (its address, known only at run time).
+type ShardLabels = [(&'static str, String); 1];
 
 /// Every metric of one node.
 #[derive(Debug)]
@@ -37,9 +39,12 @@ pub struct Metrics {
     client_closes: Family<Labels, Counter>,
     /// Times the Redis subscriber connection was re-established after a loss.
     pub broker_reconnects: Counter,
-    /// 1 while the broker is connected.
+    /// 1 while every broker shard is up.
     pub broker_up: Gauge,
     broker_dropped: Family<Labels, Counter>,
+    broker_shard_up: Family<ShardLabels, Gauge>,
+    broker_probe_failures: Family<ShardLabels, Counter>,
+    broker_master_changes: Family<ShardLabels, Counter>,
     /// Bytes of text frames received from clients.
     pub bytes_received: Counter,
     /// Bytes of frames queued to clients.
@@ -83,6 +88,9 @@ impl Metrics {
             broker_reconnects: Counter::default(),
             broker_up: Gauge::default(),
             broker_dropped: Family::default(),
+            broker_shard_up: Family::default(),
+            broker_probe_failures: Family::default(),
+            broker_master_changes: Family::default(),
             bytes_received: Counter::default(),
             bytes_sent: Counter::default(),
             // 50 µs to ~1.6 s: loopback deliveries to a stalled broker.
@@ -147,13 +155,28 @@ impl Metrics {
         );
         registry.register(
             "broker_up",
-            "1 while the broker is connected",
+            "1 while every broker shard is up",
             m.broker_up.clone(),
         );
         registry.register(
             "broker_dropped_messages",
             "Messages from the broker that were dropped, by reason",
             m.broker_dropped.clone(),
+        );
+        registry.register(
+            "broker_shard_up",
+            "1 while the broker shard's subscriber connection is up and its delivery probe comes back",
+            m.broker_shard_up.clone(),
+        );
+        registry.register(
+            "broker_probe_failures",
+            "Delivery probes that did not come back through the shard's subscriber within the broker timeout",
+            m.broker_probe_failures.clone(),
+        );
+        registry.register(
+            "broker_master_changes",
+            "Times a Sentinel-managed shard was found on a new master",
+            m.broker_master_changes.clone(),
         );
         registry.register(
             "bytes_received",
@@ -241,6 +264,27 @@ impl Metrics {
     pub fn broker_dropped(&self, reason: &'static str) {
         self.broker_dropped
             .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Records whether broker shard `shard` is usable.
+    pub fn broker_shard_up(&self, shard: &str, up: bool) {
+        self.broker_shard_up
+            .get_or_create(&[("shard", shard.to_owned())])
+            .set(i64::from(up));
+    }
+
+    /// Counts a delivery probe of `shard` that did not come back in time.
+    pub fn broker_probe_failed(&self, shard: &str) {
+        self.broker_probe_failures
+            .get_or_create(&[("shard", shard.to_owned())])
+            .inc();
+    }
+
+    /// Counts a move of `shard` to a new master (Sentinel failover).
+    pub fn broker_master_changed(&self, shard: &str) {
+        self.broker_master_changes
+            .get_or_create(&[("shard", shard.to_owned())])
             .inc();
     }
 

@@ -205,6 +205,11 @@ async fn presence_and_join_leave_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_join_leave_sharded() {
+    presence_and_events(Topology::sharded(3, 3, FLAGS).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_without_presence_say_so_and_limits_hold() {
     let node = TestNode::start(&[
         "--config",

@@ -180,7 +180,7 @@ fn invalid_configuration_exits_non_zero_naming_the_flag() {
         (vec!["--listen", addr.as_str()], "already in use"),
         (
             vec!["--redis-url", "http://x"],
-            "must be redis:// or rediss://",
+            "must be redis://, rediss:// or redis+sentinel://",
         ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_wsrelay"))

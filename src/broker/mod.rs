@@ -149,20 +149,18 @@ impl Broker {
         local: Local,
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
-        match &config.broker.redis_url {
-            None => Ok(Broker::Memory(memory::MemoryBroker::start(
+        let urls = config.broker.redis_urls();
+        if urls.is_empty() {
+            return Ok(Broker::Memory(memory::MemoryBroker::start(
                 local,
                 config.history.history_meta_ttl,
                 config.limits.max_channels,
                 shutdown,
-            ))),
-            Some(url) => {
-                let url = url.clone();
-                Ok(Broker::Redis(redis::RedisBroker::start(
-                    &url, config, local, shutdown,
-                )?))
-            }
+            )));
         }
+        Ok(Broker::Redis(redis::RedisBroker::start(
+            &urls, config, local, shutdown,
+        )?))
     }
 
     /// Publishes to `channel` on every node; with history (`options`), stores it and
@@ -289,11 +287,17 @@ impl Broker {
         }
     }
 
-    /// Whether the broker is connected (readiness).
+    /// Whether the broker can serve every channel (readiness).
     pub fn is_ready(&self) -> bool {
+        self.readiness().is_ok()
+    }
+
+    /// `Ok` when the broker can serve every channel; otherwise why not (for
+    /// `/readyz`): each Redis shard that is down or whose delivery probe is late.
+    pub fn readiness(&self) -> Result<(), String> {
         match self {
-            Broker::Memory(_) => true,
-            Broker::Redis(b) => b.is_connected(),
+            Broker::Memory(_) => Ok(()),
+            Broker::Redis(b) => b.readiness(),
         }
     }
 

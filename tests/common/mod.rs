@@ -795,10 +795,12 @@ pub async fn connect_with_headers(
 }
 
 /// Nodes of one test topology, so one suite runs on each: a single node on the
-/// memory broker, or several nodes on one real Redis. `node(i)` wraps around, so a
-/// test written for three nodes runs unchanged on one.
+/// memory broker, several nodes on one real Redis, or several nodes on several
+/// Redis shards. `node(i)` wraps around, so a test written for three nodes runs
+/// unchanged on one.
 pub struct Topology {
-    pub redis: Option<RedisServer>,
+    /// The Redis servers, in `--redis-url` order (empty: the memory broker).
+    pub redis: Vec<RedisServer>,
     pub nodes: Vec<TestNode>,
 }
 
@@ -808,35 +810,75 @@ impl Topology {
         let node = TestNode::start(args).await;
         node.wait_ready().await;
         Topology {
-            redis: None,
+            redis: Vec::new(),
             nodes: vec![node],
         }
     }
 
     /// `n` nodes (ids n1, n2, …) sharing one new `redis-server`.
     pub async fn redis(n: usize, args: &[&str]) -> Topology {
-        let redis = RedisServer::start().await;
+        Topology::sharded(1, n, args).await
+    }
+
+    /// `n` nodes (ids n1, n2, …) on `shards` new `redis-server`s, each a shard.
+    pub async fn sharded(shards: usize, n: usize, args: &[&str]) -> Topology {
+        let mut redis = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            redis.push(RedisServer::start().await);
+        }
+        let urls: Vec<String> = redis.iter().map(RedisServer::url).collect();
+        let urls = urls.join(",");
         let mut nodes = Vec::with_capacity(n);
         for i in 1..=n {
-            nodes.push(TestNode::with_redis(&redis, &format!("n{i}"), args).await);
+            let id = format!("n{i}");
+            let mut all = vec!["--redis-url", urls.as_str(), "--node-id", id.as_str()];
+            all.extend_from_slice(args);
+            let node = TestNode::start(&all).await;
+            node.wait_ready().await;
+            nodes.push(node);
         }
-        Topology {
-            redis: Some(redis),
-            nodes,
-        }
+        Topology { redis, nodes }
     }
 
     pub fn node(&self, i: usize) -> &TestNode {
         &self.nodes[i % self.nodes.len()]
     }
 
+    /// The Redis server that holds `channel`.
+    pub fn redis_for(&self, channel: &str) -> &RedisServer {
+        &self.redis[shard_of(channel, self.redis.len())]
+    }
+
+    /// The Redis server that holds `channel`, to kill or restart it.
+    pub fn redis_for_mut(&mut self, channel: &str) -> &mut RedisServer {
+        let shard = shard_of(channel, self.redis.len());
+        &mut self.redis[shard]
+    }
+
     pub fn name(&self) -> &'static str {
-        if self.redis.is_some() {
-            "redis"
-        } else {
-            "memory"
+        match self.redis.len() {
+            0 => "memory",
+            1 => "redis",
+            _ => "sharded",
         }
     }
+}
+
+/// The shard of `channel` among `shards`, computed here from the documented
+/// algorithm (jump consistent hash of the channel name's 64-bit FNV-1a hash), not
+/// with the relay's code, so a change of the mapping fails the tests.
+pub fn shard_of(channel: &str, shards: usize) -> usize {
+    let mut key: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in channel.bytes() {
+        key = (key ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let (mut b, mut j): (i64, i64) = (-1, 0);
+    while j < shards as i64 {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        j = ((b + 1) as f64 * (2_147_483_648.0 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b.max(0) as usize
 }
 
 /// The `offset` of each frame.

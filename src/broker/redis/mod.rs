@@ -1,0 +1,884 @@
+//! The Redis broker: one or more shards, each a standalone Redis or a Sentinel
+//! group, carrying pub/sub, channel history and presence.
+//!
+//! - **Shards**: every channel lives on one shard, picked by [`ring::shard_of`] (a
+//!   jump consistent hash of its name over the `--redis-url` list). Its pub/sub
+//!   traffic, history and presence keys are all on that shard; a shard that is down
+//!   makes only its own channels unavailable. Cluster-wide keys (the node
+//!   announcements of the cluster view) live on the first shard.
+//! - **Publishing** goes through one self-reconnecting multiplexed connection per
+//!   shard (redis-rs `ConnectionManager`): one round trip per publish, and concurrent
+//!   publishes of all sessions are pipelined on one socket. A session awaits each
+//!   `PUBLISH` reply before it sends the next one, so one connection's messages reach
+//!   Redis, and therefore every node, in the order they were sent.
+//! - **Receiving**: one RESP3 subscriber connection per shard, owned by that shard's
+//!   [`subscriber`] task, subscribed to the shard's channels that have local
+//!   subscribers, and checked every second by a delivery probe.
+//! - **Failover**: a Sentinel-managed shard follows its master ([`endpoint`]): both
+//!   connections move to the new master, and history channels are repaired from the
+//!   stream after the move.
+//! - **History**: a publish to a channel with history runs the publish script
+//!   ([`scripts`]), which assigns the next offset, appends the envelope to the
+//!   channel's stream (exactly `history-size` entries kept), refreshes the TTLs and
+//!   PUBLISHes the same bytes, atomically: no message is published without being
+//!   stored, or stored without an offset. Each channel has two keys,
+//!   `<prefix>{<channel>}:stream` and `<prefix>{<channel>}:meta` (epoch and top
+//!   offset). Scripts run by EVALSHA; redis-rs loads them again after `NOSCRIPT` (a
+//!   restart, a failover or `SCRIPT FLUSH`).
+//! - **Gap repair**: publications of history channels go through the [`Tracker`],
+//!   which delivers them in offset order, once, and asks for repairs (read from the
+//!   stream by [`repair_task`]s) when offsets are missing: after a pub/sub drop and
+//!   reconnect (positions are read on the new subscriber connection right after it
+//!   re-SUBSCRIBEs), when a publication skips offsets, and when the periodic position
+//!   check ([`check_positions`]) finds a quiet channel behind its stream.
+
+mod endpoint;
+mod ring;
+mod scripts;
+mod shard;
+mod subscriber;
+
+pub use endpoint::{Endpoint, InvalidUrl};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use self::scripts::{HISTORY_SCRIPT, PRESENCE_SCRIPT, PRUNE_LUA, PUBLISH_SCRIPT};
+use self::shard::Shard;
+use super::tracker::{Repair, Tracker};
+use super::{BrokerError, History, HistoryRequest, Local, every};
+use crate::config::{ChannelOptions, Config};
+use crate::envelope;
+use crate::publication::{Epoch, Kind, Position, Publication};
+
+/// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
+/// reconnect): large enough to resubscribe thousands of channels in a few round
+/// trips, small enough to keep each command short.
+const SUBSCRIBE_BATCH: usize = 256;
+/// How often each subscriber connection is checked (PING or ROLE) and a delivery
+/// probe is sent, so a Redis that stalls, vanishes without closing the TCP
+/// connection, or stops delivering is noticed.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Reconnect backoff: first delay and cap (jittered).
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Quiet channels per pipelined batch of the position check.
+const CHECK_BATCH: usize = 1000;
+/// Presence entries per pipelined batch of the refresh: one round trip each, and
+/// a yield between batches, so a channel of 100,000 subscribers neither blocks the
+/// node nor sends one huge pipeline.
+const REFRESH_BATCH: usize = 500;
+
+/// Handle to the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+}
+
+/// The broker's state, shared by its handle, the shards' subscriber tasks, the
+/// periodic rounds and the repair tasks.
+struct Inner {
+    /// In `--redis-url` order: the channel hash indexes this list.
+    shards: Vec<Arc<Shard>>,
+    prefix: String,
+    timeout: Duration,
+    config: Arc<Config>,
+    local: Local,
+    /// The last offset delivered per history channel, and the repairs.
+    tracker: Tracker,
+    /// This node's presence entries, registered in Redis and refreshed there.
+    presence: super::presence::Table,
+    /// Ends repair tasks with the node.
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shards: Vec<&str> = self.shards.iter().map(|s| s.label.as_str()).collect();
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.prefix)
+            .field("shards", &shards)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Opens the publishing connections and starts each shard's subscriber task (and,
+    /// for Sentinel-managed shards, the failover watch), the position check and the
+    /// presence refresh.
+    pub fn start(
+        urls: &[String],
+        config: Arc<Config>,
+        local: Local,
+        shutdown: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let prefix = config.broker.redis_prefix.clone();
+        let timeout = config.broker.broker_timeout;
+        if urls.is_empty() {
+            return Err(BrokerError::Unavailable("no Redis URL".into()));
+        }
+        let mut shards = Vec::with_capacity(urls.len());
+        for (index, url) in urls.iter().enumerate() {
+            let endpoint = Endpoint::parse(url)
+                .map_err(|e| BrokerError::Unavailable(format!("invalid Redis URL: {e}")))?;
+            shards.push(Arc::new(Shard::new(index, endpoint, &prefix, timeout)?));
+        }
+        // A repair buffers what arrives meanwhile like a client's queue would.
+        let tracker = Tracker::new(
+            local.clone(),
+            config.limits.client_queue,
+            config.history.max_recovery as u64,
+        );
+        local.metrics.broker_up.set(0);
+        for shard in &shards {
+            local.metrics.broker_shard_up(&shard.label, false);
+        }
+        let inner = Arc::new(Inner {
+            shards,
+            prefix,
+            timeout,
+            local,
+            tracker,
+            presence: Default::default(),
+            shutdown: shutdown.clone(),
+            config,
+        });
+        for shard in &inner.shards {
+            tokio::spawn(subscriber::run(
+                inner.clone(),
+                shard.clone(),
+                shutdown.clone(),
+            ));
+            tokio::spawn(endpoint::watch(
+                shard.endpoint.clone(),
+                shard.kick.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if inner.config.any_history() {
+            let period = inner.config.history.position_check_interval;
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(every(weak, period, shutdown.clone(), check_positions));
+        }
+        if inner.config.any_presence() {
+            let period = inner.config.presence.presence_ttl / 3;
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(every(weak, period, shutdown, refresh_presence));
+        }
+        Ok(Self { inner })
+    }
+
+    /// Sends a publication to every node subscribed to `channel`; on a channel with
+    /// history, stores it first (one script) and returns its position.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        publication: Publication,
+        options: ChannelOptions,
+    ) -> Result<Option<Position>, BrokerError> {
+        let inner = &self.inner;
+        let started = std::time::Instant::now();
+        let shard = inner.shard(channel);
+        let mut conn = shard.publisher()?;
+        let key = inner.key(channel);
+        let published = if options.has_history() {
+            let head = envelope::head(&publication);
+            let mut script = PUBLISH_SCRIPT.prepare_invoke();
+            script
+                .key(inner.history_key(channel, "stream"))
+                .key(inner.history_key(channel, "meta"))
+                .arg(&key)
+                .arg(head.as_bytes())
+                .arg(&publication.data[..])
+                .arg(options.history_size)
+                .arg(millis(options.history_ttl))
+                .arg(millis(inner.config.history.history_meta_ttl))
+                .arg(Epoch::random().as_str());
+            let publish = async {
+                let (offset, epoch): (u64, String) = script
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(|e| shard.failed(e))?;
+                let epoch = Epoch::parse(&epoch).ok_or_else(|| {
+                    BrokerError::Unavailable(format!("Redis returned a malformed epoch {epoch:?}"))
+                })?;
+                Ok(Some(Position { epoch, offset }))
+            };
+            tokio::time::timeout(inner.timeout, publish).await
+        } else {
+            let payload =
+                if inner.config.broker.legacy_envelopes && publication.kind == Kind::Message {
+                    let frame = crate::protocol::encode_publication(channel, &publication);
+                    envelope::encode_v1(frame.as_bytes(), &publication)
+                } else {
+                    envelope::encode(&publication)
+                };
+            let publish = async {
+                redis::cmd("PUBLISH")
+                    .arg(&key)
+                    .arg(&payload[..])
+                    .query_async::<i64>(&mut conn)
+                    .await
+                    .map(|_receivers| None)
+                    .map_err(|e| shard.failed(e))
+            };
+            tokio::time::timeout(inner.timeout, publish).await
+        };
+        match published {
+            Ok(result) => {
+                inner
+                    .local
+                    .metrics
+                    .redis_publish_latency
+                    .observe(started.elapsed().as_secs_f64());
+                result
+            }
+            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        }
+    }
+
+    /// Reads a channel's position and stored publications.
+    pub async fn history(
+        &self,
+        channel: &str,
+        request: &HistoryRequest,
+    ) -> Result<History, BrokerError> {
+        let inner = &self.inner;
+        inner
+            .shard(channel)
+            .idempotent(
+                |mut conn| async move { inner.read_history(&mut conn, channel, request).await },
+            )
+            .await
+    }
+
+    /// Registers a local subscriber's presence entry in Redis.
+    pub async fn presence_add(
+        &self,
+        channel: &str,
+        entry: super::presence::Entry,
+    ) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let member = entry.member.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        inner.add_presence_commands(&mut pipe, channel, std::slice::from_ref(&entry));
+        inner.presence.add(channel, entry);
+        let result = inner.shard(channel).run(&pipe).await;
+        if result.is_err() {
+            inner.presence.remove(channel, &member);
+        }
+        result
+    }
+
+    /// Removes a local subscriber's presence entry from Redis (if the removal fails,
+    /// the entry expires: this node no longer refreshes it).
+    pub async fn presence_remove(&self, channel: &str, member: &str) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        if !inner.presence.remove(channel, member) {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("HDEL")
+            .arg(inner.presence_key(channel, "presence"))
+            .arg(member)
+            .ignore()
+            .cmd("ZREM")
+            .arg(inner.presence_key(channel, "presence-exp"))
+            .arg(member)
+            .ignore();
+        inner.shard(channel).run(&pipe).await
+    }
+
+    /// Up to `max` entries of a channel's presence (0: all), and how many there are.
+    pub async fn presence(
+        &self,
+        channel: &str,
+        max: usize,
+    ) -> Result<(Vec<Bytes>, usize), BrokerError> {
+        let inner = &self.inner;
+        let (total, entries) = inner
+            .shard(channel)
+            .idempotent(|mut conn| async move {
+                let mut script = PRESENCE_SCRIPT.prepare_invoke();
+                script
+                    .key(inner.presence_key(channel, "presence"))
+                    .key(inner.presence_key(channel, "presence-exp"))
+                    .arg(envelope::now_us() / 1000)
+                    .arg(max);
+                script
+                    .invoke_async::<(usize, Vec<Vec<u8>>)>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((entries.into_iter().map(Bytes::from).collect(), total))
+    }
+
+    /// Clients and distinct users of a channel's presence.
+    pub async fn presence_stats(&self, channel: &str) -> Result<(usize, usize), BrokerError> {
+        #[derive(serde::Deserialize)]
+        struct User {
+            user: Option<String>,
+        }
+        let (entries, total) = self.presence(channel, 0).await?;
+        let users: Vec<Option<String>> = entries
+            .iter()
+            .map(|e| serde_json::from_slice::<User>(e).ok().and_then(|u| u.user))
+            .collect();
+        let users = super::presence::count_users(users.iter().map(Option::as_deref));
+        Ok((total, users))
+    }
+
+    /// Writes this node's announcement: its info (expiring after `--node-ttl`, and
+    /// listed in the nodes sorted set with that expiry) and its channel counts, in
+    /// one transaction, so readers never see half of it.
+    pub async fn announce(
+        &self,
+        announcement: crate::cluster::Announcement,
+    ) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let ttl = millis(inner.config.presence.node_ttl);
+        let id = &announcement.info.id;
+        let info = serde_json::to_vec(&announcement.info)
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let channels_key = format!("{}node-channels:{id}", inner.prefix);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(format!("{}node:{id}", inner.prefix))
+            .arg(info)
+            .arg("PX")
+            .arg(ttl)
+            .ignore()
+            .cmd("ZADD")
+            .arg(format!("{}nodes", inner.prefix))
+            .arg(envelope::now_us() / 1000 + ttl)
+            .arg(id)
+            .ignore()
+            .cmd("DEL")
+            .arg(&channels_key)
+            .ignore();
+        for chunk in announcement.channels.chunks(1000) {
+            let hset = pipe.cmd("HSET").arg(&channels_key);
+            for (channel, count) in chunk {
+                hset.arg(channel).arg(count);
+            }
+            hset.ignore();
+        }
+        pipe.cmd("PEXPIRE").arg(&channels_key).arg(ttl).ignore();
+        inner.home().run(&pipe).await
+    }
+
+    /// The ids of the nodes whose announcement has not expired (expired ones are
+    /// dropped from the set on the way).
+    async fn live_nodes(&self) -> Result<Vec<String>, BrokerError> {
+        let inner = &self.inner;
+        let key = format!("{}nodes", inner.prefix);
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(envelope::now_us() / 1000)
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1);
+        let pipe = &pipe;
+        let (ids,) = inner
+            .home()
+            .idempotent(
+                |mut conn| async move { pipe.query_async::<(Vec<String>,)>(&mut conn).await },
+            )
+            .await?;
+        Ok(ids)
+    }
+
+    /// The live nodes' announcements, by id.
+    pub async fn nodes(&self) -> Result<Vec<crate::cluster::NodeInfo>, BrokerError> {
+        let inner = &self.inner;
+        let ids = self.live_nodes().await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{}node:{id}", inner.prefix))
+            .collect();
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&keys);
+        let mget = &mget;
+        let infos = inner
+            .home()
+            .idempotent(|mut conn| async move {
+                mget.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
+            })
+            .await?;
+        let mut nodes: Vec<crate::cluster::NodeInfo> = infos
+            .into_iter()
+            .flatten()
+            .filter_map(|json| serde_json::from_slice(&json).ok())
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    /// Channels with subscribers on any live node, with the sum of their counts.
+    pub async fn cluster_channels(&self) -> Result<Vec<(String, usize)>, BrokerError> {
+        let inner = &self.inner;
+        let ids = self.live_nodes().await?;
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HGETALL")
+                .arg(format!("{}node-channels:{id}", inner.prefix));
+        }
+        let pipe = &pipe;
+        let per_node = inner
+            .home()
+            .idempotent(|mut conn| async move {
+                pipe.query_async::<Vec<HashMap<String, usize>>>(&mut conn)
+                    .await
+            })
+            .await?;
+        let mut total: HashMap<String, usize> = HashMap::new();
+        for channels in per_node {
+            for (channel, count) in channels {
+                *total.entry(channel).or_default() += count;
+            }
+        }
+        let mut channels: Vec<(String, usize)> = total.into_iter().collect();
+        channels.sort();
+        Ok(channels)
+    }
+
+    /// Resolves once `channel` is subscribed on the node's Redis connection. The
+    /// caller has already added its subscriber to the registry.
+    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let shard = inner.shard(channel);
+        let rx = {
+            let mut state = shard.lock();
+            if shard.is_connected() && state.live.contains(channel) {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            let waiters = state.waiters.entry(channel.to_owned()).or_default();
+            waiters.retain(|w| !w.is_closed());
+            waiters.push(tx);
+            state.mark_dirty(shard.is_connected(), channel);
+            rx
+        };
+        shard.wake.notify_one();
+        let waited = tokio::time::timeout(inner.timeout, rx).await;
+        let result = match waited {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(_)) => Err(BrokerError::Unavailable("subscription abandoned".into())),
+            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+        };
+        // Our waiter is gone with the timeout. Drop it now rather than when the
+        // channel is next asked for: during an outage a client could otherwise grow
+        // the map with a new channel name every timeout.
+        let mut state = shard.lock();
+        if let Some(waiters) = state.waiters.get_mut(channel) {
+            waiters.retain(|w| !w.is_closed());
+            if waiters.is_empty() {
+                state.waiters.remove(channel);
+            }
+        }
+        result
+    }
+
+    /// Marks `channel` for re-checking: if it has no local subscribers left, the
+    /// subscriber task UNSUBSCRIBEs it.
+    pub fn release(&self, channel: &str) {
+        // The flag is read under the state lock, where (dis)connecting changes it.
+        let shard = self.inner.shard(channel);
+        let mut state = shard.lock();
+        state.mark_dirty(shard.is_connected(), channel);
+        drop(state);
+        shard.wake.notify_one();
+    }
+
+    /// `Ok` when every shard is usable (connected, its delivery probe coming back);
+    /// otherwise why not, shard by shard.
+    pub fn readiness(&self) -> Result<(), String> {
+        let problems: Vec<String> = self
+            .inner
+            .shards
+            .iter()
+            .filter_map(|s| s.status().err())
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+impl Inner {
+    /// The shard `channel` lives on.
+    fn shard(&self, channel: &str) -> &Arc<Shard> {
+        &self.shards[ring::shard_of(channel, self.shards.len())]
+    }
+
+    /// The shard of the cluster-wide keys (node announcements): the first one.
+    fn home(&self) -> &Arc<Shard> {
+        &self.shards[0]
+    }
+
+    fn key(&self, channel: &str) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + channel.len());
+        key.push_str(&self.prefix);
+        key.push_str(channel);
+        key
+    }
+
+    /// `<prefix>{<channel>}:<suffix>`: the hash tag keeps a channel's keys together.
+    fn history_key(&self, channel: &str, suffix: &str) -> String {
+        format!("{}{{{channel}}}:{suffix}", self.prefix)
+    }
+
+    /// A channel's presence keys (same shape as its history keys).
+    fn presence_key(&self, channel: &str, suffix: &str) -> String {
+        self.history_key(channel, suffix)
+    }
+
+    /// Adds to `pipe` what registers (or refreshes) `entries` of `channel`: each in
+    /// the hash with its expiry in the sorted set, and both keys kept alive for two
+    /// TTLs (so a channel whose nodes all died leaves nothing behind).
+    fn add_presence_commands(
+        &self,
+        pipe: &mut redis::Pipeline,
+        channel: &str,
+        entries: &[super::presence::Entry],
+    ) {
+        let ttl = self.config.presence.presence_ttl;
+        let expires = envelope::now_us() / 1000 + millis(ttl);
+        let (hash, zset) = (
+            self.presence_key(channel, "presence"),
+            self.presence_key(channel, "presence-exp"),
+        );
+        for entry in entries {
+            pipe.cmd("HSET")
+                .arg(&hash)
+                .arg(&entry.member)
+                .arg(&entry.json[..])
+                .ignore()
+                .cmd("ZADD")
+                .arg(&zset)
+                .arg(expires)
+                .arg(&entry.member)
+                .ignore();
+        }
+        for key in [&hash, &zset] {
+            pipe.cmd("PEXPIRE").arg(key).arg(2 * millis(ttl)).ignore();
+        }
+    }
+
+    /// Runs [`HISTORY_SCRIPT`] on `conn` and decodes what it read.
+    async fn read_history(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+        channel: &str,
+        request: &HistoryRequest,
+    ) -> redis::RedisResult<History> {
+        let (since_epoch, since_offset) = match &request.since {
+            Some((epoch, offset)) => (epoch.as_str().to_owned(), *offset),
+            None => (String::new(), 0),
+        };
+        let mut script = HISTORY_SCRIPT.prepare_invoke();
+        script
+            .key(self.history_key(channel, "stream"))
+            .key(self.history_key(channel, "meta"))
+            .arg(Epoch::random().as_str())
+            .arg(millis(self.config.history.history_meta_ttl))
+            .arg(since_epoch)
+            .arg(since_offset)
+            .arg(request.limit)
+            .arg(if request.all_or_nothing { "1" } else { "0" });
+        let (epoch, top, entries): (String, u64, Vec<Vec<u8>>) = script.invoke_async(conn).await?;
+        let malformed = |what: String| -> redis::RedisError {
+            (redis::ErrorKind::Parse, "malformed history in Redis", what).into()
+        };
+        let epoch = Epoch::parse(&epoch).ok_or_else(|| malformed(format!("epoch {epoch:?}")))?;
+        let mut publications = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match envelope::decode(Bytes::from(entry)) {
+                Ok(publication) => publications.push(publication),
+                Err(e) => {
+                    // Not fatal: the rest of the history is still good; the tracker
+                    // or the client sees the missing offset.
+                    self.local.metrics.broker_dropped("malformed");
+                    tracing::warn!(channel, error = %e, "dropping a malformed history entry");
+                }
+            }
+        }
+        Ok(History {
+            top: Position { epoch, offset: top },
+            publications,
+        })
+    }
+
+    /// Starts a task that reads a repair's range and hands it to the tracker, until
+    /// the channel is whole again (or no longer wanted).
+    fn spawn_repair(self: &Arc<Self>, repair: Repair) {
+        tokio::spawn(repair_task(self.clone(), repair));
+    }
+}
+
+/// Reads a repair's range from the stream (retrying while Redis cannot answer) and
+/// hands it to the tracker, until the channel is whole again or no longer tracked.
+async fn repair_task(inner: Arc<Inner>, mut repair: Repair) {
+    let mut backoff = Backoff::default();
+    loop {
+        if !inner.tracker.still_wanted(&repair) {
+            return;
+        }
+        let request = HistoryRequest {
+            since: Some((repair.epoch.clone(), repair.after)),
+            limit: (repair.upto - repair.after) as usize,
+            all_or_nothing: false,
+        };
+        let read = inner
+            .shard(&repair.channel)
+            .idempotent(|mut conn| {
+                let (inner, request, channel) = (&inner, &request, &repair.channel);
+                async move { inner.read_history(&mut conn, channel, request).await }
+            })
+            .await;
+        match read {
+            Ok(history) => {
+                tracing::info!(
+                    channel = %repair.channel,
+                    from = repair.after + 1,
+                    to = repair.upto,
+                    read = history.publications.len(),
+                    "repairing a gap in pub/sub delivery from history"
+                );
+                match inner
+                    .tracker
+                    .on_repaired(&repair, history.top, history.publications)
+                {
+                    Some(next) => {
+                        repair = next;
+                        backoff.reset();
+                    }
+                    None => return,
+                }
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(channel = %repair.channel, %error, retry_in = ?delay, "history repair read failed");
+                tokio::select! {
+                    _ = inner.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// One round of the position check, every `--position-check-interval`: compares the last offset delivered on each
+/// quiet history channel with its meta key in Redis (one pipelined round trip per
+/// batch), so a subscriber connection that silently stopped delivering is noticed
+/// and the tracker repairs what it missed.
+async fn check_positions(inner: Arc<Inner>) {
+    let mut quiet_by_shard: HashMap<usize, Vec<(String, Epoch, u64)>> = HashMap::new();
+    for quiet in inner.tracker.quiet_channels() {
+        let shard = inner.shard(&quiet.0);
+        // A disconnected shard re-reads every position when it reconnects.
+        if shard.is_connected() {
+            quiet_by_shard.entry(shard.index).or_default().push(quiet);
+        }
+    }
+    for (index, quiet) in quiet_by_shard {
+        let shard = &inner.shards[index];
+        for batch in quiet.chunks(CHECK_BATCH) {
+            let mut pipe = redis::pipe();
+            for (channel, _, _) in batch {
+                pipe.cmd("HMGET")
+                    .arg(inner.history_key(channel, "meta"))
+                    .arg("e")
+                    .arg("s");
+            }
+            let pipe = &pipe;
+            let read = shard
+                .idempotent(|mut conn| async move {
+                    pipe.query_async::<Vec<(Option<String>, Option<u64>)>>(&mut conn)
+                        .await
+                })
+                .await;
+            let positions = match read {
+                Ok(positions) => positions,
+                Err(e) => {
+                    tracing::warn!(shard = %shard.label, error = %e, "position check failed");
+                    break;
+                }
+            };
+            for ((channel, _, last), position) in batch.iter().zip(positions) {
+                // A missing meta key: the history was lost; the next publication
+                // starts a new epoch, which the tracker reports as a gap.
+                let (Some(epoch), Some(top)) = position else {
+                    continue;
+                };
+                let Some(epoch) = Epoch::parse(&epoch) else {
+                    continue;
+                };
+                if top > *last {
+                    tracing::warn!(
+                        channel,
+                        last,
+                        top,
+                        "a quiet channel is behind its history: pub/sub delivery missed messages"
+                    );
+                }
+                if let Some(repair) = inner
+                    .tracker
+                    .on_position(channel, Position { epoch, offset: top })
+                {
+                    inner.spawn_repair(repair);
+                }
+            }
+        }
+    }
+}
+
+/// One presence refresh, every third of `--presence-ttl`: writes this node's presence entries to Redis
+/// again with a new expiry, in pipelined batches: entries of a node that stops
+/// refreshing (it died) expire, and entries Redis lost (a restart without data) are
+/// back within one interval.
+async fn refresh_presence(inner: Arc<Inner>) {
+    // One pipeline (and count of entries in it) per shard.
+    let mut pipes: Vec<(redis::Pipeline, usize)> =
+        inner.shards.iter().map(|_| (redis::pipe(), 0)).collect();
+    for (channel, entries) in inner.presence.snapshot() {
+        let shard = inner.shard(&channel);
+        let (pipe, batched) = &mut pipes[shard.index];
+        // The entries of dead nodes go even in channels nobody reads. Sent as
+        // EVAL (the script is short), since a pipeline cannot reload a script
+        // Redis forgot.
+        pipe.cmd("EVAL")
+            .arg(PRUNE_LUA)
+            .arg(2)
+            .arg(inner.presence_key(&channel, "presence"))
+            .arg(inner.presence_key(&channel, "presence-exp"))
+            .arg(envelope::now_us() / 1000)
+            .ignore();
+        for chunk in entries.chunks(REFRESH_BATCH) {
+            inner.add_presence_commands(pipe, &channel, chunk);
+            *batched += chunk.len();
+            if *batched >= REFRESH_BATCH {
+                if let Err(e) = shard.run(pipe).await {
+                    tracing::warn!(shard = %shard.label, error = %e, "presence refresh failed");
+                }
+                (*pipe, *batched) = (redis::pipe(), 0);
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    for (shard, (pipe, batched)) in inner.shards.iter().zip(pipes) {
+        if batched > 0
+            && let Err(e) = shard.run(&pipe).await
+        {
+            tracing::warn!(shard = %shard.label, error = %e, "presence refresh failed");
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().clamp(1, u64::MAX as u128) as u64
+}
+
+/// Exponential backoff with jitter, so a fleet of nodes does not reconnect in step.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let exp = BACKOFF_MIN.saturating_mul(1 << self.attempt.min(16));
+        self.attempt = self.attempt.saturating_add(1);
+        let capped = exp.min(BACKOFF_MAX);
+        // Between half and all of the capped delay.
+        capped.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    #[tokio::test]
+    async fn subscribing_during_an_outage_leaves_nothing_behind() {
+        // Nothing listens here: every subscribe times out.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let local = Local {
+            registry: Registry::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            tracing: crate::telemetry::Tracing::disabled(),
+        };
+        let shutdown = CancellationToken::new();
+        let url = format!("redis://127.0.0.1:{port}");
+        let config = crate::Config::load_from([
+            "wsrelay",
+            "--redis-url",
+            url.as_str(),
+            "--broker-timeout",
+            "20ms",
+        ])
+        .unwrap();
+        let broker = RedisBroker::start(
+            std::slice::from_ref(&url),
+            Arc::new(config),
+            local,
+            shutdown.clone(),
+        )
+        .unwrap();
+        for i in 0..20 {
+            let channel = format!("fresh-{i}");
+            assert!(broker.subscribe(&channel).await.is_err());
+            broker.release(&channel);
+        }
+        let state = broker.inner.shards[0].lock();
+        assert!(
+            state.waiters.is_empty(),
+            "{} channels of abandoned waiters",
+            state.waiters.len()
+        );
+        assert!(
+            state.dirty.is_empty(),
+            "{} dirty channels",
+            state.dirty.len()
+        );
+        drop(state);
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN);
+        let later: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(later.iter().all(|d| *d <= BACKOFF_MAX));
+        assert!(later.last().unwrap() >= &(BACKOFF_MAX / 2));
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_MIN);
+    }
+}

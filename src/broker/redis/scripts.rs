@@ -1,0 +1,111 @@
+//! The Lua scripts of the Redis broker. Each touches only the keys of one channel
+//! (its hash tag), so each runs on the one shard, or Redis Cluster slot, that owns
+//! the channel.
+
+use std::sync::LazyLock;
+
+/// Drops the presence entries whose node stopped refreshing them (their expiry in the
+/// sorted set has passed). KEYS: entries hash, expiry sorted set. ARGV: now (ms).
+pub(super) const PRUNE_LUA: &str = r#"
+local now = tonumber(ARGV[1])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for i = 1, #expired do redis.call('HDEL', KEYS[1], expired[i]) end
+if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now) end
+"#;
+
+/// Reads a channel's presence: prunes it ([`PRUNE_LUA`]), then returns how many
+/// entries there are and up to `max` of them (all with `max` 0).
+///
+/// KEYS: entries hash, expiry sorted set. ARGV: now (ms), max. Returns `{total, {entry..}}`.
+pub(super) static PRESENCE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{PRUNE_LUA}{}",
+        r#"
+local total = redis.call('HLEN', KEYS[1])
+local max = tonumber(ARGV[2])
+local out = {}
+if max == 0 or total <= max then
+  out = redis.call('HVALS', KEYS[1])
+else
+  local cursor = '0'
+  repeat
+    local page = redis.call('HSCAN', KEYS[1], cursor, 'COUNT', 100)
+    cursor = page[1]
+    local kv = page[2]
+    for i = 2, #kv, 2 do
+      if #out < max then out[#out + 1] = kv[i] end
+    end
+  until cursor == '0' or #out >= max
+end
+return {total, out}
+"#
+    ))
+});
+
+/// Stores a publication in its channel's history under the next offset and
+/// publishes it, atomically. A channel without a meta key (new, expired or lost)
+/// starts a new epoch, and its stale stream, if any, is dropped with it.
+///
+/// KEYS: stream, meta. ARGV: pub/sub channel, envelope head, data, history size,
+/// history TTL (ms), meta TTL (ms), epoch for a new history.
+/// Returns `{offset, epoch}`.
+pub(super) static PUBLISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[7]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 's', 1)
+local pos = string.format('%d', offset) .. ':' .. epoch
+local payload = ARGV[2] .. string.char(#pos) .. pos .. ARGV[3]
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], string.format('%d-0', offset), 'p', payload)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('PUBLISH', ARGV[1], payload)
+return {offset, epoch}
+"#,
+    )
+});
+
+/// Reads a channel's position and, optionally, stored envelopes: the latest `limit`
+/// (since epoch empty), or up to `limit` after the since offset when the since epoch
+/// is current (none when all-or-nothing and more than `limit` follow it). A channel
+/// without a meta key gets one (a new epoch at offset 0), so the position a subscriber
+/// is given stays valid. It gets the full meta TTL, not a shorter one: a subscriber
+/// waiting on a quiet channel would otherwise see the epoch change under it at the
+/// first publish, as if history had been lost.
+///
+/// KEYS: stream, meta. ARGV: epoch for a new history, meta TTL (ms), since epoch,
+/// since offset, limit, all-or-nothing (`1`/`0`). Returns `{epoch, top, {envelope..}}`.
+pub(super) static HISTORY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+local top = tonumber(redis.call('HGET', KEYS[2], 's'))
+local limit = tonumber(ARGV[5])
+local entries = {}
+if limit > 0 then
+  if ARGV[3] == '' then
+    local rev = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
+    for i = #rev, 1, -1 do entries[#entries + 1] = rev[i][2][2] end
+  elseif ARGV[3] == epoch then
+    local since = tonumber(ARGV[4])
+    if not (ARGV[6] == '1' and top - since > limit) then
+      local range = redis.call('XRANGE', KEYS[1], string.format('%d-0', since + 1), '+', 'COUNT', limit)
+      for i = 1, #range do entries[#entries + 1] = range[i][2][2] end
+    end
+  end
+end
+return {epoch, top, entries}
+"#,
+    )
+});

@@ -1,0 +1,274 @@
+//! One Redis shard as a node sees it: the publishing connection to its current
+//! master, the state of its subscriber connection (which channels are live, which
+//! must change, who waits), whether it is usable, and its delivery probe.
+//!
+//! Owned by the broker ([`super::Inner::shards`]); the shard's subscriber task
+//! ([`super::subscriber`]) is the only writer of the connection state, sessions
+//! only mark channels dirty and wait.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::{Notify, oneshot};
+
+use super::endpoint::Endpoint;
+use crate::broker::BrokerError;
+
+/// One shard: see the module documentation.
+pub(super) struct Shard {
+    /// Position in `--redis-url` (what the channel hash picks).
+    pub index: usize,
+    /// `host:port` or `sentinel/<master>`, for logs, metrics and `/readyz`.
+    pub label: String,
+    pub endpoint: Endpoint,
+    timeout: Duration,
+    /// The master's address and a self-reconnecting connection to it. Replaced
+    /// when a Sentinel-managed shard moves to a new master; `None` until a
+    /// Sentinel-managed shard's master is first known.
+    publisher: RwLock<Option<(String, ConnectionManager)>>,
+    /// Why a std mutex: critical sections are a few set operations, never held
+    /// across an `.await`; shared by sessions and the subscriber task.
+    state: Mutex<SubState>,
+    /// Wakes the subscriber task when `state.dirty` gained a channel.
+    pub wake: Notify,
+    /// Makes the subscriber task drop its connection and find the master again
+    /// (a `+switch-master` event, a `READONLY` reply).
+    pub kick: Arc<Notify>,
+    connected: AtomicBool,
+    /// Why the shard is not usable although connected (a probe that did not come
+    /// back), or why the last connection ended. Cleared by a returning probe.
+    problem: Mutex<Option<String>>,
+    /// The node-private pub/sub channel of the delivery probe on this shard.
+    pub probe_channel: String,
+    /// The probe in flight: its nonce and when it was sent.
+    probe: Mutex<Option<(u64, Instant)>>,
+}
+
+/// The subscriber connection's channels.
+#[derive(Default)]
+pub(super) struct SubState {
+    /// Channels SUBSCRIBEd (confirmed) on the current subscriber connection.
+    pub live: HashSet<String>,
+    /// Channels whose local interest may differ from `live`.
+    pub dirty: HashSet<String>,
+    /// Sessions waiting for a channel to become live. Bounded by the number of
+    /// sessions: each waits for at most one subscription at a time, and abandoned
+    /// waiters are pruned whenever a new one is added.
+    pub waiters: HashMap<String, Vec<oneshot::Sender<()>>>,
+}
+
+impl SubState {
+    /// Marks a channel for the subscriber task. Not while disconnected: the next
+    /// connection starts from the registry and the waiters (`on_connected`), so a
+    /// set fed during an outage would only grow with what clients ask for.
+    pub(super) fn mark_dirty(&mut self, connected: bool, channel: &str) {
+        if connected {
+            self.dirty.insert(channel.to_owned());
+        }
+    }
+
+    /// Tells the sessions waiting for `channel` that it is live.
+    pub(super) fn wake_waiters(&mut self, channel: &str) {
+        for waiter in self.waiters.remove(channel).into_iter().flatten() {
+            // A waiter that gave up (timed out) is simply gone.
+            let _ = waiter.send(());
+        }
+    }
+}
+
+/// What the health tick should do about the probe.
+pub(super) enum ProbeStep {
+    /// Publish this nonce on the probe channel.
+    Send(u64),
+    /// One is in flight and not late yet.
+    Wait,
+    /// The one in flight is later than the broker timeout.
+    Overdue,
+}
+
+impl Shard {
+    pub(super) fn new(
+        index: usize,
+        endpoint: Endpoint,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Shard, BrokerError> {
+        let publisher = match &endpoint {
+            Endpoint::Direct(client) => Some((
+                client.get_connection_info().addr().to_string(),
+                publisher(client, timeout)?,
+            )),
+            Endpoint::Sentinel(_) => None,
+        };
+        Ok(Shard {
+            index,
+            label: endpoint.label(),
+            endpoint,
+            timeout,
+            publisher: RwLock::new(publisher),
+            state: Mutex::new(SubState::default()),
+            wake: Notify::new(),
+            kick: Arc::new(Notify::new()),
+            connected: AtomicBool::new(false),
+            problem: Mutex::new(None),
+            probe_channel: format!("{prefix}probe:{:016x}", rand::random::<u64>()),
+            probe: Mutex::new(None),
+        })
+    }
+
+    /// The publishing connection to the shard's master.
+    pub(super) fn publisher(&self) -> Result<ConnectionManager, BrokerError> {
+        match &*self.publisher.read().unwrap_or_else(|e| e.into_inner()) {
+            Some((_, conn)) => Ok(conn.clone()),
+            None => Err(BrokerError::Unavailable(format!(
+                "Redis shard {}: no master known yet",
+                self.label
+            ))),
+        }
+    }
+
+    /// Points the publishing connection at the master at `address` (a no-op when it
+    /// is already there). Returns whether it moved from another master.
+    pub(super) fn use_master(
+        &self,
+        address: &str,
+        client: &redis::Client,
+    ) -> Result<bool, BrokerError> {
+        let mut publisher = self.publisher.write().unwrap_or_else(|e| e.into_inner());
+        let moved = match &*publisher {
+            Some((current, _)) if current == address => return Ok(false),
+            Some(_) => true,
+            None => false,
+        };
+        *publisher = Some((address.to_owned(), self::publisher(client, self.timeout)?));
+        Ok(moved)
+    }
+
+    /// Runs an idempotent operation on the publishing connection within the broker
+    /// timeout, twice if the first attempt found the connection dropped: the first
+    /// command after Redis restarted finds the old connection broken, and the
+    /// connection manager has reconnected by the second. Only for operations that
+    /// may run twice (reads, presence writes), never for a publish.
+    pub(super) async fn idempotent<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.publisher()?;
+        let attempt = async {
+            match op(conn.clone()).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => op(conn).await,
+                result => result,
+            }
+        };
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.failed(e)),
+            Err(_) => Err(BrokerError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Runs an idempotent pipeline (see [`idempotent`](Self::idempotent)).
+    pub(super) async fn run(&self, pipe: &redis::Pipeline) -> Result<(), BrokerError> {
+        self.idempotent(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+            .await
+    }
+
+    /// Turns a failed command into a broker error. A `READONLY` reply means the
+    /// server is no longer the master: the subscriber task is kicked to find the
+    /// new one (and moves the publishing connection with it).
+    pub(super) fn failed(&self, error: redis::RedisError) -> BrokerError {
+        if error.code() == Some("READONLY") {
+            tracing::warn!(shard = %self.label, "Redis answered READONLY: the master was demoted; finding the new one");
+            self.kick.notify_one();
+        }
+        BrokerError::Unavailable(error.to_string())
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, SubState> {
+        // A panic while holding this lock cannot leave the sets inconsistent in a
+        // way that matters (they are re-derived on reconnect), so recover.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Called with the state lock held, so a session reading the flag under the
+    /// lock sees connection changes in order with `live`.
+    pub(super) fn set_connected(&self, _state: &MutexGuard<'_, SubState>, connected: bool) {
+        self.connected.store(connected, Ordering::Release);
+    }
+
+    /// `Ok` when the shard is usable: connected, and its last probe came back.
+    pub(super) fn status(&self) -> Result<(), String> {
+        let problem = self.problem.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*problem, self.is_connected()) {
+            (None, true) => Ok(()),
+            (Some(problem), _) => Err(format!("Redis shard {}: {problem}", self.label)),
+            (None, false) => Err(format!("Redis shard {}: not connected", self.label)),
+        }
+    }
+
+    pub(super) fn set_problem(&self, problem: impl Into<String>) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(problem.into());
+    }
+
+    /// The probe step for this health tick (a new one is only sent once the last
+    /// one came back or was declared lost).
+    pub(super) fn probe_step(&self) -> ProbeStep {
+        let mut probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+        match *probe {
+            Some((_, sent)) if sent.elapsed() > self.timeout => {
+                *probe = None;
+                ProbeStep::Overdue
+            }
+            Some(_) => ProbeStep::Wait,
+            None => {
+                let nonce = rand::random::<u64>();
+                *probe = Some((nonce, Instant::now()));
+                ProbeStep::Send(nonce)
+            }
+        }
+    }
+
+    /// Forgets the probe in flight (it could not be sent, or the connection it was
+    /// meant for is gone).
+    pub(super) fn probe_abandoned(&self) {
+        *self.probe.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A probe came back through the subscriber connection: delivery works.
+    /// Returns whether this cleared a problem.
+    pub(super) fn probe_returned(&self, payload: &[u8]) -> bool {
+        let mut probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
+        let expected = probe.map(|(nonce, _)| nonce.to_string());
+        if expected.as_deref().map(str::as_bytes) != Some(payload) {
+            return false;
+        }
+        *probe = None;
+        drop(probe);
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some()
+    }
+}
+
+/// A lazy self-reconnecting publishing connection: a node starts (not ready) while
+/// Redis is down. Few retries per failure: the caller's timeout bounds the wait,
+/// and the next publish retries.
+fn publisher(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, BrokerError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(super::BACKOFF_MAX);
+    ConnectionManager::new_lazy_with_config(client.clone(), config)
+        .map_err(|e| BrokerError::Unavailable(format!("invalid Redis URL: {e}")))
+}

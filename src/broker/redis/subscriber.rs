@@ -1,0 +1,432 @@
+//! The subscriber task of one shard: finds the shard's master, holds one RESP3
+//! connection to it, keeps its subscriptions equal to the local interest in the
+//! shard's channels, hands pushes to the tracker and the registry, and checks
+//! every second that delivery really works.
+//!
+//! - **Interest**: sessions mark channels dirty and wait for `live`; the task
+//!   reconciles, so a racing sub/unsub always converges, and after a reconnect every
+//!   channel is subscribed again.
+//! - **Health**: each tick sends `PING` (`ROLE` on a Sentinel-managed shard, so a
+//!   connection to a demoted master is dropped) and publishes a probe on a
+//!   node-private channel through the publishing connection. A probe that does not
+//!   come back through this connection within the broker timeout means pushes are
+//!   not flowing although the socket is up: the shard reports not ready and the
+//!   connection is replaced (the position reads after re-subscribing repair what
+//!   history channels missed).
+//! - **Pushes** are handled inside the connection's reader by [`Inner::on_push`],
+//!   which never waits: no intermediate queue that could grow, and Redis never sees a
+//!   slow reader (so `client-output-buffer-limit pubsub` cannot cut the node off
+//!   because one client is slow).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::shard::{ProbeStep, Shard};
+use super::{Backoff, HEALTH_INTERVAL, Inner, SUBSCRIBE_BATCH};
+use crate::broker::HistoryRequest;
+use crate::envelope;
+
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+/// Runs the shard's subscriber connection until shutdown, reconnecting (and finding
+/// the master again) with backoff.
+pub(super) async fn run(inner: Arc<Inner>, shard: Arc<Shard>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::default();
+    let mut ever_connected = false;
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            connected = connect(&inner, &shard) => connected,
+        };
+        let (mut conn, disconnected) = match connected {
+            Ok(connected) => connected,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(shard = %shard.label, %error, retry_in = ?delay, "Redis subscriber connection failed");
+                shard.set_problem(error);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    // A failover event is worth an early retry.
+                    _ = shard.kick.notified() => continue,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        backoff.reset();
+        inner.on_connected(&shard);
+        if ever_connected {
+            inner.local.metrics.broker_reconnects.inc();
+            tracing::info!(shard = %shard.label, "Redis subscriber reconnected; subscriptions restored");
+        } else {
+            tracing::info!(shard = %shard.label, "Redis subscriber connected");
+        }
+        ever_connected = true;
+        let ended = inner
+            .serve(&shard, &mut conn, &disconnected, &shutdown)
+            .await;
+        inner.on_disconnected(&shard);
+        match ended {
+            Ended::Shutdown => return,
+            Ended::Lost(error) => {
+                tracing::warn!(shard = %shard.label, %error, "Redis subscriber connection lost; reconnecting");
+                shard.set_problem(error);
+            }
+        }
+    }
+}
+
+/// Finds the shard's master, moves the publishing connection there if it changed,
+/// and opens a subscriber connection to it (RESP3, so pushes are handled by a
+/// callback in the connection's reader: RESP2 pub/sub goes through an unbounded
+/// queue inside redis-rs) with the probe channel subscribed.
+async fn connect(
+    inner: &Arc<Inner>,
+    shard: &Arc<Shard>,
+) -> Result<(MultiplexedConnection, Arc<Notify>), String> {
+    let timeout = inner.timeout;
+    let (address, client) = shard.endpoint.resolve(timeout).await?;
+    if shard
+        .use_master(&address, &client)
+        .map_err(|e| e.to_string())?
+    {
+        inner.local.metrics.broker_master_changed(&shard.label);
+        tracing::warn!(shard = %shard.label, master = %address, "moved to the new master");
+    }
+    let info = client.get_connection_info().clone();
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let client =
+        redis::Client::open(info.set_redis_settings(settings)).map_err(|e| e.to_string())?;
+
+    let disconnected = Arc::new(Notify::new());
+    let on_push = {
+        let (inner, shard, disconnected) = (inner.clone(), shard.clone(), disconnected.clone());
+        move |info: PushInfo| -> Result<(), Infallible> {
+            inner.on_push(&shard, info, &disconnected);
+            Ok(())
+        }
+    };
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_push_sender(on_push);
+    let setup = async {
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|e| {
+                // Say so when Redis itself refused RESP3 (HELLO 3), not when it
+                // could not be reached.
+                let error = e.to_string();
+                let lower = error.to_lowercase();
+                if lower.contains("hello")
+                    || lower.contains("noproto")
+                    || lower.contains("unknown command")
+                {
+                    format!("{error} (Redis 6 or newer is required: RESP3)")
+                } else {
+                    error
+                }
+            })?;
+        if shard.endpoint.is_sentinel() {
+            check_role(&mut conn).await?;
+        }
+        conn.subscribe(&shard.probe_channel)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((conn, disconnected))
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(connected) => connected,
+        Err(_) => Err(format!("no connection within {timeout:?}")),
+    }
+}
+
+/// `Ok` when the server is a master: the sentinels may name a master that is
+/// still being demoted or promoted.
+async fn check_role(conn: &mut MultiplexedConnection) -> Result<(), String> {
+    let role: Vec<Value> = redis::cmd("ROLE")
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    match role.first() {
+        Some(Value::BulkString(role)) if role == b"master" => Ok(()),
+        Some(Value::BulkString(role)) => Err(format!(
+            "the server is a {}, not the master",
+            String::from_utf8_lossy(role)
+        )),
+        _ => Err("unexpected ROLE reply".into()),
+    }
+}
+
+impl Inner {
+    /// After (re)connecting: nothing is live on the new connection; every channel
+    /// of this shard with local subscribers or waiters must be subscribed again.
+    fn on_connected(&self, shard: &Shard) {
+        let mut state = shard.lock();
+        state.live.clear();
+        let pending: Vec<String> = state.waiters.keys().cloned().collect();
+        state.dirty.extend(pending);
+        let count = self.shards.len();
+        state.dirty.extend(
+            self.local
+                .registry
+                .channel_names()
+                .into_iter()
+                .filter(|c| super::ring::shard_of(c, count) == shard.index),
+        );
+        // Channels that lost their subscribers during the outage need no repair.
+        self.tracker
+            .retain(|channel| self.local.registry.has_subscribers(channel));
+        shard.set_connected(&state, true);
+        drop(state);
+        self.update_up(shard);
+    }
+
+    fn on_disconnected(&self, shard: &Shard) {
+        let mut state = shard.lock();
+        shard.set_connected(&state, false);
+        shard.probe_abandoned();
+        state.live.clear();
+        state.dirty.clear();
+        drop(state);
+        self.update_up(shard);
+    }
+
+    /// Brings the connection's subscriptions in line with the registry for the
+    /// channels marked dirty.
+    async fn reconcile(
+        self: &Arc<Self>,
+        shard: &Shard,
+        conn: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<()> {
+        let (to_subscribe, to_unsubscribe) = {
+            let mut state = shard.lock();
+            let dirty = std::mem::take(&mut state.dirty);
+            let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+            for channel in dirty {
+                // Checked under the state lock: a session adds itself to the registry
+                // before it looks at `live`, so it either sees the channel removed from
+                // `live` here (and waits for the re-subscribe) or is seen as interest.
+                let wanted = self.local.registry.has_subscribers(&channel);
+                let live = state.live.contains(&channel);
+                if wanted && !live {
+                    subscribe.push(channel);
+                } else if !wanted && live {
+                    state.live.remove(&channel);
+                    unsubscribe.push(channel);
+                } else if !wanted {
+                    // Waiters whose sessions left before the subscribe happened.
+                    state.waiters.remove(&channel);
+                } else {
+                    state.wake_waiters(&channel);
+                }
+            }
+            (subscribe, unsubscribe)
+        };
+
+        for batch in to_subscribe.chunks(SUBSCRIBE_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
+            conn.subscribe(&keys).await?;
+            self.read_positions(conn, batch).await?;
+            let mut state = shard.lock();
+            for channel in batch {
+                state.live.insert(channel.clone());
+                state.wake_waiters(channel);
+            }
+        }
+        for batch in to_unsubscribe.chunks(SUBSCRIBE_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
+            conn.unsubscribe(&keys).await?;
+            for channel in batch {
+                self.tracker.forget(channel);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the positions of history channels just subscribed on `conn` (the
+    /// subscriber connection, so they are ordered with its pushes) and hands them to
+    /// the tracker.
+    async fn read_positions(
+        self: &Arc<Self>,
+        conn: &MultiplexedConnection,
+        channels: &[String],
+    ) -> redis::RedisResult<()> {
+        let reads = channels
+            .iter()
+            .filter(|c| self.config.channel_options(c).has_history())
+            .map(|channel| {
+                let mut conn = conn.clone();
+                async move {
+                    let history = self
+                        .read_history(&mut conn, channel, &HistoryRequest::position())
+                        .await?;
+                    Ok::<_, redis::RedisError>((channel, history.top))
+                }
+            });
+        for read in futures_util::future::join_all(reads).await {
+            let (channel, top) = read?;
+            if let Some(repair) = self.tracker.on_position(channel, top) {
+                self.spawn_repair(repair);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves one subscriber connection until it fails, is kicked, or the node
+    /// shuts down.
+    async fn serve(
+        self: &Arc<Self>,
+        shard: &Shard,
+        conn: &mut MultiplexedConnection,
+        disconnected: &Notify,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let mut health = tokio::time::interval(HEALTH_INTERVAL);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Err(e) = self.reconcile(shard, conn).await {
+                return Ended::Lost(e.to_string());
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                _ = disconnected.notified() => return Ended::Lost("connection closed".into()),
+                _ = shard.kick.notified() => return Ended::Lost("the master changed".into()),
+                _ = shard.wake.notified() => {}
+                _ = health.tick() => {
+                    if let Err(e) = self.health_check(shard, conn).await {
+                        return Ended::Lost(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One health tick: the connection answers (and is still on the master), and
+    /// the last delivery probe came back in time.
+    async fn health_check(
+        &self,
+        shard: &Shard,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), String> {
+        let timeout = self.timeout;
+        let answered = if shard.endpoint.is_sentinel() {
+            tokio::time::timeout(timeout, check_role(conn)).await
+        } else {
+            let ping = redis::cmd("PING");
+            tokio::time::timeout(timeout, async {
+                ping.query_async::<()>(conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        };
+        match answered {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(format!("no answer to a health check within {timeout:?}")),
+        }
+        match shard.probe_step() {
+            ProbeStep::Wait => Ok(()),
+            ProbeStep::Overdue => {
+                self.local.metrics.broker_probe_failed(&shard.label);
+                let problem = format!("delivery probe not received within {timeout:?}");
+                shard.set_problem(problem.clone());
+                self.update_up(shard);
+                Err(problem)
+            }
+            ProbeStep::Send(nonce) => {
+                // Through the publishing connection, as publications travel. A
+                // failure here is the publisher's (it reconnects by itself); the
+                // probe is sent again next tick.
+                let sent = shard
+                    .idempotent(|mut publisher| {
+                        let channel = shard.probe_channel.clone();
+                        async move {
+                            redis::cmd("PUBLISH")
+                                .arg(channel)
+                                .arg(nonce.to_string())
+                                .query_async::<i64>(&mut publisher)
+                                .await
+                        }
+                    })
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!(shard = %shard.label, error = %e, "delivery probe not sent");
+                    shard.probe_abandoned();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Handles one push from a subscriber connection. Runs inside the connection's
+    /// reader: must not block.
+    fn on_push(self: &Arc<Self>, shard: &Shard, info: PushInfo, disconnected: &Notify) {
+        match info.kind {
+            PushKind::Message => {
+                let mut data = info.data;
+                let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) =
+                    (data.pop(), data.pop())
+                else {
+                    self.local.metrics.broker_dropped("malformed");
+                    tracing::warn!("dropping malformed pub/sub push from Redis");
+                    return;
+                };
+                if key == shard.probe_channel.as_bytes() {
+                    if shard.probe_returned(&payload) {
+                        tracing::info!(shard = %shard.label, "delivery probe received again");
+                        self.update_up(shard);
+                    }
+                    return;
+                }
+                let Some(channel) = std::str::from_utf8(&key)
+                    .ok()
+                    .and_then(|k| k.strip_prefix(self.prefix.as_str()))
+                else {
+                    return;
+                };
+                match envelope::decode(Bytes::from(payload)) {
+                    Ok(publication) => {
+                        let published_at_us = publication.published_at_us;
+                        if let Some(repair) = self.tracker.on_live(channel, publication) {
+                            self.spawn_repair(repair);
+                        }
+                        let latency_us = envelope::now_us().saturating_sub(published_at_us);
+                        self.local
+                            .metrics
+                            .fanout_latency
+                            .observe(latency_us as f64 / 1e6);
+                    }
+                    Err(e) => {
+                        self.local.metrics.broker_dropped("malformed");
+                        tracing::warn!(channel, error = %e, "dropping malformed envelope");
+                    }
+                }
+            }
+            PushKind::Disconnection => disconnected.notify_one(),
+            _ => {}
+        }
+    }
+
+    /// Updates the shard's `broker_shard_up` and the node's `broker_up` gauges.
+    fn update_up(&self, shard: &Shard) {
+        let metrics = &self.local.metrics;
+        metrics.broker_shard_up(&shard.label, shard.status().is_ok());
+        let all = self.shards.iter().all(|s| s.status().is_ok());
+        metrics.broker_up.set(i64::from(all));
+    }
+}
