@@ -82,6 +82,10 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            // A directory of its own: a master writes an RDB file there to sync a
+            // replica, which a later server must never load.
+            .arg("--dir")
+            .arg(self.dir())
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -109,6 +113,17 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's working directory (created if missing), removed on drop.
+    fn dir(&self) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "wsrelay-redis-{}-{}",
+            std::process::id(),
+            self.port
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     pub async fn connection(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
@@ -186,6 +201,7 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
 
@@ -1029,5 +1045,81 @@ fn resp_frame_len(buf: &[u8]) -> Option<usize> {
             Some(at)
         }
         _ => panic!("unexpected RESP type byte {:?}", buf[0] as char),
+    }
+}
+
+/// A `redis-sentinel` process watching the master `mymaster`, with its own
+/// (writable) configuration file; killed on drop. Quick to decide: a master is down
+/// after 1 s without answers.
+pub struct SentinelServer {
+    pub port: u16,
+    child: Child,
+    dir: std::path::PathBuf,
+}
+
+impl SentinelServer {
+    pub async fn start(master_port: u16, quorum: u32) -> SentinelServer {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("wsrelay-sentinel-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {master_port} {quorum}\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 4000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-sentinel not found: run the README test command, which installs it");
+        let sentinel = SentinelServer { port, child, dir };
+        let deadline = Instant::now() + WAIT;
+        while sentinel.query::<String>(&["PING"]).await.is_err() {
+            assert!(Instant::now() < deadline, "redis-sentinel did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sentinel
+    }
+
+    /// Sends one command to this sentinel.
+    pub async fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?;
+        let mut conn = timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timeout")))??;
+        redis::cmd(args[0])
+            .arg(&args[1..])
+            .query_async(&mut conn)
+            .await
+    }
+
+    /// The port of the master this sentinel names now.
+    pub async fn master_port(&self) -> Option<u16> {
+        let addr: Option<(String, u16)> = self
+            .query(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"])
+            .await
+            .ok()?;
+        addr.map(|(_, port)| port)
+    }
+}
+
+impl Drop for SentinelServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
