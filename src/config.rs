@@ -99,9 +99,17 @@ pub struct BrokerConfig {
     /// Sentinel group `redis+sentinel://[:password@]host:26379,host2:26379/<master>[/db]`).
     /// Repeated (or a comma-separated list), several Redis instances are shards: each
     /// channel lives on one of them, chosen by a jump consistent hash of its name.
-    /// Unset: the in-process memory broker serves a single node.
+    /// Unset, and without `--redis-cluster`: the in-process memory broker serves a
+    /// single node.
     #[arg(long, env = "WSRELAY_REDIS_URL", action = clap::ArgAction::Append)]
     pub redis_url: Vec<String>,
+
+    /// Redis Cluster (7 or newer): one or more seed URLs (`redis://host:port`,
+    /// repeated or comma-separated). Channels use sharded pub/sub
+    /// (`SPUBLISH`/`SSUBSCRIBE`) on the cluster node that owns their slot. Not with
+    /// `--redis-url`.
+    #[arg(long, env = "WSRELAY_REDIS_CLUSTER", action = clap::ArgAction::Append, conflicts_with = "redis_url")]
+    pub redis_cluster: Vec<String>,
 
     /// Prefix of every Redis key and pub/sub channel name, so several relays (or other
     /// applications) can share one Redis.
@@ -127,6 +135,11 @@ impl BrokerConfig {
     /// Sentinel URL (`redis+sentinel://a:26379,b:26379/mymaster`) stays whole.
     pub fn redis_urls(&self) -> Vec<String> {
         split_urls(&self.redis_url)
+    }
+
+    /// The seed URLs of `--redis-cluster`.
+    pub fn redis_cluster_urls(&self) -> Vec<String> {
+        split_urls(&self.redis_cluster)
     }
 }
 
@@ -571,6 +584,17 @@ impl Config {
                 ));
             }
         }
+        for url in self.broker.redis_cluster_urls() {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError::new(
+                    "redis-cluster",
+                    format!(
+                        "{url:?}: seeds must be redis:// or rediss:// URLs of cluster nodes (a cluster fails over by itself, without Sentinel)"
+                    ),
+                ));
+            }
+            validate_redis_url("redis-cluster", &url)?;
+        }
         validate_history("history-size", "history-ttl", self.options_with(None))?;
         for (name, section) in &self.namespaces {
             validate_history(
@@ -832,6 +856,17 @@ mod tests {
         assert!(e.contains("--redis-url") && e.contains("redis://"), "{e}");
         let e = parse(&["--redis-url", "redis://a:1,redis://a:1"]).unwrap_err();
         assert!(e.contains("--redis-url") && e.contains("twice"), "{e}");
+        let e = parse(&["--redis-cluster", "redis+sentinel://s:26379/m"]).unwrap_err();
+        assert!(e.contains("--redis-cluster"), "{e}");
+        assert!(
+            parse(&[
+                "--redis-cluster",
+                "redis://a:1",
+                "--redis-url",
+                "redis://b:2"
+            ])
+            .is_err()
+        );
         let e = parse(&["--redis-url", "redis+sentinel://s:26379"]).unwrap_err();
         assert!(e.contains("--redis-url") && e.contains("master"), "{e}");
         let e = parse(&["--drain-timeout", "0s"]).unwrap_err();

@@ -63,6 +63,12 @@ async fn redis(history_size: usize, extra: &[&str]) -> Topology {
     Topology::redis(3, &flags.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
 
+/// Three nodes on a Redis Cluster (three masters, three replicas).
+async fn cluster(history_size: usize, extra: &[&str]) -> Topology {
+    let flags = flags(history_size, extra);
+    Topology::cluster(3, &flags.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
 /// Three nodes on three Redis shards.
 async fn sharded(history_size: usize, extra: &[&str]) -> Topology {
     let flags = flags(history_size, extra);
@@ -164,6 +170,11 @@ async fn recovery_across_nodes_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_across_nodes_sharded() {
     recovery_across_nodes(sharded(5000, &[]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_across_nodes_cluster() {
+    recovery_across_nodes(cluster(5000, &[]).await).await;
 }
 
 // 2: a publisher at full rate while 20 clients keep disconnecting and recovering
@@ -296,6 +307,11 @@ async fn recovery_races_a_publisher_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_races_a_publisher_sharded() {
     recovery_races_a_publisher(sharded(5000, RACE_FLAGS).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_races_a_publisher_cluster() {
+    recovery_races_a_publisher(cluster(5000, RACE_FLAGS).await).await;
 }
 
 // 3: history that no longer holds what a client missed is not recovered, never in
@@ -794,6 +810,11 @@ async fn history_requests_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_requests_sharded() {
     history_requests(sharded(5000, &["--max-history-limit", "5"]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_requests_cluster() {
+    history_requests(cluster(5000, &["--max-history-limit", "5"]).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -210,6 +210,11 @@ async fn presence_and_join_leave_sharded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_and_join_leave_cluster() {
+    presence_and_events(Topology::cluster(3, FLAGS).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_without_presence_say_so_and_limits_hold() {
     let node = TestNode::start(&[
         "--config",

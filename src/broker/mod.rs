@@ -3,7 +3,7 @@
 //!
 //! Two implementations behind one type: [`memory`] (in-process, one node, the
 //! zero-setup default) and [`redis`] (Redis pub/sub and streams, any number of
-//! nodes). The set is closed, so [`Broker`] is an enum rather than a trait object:
+//! nodes, on one Redis, several Redis shards, Sentinel groups or a Redis Cluster). The set is closed, so [`Broker`] is an enum rather than a trait object:
 //! static dispatch and plain `async fn`s.
 //!
 //! Contract, for both (pinned by one test suite run against each, `tests/broker.rs`):
@@ -149,8 +149,21 @@ impl Broker {
         local: Local,
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
-        let urls = config.broker.redis_urls();
-        if urls.is_empty() {
+        let invalid =
+            |e: redis::InvalidUrl| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
+        let seeds = config.broker.redis_cluster_urls();
+        let endpoints = if !seeds.is_empty() {
+            vec![redis::Endpoint::cluster(&seeds).map_err(invalid)?]
+        } else {
+            config
+                .broker
+                .redis_urls()
+                .iter()
+                .map(|url| redis::Endpoint::parse(url))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(invalid)?
+        };
+        if endpoints.is_empty() {
             return Ok(Broker::Memory(memory::MemoryBroker::start(
                 local,
                 config.history.history_meta_ttl,
@@ -159,7 +172,7 @@ impl Broker {
             )));
         }
         Ok(Broker::Redis(redis::RedisBroker::start(
-            &urls, config, local, shutdown,
+            endpoints, config, local, shutdown,
         )?))
     }
 

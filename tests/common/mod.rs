@@ -815,8 +815,11 @@ pub async fn connect_with_headers(
 /// Redis shards. `node(i)` wraps around, so a test written for three nodes runs
 /// unchanged on one.
 pub struct Topology {
-    /// The Redis servers, in `--redis-url` order (empty: the memory broker).
+    /// The Redis servers, in `--redis-url` order (empty: the memory broker or a
+    /// Redis Cluster).
     pub redis: Vec<RedisServer>,
+    /// The Redis Cluster, if the nodes use one.
+    pub cluster: Option<RedisCluster>,
     pub nodes: Vec<TestNode>,
 }
 
@@ -827,6 +830,7 @@ impl Topology {
         node.wait_ready().await;
         Topology {
             redis: Vec::new(),
+            cluster: None,
             nodes: vec![node],
         }
     }
@@ -853,7 +857,32 @@ impl Topology {
             node.wait_ready().await;
             nodes.push(node);
         }
-        Topology { redis, nodes }
+        Topology {
+            redis,
+            cluster: None,
+            nodes,
+        }
+    }
+
+    /// `n` nodes (ids n1, n2, …) on a new Redis Cluster of three masters and three
+    /// replicas, through sharded pub/sub.
+    pub async fn cluster(n: usize, args: &[&str]) -> Topology {
+        let cluster = RedisCluster::start(3).await;
+        let seeds = cluster.seeds();
+        let mut nodes = Vec::with_capacity(n);
+        for i in 1..=n {
+            let id = format!("n{i}");
+            let mut all = vec!["--redis-cluster", seeds.as_str(), "--node-id", id.as_str()];
+            all.extend_from_slice(args);
+            let node = TestNode::start(&all).await;
+            node.wait_ready().await;
+            nodes.push(node);
+        }
+        Topology {
+            redis: Vec::new(),
+            cluster: Some(cluster),
+            nodes,
+        }
     }
 
     pub fn node(&self, i: usize) -> &TestNode {
@@ -873,6 +902,7 @@ impl Topology {
 
     pub fn name(&self) -> &'static str {
         match self.redis.len() {
+            0 if self.cluster.is_some() => "cluster",
             0 => "memory",
             1 => "redis",
             _ => "sharded",
@@ -1121,5 +1151,161 @@ impl Drop for SentinelServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A real Redis Cluster: `masters` masters with one replica each, every one a
+/// `redis-server --cluster-enabled yes` process, joined by `redis-cli --cluster
+/// create`. Quick to fail over: a node is failed after 2 s without answers.
+pub struct RedisCluster {
+    pub servers: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize) -> RedisCluster {
+        let mut servers = Vec::with_capacity(masters * 2);
+        for _ in 0..masters * 2 {
+            // The bus port too is a free port: by default it is the port + 10000,
+            // which may be taken (or in the kernel's ephemeral range).
+            let bus = free_port().to_string();
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-port",
+                &bus,
+            ];
+            servers.push(RedisServer::start_with(free_port(), &args).await);
+        }
+        let addresses: Vec<String> = servers
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli not found: run the README test command, which installs it");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { servers };
+        cluster.wait_healthy().await;
+        // Every master's replica is attached (failover tests need one).
+        let deadline = Instant::now() + WAIT;
+        while cluster.slots().await.iter().any(|r| r.4.is_empty()) {
+            assert!(Instant::now() < deadline, "replicas did not attach");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is up and knows every node.
+    pub async fn wait_healthy(&self) {
+        let deadline = Instant::now() + 3 * WAIT;
+        for server in self.servers.iter().filter(|s| s.child.is_some()) {
+            loop {
+                let info: String = match server.connection().await {
+                    Ok(mut conn) => redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                if info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster not healthy: {info}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// The seed URLs for `--redis-cluster`.
+    pub fn seeds(&self) -> String {
+        self.servers
+            .iter()
+            .map(RedisServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The slot of `key`.
+    pub async fn slot(&self, key: &str) -> u16 {
+        let mut conn = self.any().connection().await.unwrap();
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// A live server.
+    pub fn any(&self) -> &RedisServer {
+        self.servers.iter().find(|s| s.child.is_some()).unwrap()
+    }
+
+    /// The slot ranges per master, as `(first, last, master port, master id,
+    /// replica ports)`, as a live node sees them.
+    pub async fn slots(&self) -> Vec<(u16, u16, u16, String, Vec<u16>)> {
+        let mut conn = self.any().connection().await.unwrap();
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ranges
+            .into_iter()
+            .map(|range| {
+                let redis::Value::Array(items) = range else {
+                    panic!("CLUSTER SLOTS: {range:?}")
+                };
+                let int = |v: &redis::Value| -> i64 { redis::from_redis_value_ref(v).unwrap() };
+                let node = |v: &redis::Value| -> (u16, String) {
+                    let redis::Value::Array(node) = v else {
+                        panic!("{v:?}")
+                    };
+                    (
+                        int(&node[1]) as u16,
+                        redis::from_redis_value_ref(&node[2]).unwrap(),
+                    )
+                };
+                let (port, id) = node(&items[2]);
+                let replicas = items[3..].iter().map(|r| node(r).0).collect();
+                (
+                    int(&items[0]) as u16,
+                    int(&items[1]) as u16,
+                    port,
+                    id,
+                    replicas,
+                )
+            })
+            .collect()
+    }
+
+    /// The master port, master id and replica ports owning `slot`.
+    pub async fn owner(&self, slot: u16) -> (u16, String, Vec<u16>) {
+        self.slots()
+            .await
+            .into_iter()
+            .find(|(first, last, ..)| (*first..=*last).contains(&slot))
+            .map(|(_, _, port, id, replicas)| (port, id, replicas))
+            .expect("every slot is served")
+    }
+
+    pub fn server(&self, port: u16) -> &RedisServer {
+        self.servers.iter().find(|s| s.port == port).unwrap()
+    }
+
+    pub fn server_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.servers.iter_mut().find(|s| s.port == port).unwrap()
     }
 }

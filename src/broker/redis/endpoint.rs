@@ -1,6 +1,7 @@
-//! Where one shard's Redis is: a fixed address (`redis://`, `rediss://`), or the
+//! Where one shard's Redis is: a fixed address (`redis://`, `rediss://`), the
 //! current master of a Sentinel group (`redis+sentinel://`), found by asking the
-//! sentinels and followed across failovers.
+//! sentinels and followed across failovers, or a whole Redis Cluster
+//! (`--redis-cluster`), whose client follows the slot map by itself.
 //!
 //! redis-rs asks Sentinel for the master only when it connects, and a connection to
 //! a master that was demoted stays up (now to a replica): writes fail with
@@ -27,6 +28,8 @@ pub enum Endpoint {
     Direct(redis::Client),
     /// The master of a Sentinel group.
     Sentinel(Sentinel),
+    /// A Redis Cluster, from its seed URLs.
+    Cluster(Vec<String>),
 }
 
 /// A Sentinel group: its sentinels, the master's name, and how to connect to the
@@ -127,13 +130,50 @@ impl Endpoint {
         }))
     }
 
-    /// A name for logs, metrics and `/readyz`, without credentials: `host:port`, or
-    /// `sentinel/<master>`.
+    /// A Redis Cluster reached through `seeds` (checked like `--redis-url`s).
+    pub fn cluster(seeds: &[String]) -> Result<Endpoint, InvalidUrl> {
+        for seed in seeds {
+            redis::Client::open(seed.as_str()).map_err(|e| InvalidUrl(format!("{seed:?}: {e}")))?;
+        }
+        if seeds.is_empty() {
+            return Err(InvalidUrl("no seed URL".into()));
+        }
+        Ok(Endpoint::Cluster(seeds.to_vec()))
+    }
+
+    /// A name for logs, metrics and `/readyz`, without credentials: `host:port`,
+    /// `sentinel/<master>` or `cluster`.
     pub fn label(&self) -> String {
         match self {
             Endpoint::Direct(client) => client.get_connection_info().addr().to_string(),
             Endpoint::Sentinel(s) => format!("sentinel/{}", s.master),
+            Endpoint::Cluster(_) => "cluster".to_owned(),
         }
+    }
+
+    /// The pub/sub commands this endpoint speaks.
+    pub(super) fn pubsub(&self) -> super::conn::PubSub {
+        match self {
+            Endpoint::Cluster(_) => super::conn::PubSub::Sharded,
+            _ => super::conn::PubSub::Classic,
+        }
+    }
+
+    /// A client of the cluster (RESP3 for the subscriber connection, whose pushes
+    /// go to a callback). `None` for other endpoints.
+    pub(super) fn cluster_client(
+        &self,
+        resp3: bool,
+    ) -> Option<redis::RedisResult<redis::cluster::ClusterClient>> {
+        let Endpoint::Cluster(seeds) = self else {
+            return None;
+        };
+        let mut builder =
+            redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str));
+        if resp3 {
+            builder = builder.use_protocol(redis::ProtocolVersion::RESP3);
+        }
+        Some(builder.build())
     }
 
     /// Whether this endpoint's master can move (so `ROLE` is worth checking).
@@ -152,6 +192,7 @@ impl Endpoint {
                 ));
             }
             Endpoint::Sentinel(sentinel) => sentinel,
+            Endpoint::Cluster(_) => return Err("a cluster has no single server".into()),
         };
         let mut errors = Vec::new();
         for address in &sentinel.sentinels {
@@ -247,7 +288,7 @@ mod tests {
     fn sentinel(url: &str) -> Sentinel {
         match Endpoint::parse(url).unwrap() {
             Endpoint::Sentinel(s) => s,
-            Endpoint::Direct(_) => panic!("{url} parsed as a fixed server"),
+            _ => panic!("{url} did not parse as a Sentinel group"),
         }
     }
 

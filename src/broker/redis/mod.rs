@@ -32,6 +32,7 @@
 //!   re-SUBSCRIBEs), when a publication skips offsets, and when the periodic position
 //!   check ([`check_positions`]) finds a quiet channel behind its stream.
 
+mod conn;
 mod endpoint;
 mod ring;
 mod scripts;
@@ -48,6 +49,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use self::conn::{Conn, PubSub};
 use self::scripts::{HISTORY_SCRIPT, PRESENCE_SCRIPT, PRUNE_LUA, PUBLISH_SCRIPT};
 use self::shard::Shard;
 use super::tracker::{Repair, Tracker};
@@ -83,8 +85,11 @@ pub struct RedisBroker {
 /// The broker's state, shared by its handle, the shards' subscriber tasks, the
 /// periodic rounds and the repair tasks.
 struct Inner {
-    /// In `--redis-url` order: the channel hash indexes this list.
+    /// In `--redis-url` order: the channel hash indexes this list. One shard for a
+    /// Redis Cluster (its client routes by slot).
     shards: Vec<Arc<Shard>>,
+    /// Classic or sharded pub/sub (a cluster): the same for every shard.
+    pubsub: PubSub,
     prefix: String,
     timeout: Duration,
     config: Arc<Config>,
@@ -112,20 +117,23 @@ impl RedisBroker {
     /// for Sentinel-managed shards, the failover watch), the position check and the
     /// presence refresh.
     pub fn start(
-        urls: &[String],
+        endpoints: Vec<Endpoint>,
         config: Arc<Config>,
         local: Local,
         shutdown: CancellationToken,
     ) -> Result<Self, BrokerError> {
         let prefix = config.broker.redis_prefix.clone();
         let timeout = config.broker.broker_timeout;
-        if urls.is_empty() {
+        let Some(pubsub) = endpoints.first().map(Endpoint::pubsub) else {
             return Err(BrokerError::Unavailable("no Redis URL".into()));
+        };
+        if endpoints.len() > 1 && pubsub == PubSub::Sharded {
+            return Err(BrokerError::Unavailable(
+                "a Redis Cluster is one shard of its own".into(),
+            ));
         }
-        let mut shards = Vec::with_capacity(urls.len());
-        for (index, url) in urls.iter().enumerate() {
-            let endpoint = Endpoint::parse(url)
-                .map_err(|e| BrokerError::Unavailable(format!("invalid Redis URL: {e}")))?;
+        let mut shards = Vec::with_capacity(endpoints.len());
+        for (index, endpoint) in endpoints.into_iter().enumerate() {
             shards.push(Arc::new(Shard::new(index, endpoint, &prefix, timeout)?));
         }
         // A repair buffers what arrives meanwhile like a client's queue would.
@@ -140,6 +148,7 @@ impl RedisBroker {
         }
         let inner = Arc::new(Inner {
             shards,
+            pubsub,
             prefix,
             timeout,
             local,
@@ -198,7 +207,8 @@ impl RedisBroker {
                 .arg(options.history_size)
                 .arg(millis(options.history_ttl))
                 .arg(millis(inner.config.history.history_meta_ttl))
-                .arg(Epoch::random().as_str());
+                .arg(Epoch::random().as_str())
+                .arg(inner.pubsub.publish());
             let publish = async {
                 let (offset, epoch): (u64, String) = script
                     .invoke_async(&mut conn)
@@ -219,7 +229,7 @@ impl RedisBroker {
                     envelope::encode(&publication)
                 };
             let publish = async {
-                redis::cmd("PUBLISH")
+                redis::cmd(inner.pubsub.publish())
                     .arg(&key)
                     .arg(&payload[..])
                     .query_async::<i64>(&mut conn)
@@ -346,17 +356,17 @@ impl RedisBroker {
         let id = &announcement.info.id;
         let info = serde_json::to_vec(&announcement.info)
             .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-        let channels_key = format!("{}node-channels:{id}", inner.prefix);
+        let channels_key = inner.node_key(&format!("node-channels:{id}"));
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
-            .arg(format!("{}node:{id}", inner.prefix))
+            .arg(inner.node_key(&format!("node:{id}")))
             .arg(info)
             .arg("PX")
             .arg(ttl)
             .ignore()
             .cmd("ZADD")
-            .arg(format!("{}nodes", inner.prefix))
+            .arg(inner.node_key("nodes"))
             .arg(envelope::now_us() / 1000 + ttl)
             .arg(id)
             .ignore()
@@ -378,7 +388,7 @@ impl RedisBroker {
     /// dropped from the set on the way).
     async fn live_nodes(&self) -> Result<Vec<String>, BrokerError> {
         let inner = &self.inner;
-        let key = format!("{}nodes", inner.prefix);
+        let key = inner.node_key("nodes");
         let mut pipe = redis::pipe();
         pipe.cmd("ZREMRANGEBYSCORE")
             .arg(&key)
@@ -408,7 +418,7 @@ impl RedisBroker {
         }
         let keys: Vec<String> = ids
             .iter()
-            .map(|id| format!("{}node:{id}", inner.prefix))
+            .map(|id| inner.node_key(&format!("node:{id}")))
             .collect();
         let mut mget = redis::cmd("MGET");
         mget.arg(&keys);
@@ -435,7 +445,7 @@ impl RedisBroker {
         let mut pipe = redis::pipe();
         for id in &ids {
             pipe.cmd("HGETALL")
-                .arg(format!("{}node-channels:{id}", inner.prefix));
+                .arg(inner.node_key(&format!("node-channels:{id}")));
         }
         let pipe = &pipe;
         let per_node = inner
@@ -532,11 +542,40 @@ impl Inner {
         &self.shards[0]
     }
 
+    /// The pub/sub channel of `channel`: `<prefix><channel>`, or on a cluster
+    /// `<prefix>{<channel>}`, whose hash tag puts it on the slot of the channel's
+    /// history and presence keys (a script may only publish to its keys' slot).
     fn key(&self, channel: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + channel.len());
+        let mut key = String::with_capacity(self.prefix.len() + channel.len() + 2);
         key.push_str(&self.prefix);
-        key.push_str(channel);
+        match self.pubsub {
+            PubSub::Classic => key.push_str(channel),
+            PubSub::Sharded => {
+                key.push('{');
+                key.push_str(channel);
+                key.push('}');
+            }
+        }
         key
+    }
+
+    /// The channel of a pub/sub channel name made by [`key`](Self::key).
+    fn channel_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.prefix.as_str())?;
+        match self.pubsub {
+            PubSub::Classic => Some(rest),
+            PubSub::Sharded => rest.strip_prefix('{')?.strip_suffix('}'),
+        }
+    }
+
+    /// A cluster-wide key (the cluster view's): `<prefix><name>`, or on a cluster
+    /// `<prefix>{nodes}:<name>`, so all of them share a slot and one transaction
+    /// may touch them.
+    fn node_key(&self, name: &str) -> String {
+        match self.pubsub {
+            PubSub::Classic => format!("{}{name}", self.prefix),
+            PubSub::Sharded => format!("{}{{nodes}}:{name}", self.prefix),
+        }
     }
 
     /// `<prefix>{<channel>}:<suffix>`: the hash tag keeps a channel's keys together.
@@ -700,19 +739,12 @@ async fn check_positions(inner: Arc<Inner>) {
     for (index, quiet) in quiet_by_shard {
         let shard = &inner.shards[index];
         for batch in quiet.chunks(CHECK_BATCH) {
-            let mut pipe = redis::pipe();
-            for (channel, _, _) in batch {
-                pipe.cmd("HMGET")
-                    .arg(inner.history_key(channel, "meta"))
-                    .arg("e")
-                    .arg("s");
-            }
-            let pipe = &pipe;
+            let keys: Vec<String> = batch
+                .iter()
+                .map(|(channel, _, _)| inner.history_key(channel, "meta"))
+                .collect();
             let read = shard
-                .idempotent(|mut conn| async move {
-                    pipe.query_async::<Vec<(Option<String>, Option<u64>)>>(&mut conn)
-                        .await
-                })
+                .idempotent(|conn| read_positions(conn, &keys, inner.pubsub))
                 .await;
             let positions = match read {
                 Ok(positions) => positions,
@@ -749,6 +781,36 @@ async fn check_positions(inner: Arc<Inner>) {
     }
 }
 
+/// `HMGET <meta> e s` of each key: one pipeline, or on a cluster (where a pipeline
+/// must stay within one slot) one command per key, sent together.
+async fn read_positions(
+    conn: Conn,
+    keys: &[String],
+    pubsub: PubSub,
+) -> redis::RedisResult<Vec<(Option<String>, Option<u64>)>> {
+    let hmget = |key: &String| {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key).arg("e").arg("s");
+        cmd
+    };
+    match pubsub {
+        PubSub::Classic => {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.add_command(hmget(key));
+            }
+            pipe.query_async(&mut conn.clone()).await
+        }
+        PubSub::Sharded => {
+            let each = keys.iter().map(|key| {
+                let (mut conn, cmd) = (conn.clone(), hmget(key));
+                async move { cmd.query_async(&mut conn).await }
+            });
+            futures_util::future::try_join_all(each).await
+        }
+    }
+}
+
 /// One presence refresh, every third of `--presence-ttl`: writes this node's presence entries to Redis
 /// again with a new expiry, in pipelined batches: entries of a node that stops
 /// refreshing (it died) expire, and entries Redis lost (a restart without data) are
@@ -773,7 +835,8 @@ async fn refresh_presence(inner: Arc<Inner>) {
         for chunk in entries.chunks(REFRESH_BATCH) {
             inner.add_presence_commands(pipe, &channel, chunk);
             *batched += chunk.len();
-            if *batched >= REFRESH_BATCH {
+            // On a cluster a pipeline must stay within one slot: one per channel.
+            if *batched >= REFRESH_BATCH || inner.pubsub == PubSub::Sharded {
                 if let Err(e) = shard.run(pipe).await {
                     tracing::warn!(shard = %shard.label, error = %e, "presence refresh failed");
                 }
@@ -844,7 +907,7 @@ mod tests {
         ])
         .unwrap();
         let broker = RedisBroker::start(
-            std::slice::from_ref(&url),
+            vec![Endpoint::parse(&url).unwrap()],
             Arc::new(config),
             local,
             shutdown.clone(),

@@ -47,7 +47,8 @@ return {total, out}
 /// starts a new epoch, and its stale stream, if any, is dropped with it.
 ///
 /// KEYS: stream, meta. ARGV: pub/sub channel, envelope head, data, history size,
-/// history TTL (ms), meta TTL (ms), epoch for a new history.
+/// history TTL (ms), meta TTL (ms), epoch for a new history, publish command
+/// (`PUBLISH`, or `SPUBLISH` on a cluster).
 /// Returns `{offset, epoch}`.
 pub(super) static PUBLISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
@@ -64,7 +65,7 @@ local payload = ARGV[2] .. string.char(#pos) .. pos .. ARGV[3]
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[4], string.format('%d-0', offset), 'p', payload)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
-redis.call('PUBLISH', ARGV[1], payload)
+redis.call(ARGV[8], ARGV[1], payload)
 return {offset, epoch}
 "#,
     )

@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterConfig;
 use tokio::sync::{Notify, oneshot};
 
+use super::conn::{Conn, PubSub};
 use super::endpoint::Endpoint;
 use crate::broker::BrokerError;
 
@@ -24,11 +26,13 @@ pub(super) struct Shard {
     /// `host:port` or `sentinel/<master>`, for logs, metrics and `/readyz`.
     pub label: String,
     pub endpoint: Endpoint,
+    /// `PUBLISH`/`SUBSCRIBE`, or sharded pub/sub on a cluster.
+    pub pubsub: PubSub,
     timeout: Duration,
     /// The master's address and a self-reconnecting connection to it. Replaced
     /// when a Sentinel-managed shard moves to a new master; `None` until a
     /// Sentinel-managed shard's master is first known.
-    publisher: RwLock<Option<(String, ConnectionManager)>>,
+    publisher: RwLock<Option<(String, Conn)>>,
     /// Why a std mutex: critical sections are a few set operations, never held
     /// across an `.await`; shared by sessions and the subscriber task.
     state: Mutex<SubState>,
@@ -102,11 +106,34 @@ impl Shard {
                 publisher(client, timeout)?,
             )),
             Endpoint::Sentinel(_) => None,
+            Endpoint::Cluster(_) => {
+                let client = endpoint
+                    .cluster_client(false)
+                    .expect("a cluster endpoint")
+                    .map_err(|e| {
+                        BrokerError::Unavailable(format!("invalid Redis Cluster URL: {e}"))
+                    })?;
+                // Connects in the background: a node starts (not ready) while the
+                // cluster is down.
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(timeout)
+                    .set_response_timeout(timeout);
+                let conn = client.get_pending_async_connection_with_config(config);
+                Some(("cluster".to_owned(), Conn::Cluster(conn)))
+            }
+        };
+        let pubsub = endpoint.pubsub();
+        let token = rand::random::<u64>();
+        // On a cluster the name carries a hash tag, like every channel's.
+        let probe_channel = match pubsub {
+            PubSub::Classic => format!("{prefix}probe:{token:016x}"),
+            PubSub::Sharded => format!("{prefix}{{probe:{token:016x}}}"),
         };
         Ok(Shard {
             index,
             label: endpoint.label(),
             endpoint,
+            pubsub,
             timeout,
             publisher: RwLock::new(publisher),
             state: Mutex::new(SubState::default()),
@@ -114,13 +141,13 @@ impl Shard {
             kick: Arc::new(Notify::new()),
             connected: AtomicBool::new(false),
             problem: Mutex::new(None),
-            probe_channel: format!("{prefix}probe:{:016x}", rand::random::<u64>()),
+            probe_channel,
             probe: Mutex::new(None),
         })
     }
 
     /// The publishing connection to the shard's master.
-    pub(super) fn publisher(&self) -> Result<ConnectionManager, BrokerError> {
+    pub(super) fn publisher(&self) -> Result<Conn, BrokerError> {
         match &*self.publisher.read().unwrap_or_else(|e| e.into_inner()) {
             Some((_, conn)) => Ok(conn.clone()),
             None => Err(BrokerError::Unavailable(format!(
@@ -154,7 +181,7 @@ impl Shard {
     /// may run twice (reads, presence writes), never for a publish.
     pub(super) async fn idempotent<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let conn = self.publisher()?;
@@ -263,12 +290,13 @@ impl Shard {
 /// A lazy self-reconnecting publishing connection: a node starts (not ready) while
 /// Redis is down. Few retries per failure: the caller's timeout bounds the wait,
 /// and the next publish retries.
-fn publisher(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, BrokerError> {
+fn publisher(client: &redis::Client, timeout: Duration) -> Result<Conn, BrokerError> {
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(super::BACKOFF_MAX);
     ConnectionManager::new_lazy_with_config(client.clone(), config)
+        .map(Conn::Single)
         .map_err(|e| BrokerError::Unavailable(format!("invalid Redis URL: {e}")))
 }

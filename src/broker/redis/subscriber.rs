@@ -22,11 +22,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
+use redis::cluster::ClusterConfig;
 use redis::{AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::SubConn;
 use super::shard::{ProbeStep, Shard};
 use super::{Backoff, HEALTH_INTERVAL, Inner, SUBSCRIBE_BATCH};
 use crate::broker::HistoryRequest;
@@ -84,16 +86,61 @@ pub(super) async fn run(inner: Arc<Inner>, shard: Arc<Shard>, shutdown: Cancella
     }
 }
 
-/// Finds the shard's master, moves the publishing connection there if it changed,
-/// and opens a subscriber connection to it (RESP3, so pushes are handled by a
-/// callback in the connection's reader: RESP2 pub/sub goes through an unbounded
-/// queue inside redis-rs) with the probe channel subscribed.
-async fn connect(
+/// The callback that takes the pushes of a subscriber connection.
+fn push_handler(
     inner: &Arc<Inner>,
     shard: &Arc<Shard>,
-) -> Result<(MultiplexedConnection, Arc<Notify>), String> {
+    disconnected: &Arc<Notify>,
+) -> impl Fn(PushInfo) -> Result<(), Infallible> + Send + Sync + 'static {
+    let (inner, shard, disconnected) = (inner.clone(), shard.clone(), disconnected.clone());
+    move |info: PushInfo| {
+        inner.on_push(&shard, info, &disconnected);
+        Ok(())
+    }
+}
+
+/// Opens a subscriber connection (RESP3, so pushes are handled by a callback in the
+/// connection's reader: RESP2 pub/sub goes through an unbounded queue inside
+/// redis-rs) with the probe channel subscribed. For a standalone or Sentinel
+/// shard, first finds the master and moves the publishing connection there if it
+/// changed.
+async fn connect(inner: &Arc<Inner>, shard: &Arc<Shard>) -> Result<(SubConn, Arc<Notify>), String> {
     let timeout = inner.timeout;
-    let (address, client) = shard.endpoint.resolve(timeout).await?;
+    let disconnected = Arc::new(Notify::new());
+    let setup = async {
+        let mut conn = match shard.endpoint.cluster_client(true) {
+            Some(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(timeout)
+                    .set_response_timeout(timeout)
+                    .set_push_sender(push_handler(inner, shard, &disconnected));
+                let conn = client
+                    .map_err(|e| e.to_string())?
+                    .get_async_connection_with_config(config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                SubConn::Cluster(conn)
+            }
+            None => connect_single(inner, shard, &disconnected).await?,
+        };
+        conn.subscribe(std::slice::from_ref(&shard.probe_channel))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((conn, disconnected.clone()))
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(connected) => connected,
+        Err(_) => Err(format!("no connection within {timeout:?}")),
+    }
+}
+
+/// The subscriber connection of a standalone or Sentinel-managed shard.
+async fn connect_single(
+    inner: &Arc<Inner>,
+    shard: &Arc<Shard>,
+    disconnected: &Arc<Notify>,
+) -> Result<SubConn, String> {
+    let (address, client) = shard.endpoint.resolve(inner.timeout).await?;
     if shard
         .use_master(&address, &client)
         .map_err(|e| e.to_string())?
@@ -108,54 +155,36 @@ async fn connect(
         .set_protocol(ProtocolVersion::RESP3);
     let client =
         redis::Client::open(info.set_redis_settings(settings)).map_err(|e| e.to_string())?;
-
-    let disconnected = Arc::new(Notify::new());
-    let on_push = {
-        let (inner, shard, disconnected) = (inner.clone(), shard.clone(), disconnected.clone());
-        move |info: PushInfo| -> Result<(), Infallible> {
-            inner.on_push(&shard, info, &disconnected);
-            Ok(())
-        }
-    };
     let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_push_sender(on_push);
-    let setup = async {
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| {
-                // Say so when Redis itself refused RESP3 (HELLO 3), not when it
-                // could not be reached.
-                let error = e.to_string();
-                let lower = error.to_lowercase();
-                if lower.contains("hello")
-                    || lower.contains("noproto")
-                    || lower.contains("unknown command")
-                {
-                    format!("{error} (Redis 6 or newer is required: RESP3)")
-                } else {
-                    error
-                }
-            })?;
-        if shard.endpoint.is_sentinel() {
-            check_role(&mut conn).await?;
-        }
-        conn.subscribe(&shard.probe_channel)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((conn, disconnected))
-    };
-    match tokio::time::timeout(timeout, setup).await {
-        Ok(connected) => connected,
-        Err(_) => Err(format!("no connection within {timeout:?}")),
+        .set_connection_timeout(Some(inner.timeout))
+        .set_response_timeout(Some(inner.timeout))
+        .set_push_sender(push_handler(inner, shard, disconnected));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| {
+            // Say so when Redis itself refused RESP3 (HELLO 3), not when it could
+            // not be reached.
+            let error = e.to_string();
+            let lower = error.to_lowercase();
+            if lower.contains("hello")
+                || lower.contains("noproto")
+                || lower.contains("unknown command")
+            {
+                format!("{error} (Redis 6 or newer is required: RESP3)")
+            } else {
+                error
+            }
+        })?;
+    if shard.endpoint.is_sentinel() {
+        check_role(&mut conn).await?;
     }
+    Ok(SubConn::Single(conn))
 }
 
 /// `Ok` when the server is a master: the sentinels may name a master that is
 /// still being demoted or promoted.
-async fn check_role(conn: &mut MultiplexedConnection) -> Result<(), String> {
+async fn check_role(conn: &mut impl ConnectionLike) -> Result<(), String> {
     let role: Vec<Value> = redis::cmd("ROLE")
         .query_async(conn)
         .await
@@ -209,7 +238,7 @@ impl Inner {
     async fn reconcile(
         self: &Arc<Self>,
         shard: &Shard,
-        conn: &mut MultiplexedConnection,
+        conn: &mut SubConn,
     ) -> redis::RedisResult<()> {
         let (to_subscribe, to_unsubscribe) = {
             let mut state = shard.lock();
@@ -261,7 +290,7 @@ impl Inner {
     /// the tracker.
     async fn read_positions(
         self: &Arc<Self>,
-        conn: &MultiplexedConnection,
+        conn: &SubConn,
         channels: &[String],
     ) -> redis::RedisResult<()> {
         let reads = channels
@@ -290,7 +319,7 @@ impl Inner {
     async fn serve(
         self: &Arc<Self>,
         shard: &Shard,
-        conn: &mut MultiplexedConnection,
+        conn: &mut SubConn,
         disconnected: &Notify,
         shutdown: &CancellationToken,
     ) -> Ended {
@@ -317,11 +346,7 @@ impl Inner {
 
     /// One health tick: the connection answers (and is still on the master), and
     /// the last delivery probe came back in time.
-    async fn health_check(
-        &self,
-        shard: &Shard,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), String> {
+    async fn health_check(&self, shard: &Shard, conn: &mut SubConn) -> Result<(), String> {
         let timeout = self.timeout;
         let answered = if shard.endpoint.is_sentinel() {
             tokio::time::timeout(timeout, check_role(conn)).await
@@ -356,7 +381,7 @@ impl Inner {
                     .idempotent(|mut publisher| {
                         let channel = shard.probe_channel.clone();
                         async move {
-                            redis::cmd("PUBLISH")
+                            redis::cmd(shard.pubsub.publish())
                                 .arg(channel)
                                 .arg(nonce.to_string())
                                 .query_async::<i64>(&mut publisher)
@@ -377,7 +402,7 @@ impl Inner {
     /// reader: must not block.
     fn on_push(self: &Arc<Self>, shard: &Shard, info: PushInfo, disconnected: &Notify) {
         match info.kind {
-            PushKind::Message => {
+            PushKind::Message | PushKind::SMessage => {
                 let mut data = info.data;
                 let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) =
                     (data.pop(), data.pop())
@@ -395,7 +420,7 @@ impl Inner {
                 }
                 let Some(channel) = std::str::from_utf8(&key)
                     .ok()
-                    .and_then(|k| k.strip_prefix(self.prefix.as_str()))
+                    .and_then(|k| self.channel_of(k))
                 else {
                     return;
                 };
@@ -418,6 +443,30 @@ impl Inner {
                 }
             }
             PushKind::Disconnection => disconnected.notify_one(),
+            PushKind::SUnsubscribe => {
+                // Redis Cluster unsubscribes a shard channel whose slot moved to
+                // another node. Still wanted: subscribe again (the cluster client
+                // sends it to the new owner) and repair what was missed.
+                let Some(Value::BulkString(key)) = info.data.first() else {
+                    return;
+                };
+                let Some(channel) = std::str::from_utf8(key)
+                    .ok()
+                    .and_then(|k| self.channel_of(k))
+                else {
+                    return;
+                };
+                let mut state = shard.lock();
+                if state.live.remove(channel) {
+                    tracing::info!(
+                        channel,
+                        "Redis Cluster moved the channel's slot; subscribing on its new owner"
+                    );
+                    state.dirty.insert(channel.to_owned());
+                    drop(state);
+                    shard.wake.notify_one();
+                }
+            }
             _ => {}
         }
     }

@@ -1,0 +1,133 @@
+//! The two kinds of Redis connection a shard holds, behind one type each: a
+//! standalone server's (or a Sentinel group's current master's), and a Redis
+//! Cluster's, which routes each command to the node that owns its key's slot and
+//! follows `MOVED` redirections and failovers by itself.
+//!
+//! Pub/sub differs between the two: standalone servers use `SUBSCRIBE`/`PUBLISH`,
+//! a cluster uses sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`), so a channel's
+//! messages only travel through the shard that owns its slot instead of being
+//! broadcast over the whole cluster bus.
+
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+/// Which pub/sub commands a shard speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PubSub {
+    /// `PUBLISH`/`SUBSCRIBE`: standalone Redis and Sentinel groups.
+    Classic,
+    /// `SPUBLISH`/`SSUBSCRIBE`: Redis Cluster.
+    Sharded,
+}
+
+impl PubSub {
+    /// The publish command.
+    pub(super) fn publish(self) -> &'static str {
+        match self {
+            PubSub::Classic => "PUBLISH",
+            PubSub::Sharded => "SPUBLISH",
+        }
+    }
+}
+
+/// A shard's publishing connection (also used for history and presence).
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A shard's subscriber connection (RESP3: pushes go to a callback).
+#[derive(Clone)]
+pub(super) enum SubConn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl SubConn {
+    /// Subscribes to pub/sub channels (full names). On a cluster, one `SSUBSCRIBE`
+    /// per channel, sent together: channels of one command must share a slot.
+    pub(super) async fn subscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            SubConn::Single(c) => c.subscribe(channels).await,
+            SubConn::Cluster(c) => {
+                let each = channels.iter().map(|channel| {
+                    let mut c = c.clone();
+                    async move { c.ssubscribe(channel).await }
+                });
+                futures_util::future::try_join_all(each).await.map(|_| ())
+            }
+        }
+    }
+
+    /// Unsubscribes from pub/sub channels (full names).
+    pub(super) async fn unsubscribe(&mut self, channels: &[String]) -> redis::RedisResult<()> {
+        match self {
+            SubConn::Single(c) => c.unsubscribe(channels).await,
+            SubConn::Cluster(c) => {
+                let each = channels.iter().map(|channel| {
+                    let mut c = c.clone();
+                    async move { c.sunsubscribe(channel).await }
+                });
+                futures_util::future::try_join_all(each).await.map(|_| ())
+            }
+        }
+    }
+}
+
+impl ConnectionLike for SubConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            SubConn::Single(c) => c.req_packed_command(cmd),
+            SubConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            SubConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            SubConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            SubConn::Single(c) => c.get_db(),
+            SubConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
