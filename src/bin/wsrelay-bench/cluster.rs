@@ -1,5 +1,6 @@
-//! `--spawn-cluster N`: a private redis-server and N release nodes on free loopback
-//! ports, optionally pinned to CPUs, stopped when the run ends.
+//! `--spawn-cluster N`: private redis-servers (`--shards`, one by default) and N
+//! release nodes on free loopback ports, optionally pinned to CPUs, stopped when the
+//! run ends.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{Target, procstat};
 
 pub(crate) struct Cluster {
-    redis: Child,
-    redis_port: u16,
+    /// Each shard's redis-server and port, in `--redis-url` order.
+    redis: Vec<(Child, u16)>,
     nodes: Vec<(Child, u16)>,
 }
 
@@ -32,35 +33,46 @@ impl Cluster {
             None => Command::new(program),
         };
 
-        let redis_port = free_port()?;
-        let redis = pinned("redis-server")
-            .args([
-                "--port",
-                &redis_port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start redis-server: {e}"))?;
+        anyhow::ensure!(target.shards >= 1, "--shards needs at least one");
         let mut cluster = Cluster {
-            redis,
-            redis_port,
+            redis: Vec::new(),
             nodes: Vec::new(),
         };
+        for _ in 0..target.shards {
+            let port = free_port()?;
+            let redis = pinned("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .spawn()
+                .map_err(|e| anyhow::anyhow!("cannot start redis-server: {e}"))?;
+            cluster.redis.push((redis, port));
+        }
         // Nodes start fine without Redis, but then log reconnect attempts: wait for it.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", redis_port))
-            .await
-            .is_err()
-        {
-            anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        for (_, port) in &cluster.redis {
+            while tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                .await
+                .is_err()
+            {
+                anyhow::ensure!(Instant::now() < deadline, "redis-server did not start");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
+        let redis_urls = cluster
+            .redis
+            .iter()
+            .map(|(_, port)| format!("redis://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let otel_env = match target.otel_ratio {
             Some(ratio) => {
                 anyhow::ensure!(
@@ -81,7 +93,7 @@ impl Cluster {
             let port = free_port()?;
             let child = pinned(node_binary.to_str().expect("UTF-8 path"))
                 .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}")])
+                .args(["--redis-url", &redis_urls])
                 .args(["--node-id", &format!("bench-{}", i + 1)])
                 // A benchmark publisher sends far above the per-connection default
                 // (100/s); --node-arg flags come later and win.
@@ -108,32 +120,27 @@ impl Cluster {
     }
 
     fn pids(&self) -> impl Iterator<Item = u32> + '_ {
-        std::iter::once(self.redis.id()).chain(self.nodes.iter().map(|(c, _)| c.id()))
+        self.redis
+            .iter()
+            .chain(&self.nodes)
+            .map(|(child, _)| child.id())
     }
 
-    /// Commands Redis has processed so far (`INFO stats`).
+    /// CPU time of each shard's redis-server so far, in `--redis-url` order.
+    pub(crate) fn redis_cpu_times(&self) -> Vec<Duration> {
+        self.redis
+            .iter()
+            .map(|(child, _)| procstat::cpu_time(child.id()))
+            .collect()
+    }
+
+    /// Commands Redis has processed so far (`INFO stats`), all shards together.
     pub(crate) async fn redis_commands(&self) -> anyhow::Result<u64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.redis_port)).await?;
-        stream.write_all(b"INFO stats\r\n").await?;
-        let mut reply = Vec::new();
-        let mut buf = [0u8; 8192];
-        loop {
-            let n = stream.read(&mut buf).await?;
-            anyhow::ensure!(n > 0, "Redis closed the connection");
-            reply.extend_from_slice(&buf[..n]);
-            let text = String::from_utf8_lossy(&reply);
-            if let Some(line) = text
-                .lines()
-                .find(|l| l.starts_with("total_commands_processed:"))
-            {
-                // The INFO reply is one bulk string: the line is complete once its end
-                // arrived.
-                if text.contains("total_net_input_bytes") {
-                    return Ok(line["total_commands_processed:".len()..].trim().parse()?);
-                }
-            }
+        let mut total = 0;
+        for (_, port) in &self.redis {
+            total += redis_commands(*port).await?;
         }
+        Ok(total)
     }
 
     /// CPU time of every server process (nodes and Redis) so far.
@@ -158,8 +165,10 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = self.redis.kill();
-        let _ = self.redis.wait();
+        for (redis, _) in &mut self.redis {
+            let _ = redis.kill();
+            let _ = redis.wait();
+        }
     }
 }
 
@@ -211,4 +220,28 @@ async fn readyz(port: u16) -> anyhow::Result<bool> {
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
     Ok(response.starts_with(b"HTTP/1.1 200"))
+}
+
+/// Commands one redis-server has processed so far (`INFO stats`).
+async fn redis_commands(port: u16) -> anyhow::Result<u64> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(b"INFO stats\r\n").await?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "Redis closed the connection");
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some(line) = text
+            .lines()
+            .find(|l| l.starts_with("total_commands_processed:"))
+        {
+            // The INFO reply is one bulk string: the line is complete once its end
+            // arrived.
+            if text.contains("total_net_input_bytes") {
+                return Ok(line["total_commands_processed:".len()..].trim().parse()?);
+            }
+        }
+    }
 }

@@ -96,6 +96,7 @@ pub(crate) async fn run(
         .collect();
 
     let server_cpu_before = cluster.map(Cluster::cpu_time);
+    let redis_cpu_before = cluster.map(Cluster::redis_cpu_times);
     let own_cpu_before = procstat::own_cpu_time();
     let started = Instant::now();
     let per_publisher = args.rate as f64 / args.publishers as f64;
@@ -148,6 +149,11 @@ pub(crate) async fn run(
         .map(|c| c.cpu_time())
         .zip(server_cpu_before)
         .map(|(after, before)| after - before);
+    // Each shard's Redis alone: the capacity model's Redis side.
+    let redis_cpu: Option<Vec<Duration>> = cluster
+        .map(Cluster::redis_cpu_times)
+        .zip(redis_cpu_before)
+        .map(|(after, before)| after.iter().zip(before).map(|(a, b)| *a - b).collect());
     stop.cancel();
 
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -216,6 +222,20 @@ pub(crate) async fn run(
             cpu.as_secs_f64()
         );
     }
+    let redis_per_thousand: Option<Vec<f64>> = redis_cpu.as_ref().map(|shards| {
+        shards
+            .iter()
+            .map(|cpu| cpu.as_secs_f64() * 1e3 / (published.max(1) as f64 / 1e3))
+            .collect()
+    });
+    if let Some(per_k) = &redis_per_thousand {
+        let shards: Vec<String> = per_k.iter().map(|ms| format!("{ms:.2}")).collect();
+        eprintln!(
+            "  Redis CPU per thousand publishes: {:.2} ms (per shard: {})",
+            per_k.iter().sum::<f64>(),
+            shards.join(", ")
+        );
+    }
     if let Some(times) = &recovery {
         eprintln!(
             "  recovery of {} messages  median {} (min {}, max {}, {} runs)",
@@ -252,6 +272,8 @@ pub(crate) async fn run(
         "server_cpu_s": server_cpu.map(|c| c.as_secs_f64()),
         "server_cpu_s_per_million_deliveries": server_cpu_per_million,
         "server_cpu_s_per_thousand_publishes": server_cpu_per_thousand_publishes,
+        "redis_cpu_ms_per_thousand_publishes": redis_per_thousand.as_ref().map(|v| v.iter().sum::<f64>()),
+        "redis_cpu_ms_per_thousand_publishes_per_shard": redis_per_thousand,
         "history": target.history,
         "recovery_ms": recovery.as_ref().map(|t| json!({
             "messages": args.recover,

@@ -44,6 +44,10 @@ pub(crate) struct Target {
     /// Start a private redis-server and this many release nodes, and measure them.
     #[arg(long, global = true)]
     spawn_cluster: Option<usize>,
+    /// With `--spawn-cluster`: start this many redis-servers, each a shard of the
+    /// nodes' `--redis-url` list.
+    #[arg(long, global = true, default_value_t = 1)]
+    shards: usize,
     /// CPU list the spawned servers are pinned to (taskset syntax, e.g. `0`).
     #[arg(long, global = true)]
     pin_servers: Option<String>,
