@@ -108,3 +108,26 @@ async fn a_single_node_shows_itself() {
     let channels = api(node.addr, "/api/channels").await;
     assert_eq!(channels, json!({"channels":[{"ch":"x","subscribers":1}]}));
 }
+
+/// The cluster view where the nodes' announcements live on the first of several
+/// shards, or under one hash tag of a Redis Cluster.
+async fn the_view_on(t: common::Topology) {
+    let _a1 = t.node(0).client("channel=a").await;
+    let _a2 = t.node(1).client("channel=a").await;
+    let _b = t.node(1).client("channel=b").await;
+    wait_api(t.node(0).addr, "/api/nodes", |b| ids(b) == ["n1", "n2"]).await;
+    let expected = json!({"channels":[{"ch":"a","subscribers":2},{"ch":"b","subscribers":1}]});
+    wait_api(t.node(0).addr, "/api/channels", |b| *b == expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_on_shards() {
+    let flags = ["--api-key", API_KEY, "--node-ttl", "1200ms"];
+    the_view_on(common::Topology::sharded(3, 2, &flags).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_on_a_redis_cluster() {
+    let flags = ["--api-key", API_KEY, "--node-ttl", "1200ms"];
+    the_view_on(common::Topology::cluster(2, &flags).await).await;
+}

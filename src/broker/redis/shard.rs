@@ -29,10 +29,11 @@ pub(super) struct Shard {
     /// `PUBLISH`/`SUBSCRIBE`, or sharded pub/sub on a cluster.
     pub pubsub: PubSub,
     timeout: Duration,
-    /// The master's address and a self-reconnecting connection to it. Replaced
-    /// when a Sentinel-managed shard moves to a new master; `None` until a
-    /// Sentinel-managed shard's master is first known.
-    publisher: RwLock<Option<(String, Conn)>>,
+    /// The master's address (the last one known) and a self-reconnecting
+    /// connection to it. The connection is replaced when a Sentinel-managed shard
+    /// moves to a new master, and absent until its master is first known or while
+    /// it is being replaced.
+    publisher: RwLock<(Option<String>, Option<Conn>)>,
     /// Why a std mutex: critical sections are a few set operations, never held
     /// across an `.await`; shared by sessions and the subscriber task.
     state: Mutex<SubState>,
@@ -101,11 +102,11 @@ impl Shard {
         timeout: Duration,
     ) -> Result<Shard, BrokerError> {
         let publisher = match &endpoint {
-            Endpoint::Direct(client) => Some((
-                client.get_connection_info().addr().to_string(),
-                publisher(client, timeout)?,
-            )),
-            Endpoint::Sentinel(_) => None,
+            Endpoint::Direct(client) => (
+                Some(client.get_connection_info().addr().to_string()),
+                Some(publisher(client, timeout)?),
+            ),
+            Endpoint::Sentinel(_) => (None, None),
             Endpoint::Cluster(_) => {
                 let client = endpoint
                     .cluster_client(false)
@@ -119,7 +120,7 @@ impl Shard {
                     .set_connection_timeout(timeout)
                     .set_response_timeout(timeout);
                 let conn = client.get_pending_async_connection_with_config(config);
-                Some(("cluster".to_owned(), Conn::Cluster(conn)))
+                (Some("cluster".to_owned()), Some(Conn::Cluster(conn)))
             }
         };
         let pubsub = endpoint.pubsub();
@@ -148,10 +149,10 @@ impl Shard {
 
     /// The publishing connection to the shard's master.
     pub(super) fn publisher(&self) -> Result<Conn, BrokerError> {
-        match &*self.publisher.read().unwrap_or_else(|e| e.into_inner()) {
-            Some((_, conn)) => Ok(conn.clone()),
+        match &self.publisher.read().unwrap_or_else(|e| e.into_inner()).1 {
+            Some(conn) => Ok(conn.clone()),
             None => Err(BrokerError::Unavailable(format!(
-                "Redis shard {}: no master known yet",
+                "Redis shard {}: finding the master",
                 self.label
             ))),
         }
@@ -165,13 +166,27 @@ impl Shard {
         client: &redis::Client,
     ) -> Result<bool, BrokerError> {
         let mut publisher = self.publisher.write().unwrap_or_else(|e| e.into_inner());
-        let moved = match &*publisher {
-            Some((current, _)) if current == address => return Ok(false),
-            Some(_) => true,
-            None => false,
-        };
-        *publisher = Some((address.to_owned(), self::publisher(client, self.timeout)?));
+        let (known, conn) = &*publisher;
+        let moved = known.as_deref().is_some_and(|known| known != address);
+        if !moved && known.is_some() && conn.is_some() {
+            return Ok(false);
+        }
+        *publisher = (
+            Some(address.to_owned()),
+            Some(self::publisher(client, self.timeout)?),
+        );
         Ok(moved)
+    }
+
+    /// Stops publishing to a Sentinel-managed shard's master once it is known to be
+    /// replaced (a `+switch-master` event, a `READONLY` reply, a failed role
+    /// check): until the subscriber task has found the new master, publishes fail
+    /// as `unavailable` instead of going to a server that is being demoted, where
+    /// they would be lost. Fixed servers keep their connection.
+    pub(super) fn forget_master(&self) {
+        if self.endpoint.is_sentinel() {
+            self.publisher.write().unwrap_or_else(|e| e.into_inner()).1 = None;
+        }
     }
 
     /// Runs an idempotent operation on the publishing connection within the broker

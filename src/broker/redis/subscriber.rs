@@ -58,7 +58,10 @@ pub(super) async fn run(inner: Arc<Inner>, shard: Arc<Shard>, shutdown: Cancella
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     // A failover event is worth an early retry.
-                    _ = shard.kick.notified() => continue,
+                    _ = shard.kick.notified() => {
+                        shard.forget_master();
+                        continue;
+                    }
                     _ = tokio::time::sleep(delay) => continue,
                 }
             }
@@ -333,10 +336,15 @@ impl Inner {
                 biased;
                 _ = shutdown.cancelled() => return Ended::Shutdown,
                 _ = disconnected.notified() => return Ended::Lost("connection closed".into()),
-                _ = shard.kick.notified() => return Ended::Lost("the master changed".into()),
+                _ = shard.kick.notified() => {
+                    shard.forget_master();
+                    return Ended::Lost("the master changed".into());
+                }
                 _ = shard.wake.notified() => {}
                 _ = health.tick() => {
                     if let Err(e) = self.health_check(shard, conn).await {
+                        // On a Sentinel shard: the server may no longer be the master.
+                        shard.forget_master();
                         return Ended::Lost(e);
                     }
                 }
