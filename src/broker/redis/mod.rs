@@ -1,7 +1,7 @@
 //! The Redis broker: one or more shards, each a standalone Redis or a Sentinel
-//! group, carrying pub/sub, channel history and presence.
+//! group, or one Redis Cluster, carrying pub/sub, channel history and presence.
 //!
-//! - **Shards**: every channel lives on one shard, picked by [`ring::shard_of`] (a
+//! - **Shards**: every channel lives on one shard, picked by `ring::shard_of` (a
 //!   jump consistent hash of its name over the `--redis-url` list). Its pub/sub
 //!   traffic, history and presence keys are all on that shard; a shard that is down
 //!   makes only its own channels unavailable. Cluster-wide keys (the node
@@ -12,25 +12,26 @@
 //!   `PUBLISH` reply before it sends the next one, so one connection's messages reach
 //!   Redis, and therefore every node, in the order they were sent.
 //! - **Receiving**: one RESP3 subscriber connection per shard, owned by that shard's
-//!   [`subscriber`] task, subscribed to the shard's channels that have local
+//!   `subscriber` task, subscribed to the shard's channels that have local
 //!   subscribers, and checked every second by a delivery probe.
-//! - **Failover**: a Sentinel-managed shard follows its master ([`endpoint`]): both
+//! - **Failover**: a Sentinel-managed shard follows its master (`endpoint`): both
 //!   connections move to the new master, and history channels are repaired from the
-//!   stream after the move.
+//!   stream after the move. A Redis Cluster is one shard whose clients follow the
+//!   slot map; its channels use sharded pub/sub (`conn`).
 //! - **History**: a publish to a channel with history runs the publish script
-//!   ([`scripts`]), which assigns the next offset, appends the envelope to the
+//!   (`scripts`), which assigns the next offset, appends the envelope to the
 //!   channel's stream (exactly `history-size` entries kept), refreshes the TTLs and
 //!   PUBLISHes the same bytes, atomically: no message is published without being
 //!   stored, or stored without an offset. Each channel has two keys,
 //!   `<prefix>{<channel>}:stream` and `<prefix>{<channel>}:meta` (epoch and top
 //!   offset). Scripts run by EVALSHA; redis-rs loads them again after `NOSCRIPT` (a
 //!   restart, a failover or `SCRIPT FLUSH`).
-//! - **Gap repair**: publications of history channels go through the [`Tracker`],
+//! - **Gap repair**: publications of history channels go through the `Tracker`,
 //!   which delivers them in offset order, once, and asks for repairs (read from the
-//!   stream by [`repair_task`]s) when offsets are missing: after a pub/sub drop and
+//!   stream by `repair_task`s) when offsets are missing: after a pub/sub drop and
 //!   reconnect (positions are read on the new subscriber connection right after it
 //!   re-SUBSCRIBEs), when a publication skips offsets, and when the periodic position
-//!   check ([`check_positions`]) finds a quiet channel behind its stream.
+//!   check (`check_positions`) finds a quiet channel behind its stream.
 
 mod conn;
 mod endpoint;
