@@ -113,6 +113,15 @@ async fn sharded_pubsub_survives_a_planned_failover_and_a_killed_master() {
             "classic pub/sub used"
         );
     }
+    // Every master carries a delivery probe of each node.
+    for (_, _, port, _, _) in cluster.slots().await {
+        let probes = channels(cluster.server(port), true)
+            .await
+            .into_iter()
+            .filter(|c| c.starts_with("wsrelay:{probe:"))
+            .count();
+        assert_eq!(probes, nodes.len(), "probes on master {port}");
+    }
 
     // 1: a planned failover (CLUSTER FAILOVER on the replica): the old master
     // unsubscribes its shard channels, the nodes subscribe on the new one.

@@ -35,6 +35,7 @@
 
 mod conn;
 mod endpoint;
+mod probe;
 mod ring;
 mod scripts;
 mod shard;

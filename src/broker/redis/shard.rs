@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterConfig;
@@ -17,6 +17,7 @@ use tokio::sync::{Notify, oneshot};
 
 use super::conn::{Conn, PubSub};
 use super::endpoint::Endpoint;
+use super::probe::Probes;
 use crate::broker::BrokerError;
 
 /// One shard: see the module documentation.
@@ -46,10 +47,8 @@ pub(super) struct Shard {
     /// Why the shard is not usable although connected (a probe that did not come
     /// back), or why the last connection ended. Cleared by a returning probe.
     problem: Mutex<Option<String>>,
-    /// The node-private pub/sub channel of the delivery probe on this shard.
-    pub probe_channel: String,
-    /// The probe in flight: its nonce and when it was sent.
-    probe: Mutex<Option<(u64, Instant)>>,
+    /// The delivery probes through this shard.
+    pub probes: Probes,
 }
 
 /// The subscriber connection's channels.
@@ -84,16 +83,6 @@ impl SubState {
     }
 }
 
-/// What the health tick should do about the probe.
-pub(super) enum ProbeStep {
-    /// Publish this nonce on the probe channel.
-    Send(u64),
-    /// One is in flight and not late yet.
-    Wait,
-    /// The one in flight is later than the broker timeout.
-    Overdue,
-}
-
 impl Shard {
     pub(super) fn new(
         index: usize,
@@ -124,15 +113,11 @@ impl Shard {
             }
         };
         let pubsub = endpoint.pubsub();
-        let token = rand::random::<u64>();
-        // On a cluster the name carries a hash tag, like every channel's.
-        let probe_channel = match pubsub {
-            PubSub::Classic => format!("{prefix}probe:{token:016x}"),
-            PubSub::Sharded => format!("{prefix}{{probe:{token:016x}}}"),
-        };
+        let label = endpoint.label();
+        let probes = Probes::new(prefix, pubsub, &label, timeout);
         Ok(Shard {
             index,
-            label: endpoint.label(),
+            label,
             endpoint,
             pubsub,
             timeout,
@@ -142,8 +127,7 @@ impl Shard {
             kick: Arc::new(Notify::new()),
             connected: AtomicBool::new(false),
             problem: Mutex::new(None),
-            probe_channel,
-            probe: Mutex::new(None),
+            probes,
         })
     }
 
@@ -260,45 +244,18 @@ impl Shard {
         *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(problem.into());
     }
 
-    /// The probe step for this health tick (a new one is only sent once the last
-    /// one came back or was declared lost).
-    pub(super) fn probe_step(&self) -> ProbeStep {
-        let mut probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
-        match *probe {
-            Some((_, sent)) if sent.elapsed() > self.timeout => {
-                *probe = None;
-                ProbeStep::Overdue
-            }
-            Some(_) => ProbeStep::Wait,
-            None => {
-                let nonce = rand::random::<u64>();
-                *probe = Some((nonce, Instant::now()));
-                ProbeStep::Send(nonce)
-            }
-        }
-    }
-
-    /// Forgets the probe in flight (it could not be sent, or the connection it was
-    /// meant for is gone).
-    pub(super) fn probe_abandoned(&self) {
-        *self.probe.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    /// A probe came back through the subscriber connection: delivery works.
-    /// Returns whether this cleared a problem.
-    pub(super) fn probe_returned(&self, payload: &[u8]) -> bool {
-        let mut probe = self.probe.lock().unwrap_or_else(|e| e.into_inner());
-        let expected = probe.map(|(nonce, _)| nonce.to_string());
-        if expected.as_deref().map(str::as_bytes) != Some(payload) {
-            return false;
-        }
-        *probe = None;
-        drop(probe);
-        self.problem
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .is_some()
+    /// A push on pub/sub channel `channel`: `None` when it is not a probe channel;
+    /// otherwise whether it was a probe coming back that cleared a problem.
+    pub(super) fn probe_returned(&self, channel: &[u8], payload: &[u8]) -> Option<bool> {
+        let returned = self.probes.returned(channel, payload)?;
+        let cleared = returned
+            && self
+                .problem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .is_some();
+        Some(cleared)
     }
 }
 

@@ -29,7 +29,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::SubConn;
-use super::shard::{ProbeStep, Shard};
+use super::probe::Step;
+use super::shard::Shard;
 use super::{Backoff, HEALTH_INTERVAL, Inner, SUBSCRIBE_BATCH};
 use crate::broker::HistoryRequest;
 use crate::envelope;
@@ -117,16 +118,19 @@ async fn connect(inner: &Arc<Inner>, shard: &Arc<Shard>) -> Result<(SubConn, Arc
                     .set_connection_timeout(timeout)
                     .set_response_timeout(timeout)
                     .set_push_sender(push_handler(inner, shard, &disconnected));
-                let conn = client
+                let mut conn = client
                     .map_err(|e| e.to_string())?
                     .get_async_connection_with_config(config)
                     .await
                     .map_err(|e| e.to_string())?;
+                shard
+                    .probes
+                    .set_cluster_masters(&cluster_masters(&mut conn).await?);
                 SubConn::Cluster(conn)
             }
             None => connect_single(inner, shard, &disconnected).await?,
         };
-        conn.subscribe(std::slice::from_ref(&shard.probe_channel))
+        conn.subscribe(&shard.probes.channels())
             .await
             .map_err(|e| e.to_string())?;
         Ok((conn, disconnected.clone()))
@@ -185,6 +189,39 @@ async fn connect_single(
     Ok(SubConn::Single(conn))
 }
 
+/// The slot ranges of a Redis Cluster and their masters' addresses (`CLUSTER
+/// SLOTS`), for one delivery probe per master.
+async fn cluster_masters(
+    conn: &mut impl ConnectionLike,
+) -> Result<Vec<(u16, u16, String)>, String> {
+    let ranges: Vec<Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(conn)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut masters = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let parsed: Option<(u16, u16, String)> = (|| {
+            let Value::Array(items) = range else {
+                return None;
+            };
+            let int = |v: &Value| redis::from_redis_value_ref::<u16>(v).ok();
+            let Value::Array(master) = items.get(2)? else {
+                return None;
+            };
+            let host: String = redis::from_redis_value_ref(master.first()?).ok()?;
+            let port = redis::from_redis_value_ref::<u16>(master.get(1)?).ok()?;
+            Some((
+                int(items.first()?)?,
+                int(items.get(1)?)?,
+                format!("{host}:{port}"),
+            ))
+        })();
+        masters.push(parsed.ok_or("unexpected CLUSTER SLOTS reply")?);
+    }
+    Ok(masters)
+}
+
 /// `Ok` when the server is a master: the sentinels may name a master that is
 /// still being demoted or promoted.
 async fn check_role(conn: &mut impl ConnectionLike) -> Result<(), String> {
@@ -229,7 +266,7 @@ impl Inner {
     fn on_disconnected(&self, shard: &Shard) {
         let mut state = shard.lock();
         shard.set_connected(&state, false);
-        shard.probe_abandoned();
+        shard.probes.abandon(None);
         state.live.clear();
         state.dirty.clear();
         drop(state);
@@ -372,38 +409,39 @@ impl Inner {
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(format!("no answer to a health check within {timeout:?}")),
         }
-        match shard.probe_step() {
-            ProbeStep::Wait => Ok(()),
-            ProbeStep::Overdue => {
+        let send = match shard.probes.step() {
+            Step::Send(send) => send,
+            Step::Overdue(target) => {
                 self.local.metrics.broker_probe_failed(&shard.label);
-                let problem = format!("delivery probe not received within {timeout:?}");
+                let problem =
+                    format!("delivery probe through {target} not received within {timeout:?}");
                 shard.set_problem(problem.clone());
                 self.update_up(shard);
-                Err(problem)
+                return Err(problem);
             }
-            ProbeStep::Send(nonce) => {
-                // Through the publishing connection, as publications travel. A
-                // failure here is the publisher's (it reconnects by itself); the
-                // probe is sent again next tick.
-                let sent = shard
-                    .idempotent(|mut publisher| {
-                        let channel = shard.probe_channel.clone();
-                        async move {
-                            redis::cmd(shard.pubsub.publish())
-                                .arg(channel)
-                                .arg(nonce.to_string())
-                                .query_async::<i64>(&mut publisher)
-                                .await
-                        }
-                    })
-                    .await;
-                if let Err(e) = sent {
-                    tracing::debug!(shard = %shard.label, error = %e, "delivery probe not sent");
-                    shard.probe_abandoned();
-                }
-                Ok(())
+        };
+        for (channel, nonce) in send {
+            // Through the publishing connection, as publications travel. A failure
+            // here is the publisher's (it reconnects by itself); the probe is sent
+            // again next tick.
+            let sent = shard
+                .idempotent(|mut publisher| {
+                    let channel = channel.clone();
+                    async move {
+                        redis::cmd(shard.pubsub.publish())
+                            .arg(channel)
+                            .arg(nonce.to_string())
+                            .query_async::<i64>(&mut publisher)
+                            .await
+                    }
+                })
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(shard = %shard.label, error = %e, "delivery probe not sent");
+                shard.probes.abandon(Some(&channel));
             }
         }
+        Ok(())
     }
 
     /// Handles one push from a subscriber connection. Runs inside the connection's
@@ -419,8 +457,8 @@ impl Inner {
                     tracing::warn!("dropping malformed pub/sub push from Redis");
                     return;
                 };
-                if key == shard.probe_channel.as_bytes() {
-                    if shard.probe_returned(&payload) {
+                if let Some(cleared) = shard.probe_returned(&key, &payload) {
+                    if cleared {
                         tracing::info!(shard = %shard.label, "delivery probe received again");
                         self.update_up(shard);
                     }
@@ -458,6 +496,11 @@ impl Inner {
                 let Some(Value::BulkString(key)) = info.data.first() else {
                     return;
                 };
+                if shard.probes.channels().iter().any(|c| c.as_bytes() == key) {
+                    // A probe's slot moved: pick the probes again on a new connection.
+                    shard.kick.notify_one();
+                    return;
+                }
                 let Some(channel) = std::str::from_utf8(key)
                     .ok()
                     .and_then(|k| self.channel_of(k))
