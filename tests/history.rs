@@ -621,7 +621,9 @@ async fn a_deaf_subscriber_connection_is_repaired_reported_and_replaced() {
     );
     // The delivery probe does not come back: the node says why it is not ready.
     let (status, body) = wait_for_readyz(&n2, |status, body| {
-        status == 503 && body.contains("delivery probe not received")
+        status == 503
+            && body.contains("delivery probe through")
+            && body.contains("not received within")
     })
     .await;
     assert!(
