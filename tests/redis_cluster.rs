@@ -8,9 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, RedisCluster, RedisServer, TestNode, WAIT, offsets};
+use common::{
+    Client, RedisCluster, RedisServer, TestNode, WAIT, eventually, offsets, publish_until_acked,
+};
 use serde_json::json;
-use tokio::time::Instant;
 
 /// Longest time publishes may fail after a master is killed: the cluster marks it
 /// failed after `cluster-node-timeout` (2 s here), the replica wins the election
@@ -40,26 +41,6 @@ async fn nodes(cluster: &RedisCluster) -> Vec<TestNode> {
     nodes
 }
 
-/// Publishes until acked (`unavailable` is the only other answer allowed); returns
-/// the offset and how long it took.
-async fn publish_until_acked(writer: &mut Client, ch: &str, id: &mut u64) -> (u64, Duration) {
-    let started = Instant::now();
-    loop {
-        *id += 1;
-        let reply = writer.publish(ch, json!(*id), *id).await;
-        if reply["op"] == "ack" {
-            return (reply["offset"].as_u64().unwrap_or(0), started.elapsed());
-        }
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        assert!(
-            started.elapsed() < FAILOVER_BOUND,
-            "publishes failed for {:?}: {reply}",
-            started.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `PUBSUB SHARDCHANNELS` (or `CHANNELS`) of one server.
 async fn channels(server: &RedisServer, sharded: bool) -> Vec<String> {
     let mut conn = server.connection().await.unwrap();
@@ -69,14 +50,6 @@ async fn channels(server: &RedisServer, sharded: bool) -> Vec<String> {
         .query_async(&mut conn)
         .await
         .unwrap()
-}
-
-async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut check: F) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +64,7 @@ async fn sharded_pubsub_survives_a_planned_failover_and_a_killed_master() {
     let mut writer = nodes[0].client("channel=side").await;
     let mut id = 0;
     for _ in 0..5 {
-        publish_until_acked(&mut writer, ch, &mut id).await;
+        publish_until_acked(&mut writer, ch, &mut id, FAILOVER_BOUND).await;
     }
     assert_eq!(offsets(&reader.recv_msgs(5).await), [1, 2, 3, 4, 5]);
 
@@ -132,11 +105,11 @@ async fn sharded_pubsub_survives_a_planned_failover_and_a_killed_master() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    wait_for("the replica takes over", WAIT, async || {
+    eventually("the replica takes over", WAIT, async || {
         cluster.owner(slot).await.0 == replica
     })
     .await;
-    let (last, outage) = publish_until_acked(&mut writer, ch, &mut id).await;
+    let (last, outage) = publish_until_acked(&mut writer, ch, &mut id, FAILOVER_BOUND).await;
     println!("planned failover: publishes failed for {outage:?}");
     assert!(last >= 6);
     assert_eq!(
@@ -153,7 +126,7 @@ async fn sharded_pubsub_survives_a_planned_failover_and_a_killed_master() {
 
     // 2: the new master is killed (once its replica has every write).
     let mut conn = cluster.server(replica).connection().await.unwrap();
-    wait_for("the replica has every write", WAIT, async || {
+    eventually("the replica has every write", WAIT, async || {
         let synced: redis::RedisResult<i64> = redis::cmd("WAIT")
             .arg(1)
             .arg(200)
@@ -163,7 +136,7 @@ async fn sharded_pubsub_survives_a_planned_failover_and_a_killed_master() {
     })
     .await;
     cluster.server_mut(replica).kill();
-    let (next, outage) = publish_until_acked(&mut writer, ch, &mut id).await;
+    let (next, outage) = publish_until_acked(&mut writer, ch, &mut id, FAILOVER_BOUND).await;
     println!("master killed: publishes failed for {outage:?}");
     assert!(next > last);
     assert_eq!(
@@ -218,7 +191,8 @@ async fn a_busy_channel_keeps_every_offset_once_while_its_slot_migrates() {
             let mut refused = 0;
             for _ in 0..600 {
                 let before = id;
-                let (offset, _) = publish_until_acked(&mut writer, &ch, &mut id).await;
+                let (offset, _) =
+                    publish_until_acked(&mut writer, &ch, &mut id, FAILOVER_BOUND).await;
                 refused += id - before - 1;
                 last = offset;
                 tokio::time::sleep(Duration::from_millis(3)).await;

@@ -10,45 +10,15 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    Client, RedisServer, SentinelServer, TestNode, WAIT, free_port, metric, offsets, wait_until,
+    RedisServer, SentinelServer, TestNode, WAIT, eventually, free_port, metric, offsets,
+    publish_until_acked, wait_until,
 };
 use serde_json::json;
-use tokio::time::Instant;
 
 /// Longest time publishes may fail after the master is lost: Sentinel needs
 /// `down-after-milliseconds` (1 s here) to call it down, a second or two to agree
 /// and promote the replica; the node then needs one health tick to move.
 const FAILOVER_BOUND: Duration = Duration::from_secs(15);
-
-/// Polls `check` until it returns true (every 100 ms, within `limit`).
-async fn eventually<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut check: F) {
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Publishes `data` until it is acked (counting the `unavailable` answers, the only
-/// other answer allowed); returns the ack's offset and how long it took.
-async fn publish_until_acked(writer: &mut Client, ch: &str, id: &mut u64) -> (u64, Duration) {
-    let started = Instant::now();
-    loop {
-        *id += 1;
-        let reply = writer.publish(ch, json!(*id), *id).await;
-        if reply["op"] == "ack" {
-            return (reply["offset"].as_u64().unwrap(), started.elapsed());
-        }
-        eprintln!("publish {id}: {reply}");
-        assert_eq!(reply["code"], "unavailable", "{reply}");
-        assert!(
-            started.elapsed() < FAILOVER_BOUND,
-            "publishes failed for {:?}: {reply}",
-            started.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn numsub(redis: &RedisServer, ch: &str) -> i64 {
     redis.numsub(ch).await
@@ -110,7 +80,7 @@ async fn nodes_follow_the_master_through_failovers() {
     let mut writer = nodes[0].client("channel=side").await;
     let mut id = 0;
     for _ in 0..5 {
-        publish_until_acked(&mut writer, ch, &mut id).await;
+        publish_until_acked(&mut writer, ch, &mut id, FAILOVER_BOUND).await;
     }
     assert_eq!(offsets(&reader.recv_msgs(5).await), [1, 2, 3, 4, 5]);
     assert_eq!(numsub(&first, ch).await, 1);
@@ -128,7 +98,7 @@ async fn nodes_follow_the_master_through_failovers() {
     })
     .await;
     first.kill();
-    let (last, outage) = publish_until_acked(&mut writer, ch, &mut id).await;
+    let (last, outage) = publish_until_acked(&mut writer, ch, &mut id, FAILOVER_BOUND).await;
     println!("master killed: publishes failed for {outage:?}");
     assert!(last >= 6);
     // An attempt answered `unavailable` may still have been published (as
@@ -198,7 +168,7 @@ async fn nodes_follow_the_master_through_failovers() {
         })
         .await;
     }
-    let (next, outage) = publish_until_acked(&mut writer, ch, &mut id).await;
+    let (next, outage) = publish_until_acked(&mut writer, ch, &mut id, FAILOVER_BOUND).await;
     println!("planned failover: publishes failed for {outage:?}");
     assert!(next > last);
     assert_eq!(

@@ -1309,3 +1309,38 @@ impl RedisCluster {
         self.servers.iter_mut().find(|s| s.port == port).unwrap()
     }
 }
+
+/// Polls an asynchronous condition every 100 ms until it holds, within `limit`.
+pub async fn eventually<F: AsyncFnMut() -> bool>(what: &str, limit: Duration, mut check: F) {
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes (ids from `id` on) until one is acked; `unavailable`, the only other
+/// answer allowed, is retried for at most `bound` (a failover). Returns the ack's
+/// offset and how long it took.
+pub async fn publish_until_acked(
+    writer: &mut Client,
+    ch: &str,
+    id: &mut u64,
+    bound: Duration,
+) -> (u64, Duration) {
+    let started = Instant::now();
+    loop {
+        *id += 1;
+        let reply = writer.publish(ch, json!(*id), *id).await;
+        if reply["op"] == "ack" {
+            return (reply["offset"].as_u64().unwrap_or(0), started.elapsed());
+        }
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        assert!(
+            started.elapsed() < bound,
+            "publishes failed for {:?}: {reply}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -38,34 +38,6 @@ pub(super) enum Conn {
     Cluster(ClusterConnection),
 }
 
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
 /// A shard's subscriber connection (RESP3: pushes go to a callback).
 #[derive(Clone)]
 pub(super) enum SubConn {
@@ -104,30 +76,39 @@ impl SubConn {
     }
 }
 
-impl ConnectionLike for SubConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            SubConn::Single(c) => c.req_packed_command(cmd),
-            SubConn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
+/// `ConnectionLike` for an enum of a standalone and a cluster connection, by
+/// delegation to the variant: both are used with the same commands and scripts.
+macro_rules! delegate_connection_like {
+    ($ty:ident) => {
+        impl ConnectionLike for $ty {
+            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+                match self {
+                    $ty::Single(c) => c.req_packed_command(cmd),
+                    $ty::Cluster(c) => c.req_packed_command(cmd),
+                }
+            }
 
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            SubConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            SubConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
+            fn req_packed_commands<'a>(
+                &'a mut self,
+                pipeline: &'a Pipeline,
+                offset: usize,
+                count: usize,
+            ) -> RedisFuture<'a, Vec<Value>> {
+                match self {
+                    $ty::Single(c) => c.req_packed_commands(pipeline, offset, count),
+                    $ty::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+                }
+            }
 
-    fn get_db(&self) -> i64 {
-        match self {
-            SubConn::Single(c) => c.get_db(),
-            SubConn::Cluster(c) => c.get_db(),
+            fn get_db(&self) -> i64 {
+                match self {
+                    $ty::Single(c) => c.get_db(),
+                    $ty::Cluster(c) => c.get_db(),
+                }
+            }
         }
-    }
+    };
 }
+
+delegate_connection_like!(Conn);
+delegate_connection_like!(SubConn);

@@ -21,6 +21,9 @@ pub(super) struct Probes {
     pubsub: PubSub,
     /// Makes this node's probe channels its own.
     token: u64,
+    /// What every probe channel name of this node starts with: pushes are told
+    /// apart from publications without taking the lock.
+    stem: String,
     timeout: Duration,
     probes: Mutex<Vec<Probe>>,
 }
@@ -46,10 +49,16 @@ impl Probes {
     /// One probe channel, checking `target` (on a cluster, until the masters are
     /// known: see [`Probes::set_cluster_masters`]).
     pub(super) fn new(prefix: &str, pubsub: PubSub, target: &str, timeout: Duration) -> Probes {
+        let token: u64 = rand::random();
+        let stem = match pubsub {
+            PubSub::Classic => format!("{prefix}probe:{token:016x}"),
+            PubSub::Sharded => format!("{prefix}{{probe:{token:016x}:"),
+        };
         let probes = Probes {
             prefix: prefix.to_owned(),
             pubsub,
-            token: rand::random(),
+            token,
+            stem,
             timeout,
             probes: Mutex::new(Vec::new()),
         };
@@ -148,6 +157,10 @@ impl Probes {
     /// A push on pub/sub channel `channel`: `None` when it is not a probe channel;
     /// otherwise whether it carried the nonce in flight.
     pub(super) fn returned(&self, channel: &[u8], payload: &[u8]) -> Option<bool> {
+        // On the path of every publication: a prefix comparison, no lock.
+        if !channel.starts_with(self.stem.as_bytes()) {
+            return None;
+        }
         let mut probes = self.lock();
         let probe = probes
             .iter_mut()

@@ -203,11 +203,14 @@ impl Shard {
             .await
     }
 
-    /// Turns a failed command into a broker error. A `READONLY` reply means the
-    /// server is no longer the master: the subscriber task is kicked to find the
-    /// new one (and moves the publishing connection with it).
+    /// Turns a failed command into a broker error. On a Sentinel-managed shard a
+    /// `READONLY` reply means the server is no longer the master: the subscriber
+    /// task is kicked to find the new one (and moves the publishing connection with
+    /// it).
     pub(super) fn failed(&self, error: redis::RedisError) -> BrokerError {
-        if error.code() == Some("READONLY") {
+        // Only a Sentinel group has another master to find: a fixed server that
+        // answers READONLY is a replica by configuration, and stays one.
+        if error.code() == Some("READONLY") && self.endpoint.is_sentinel() {
             tracing::warn!(shard = %self.label, "Redis answered READONLY: the master was demoted; finding the new one");
             self.kick.notify_one();
         }
