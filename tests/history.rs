@@ -587,6 +587,57 @@ async fn a_dropped_pubsub_connection_is_repaired_from_history_sharded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_gone_back_is_a_gap_and_its_reused_offsets_are_delivered() {
+    // What a failover to a replica that missed the last writes leaves behind: the
+    // same epoch at a lower offset, whose next offsets go to other publications.
+    let t = redis(5000, &[]).await;
+    let ch = "chat:back";
+    let mut reader = t.node(1).client(&format!("channel={ch}")).await;
+    let mut publisher = t.node(0).client("channel=other").await;
+    publish_range(&mut publisher, ch, 1..=5).await;
+    assert_eq!(offsets(&reader.recv_msgs(5).await), [1, 2, 3, 4, 5]);
+    let mut admin = t.redis_for(ch).connection().await.unwrap();
+    // The channel as a replica that got only 1..=3 has it.
+    let _: () = redis::cmd("EVAL")
+        .arg(
+            "local e = redis.call('XRANGE', KEYS[1], '-', '3-0') \
+             redis.call('DEL', KEYS[1]) \
+             for i = 1, #e do redis.call('XADD', KEYS[1], e[i][1], unpack(e[i][2])) end \
+             redis.call('HSET', KEYS[2], 's', 3)",
+        )
+        .arg(2)
+        .arg("wsrelay:{chat:back}:stream")
+        .arg("wsrelay:{chat:back}:meta")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // The nodes re-subscribe, as after a failover.
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let gap = reader.recv().await;
+    assert_eq!(
+        (gap["op"].as_str(), gap["offset"].as_u64()),
+        (Some("gap"), Some(3)),
+        "{gap}"
+    );
+    // The next publication is given offset 4 again: delivered, not dropped as a
+    // duplicate of the lost one.
+    let ack = publisher.publish(ch, json!("the new 4"), 99).await;
+    assert_eq!(ack["offset"], 4, "{ack}");
+    let msg = reader.recv().await;
+    assert_eq!(
+        (msg["offset"].as_u64(), msg["data"].as_str()),
+        (Some(4), Some("the new 4")),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deaf_subscriber_connection_is_repaired_reported_and_replaced() {
     let redis_server = RedisServer::start().await;
     let proxy = DeafProxy::start(redis_server.port).await;

@@ -222,6 +222,34 @@ impl Tracker {
         self.repair_to(channel, &mut track, top.offset)
     }
 
+    /// The channel's position read on a new subscriber connection, right after it
+    /// subscribed (so every push received before it is at or below it). Like
+    /// [`on_position`](Self::on_position), and one more case: a position *below*
+    /// what was delivered, in the same epoch, means the history went back — a
+    /// failover to a replica that had not received the last writes. Its next
+    /// offsets will be given to other publications, which must not be dropped as
+    /// duplicates: the subscribers are told with a `gap` at the new position.
+    pub(super) fn on_resubscribed(&self, channel: &str, top: Position) -> Option<Repair> {
+        if let Some(mut track) = self.tracks.get_mut(channel)
+            && !track.provisional
+            && !track.repairing
+            && track.epoch == top.epoch
+            && top.offset < track.last
+        {
+            tracing::warn!(
+                channel,
+                delivered = track.last,
+                history = top.offset,
+                "the history is behind what was delivered (writes lost in a failover)"
+            );
+            self.local.gap(channel, &top);
+            track.last = top.offset;
+            track.buffer.clear();
+            return None;
+        }
+        self.on_position(channel, top)
+    }
+
     /// The publications a repair read (oldest first) and the channel's position at
     /// the time. Delivers what is missing, reports what the history no longer holds,
     /// then replays the buffer; returns the next repair if the buffer has a gap again.
@@ -446,6 +474,22 @@ mod tests {
         t.on_position("c", pos("e", 3));
         assert_eq!(t.on_live("c", publication("e", 500)), None);
         assert_eq!(received(&mut q), ["gap@499", "500"]);
+    }
+
+    #[test]
+    fn a_history_gone_back_after_a_failover_is_a_gap_and_its_offsets_are_not_dropped() {
+        let (t, mut q) = setup();
+        t.on_position("c", pos("e", 3));
+        t.on_live("c", publication("e", 4));
+        t.on_live("c", publication("e", 5));
+        // The new master never got 5.
+        assert_eq!(t.on_resubscribed("c", pos("e", 4)), None);
+        // Its next publication takes offset 5 again: delivered, not a duplicate.
+        assert_eq!(t.on_live("c", publication("e", 5)), None);
+        assert_eq!(received(&mut q), ["4", "5", "gap@4", "5"]);
+        // Without a failover, a position read after re-subscribing is as before.
+        assert_eq!(t.on_resubscribed("c", pos("e", 5)), None);
+        assert!(received(&mut q).is_empty());
     }
 
     #[test]

@@ -347,7 +347,7 @@ impl Inner {
             });
         for read in futures_util::future::join_all(reads).await {
             let (channel, top) = read?;
-            if let Some(repair) = self.tracker.on_position(channel, top) {
+            if let Some(repair) = self.tracker.on_resubscribed(channel, top) {
                 self.spawn_repair(repair);
             }
         }
