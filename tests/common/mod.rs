@@ -847,16 +847,7 @@ impl Topology {
             redis.push(RedisServer::start().await);
         }
         let urls: Vec<String> = redis.iter().map(RedisServer::url).collect();
-        let urls = urls.join(",");
-        let mut nodes = Vec::with_capacity(n);
-        for i in 1..=n {
-            let id = format!("n{i}");
-            let mut all = vec!["--redis-url", urls.as_str(), "--node-id", id.as_str()];
-            all.extend_from_slice(args);
-            let node = TestNode::start(&all).await;
-            node.wait_ready().await;
-            nodes.push(node);
-        }
+        let nodes = start_nodes(n, ["--redis-url", &urls.join(",")], args).await;
         Topology {
             redis,
             cluster: None,
@@ -868,16 +859,7 @@ impl Topology {
     /// replicas, through sharded pub/sub.
     pub async fn cluster(n: usize, args: &[&str]) -> Topology {
         let cluster = RedisCluster::start(3).await;
-        let seeds = cluster.seeds();
-        let mut nodes = Vec::with_capacity(n);
-        for i in 1..=n {
-            let id = format!("n{i}");
-            let mut all = vec!["--redis-cluster", seeds.as_str(), "--node-id", id.as_str()];
-            all.extend_from_slice(args);
-            let node = TestNode::start(&all).await;
-            node.wait_ready().await;
-            nodes.push(node);
-        }
+        let nodes = start_nodes(n, ["--redis-cluster", &cluster.seeds()], args).await;
         Topology {
             redis: Vec::new(),
             cluster: Some(cluster),
@@ -908,6 +890,21 @@ impl Topology {
             _ => "sharded",
         }
     }
+}
+
+/// `n` ready nodes (ids n1, n2, …) on the broker named by `broker` (a flag and its
+/// value), with `args`.
+async fn start_nodes(n: usize, broker: [&str; 2], args: &[&str]) -> Vec<TestNode> {
+    let mut nodes = Vec::with_capacity(n);
+    for i in 1..=n {
+        let id = format!("n{i}");
+        let mut all = vec![broker[0], broker[1], "--node-id", id.as_str()];
+        all.extend_from_slice(args);
+        let node = TestNode::start(&all).await;
+        node.wait_ready().await;
+        nodes.push(node);
+    }
+    nodes
 }
 
 /// The shard of `channel` among `shards`, computed here from the documented
