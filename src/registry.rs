@@ -290,20 +290,23 @@ impl Registry {
             .count()
     }
 
-    /// Queues a `gap` frame to every local subscriber of `channel` (held back for
-    /// those still recovering): what came before is lost, and offsets may start over
-    /// in a new epoch, so every floor is reset.
-    pub fn fanout_gap(&self, channel: &str, frame: &Utf8Bytes) -> usize {
+    /// Queues a `gap` frame (at `offset`) to every local subscriber of `channel`:
+    /// what came before is lost, and offsets may start over in a new epoch, so
+    /// every floor is reset. Held back for those still recovering, with its offset:
+    /// a recovery that reached past it drops it (its ack already says where the
+    /// client stands).
+    pub fn fanout_gap(&self, channel: &str, frame: &Utf8Bytes, offset: u64) -> usize {
         let Some(subscribers) = self.shared.channels.get(channel) else {
             return 0;
         };
         subscribers
             .values()
-            .filter(|subscriber| {
-                if let Some(recovery) = &subscriber.history {
+            .filter(|subscriber| match &subscriber.history {
+                Some(recovery) if recovery.live.load(Ordering::Relaxed) => {
                     recovery.floor.store(0, Ordering::Relaxed);
+                    subscriber.handle.send(frame.clone())
                 }
-                subscriber.send(frame, None)
+                _ => subscriber.send(frame, Some(offset)),
             })
             .count()
     }
@@ -483,9 +486,18 @@ mod tests {
         assert_eq!(rx_late.take_all(), ["r5", "r6", "ack", "m7", "m8", "m9"]);
         assert_eq!(rx_live.take_all(), ["m8", "m6-again", "m9"]);
         // A gap starts over: offsets of a new epoch are not held to the old floor.
-        reg.fanout_gap("h", &"gap".into());
+        reg.fanout_gap("h", &"gap".into(), 0);
         reg.fanout("h", &"new1".into(), Some(1));
         assert_eq!(rx_late.take_all(), ["gap", "new1"]);
+        // Held back, a gap at or below where the recovery got to is dropped with
+        // the frames it covers: the ack already says where the client stands.
+        let (again, mut rx_again) = reg.register(8);
+        reg.subscribe_held(&again, "h", 8);
+        reg.fanout_gap("h", &"gap@0".into(), 0);
+        reg.fanout("h", &"new2".into(), Some(2));
+        reg.fanout_gap("h", &"gap@3".into(), 3);
+        reg.release(&again, "h", Some(2), vec!["ack@2".into()]);
+        assert_eq!(rx_again.take_all(), ["ack@2", "gap@3"]);
     }
 
     #[test]

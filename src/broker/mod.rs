@@ -125,7 +125,7 @@ impl Local {
     /// were lost (the history no longer holds them): they reload their state.
     pub fn gap(&self, channel: &str, position: &Position) {
         let frame = protocol::encode_gap(channel, position);
-        self.registry.fanout_gap(channel, &frame);
+        self.registry.fanout_gap(channel, &frame, position.offset);
         self.metrics.history_gap("lost");
         tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");
     }

@@ -4,15 +4,24 @@
 //!
 //! The tracker decides and delivers; it does no I/O. The Redis broker feeds it live
 //! publications ([`Tracker::on_live`]), positions read from Redis after a (re)subscribe
-//! or by the periodic position check ([`Tracker::on_position`]), and the result of the
-//! repair reads it asked for ([`Tracker::on_repaired`]). While a repair is in flight,
-//! later live publications of the channel wait in a bounded buffer; one that does not
-//! fit is dropped, and found again in the stream by the next repair.
+//! ([`Tracker::on_subscribing`] then [`Tracker::on_resubscribed`]) or by the periodic
+//! position check ([`Tracker::on_position`]), and the result of the repair reads it
+//! asked for ([`Tracker::on_repaired`]). While a repair or a position read is in
+//! flight, later live publications of the channel wait in a bounded buffer; one that
+//! does not fit is dropped, and found again in the stream by the next repair.
 //!
-//! Why positions read on the subscriber connection need no special care: Redis writes
-//! a command's reply and the pushes of other clients' PUBLISHes into the connection
-//! in execution order, so the pushes before a position reply have offsets at or
-//! below it, and those after it follow it consecutively.
+//! **The one invariant**: a channel's `last` (the last offset delivered) only moves
+//! forward within an epoch, except when a position read *proves* the history went
+//! back (a failover lost writes), and then the subscribers get a `gap`. A position is
+//! therefore judged against what was delivered when it was read, never later: Redis
+//! writes a command's reply and the pushes of other clients' PUBLISHes into the
+//! subscriber connection in execution order, so the pushes before a position reply
+//! have offsets at or below it and those after it follow it consecutively — but the
+//! reply is handed to the task that awaits it while the connection's reader goes on
+//! delivering later pushes. So from the moment a channel is subscribed again on a new
+//! connection until its position read there is judged, its live publications wait
+//! (like during a repair), and anything still in flight from before (a repair, the
+//! buffer of the old connection) is void: the position read covers it.
 
 use std::collections::VecDeque;
 
@@ -32,6 +41,20 @@ pub(super) struct Repair {
     pub(super) after: u64,
     /// The last offset wanted.
     pub(super) upto: u64,
+    /// Which repair of the channel this is: a repair made void (by a re-subscribe)
+    /// while its read was in flight is recognised by its id and ignored.
+    id: u64,
+}
+
+/// What a channel's live publications wait for (in `Track::buffer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// Nothing: they are delivered as they come.
+    Nothing,
+    /// The repair read with this id.
+    Repair(u64),
+    /// The position read on the connection the channel is being subscribed on again.
+    Position,
 }
 
 #[derive(Debug)]
@@ -42,8 +65,9 @@ struct Track {
     /// Created by a live publication before the subscribe's position read: the read
     /// then only raises `last`, since the node was not subscribed before.
     provisional: bool,
-    /// A repair read is in flight; live publications wait in `buffer`.
-    repairing: bool,
+    waiting: Waiting,
+    /// Ids of this channel's repairs (the last one given).
+    repairs: u64,
     buffer: VecDeque<Publication>,
     /// The highest offset dropped because the buffer was full (0: none): repaired
     /// from the stream once the buffer is replayed.
@@ -51,6 +75,21 @@ struct Track {
     /// Something was delivered since the last position check (so the channel is not
     /// quiet and needs no check).
     active: bool,
+}
+
+impl Track {
+    fn new(epoch: Epoch, last: u64, provisional: bool) -> Track {
+        Track {
+            epoch,
+            last,
+            provisional,
+            waiting: Waiting::Nothing,
+            repairs: 0,
+            buffer: VecDeque::new(),
+            overflow: 0,
+            active: false,
+        }
+    }
 }
 
 /// The positions of this node's history channels.
@@ -89,13 +128,30 @@ impl Tracker {
             track.last = upto;
             return None;
         }
-        track.repairing = true;
+        track.repairs += 1;
+        track.waiting = Waiting::Repair(track.repairs);
         Some(Repair {
             channel: channel.to_owned(),
             epoch: track.epoch.clone(),
             after: track.last,
             upto,
+            id: track.repairs,
         })
+    }
+
+    /// The history was lost and started again under `epoch`: the subscribers'
+    /// positions in the old one mean nothing any more, so they are told with a `gap`
+    /// at offset 0 of the new one — and then get what the new history holds from
+    /// offset 1 on, like any other range the node missed.
+    fn new_epoch(&self, channel: &str, track: &mut Track, epoch: Epoch) {
+        let start = Position { epoch, offset: 0 };
+        self.local.gap(channel, &start);
+        track
+            .buffer
+            .retain(|p| p.position.as_ref().map(|p| &p.epoch) == Some(&start.epoch));
+        track.epoch = start.epoch;
+        track.last = 0;
+        track.overflow = 0;
     }
 
     /// A publication from pub/sub. Returns the repair to start, if it revealed a gap.
@@ -107,19 +163,16 @@ impl Tracker {
         let mut track = match self.tracks.get_mut(channel) {
             Some(track) => track,
             None => {
-                let mut entry = self.tracks.entry(channel.to_owned()).or_insert(Track {
-                    epoch: position.epoch.clone(),
-                    last: position.offset.saturating_sub(1),
-                    provisional: true,
-                    repairing: false,
-                    buffer: VecDeque::new(),
-                    overflow: 0,
-                    active: false,
-                });
+                let first = Track::new(
+                    position.epoch.clone(),
+                    position.offset.saturating_sub(1),
+                    true,
+                );
+                let mut entry = self.tracks.entry(channel.to_owned()).or_insert(first);
                 return self.advance(channel, &mut entry, publication);
             }
         };
-        if track.repairing {
+        if track.waiting != Waiting::Nothing {
             let stale = position.epoch == track.epoch && position.offset <= track.last;
             if stale {
                 self.local.metrics.history_duplicates.inc();
@@ -147,21 +200,7 @@ impl Tracker {
             return None;
         };
         if position.epoch != track.epoch {
-            // The history was lost and started again: what came before this
-            // publication in the new epoch may be readable, but the subscribers'
-            // positions in the old epoch mean nothing any more.
-            self.local.gap(
-                channel,
-                &Position {
-                    epoch: position.epoch.clone(),
-                    offset: position.offset - 1,
-                },
-            );
-            track.epoch = position.epoch;
-            track.last = position.offset;
-            track.active = true;
-            self.local.deliver(channel, &publication);
-            return None;
+            self.new_epoch(channel, track, position.epoch.clone());
         }
         if position.offset <= track.last {
             self.local.metrics.history_duplicates.inc();
@@ -188,18 +227,30 @@ impl Tracker {
         }
     }
 
-    /// The channel's position as read from Redis. Returns the repair to start when
-    /// the node is behind it.
+    /// Replays the publications that waited while the channel was being repaired
+    /// or re-subscribed, then what did not fit in the buffer; returns the repair to
+    /// start if they reveal a gap again.
+    fn replay(&self, channel: &str, track: &mut Track) -> Option<Repair> {
+        while let Some(publication) = track.buffer.pop_front() {
+            if let Some(next) = self.advance(channel, track, publication) {
+                return Some(next);
+            }
+        }
+        let overflow = std::mem::take(&mut track.overflow);
+        if overflow > track.last {
+            return self.repair_to(channel, track, overflow);
+        }
+        None
+    }
+
+    /// The channel's position as read from Redis (by the periodic position check, or
+    /// after a first subscribe). Returns the repair to start when the node is behind
+    /// it.
     pub(super) fn on_position(&self, channel: &str, top: Position) -> Option<Repair> {
-        let mut track = self.tracks.entry(channel.to_owned()).or_insert(Track {
-            epoch: top.epoch.clone(),
-            last: top.offset,
-            provisional: false,
-            repairing: false,
-            buffer: VecDeque::new(),
-            overflow: 0,
-            active: false,
-        });
+        let mut track = self
+            .tracks
+            .entry(channel.to_owned())
+            .or_insert_with(|| Track::new(top.epoch.clone(), top.offset, false));
         if track.provisional {
             track.provisional = false;
             if track.epoch == top.epoch {
@@ -207,14 +258,11 @@ impl Tracker {
             }
             return None;
         }
-        if track.repairing {
+        if track.waiting != Waiting::Nothing {
             return None;
         }
         if track.epoch != top.epoch {
-            self.local.gap(channel, &top);
-            track.epoch = top.epoch;
-            track.last = top.offset;
-            return None;
+            self.new_epoch(channel, &mut track, top.epoch.clone());
         }
         if top.offset <= track.last {
             return None;
@@ -222,20 +270,43 @@ impl Tracker {
         self.repair_to(channel, &mut track, top.offset)
     }
 
+    /// The channel is about to be subscribed on a new subscriber connection (after a
+    /// reconnect, or a Redis Cluster slot move): from now on its live publications
+    /// wait for the position read there ([`on_resubscribed`](Self::on_resubscribed)),
+    /// and whatever was in flight from the old connection is void — the position read
+    /// on the new one covers it.
+    pub(super) fn on_subscribing(&self, channel: &str) {
+        if let Some(mut track) = self.tracks.get_mut(channel) {
+            // It delivered on the old connection: the new position is judged
+            // against that.
+            track.provisional = false;
+            track.waiting = Waiting::Position;
+            track.buffer.clear();
+            track.overflow = 0;
+        }
+    }
+
     /// The channel's position read on a new subscriber connection, right after it
-    /// subscribed (so every push received before it is at or below it). Like
-    /// [`on_position`](Self::on_position), and one more case: a position *below*
-    /// what was delivered, in the same epoch, means the history went back — a
-    /// failover to a replica that had not received the last writes. Its next
-    /// offsets will be given to other publications, which must not be dropped as
-    /// duplicates: the subscribers are told with a `gap` at the new position.
+    /// subscribed (so every push received before it is at or below it). Judged
+    /// against what was delivered before the channel was subscribed there (its live
+    /// publications waited meanwhile): behind it, the node repairs; *below* it, in
+    /// the same epoch, the history went back — a failover to a replica that had not
+    /// received the last writes. Its next offsets will be given to other
+    /// publications, which must not be dropped as duplicates: the subscribers are
+    /// told with a `gap` at the new position.
     pub(super) fn on_resubscribed(&self, channel: &str, top: Position) -> Option<Repair> {
-        if let Some(mut track) = self.tracks.get_mut(channel)
-            && !track.provisional
-            && !track.repairing
-            && track.epoch == top.epoch
-            && top.offset < track.last
-        {
+        let Some(mut track) = self.tracks.get_mut(channel) else {
+            return self.on_position(channel, top);
+        };
+        if track.waiting != Waiting::Position {
+            drop(track);
+            return self.on_position(channel, top);
+        }
+        track.waiting = Waiting::Nothing;
+        if track.epoch != top.epoch {
+            self.new_epoch(channel, &mut track, top.epoch.clone());
+        }
+        if top.offset < track.last {
             tracing::warn!(
                 channel,
                 delivered = track.last,
@@ -244,10 +315,12 @@ impl Tracker {
             );
             self.local.gap(channel, &top);
             track.last = top.offset;
-            track.buffer.clear();
-            return None;
+        } else if top.offset > track.last
+            && let Some(repair) = self.repair_to(channel, &mut track, top.offset)
+        {
+            return Some(repair);
         }
-        self.on_position(channel, top)
+        self.replay(channel, &mut track)
     }
 
     /// The publications a repair read (oldest first) and the channel's position at
@@ -260,14 +333,19 @@ impl Tracker {
         publications: Vec<Publication>,
     ) -> Option<Repair> {
         let mut track = self.tracks.get_mut(&repair.channel)?;
-        if !track.repairing || track.epoch != repair.epoch {
+        if track.waiting != Waiting::Repair(repair.id) {
             return None;
         }
+        track.waiting = Waiting::Nothing;
         let channel = repair.channel.as_str();
         if top.epoch != track.epoch {
-            self.local.gap(channel, &top);
-            track.epoch = top.epoch;
-            track.last = top.offset;
+            self.new_epoch(channel, &mut track, top.epoch.clone());
+            if top.offset > 0 {
+                // The read was of the old epoch: read the new one's range.
+                if let Some(next) = self.repair_to(channel, &mut track, top.offset) {
+                    return Some(next);
+                }
+            }
         } else {
             let mut repaired = false;
             for publication in publications {
@@ -306,25 +384,16 @@ impl Tracker {
                 self.local.metrics.history_gap("repaired");
             }
         }
-        track.repairing = false;
-        while let Some(publication) = track.buffer.pop_front() {
-            if let Some(next) = self.advance(channel, &mut track, publication) {
-                return Some(next);
-            }
-        }
-        let overflow = std::mem::take(&mut track.overflow);
-        if overflow > track.last {
-            return self.repair_to(channel, &mut track, overflow);
-        }
-        None
+        self.replay(channel, &mut track)
     }
 
     /// Whether a repair of this range is still wanted (the channel may have lost its
-    /// subscribers, or been repaired otherwise, while the read was failing).
+    /// subscribers, been re-subscribed, or been repaired otherwise, while the read
+    /// was failing).
     pub(super) fn still_wanted(&self, repair: &Repair) -> bool {
         self.tracks
             .get(&repair.channel)
-            .is_some_and(|t| t.repairing && t.epoch == repair.epoch)
+            .is_some_and(|t| t.waiting == Waiting::Repair(repair.id))
     }
 
     /// Keeps only the channels `keep` says the node still serves.
@@ -337,12 +406,12 @@ impl Tracker {
         self.tracks.remove(channel);
     }
 
-    /// Channels that delivered nothing since the last call (and are not being
-    /// repaired), with the last offset delivered; marks every channel quiet again.
+    /// Channels that delivered nothing since the last call (and wait for nothing),
+    /// with the last offset delivered; marks every channel quiet again.
     pub(super) fn quiet_channels(&self) -> Vec<(String, Epoch, u64)> {
         let mut quiet = Vec::new();
         for mut track in self.tracks.iter_mut() {
-            if !track.active && !track.repairing && !track.provisional {
+            if !track.active && track.waiting == Waiting::Nothing && !track.provisional {
                 quiet.push((track.key().clone(), track.epoch.clone(), track.last));
             }
             track.active = false;
@@ -394,6 +463,11 @@ mod tests {
     }
 
     fn setup() -> (Tracker, ClientQueue) {
+        setup_with(4)
+    }
+
+    /// A tracker whose buffers hold `max_buffer` publications.
+    fn setup_with(max_buffer: usize) -> (Tracker, ClientQueue) {
         let registry = Registry::new();
         let (client, queue) = registry.register(1024);
         registry.subscribe(&client, "c");
@@ -402,7 +476,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
         };
-        (Tracker::new(local, 4, 100), queue)
+        (Tracker::new(local, max_buffer, 100), queue)
     }
 
     /// What the client got: offsets of messages, and `gap@N` for gaps.
@@ -483,13 +557,96 @@ mod tests {
         t.on_live("c", publication("e", 4));
         t.on_live("c", publication("e", 5));
         // The new master never got 5.
+        t.on_subscribing("c");
         assert_eq!(t.on_resubscribed("c", pos("e", 4)), None);
         // Its next publication takes offset 5 again: delivered, not a duplicate.
         assert_eq!(t.on_live("c", publication("e", 5)), None);
         assert_eq!(received(&mut q), ["4", "5", "gap@4", "5"]);
         // Without a failover, a position read after re-subscribing is as before.
+        t.on_subscribing("c");
         assert_eq!(t.on_resubscribed("c", pos("e", 5)), None);
         assert!(received(&mut q).is_empty());
+    }
+
+    /// The reply of the position read is handed to the task awaiting it while the
+    /// connection's reader goes on with later pushes: those must not make the
+    /// position look like a history that went back.
+    #[test]
+    fn pushes_handled_before_the_position_reply_are_not_delivered_twice() {
+        let (t, mut q) = setup_with(64);
+        t.on_position("c", pos("e", 450));
+        for o in 451..=452 {
+            t.on_live("c", publication("e", o));
+        }
+        // The pub/sub connection drops; 453..455 are published meanwhile. The node
+        // subscribes again, and its position read (455) races 456..480.
+        t.on_subscribing("c");
+        for o in 456..=480 {
+            assert_eq!(t.on_live("c", publication("e", o)), None, "waits");
+        }
+        let repair = t.on_resubscribed("c", pos("e", 455)).expect("453..455");
+        assert_eq!((repair.after, repair.upto), (452, 455));
+        let read = (453..=455).map(|o| publication("e", o)).collect();
+        assert_eq!(t.on_repaired(&repair, pos("e", 480), read), None);
+        t.on_live("c", publication("e", 481));
+        let expected: Vec<String> = (451..=481).map(|o| o.to_string()).collect();
+        assert_eq!(received(&mut q), expected);
+    }
+
+    /// On a Redis Cluster one read of a batch may hang on a failing master while the
+    /// others answered: each position is judged on its own, against what was
+    /// delivered when the channel was subscribed again.
+    #[test]
+    fn a_late_position_read_is_judged_against_what_was_delivered_when_it_was_read() {
+        let (t, mut q) = setup_with(128);
+        t.on_position("c", pos("e", 360));
+        t.on_subscribing("c");
+        // Everything from 361 on comes live before the reply is handled.
+        for o in 361..=437 {
+            t.on_live("c", publication("e", o));
+        }
+        assert_eq!(t.on_resubscribed("c", pos("e", 360)), None);
+        let got = received(&mut q);
+        let expected: Vec<String> = (361..=437).map(|o| o.to_string()).collect();
+        assert_eq!(got, expected, "no gap, nothing twice");
+    }
+
+    #[test]
+    fn a_repair_in_flight_when_the_channel_is_subscribed_again_is_void() {
+        let (t, mut q) = setup();
+        t.on_position("c", pos("e", 3));
+        let stale = t.on_live("c", publication("e", 6)).expect("4..5");
+        t.on_subscribing("c");
+        assert!(!t.still_wanted(&stale));
+        let repair = t.on_resubscribed("c", pos("e", 7)).expect("4..7");
+        assert_eq!((repair.after, repair.upto), (3, 7));
+        // The old read comes back late: ignored.
+        let old = vec![publication("e", 4), publication("e", 5)];
+        assert_eq!(t.on_repaired(&stale, pos("e", 6), old), None);
+        assert!(received(&mut q).is_empty());
+        let read = (4..=7).map(|o| publication("e", o)).collect();
+        assert_eq!(t.on_repaired(&repair, pos("e", 7), read), None);
+        assert_eq!(received(&mut q), ["4", "5", "6", "7"]);
+    }
+
+    /// Redis lost the channel's history and a new epoch began; what the new history
+    /// holds is delivered, and only the old epoch's end is a gap.
+    #[test]
+    fn a_new_epoch_is_delivered_from_its_first_offset() {
+        let (t, mut q) = setup();
+        t.on_position("c", pos("old", 9));
+        t.on_subscribing("c");
+        t.on_live("c", publication("new", 4));
+        let repair = t.on_resubscribed("c", pos("new", 3)).expect("1..3");
+        assert_eq!((repair.after, repair.upto), (0, 3));
+        let read = (1..=3).map(|o| publication("new", o)).collect();
+        assert_eq!(t.on_repaired(&repair, pos("new", 4), read), None);
+        assert_eq!(received(&mut q), ["gap@0", "1", "2", "3", "4"]);
+        // Seen live first, the same.
+        let repair = t.on_live("c", publication("newer", 2)).expect("1");
+        assert_eq!((repair.after, repair.upto), (0, 1));
+        t.on_repaired(&repair, pos("newer", 2), vec![publication("newer", 1)]);
+        assert_eq!(received(&mut q), ["gap@0", "1", "2"]);
     }
 
     #[test]
@@ -498,8 +655,10 @@ mod tests {
         t.on_position("c", pos("old", 3));
         t.on_live("c", publication("new", 1));
         assert_eq!(received(&mut q), ["gap@0", "1"]);
-        t.on_position("c", pos("newer", 5));
-        assert_eq!(received(&mut q), ["gap@5"]);
+        // Found by the position check: what the new epoch holds is read.
+        let repair = t.on_position("c", pos("newer", 5)).expect("1..5");
+        assert_eq!((repair.after, repair.upto), (0, 5));
+        assert_eq!(received(&mut q), ["gap@0"]);
     }
 
     #[test]

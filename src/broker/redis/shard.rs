@@ -7,7 +7,7 @@
 //! only mark channels dirty and wait.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -44,6 +44,11 @@ pub(super) struct Shard {
     /// (a `+switch-master` event, a `READONLY` reply).
     pub kick: Arc<Notify>,
     connected: AtomicBool,
+    /// Which subscriber connection is the current one: each connection attempt
+    /// takes the next number, and pushes of an older connection, still being
+    /// drained by its reader after it was replaced, are ignored (the position
+    /// reads on the new connection cover what they carried).
+    connection: AtomicU64,
     /// Why the shard is not usable although connected (a probe that did not come
     /// back), or why the last connection ended. Cleared by a returning probe.
     problem: Mutex<Option<String>>,
@@ -126,6 +131,7 @@ impl Shard {
             wake: Notify::new(),
             kick: Arc::new(Notify::new()),
             connected: AtomicBool::new(false),
+            connection: AtomicU64::new(0),
             problem: Mutex::new(None),
             probes,
         })
@@ -225,6 +231,17 @@ impl Shard {
 
     pub(super) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// Numbers a new subscriber connection, which makes it the current one.
+    pub(super) fn next_connection(&self) -> u64 {
+        self.connection.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Whether `connection` (a number from [`next_connection`](Self::next_connection))
+    /// is the current subscriber connection.
+    pub(super) fn is_current(&self, connection: u64) -> bool {
+        self.connection.load(Ordering::Acquire) == connection
     }
 
     /// Called with the state lock held, so a session reading the flag under the

@@ -97,8 +97,11 @@ fn push_handler(
     disconnected: &Arc<Notify>,
 ) -> impl Fn(PushInfo) -> Result<(), Infallible> + Send + Sync + 'static {
     let (inner, shard, disconnected) = (inner.clone(), shard.clone(), disconnected.clone());
+    let connection = shard.next_connection();
     move |info: PushInfo| {
-        inner.on_push(&shard, info, &disconnected);
+        if shard.is_current(connection) {
+            inner.on_push(&shard, info, &disconnected);
+        }
         Ok(())
     }
 }
@@ -307,6 +310,11 @@ impl Inner {
 
         for batch in to_subscribe.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
+            for channel in batch {
+                if self.config.channel_options(channel).has_history() {
+                    self.tracker.on_subscribing(channel);
+                }
+            }
             conn.subscribe(&keys).await?;
             self.read_positions(conn, batch).await?;
             let mut state = shard.lock();
@@ -326,8 +334,10 @@ impl Inner {
     }
 
     /// Reads the positions of history channels just subscribed on `conn` (the
-    /// subscriber connection, so they are ordered with its pushes) and hands them to
-    /// the tracker.
+    /// subscriber connection, so they are ordered with its pushes) and hands each to
+    /// the tracker as soon as it arrives: a channel's live publications wait until
+    /// its own position is judged, not until the slowest read of the batch (on a
+    /// Redis Cluster, one master may be failing while the others answer).
     async fn read_positions(
         self: &Arc<Self>,
         conn: &SubConn,
@@ -342,15 +352,13 @@ impl Inner {
                     let history = self
                         .read_history(&mut conn, channel, &HistoryRequest::position())
                         .await?;
-                    Ok::<_, redis::RedisError>((channel, history.top))
+                    if let Some(repair) = self.tracker.on_resubscribed(channel, history.top) {
+                        self.spawn_repair(repair);
+                    }
+                    Ok::<_, redis::RedisError>(())
                 }
             });
-        for read in futures_util::future::join_all(reads).await {
-            let (channel, top) = read?;
-            if let Some(repair) = self.tracker.on_resubscribed(channel, top) {
-                self.spawn_repair(repair);
-            }
-        }
+        futures_util::future::try_join_all(reads).await?;
         Ok(())
     }
 
