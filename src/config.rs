@@ -294,6 +294,14 @@ pub struct HistoryConfig {
     #[arg(long, env = "WSRELAY_HISTORY_META_TTL", default_value = "30days", value_parser = parse_duration)]
     pub history_meta_ttl: Duration,
 
+    /// How long the position a subscribe gave a channel nobody has published to is
+    /// kept once no node holds subscribers of it any more. Nodes with subscribers
+    /// renew it every third of this, so a waiting subscriber's position stays valid;
+    /// short, so that clients naming channels cannot fill Redis with keys. Reads
+    /// (`history`) never create a position.
+    #[arg(long, env = "WSRELAY_UNPUBLISHED_POSITION_TTL", default_value = "1m", value_parser = parse_duration)]
+    pub unpublished_position_ttl: Duration,
+
     /// Most messages one recovery replays; a client that missed more is told
     /// `recovered:false` and reloads its state (cheaper for everyone than a replay
     /// that floods its queue).
@@ -533,6 +541,10 @@ impl Config {
             ("handshake-timeout", limits.handshake_timeout),
             ("history-ttl", self.history.history_ttl),
             ("history-meta-ttl", self.history.history_meta_ttl),
+            (
+                "unpublished-position-ttl",
+                self.history.unpublished_position_ttl,
+            ),
             (
                 "position-check-interval",
                 self.history.position_check_interval,

@@ -358,6 +358,7 @@ impl Hub {
                 since: Some((since.epoch.clone(), since.offset)),
                 limit: self.config.history.max_recovery,
                 all_or_nothing: true,
+                subscribing: true,
             },
         };
         let history = self.broker.history(channel, request).await?;
@@ -547,6 +548,7 @@ impl Hub {
             since: since.map(|s| (s.epoch, s.offset)),
             limit,
             all_or_nothing: false,
+            subscribing: false,
         };
         Ok(self.broker.history(channel, request).await?)
     }

@@ -260,6 +260,7 @@ async fn history_reads_follow_the_request() {
                     since,
                     limit,
                     all_or_nothing,
+                    subscribing: false,
                 },
             )
         };
@@ -355,6 +356,7 @@ async fn the_redis_publish_script_survives_a_script_flush() {
                 since: None,
                 limit: 5,
                 all_or_nothing: false,
+                subscribing: false,
             },
         )
         .await

@@ -1,7 +1,8 @@
-//! History and recovery, end to end: real nodes, real WebSocket clients and, for the
-//! Redis topology, a real `redis-server` (killed, restarted, or cut off where a test
-//! says so). Each scenario that does not need Redis itself runs on both topologies:
-//! one node on the memory broker, and three nodes sharing one Redis.
+//! History and recovery, end to end: real nodes, real WebSocket clients and real
+//! Redis processes (killed, restarted, or cut off where a test says so). Each
+//! scenario runs on every topology it applies to (`on_topologies!`): one node on the
+//! memory broker, three nodes on one Redis, on three shards, on a Sentinel group, on
+//! a Redis Cluster. Faults under a steady stream are in `tests/faults.rs`.
 
 mod common;
 
@@ -69,10 +70,35 @@ async fn cluster(history_size: usize, extra: &[&str]) -> Topology {
     Topology::cluster(3, &flags.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
 
+/// Three nodes on a Sentinel group (a master, a replica, three sentinels).
+async fn sentinel(history_size: usize, extra: &[&str]) -> Topology {
+    let flags = flags(history_size, extra);
+    Topology::sentinel(3, &flags.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
 /// Three nodes on three Redis shards.
 async fn sharded(history_size: usize, extra: &[&str]) -> Topology {
     let flags = flags(history_size, extra);
     Topology::sharded(3, 3, &flags.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
+/// One test per topology for a scenario: `on_topologies!(scenario(size, flags):
+/// memory, redis, …)` makes the tests `scenario::memory`, `scenario::redis`, …, each
+/// running the scenario on a new topology of that kind with `size` messages of
+/// history in the `chat` namespace and `flags`.
+macro_rules! on_topologies {
+    ($scenario:ident($size:expr, $flags:expr): $($topology:ident),+) => {
+        mod $scenario {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $topology() {
+                    super::$scenario(super::$topology($size, $flags).await).await;
+                }
+            )+
+        }
+    };
 }
 
 fn epoch_of(frame: &Value) -> String {
@@ -157,25 +183,7 @@ async fn recovery_across_nodes(t: Topology) {
     assert_eq!(offsets(&again.recv_msgs(1).await), vec![33]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_across_nodes_memory() {
-    recovery_across_nodes(memory(5000, &[]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_across_nodes_redis() {
-    recovery_across_nodes(redis(5000, &[]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_across_nodes_sharded() {
-    recovery_across_nodes(sharded(5000, &[]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_across_nodes_cluster() {
-    recovery_across_nodes(cluster(5000, &[]).await).await;
-}
+on_topologies!(recovery_across_nodes(5000, &[]): memory, redis, sharded, sentinel, cluster);
 
 // 2: a publisher at full rate while 20 clients keep disconnecting and recovering
 // on other nodes; every client's offsets are strictly consecutive.
@@ -300,25 +308,7 @@ async fn recovery_races_a_publisher(t: Topology) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_races_a_publisher_memory() {
-    recovery_races_a_publisher(memory(5000, RACE_FLAGS).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_races_a_publisher_redis() {
-    recovery_races_a_publisher(redis(5000, RACE_FLAGS).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_races_a_publisher_sharded() {
-    recovery_races_a_publisher(sharded(5000, RACE_FLAGS).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recovery_races_a_publisher_cluster() {
-    recovery_races_a_publisher(cluster(5000, RACE_FLAGS).await).await;
-}
+on_topologies!(recovery_races_a_publisher(5000, RACE_FLAGS): memory, redis, sharded, sentinel, cluster);
 
 // 3: history that no longer holds what a client missed is not recovered, never in
 // part.
@@ -373,21 +363,7 @@ async fn trimmed_history_is_not_recovered(t: Topology) {
     assert_eq!(gap["ch"], "chat:trim2");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trimmed_history_is_not_recovered_memory() {
-    trimmed_history_is_not_recovered(memory(10, &["--max-recovery", "20"]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trimmed_history_is_not_recovered_redis() {
-    let t = redis(10, &["--max-recovery", "20"]).await;
-    trimmed_history_is_not_recovered(t).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trimmed_history_is_not_recovered_sharded() {
-    trimmed_history_is_not_recovered(sharded(10, &["--max-recovery", "20"]).await).await;
-}
+on_topologies!(trimmed_history_is_not_recovered(10, &["--max-recovery", "20"]): memory, redis, sharded);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_keeps_exactly_history_size_entries() {
@@ -456,15 +432,7 @@ async fn redis_losing_its_data_changes_the_epoch(mut t: Topology) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_losing_its_data_changes_the_epoch_redis() {
-    redis_losing_its_data_changes_the_epoch(redis(5000, &[]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_losing_its_data_changes_the_epoch_sharded() {
-    redis_losing_its_data_changes_the_epoch(sharded(5000, &[]).await).await;
-}
+on_topologies!(redis_losing_its_data_changes_the_epoch(5000, &[]): redis, sharded);
 
 // 4: the node repairs its own gaps: its pub/sub connection dropped (and kept out
 // for a while), or deaf without being closed.
@@ -576,15 +544,7 @@ async fn a_dropped_pubsub_connection_is_repaired_from_history(t: Topology) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_pubsub_connection_is_repaired_from_history_redis() {
-    a_dropped_pubsub_connection_is_repaired_from_history(redis(5000, &[]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_pubsub_connection_is_repaired_from_history_sharded() {
-    a_dropped_pubsub_connection_is_repaired_from_history(sharded(5000, &[]).await).await;
-}
+on_topologies!(a_dropped_pubsub_connection_is_repaired_from_history(5000, &[]): redis, sharded);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_gone_back_is_a_gap_and_its_reused_offsets_are_delivered() {
@@ -856,25 +816,7 @@ async fn history_requests(t: Topology) {
     assert_eq!(status, 401);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_requests_memory() {
-    history_requests(memory(5000, &["--max-history-limit", "5"]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_requests_redis() {
-    history_requests(redis(5000, &["--max-history-limit", "5"]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_requests_sharded() {
-    history_requests(sharded(5000, &["--max-history-limit", "5"]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_requests_cluster() {
-    history_requests(cluster(5000, &["--max-history-limit", "5"]).await).await;
-}
+on_topologies!(history_requests(5000, &["--max-history-limit", "5"]): memory, redis, sharded, sentinel, cluster);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_needs_the_permission_to_subscribe() {
@@ -982,21 +924,7 @@ async fn idle_history_expires_but_the_position_stays(t: Topology) {
     assert_eq!(ack["offset"], 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_history_expires_but_the_position_stays_memory() {
-    idle_history_expires_but_the_position_stays(memory(5000, &["--history-ttl", "1s"]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_history_expires_but_the_position_stays_redis() {
-    idle_history_expires_but_the_position_stays(redis(5000, &["--history-ttl", "1s"]).await).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_history_expires_but_the_position_stays_sharded() {
-    idle_history_expires_but_the_position_stays(sharded(5000, &["--history-ttl", "1s"]).await)
-        .await;
-}
+on_topologies!(idle_history_expires_but_the_position_stays(5000, &["--history-ttl", "1s"]): memory, redis, sharded);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn channels_without_history_are_unchanged() {
@@ -1090,4 +1018,79 @@ async fn wait_until_closed_for_holdback(node: &TestNode) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// Reads never create keys; a subscribe's position of a channel nobody published to
+// lives while someone is subscribed, and expires soon after the last one left.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_abandoned_subscribes_leave_no_keys_behind() {
+    let ttl = ["--unpublished-position-ttl", "1s"];
+    let t = redis(100, &ttl).await;
+    let redis = &t.redis[0];
+    let mut conn = redis.connection().await.unwrap();
+    let dbsize = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {
+        redis::cmd("DBSIZE").query_async(conn).await.unwrap()
+    };
+    let mut publisher = t.node(0).client("").await;
+    publish_range(&mut publisher, "chat:kept", 1..=2).await;
+    // The published channel's stream and meta, and the nodes' announcements.
+    let published = dbsize(&mut conn).await;
+
+    // A waiting subscriber's position stays valid past the TTL: nodes renew it.
+    let mut waiting = t.node(1).client("").await;
+    let (_, ack) = waiting.sub_since("chat:waiting", None, 1).await;
+    let epoch = epoch_of(&ack);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ack = publisher.publish("chat:waiting", json!(1), 3).await;
+    assert_eq!(ack["offset"], 1, "{ack}");
+    let got = waiting.recv().await;
+    assert_eq!(got["offset"], 1, "no gap, the same epoch: {got}");
+    let mut stash = Vec::new();
+    let reply = waiting
+        .request(json!({"op":"history","ch":"chat:waiting"}), 4, &mut stash)
+        .await;
+    assert_eq!(epoch_of(&reply), epoch);
+    drop(waiting);
+    let published = published + 2;
+
+    // 10,000 names read and subscribed by clients of every node, then left.
+    let names = 10_000;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(t.node(i).client("").await);
+    }
+    let runs = clients
+        .iter_mut()
+        .enumerate()
+        .map(|(c, client)| async move {
+            let per = names / 10;
+            for k in 0..per {
+                let ch = format!("chat:made-up-{c}-{k}-{}", rand_suffix(c, k));
+                let id = 2 * k as u64 + 1;
+                let mut stash = Vec::new();
+                let reply = client
+                    .request(json!({"op":"history","ch":ch}), id, &mut stash)
+                    .await;
+                assert_eq!(reply["offset"], 0, "{reply}");
+                let (_, ack) = client.sub_since(&ch, None, id + 1).await;
+                assert_eq!(ack["op"], "ack", "{ack}");
+                client.send(json!({"op":"unsub","ch":ch})).await;
+            }
+        });
+    futures_util::future::join_all(runs).await;
+    drop(clients);
+    common::eventually("the made-up channels' keys expire", 3 * WAIT, async || {
+        dbsize(&mut conn).await == published
+    })
+    .await;
+}
+
+/// A per-name suffix, so names differ from run to run of the same test binary.
+fn rand_suffix(c: usize, k: usize) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    nanos ^ ((c as u64) << 32) ^ k as u64
 }

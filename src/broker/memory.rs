@@ -150,6 +150,18 @@ impl MemoryBroker {
 
     /// Reads a channel's position and stored publications.
     pub fn history(&self, channel: &str, request: &HistoryRequest) -> History {
+        if !request.subscribing && !self.inner.channels.contains_key(channel) {
+            // A read creates nothing (nor evicts a position to make room): offset 0
+            // in an epoch that is not kept.
+            let top = Position {
+                epoch: Epoch::random(),
+                offset: 0,
+            };
+            return History {
+                top,
+                publications: Vec::new(),
+            };
+        }
         let history = self.inner.channel(channel, Instant::now());
         let top = history.position();
         let publications = select(&top, history.ring.iter(), request);

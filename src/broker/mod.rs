@@ -68,15 +68,22 @@ pub struct HistoryRequest {
     /// All or nothing: return no publication when more than `limit` follow `since`
     /// (a recovery that cannot be complete is not attempted).
     pub all_or_nothing: bool,
+    /// Made for a subscription (the node's or a client's): a channel that has no
+    /// position yet gets one, so the position given stays valid until the first
+    /// publish; nodes holding subscribers keep it alive, and it expires soon after
+    /// the last one left (`--unpublished-position-ttl`). A plain read (`history`)
+    /// writes nothing: it reports offset 0 in an epoch that is not kept.
+    pub subscribing: bool,
 }
 
 impl HistoryRequest {
-    /// Only the channel's current position.
+    /// Only the channel's current position, for a subscription.
     pub fn position() -> Self {
         HistoryRequest {
             since: None,
             limit: 0,
             all_or_nothing: false,
+            subscribing: true,
         }
     }
 }

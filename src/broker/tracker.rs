@@ -419,6 +419,16 @@ impl Tracker {
         quiet
     }
 
+    /// Channels nobody has published to in their epoch (top offset 0), whose
+    /// position a subscribe created and this node must keep alive.
+    pub(super) fn unpublished_channels(&self) -> Vec<String> {
+        self.tracks
+            .iter()
+            .filter(|t| t.last == 0 && !t.provisional)
+            .map(|t| t.key().clone())
+            .collect()
+    }
+
     /// The last offset delivered on a channel (for tests and logs).
     #[cfg(test)]
     fn last(&self, channel: &str) -> Option<u64> {

@@ -5,6 +5,8 @@
 // Each test binary uses a different part of the harness, as a private module.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod checker;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -189,6 +191,37 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Waits until this replica is in sync with its master (`master_link_status:up`).
+    pub async fn wait_synced(&self) {
+        eventually("the replica is in sync", 3 * WAIT, async || {
+            let Ok(mut conn) = self.connection().await else {
+                return false;
+            };
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
+            info.contains("master_link_status:up")
+        })
+        .await;
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, …) to the server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Whether the process is running (not killed by the test).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Starts the server again on the same port.
@@ -820,6 +853,8 @@ pub struct Topology {
     pub redis: Vec<RedisServer>,
     /// The Redis Cluster, if the nodes use one.
     pub cluster: Option<RedisCluster>,
+    /// The Sentinel group, if the nodes use one.
+    pub sentinel: Option<SentinelGroup>,
     pub nodes: Vec<TestNode>,
 }
 
@@ -831,6 +866,7 @@ impl Topology {
         Topology {
             redis: Vec::new(),
             cluster: None,
+            sentinel: None,
             nodes: vec![node],
         }
     }
@@ -851,6 +887,20 @@ impl Topology {
         Topology {
             redis,
             cluster: None,
+            sentinel: None,
+            nodes,
+        }
+    }
+
+    /// `n` nodes (ids n1, n2, …) on a new Sentinel group (a master, a replica and
+    /// three sentinels).
+    pub async fn sentinel(n: usize, args: &[&str]) -> Topology {
+        let group = SentinelGroup::start().await;
+        let nodes = start_nodes(n, ["--redis-url", &group.url()], args).await;
+        Topology {
+            redis: Vec::new(),
+            cluster: None,
+            sentinel: Some(group),
             nodes,
         }
     }
@@ -863,6 +913,7 @@ impl Topology {
         Topology {
             redis: Vec::new(),
             cluster: Some(cluster),
+            sentinel: None,
             nodes,
         }
     }
@@ -885,6 +936,7 @@ impl Topology {
     pub fn name(&self) -> &'static str {
         match self.redis.len() {
             0 if self.cluster.is_some() => "cluster",
+            0 if self.sentinel.is_some() => "sentinel",
             0 => "memory",
             1 => "redis",
             _ => "sharded",
@@ -1174,6 +1226,8 @@ impl RedisCluster {
                 "2000",
                 "--cluster-port",
                 &bus,
+                "--repl-diskless-sync-delay",
+                "0",
             ];
             servers.push(RedisServer::start_with(free_port(), &args).await);
         }
@@ -1199,6 +1253,12 @@ impl RedisCluster {
         while cluster.slots().await.iter().any(|r| r.4.is_empty()) {
             assert!(Instant::now() < deadline, "replicas did not attach");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A failover to a replica that never synced would lose the history.
+        for (.., replicas) in cluster.slots().await {
+            for port in replicas {
+                cluster.server(port).wait_synced().await;
+            }
         }
         cluster
     }
@@ -1339,5 +1399,146 @@ pub async fn publish_until_acked(
             started.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A TCP proxy between nodes and Redis that can *hold* new connections: while held,
+/// it accepts them but forwards nothing until released, while established
+/// connections keep flowing (a reconnect that takes its time).
+pub struct HoldProxy {
+    pub port: u16,
+    pub upstream_port: u16,
+    held: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldProxy {
+    pub async fn start(upstream_port: u16) -> HoldProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (held, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    if watch.wait_for(|held| !held).await.is_err() {
+                        return;
+                    }
+                    let Ok(mut upstream) = TcpStream::connect(("127.0.0.1", upstream_port)).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        });
+        HoldProxy {
+            port,
+            upstream_port,
+            held,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Holds (`true`) or releases (`false`) connections accepted from now on, and
+    /// releases those waiting.
+    pub fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+}
+
+impl Drop for HoldProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A Sentinel group: a master, one replica and three `redis-sentinel` processes
+/// (quorum 2) that agree on both.
+pub struct SentinelGroup {
+    pub servers: Vec<RedisServer>,
+    pub sentinels: Vec<SentinelServer>,
+}
+
+impl SentinelGroup {
+    pub async fn start() -> SentinelGroup {
+        // Without the default 5 s wait before a diskless sync, the replica holds
+        // the data within milliseconds.
+        let master =
+            RedisServer::start_with(free_port(), &["--repl-diskless-sync-delay", "0"]).await;
+        let of = master.port.to_string();
+        let replica = RedisServer::start_with(
+            free_port(),
+            &[
+                "--replicaof",
+                "127.0.0.1",
+                &of,
+                "--repl-diskless-sync-delay",
+                "0",
+            ],
+        )
+        .await;
+        // A failover to a replica that never synced would lose the history.
+        replica.wait_synced().await;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(SentinelServer::start(master.port, 2).await);
+        }
+        let group = SentinelGroup {
+            servers: vec![master, replica],
+            sentinels,
+        };
+        group.wait_agree(1).await;
+        group
+    }
+
+    /// Every sentinel knows the other two and `replicas` replicas (so they can
+    /// agree on a failover and have someone to promote).
+    pub async fn wait_agree(&self, replicas: usize) {
+        let sentinels = &self.sentinels;
+        for s in sentinels {
+            eventually("sentinels discover each other", 3 * WAIT, async || {
+                let peers: redis::RedisResult<Vec<redis::Value>> =
+                    s.query(&["SENTINEL", "SENTINELS", "mymaster"]).await;
+                let known: redis::RedisResult<Vec<redis::Value>> =
+                    s.query(&["SENTINEL", "REPLICAS", "mymaster"]).await;
+                matches!((peers, known), (Ok(p), Ok(r)) if p.len() == sentinels.len() - 1 && r.len() == replicas)
+            })
+            .await;
+        }
+    }
+
+    /// `redis+sentinel://…/mymaster`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+    }
+
+    /// The port of the master the sentinels name now.
+    pub async fn master_port(&self) -> Option<u16> {
+        for s in &self.sentinels {
+            if let Some(port) = s.master_port().await {
+                return Some(port);
+            }
+        }
+        None
+    }
+
+    /// The current master.
+    pub async fn master(&self) -> &RedisServer {
+        let port = self.master_port().await.expect("a master");
+        self.servers.iter().find(|s| s.port == port).unwrap()
+    }
+
+    pub fn server_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.servers.iter_mut().find(|s| s.port == port).unwrap()
     }
 }

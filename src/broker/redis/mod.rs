@@ -52,7 +52,9 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use self::conn::{Conn, PubSub};
-use self::scripts::{HISTORY_SCRIPT, PRESENCE_SCRIPT, PRUNE_LUA, PUBLISH_SCRIPT};
+use self::scripts::{
+    HISTORY_SCRIPT, KEEP_UNPUBLISHED_LUA, PRESENCE_SCRIPT, PRUNE_LUA, PUBLISH_SCRIPT,
+};
 use self::shard::Shard;
 use super::tracker::{Repair, Tracker};
 use super::{BrokerError, History, HistoryRequest, Local, every};
@@ -175,6 +177,9 @@ impl RedisBroker {
             let period = inner.config.history.position_check_interval;
             let weak = Arc::downgrade(&inner);
             tokio::spawn(every(weak, period, shutdown.clone(), check_positions));
+            let period = inner.config.history.unpublished_position_ttl / 3;
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(every(weak, period, shutdown.clone(), keep_unpublished));
         }
         if inner.config.any_presence() {
             let period = inner.config.presence.presence_ttl / 3;
@@ -638,7 +643,11 @@ impl Inner {
             .key(self.history_key(channel, "stream"))
             .key(self.history_key(channel, "meta"))
             .arg(Epoch::random().as_str())
-            .arg(millis(self.config.history.history_meta_ttl))
+            .arg(if request.subscribing {
+                millis(self.config.history.unpublished_position_ttl)
+            } else {
+                0
+            })
             .arg(since_epoch)
             .arg(since_offset)
             .arg(request.limit)
@@ -685,6 +694,8 @@ async fn repair_task(inner: Arc<Inner>, mut repair: Repair) {
             since: Some((repair.epoch.clone(), repair.after)),
             limit: (repair.upto - repair.after) as usize,
             all_or_nothing: false,
+            // Repairs are for channels the node holds subscribers of.
+            subscribing: true,
         };
         let read = inner
             .shard(&repair.channel)
@@ -783,32 +794,82 @@ async fn check_positions(inner: Arc<Inner>) {
     }
 }
 
-/// `HMGET <meta> e s` of each key: one pipeline, or on a cluster (where a pipeline
-/// must stay within one slot) one command per key, sent together.
+/// `HMGET <meta> e s` of each key.
 async fn read_positions(
     conn: Conn,
     keys: &[String],
     pubsub: PubSub,
 ) -> redis::RedisResult<Vec<(Option<String>, Option<u64>)>> {
-    let hmget = |key: &String| {
+    per_key(conn, keys, pubsub, |key| {
         let mut cmd = redis::cmd("HMGET");
         cmd.arg(key).arg("e").arg("s");
         cmd
-    };
+    })
+    .await
+}
+
+/// Runs the command `command` makes of each key: one pipeline, or on a cluster
+/// (where a pipeline must stay within one slot) one command per key, sent together.
+async fn per_key<T: redis::FromRedisValue>(
+    conn: Conn,
+    keys: &[String],
+    pubsub: PubSub,
+    command: impl Fn(&String) -> redis::Cmd,
+) -> redis::RedisResult<Vec<T>> {
     match pubsub {
         PubSub::Classic => {
             let mut pipe = redis::pipe();
             for key in keys {
-                pipe.add_command(hmget(key));
+                pipe.add_command(command(key));
             }
             pipe.query_async(&mut conn.clone()).await
         }
         PubSub::Sharded => {
             let each = keys.iter().map(|key| {
-                let (mut conn, cmd) = (conn.clone(), hmget(key));
+                let (mut conn, cmd) = (conn.clone(), command(key));
                 async move { cmd.query_async(&mut conn).await }
             });
             futures_util::future::try_join_all(each).await
+        }
+    }
+}
+
+/// One round of renewing, every third of `--unpublished-position-ttl`, the
+/// positions that subscribes created for channels nobody has published to, for
+/// the channels this node holds subscribers of: they stay valid while someone
+/// waits, and expire soon after the last subscriber of the cluster left.
+async fn keep_unpublished(inner: Arc<Inner>) {
+    let ttl = millis(inner.config.history.unpublished_position_ttl);
+    let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
+    for channel in inner.tracker.unpublished_channels() {
+        let shard = inner.shard(&channel);
+        // A disconnected shard creates the positions again when it re-subscribes.
+        if shard.is_connected() {
+            by_shard.entry(shard.index).or_default().push(channel);
+        }
+    }
+    for (index, channels) in by_shard {
+        let shard = &inner.shards[index];
+        for batch in channels.chunks(CHECK_BATCH) {
+            let keys: Vec<String> = batch
+                .iter()
+                .map(|channel| inner.history_key(channel, "meta"))
+                .collect();
+            let kept = shard
+                .idempotent(|conn| {
+                    per_key::<()>(conn, &keys, inner.pubsub, |key| {
+                        // EVAL, not EVALSHA: a pipeline cannot reload a script
+                        // Redis forgot, and this one is short.
+                        let mut cmd = redis::cmd("EVAL");
+                        cmd.arg(KEEP_UNPUBLISHED_LUA).arg(1).arg(key).arg(ttl);
+                        cmd
+                    })
+                })
+                .await;
+            if let Err(e) = kept {
+                tracing::warn!(shard = %shard.label, error = %e, "renewing unpublished positions failed");
+                break;
+            }
         }
     }
 }

@@ -73,20 +73,26 @@ return {offset, epoch}
 
 /// Reads a channel's position and, optionally, stored envelopes: the latest `limit`
 /// (since epoch empty), or up to `limit` after the since offset when the since epoch
-/// is current (none when all-or-nothing and more than `limit` follow it). A channel
-/// without a meta key gets one (a new epoch at offset 0), so the position a subscriber
-/// is given stays valid. It gets the full meta TTL, not a shorter one: a subscriber
-/// waiting on a quiet channel would otherwise see the epoch change under it at the
-/// first publish, as if history had been lost.
+/// is current (none when all-or-nothing and more than `limit` follow it).
 ///
-/// KEYS: stream, meta. ARGV: epoch for a new history, meta TTL (ms), since epoch,
-/// since offset, limit, all-or-nothing (`1`/`0`). Returns `{epoch, top, {envelope..}}`.
+/// A channel without a meta key has no position. A read made for a subscription
+/// (a TTL given) creates one — a new epoch at offset 0 — so the position the
+/// subscriber is given stays valid until the first publish, which keeps it and
+/// gives it the full meta TTL. Until then it expires after that short TTL, which
+/// the nodes holding subscribers renew ([`KEEP_UNPUBLISHED_LUA`]), so names clients
+/// make up leave nothing behind. Any other read (TTL 0) writes nothing and reports
+/// offset 0 in the epoch it was given, which is not kept.
+///
+/// KEYS: stream, meta. ARGV: epoch for a new history, TTL (ms) of a position
+/// created here (0: create none), since epoch, since offset, limit, all-or-nothing
+/// (`1`/`0`). Returns `{epoch, top, {envelope..}}`.
 pub(super) static HISTORY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
   epoch = ARGV[1]
+  if ARGV[2] == '0' then return {epoch, 0, {}} end
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -110,3 +116,10 @@ return {epoch, top, entries}
 "#,
     )
 });
+
+/// Renews the position of a channel nobody has published to yet (top offset 0),
+/// which a subscribe created with a short TTL; leaves a published channel's (which
+/// has the full meta TTL) and a missing one alone. KEYS: meta. ARGV: TTL (ms).
+pub(super) const KEEP_UNPUBLISHED_LUA: &str = r#"
+if redis.call('HGET', KEYS[1], 's') == '0' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+"#;
