@@ -127,6 +127,29 @@ pub struct BrokerConfig {
     /// offsets and join/leave events need version 2; older nodes drop and count them.)
     #[arg(long, env = "WSRELAY_LEGACY_ENVELOPES")]
     pub legacy_envelopes: bool,
+
+    /// What `/readyz` (and the cluster view's `ready`) requires of the Redis shards:
+    /// `any-shard`, ready while at least one shard is usable, or `all-shards`, not
+    /// ready while any shard is down. Every node uses every shard, so with
+    /// `all-shards` one dead shard takes every node out of the load balancer,
+    /// although the other shards' channels still work; hence the default. With one
+    /// shard (or a Redis Cluster) both mean the same.
+    #[arg(
+        long,
+        env = "WSRELAY_READY_REQUIRES",
+        value_enum,
+        default_value = "any-shard"
+    )]
+    pub ready_requires: ReadyRequires,
+}
+
+/// What readiness requires of the broker's shards (`--ready-requires`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadyRequires {
+    /// Ready while at least one shard is usable: the node can serve its channels.
+    AnyShard,
+    /// Ready only while every shard is usable.
+    AllShards,
 }
 
 impl BrokerConfig {
@@ -873,6 +896,20 @@ mod tests {
         assert!(e.contains("--drain-timeout"), "{e}");
         let e = parse(&["--history-size", "2000000"]).unwrap_err();
         assert!(e.contains("--history-size"), "{e}");
+    }
+
+    #[test]
+    fn readiness_requires_any_shard_unless_told() {
+        assert_eq!(
+            parse(&[]).unwrap().broker.ready_requires,
+            ReadyRequires::AnyShard
+        );
+        let c = parse(&["--ready-requires", "all-shards"]).unwrap();
+        assert_eq!(c.broker.ready_requires, ReadyRequires::AllShards);
+        let c = with_file("ready-requires = \"all-shards\"\n", &[]).unwrap();
+        assert_eq!(c.broker.ready_requires, ReadyRequires::AllShards);
+        let e = parse(&["--ready-requires", "most"]).unwrap_err();
+        assert!(e.contains("--ready-requires"), "{e}");
     }
 
     #[test]

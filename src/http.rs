@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, AuthError, Grants, OriginPolicy, Verifier};
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
+use crate::readiness::Readiness;
 use crate::session;
 
 /// What the HTTP handlers share: the hub, and what only the HTTP surface needs.
@@ -95,24 +96,16 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// `/readyz`: 200 while the node can serve (see [`Readiness`]), else 503; the body
+/// gives each Redis shard's state either way.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let node = &state.hub;
-    let reason = if node.is_draining() {
-        Some("draining".to_owned())
+    let readiness = Readiness::of(&state.hub);
+    let status = if readiness.is_ready() {
+        StatusCode::OK
     } else {
-        node.broker
-            .readiness()
-            .err()
-            .map(|why| format!("broker unavailable: {why}"))
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    match reason {
-        None => Json(json!({"status": "ready", "node": node.node_id})).into_response(),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "reason": reason, "node": node.node_id})),
-        )
-            .into_response(),
-    }
+    (status, Json(readiness.body(&state.hub.node_id))).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -131,6 +131,23 @@ impl Local {
     }
 }
 
+/// One Redis shard as readiness reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardState {
+    /// `host:port`, `sentinel/<master>` or `cluster`.
+    pub label: String,
+    /// Why the shard is not usable (not connected, its delivery probe late);
+    /// `None` while it is.
+    pub problem: Option<String>,
+}
+
+impl ShardState {
+    /// Whether the shard is usable: connected, its delivery probe coming back.
+    pub fn is_up(&self) -> bool {
+        self.problem.is_none()
+    }
+}
+
 /// The node's broker.
 #[derive(Debug, Clone)]
 pub enum Broker {
@@ -300,18 +317,18 @@ impl Broker {
         }
     }
 
-    /// Whether the broker can serve every channel (readiness).
-    pub fn is_ready(&self) -> bool {
-        self.readiness().is_ok()
+    /// The state of each Redis shard, in `--redis-url` order (none for the memory
+    /// broker, which is always usable): what readiness is decided from.
+    pub fn shards(&self) -> Vec<ShardState> {
+        match self {
+            Broker::Memory(_) => Vec::new(),
+            Broker::Redis(b) => b.shards(),
+        }
     }
 
-    /// `Ok` when the broker can serve every channel; otherwise why not (for
-    /// `/readyz`): each Redis shard that is down or whose delivery probe is late.
-    pub fn readiness(&self) -> Result<(), String> {
-        match self {
-            Broker::Memory(_) => Ok(()),
-            Broker::Redis(b) => b.readiness(),
-        }
+    /// Whether every shard is usable, so every channel can be served.
+    pub fn all_shards_usable(&self) -> bool {
+        self.shards().iter().all(ShardState::is_up)
     }
 
     /// `"memory"` or `"redis"`, for logs.

@@ -516,20 +516,17 @@ impl RedisBroker {
         shard.wake.notify_one();
     }
 
-    /// `Ok` when every shard is usable (connected, its delivery probe coming back);
-    /// otherwise why not, shard by shard.
-    pub fn readiness(&self) -> Result<(), String> {
-        let problems: Vec<String> = self
-            .inner
+    /// Each shard's state (connected, its delivery probe coming back), in
+    /// `--redis-url` order.
+    pub fn shards(&self) -> Vec<super::ShardState> {
+        self.inner
             .shards
             .iter()
-            .filter_map(|s| s.status().err())
-            .collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
+            .map(|s| super::ShardState {
+                label: s.label.clone(),
+                problem: s.problem(),
+            })
+            .collect()
     }
 }
 

@@ -235,11 +235,19 @@ impl Shard {
 
     /// `Ok` when the shard is usable: connected, and its last probe came back.
     pub(super) fn status(&self) -> Result<(), String> {
+        match self.problem() {
+            None => Ok(()),
+            Some(problem) => Err(format!("Redis shard {}: {problem}", self.label)),
+        }
+    }
+
+    /// Why the shard is not usable (see [`status`](Self::status)); `None` while it is.
+    pub(super) fn problem(&self) -> Option<String> {
         let problem = self.problem.lock().unwrap_or_else(|e| e.into_inner());
         match (&*problem, self.is_connected()) {
-            (None, true) => Ok(()),
-            (Some(problem), _) => Err(format!("Redis shard {}: {problem}", self.label)),
-            (None, false) => Err(format!("Redis shard {}: not connected", self.label)),
+            (None, true) => None,
+            (Some(problem), _) => Some(problem.clone()),
+            (None, false) => Some("not connected".to_owned()),
         }
     }
 
