@@ -23,6 +23,7 @@ use serde_json::json;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, AuthError, Grants, OriginPolicy, Verifier};
+use crate::broker::BrokerError;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
 use crate::readiness::Readiness;
@@ -240,6 +241,7 @@ fn refusal_response(refusal: &Refusal) -> Response {
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::LimitExceeded if refusal.node_full => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::NotDurable => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_REQUEST,
     };
     http_error(status, refusal.code.as_str(), refusal.message.clone())
@@ -439,11 +441,24 @@ async fn api_publish(
         match node.publish(ch, data, None, traceparent).await {
             Ok(offset) => offsets.push(offset),
             Err(e) => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "unavailable", "message": e.to_string(), "published": published})),
-                )
-                    .into_response();
+                let mut body = json!({"error": "unavailable", "message": e.to_string()});
+                let status = match &e {
+                    // Published and stored on the master, not confirmed by the
+                    // replicas: the batch stops here as on any error, and this message
+                    // counts as published, with its offset.
+                    BrokerError::NotDurable { position, .. } => {
+                        published += 1;
+                        offsets.push(Some(position.offset));
+                        body["error"] = json!(ErrorCode::NotDurable.as_str());
+                        body["offsets"] = json!(offsets);
+                        StatusCode::GATEWAY_TIMEOUT
+                    }
+                    BrokerError::Timeout(_) | BrokerError::Unavailable(_) => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                };
+                body["published"] = json!(published);
+                return (status, Json(body)).into_response();
             }
         }
         published += 1;

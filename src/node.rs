@@ -85,6 +85,9 @@ impl Node {
                 "--allowed-origins '*': pages from any site may open WebSockets to this relay"
             );
         }
+        if let Some(warning) = config.durability_warning() {
+            tracing::warn!("{warning}");
+        }
         if verifier.is_none() {
             tracing::info!("no JWT key configured: clients connect without authentication");
         }

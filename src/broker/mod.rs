@@ -12,7 +12,9 @@
 //!   is accepted for delivery to every node, or fails within `--broker-timeout`.
 //!   Publishes awaited one after another are delivered in that order. On a channel
 //!   with history it is stored and given the next offset atomically with being
-//!   published, and the position is returned.
+//!   published, and the position is returned; with `publish-durability replicas:N`
+//!   only once N replicas confirmed it, else [`BrokerError::NotDurable`] (the
+//!   publication was stored on the master and delivered all the same).
 //! - [`Broker::subscribe`] resolves once publications of the channel made from now on
 //!   reach this node (the guarantee behind a `sub` ack).
 //! - [`Broker::release`] tells the broker the channel may have lost its last local
@@ -45,8 +47,10 @@ use crate::publication::{Epoch, Kind, Position, Publication};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 
-/// Why a broker operation failed. Both mean "the request had no effect that the
-/// client can rely on"; clients see them as `unavailable`.
+/// Why a broker operation failed. `Timeout` and `Unavailable` mean "the request had
+/// no effect that the client can rely on"; clients see them as `unavailable`.
+/// `NotDurable` is a publish that did take effect, without the durability asked for;
+/// clients see it as `not_durable`.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// No answer within `--broker-timeout`.
@@ -55,6 +59,22 @@ pub enum BrokerError {
     /// The broker refused or could not be reached.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// A publish with `publish-durability replicas:N`: stored on the master and
+    /// delivered, but fewer than N replicas confirmed it within the time they had.
+    #[error(
+        "offset {} stored on the master but confirmed by {confirmed} of {wanted} replicas within {waited:?}; it may or may not survive a failover",
+        position.offset
+    )]
+    NotDurable {
+        /// The position the master gave the message.
+        position: Position,
+        /// Replicas that had to confirm it.
+        wanted: u32,
+        /// Replicas that did.
+        confirmed: u32,
+        /// How long they were waited for.
+        waited: Duration,
+    },
 }
 
 /// What to read from a channel's history.
