@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::envelope;
 use crate::hub::Hub;
+use crate::readiness::Readiness;
 
 /// What one node says of itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,7 +27,8 @@ pub struct NodeInfo {
     pub address: String,
     /// `memory` or `redis`.
     pub broker: String,
-    /// Whether it answers `/readyz` with 200.
+    /// Whether it answers `/readyz` with 200 (so with `--ready-requires any-shard`,
+    /// true while a shard is down but another one is usable).
     pub ready: bool,
     /// Open WebSocket connections.
     pub connections: usize,
@@ -88,7 +90,7 @@ pub(crate) async fn announce(hub: Arc<Hub>, address: SocketAddr) {
                 started_at,
                 address: address.to_string(),
                 broker: hub.broker.kind().to_owned(),
-                ready: !hub.is_draining() && hub.broker.is_ready(),
+                ready: Readiness::of(&hub).is_ready(),
                 connections: stats.connections,
                 subscriptions: stats.subscriptions,
                 channels: stats.channels,

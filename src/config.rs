@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -127,6 +128,29 @@ pub struct BrokerConfig {
     /// offsets and join/leave events need version 2; older nodes drop and count them.)
     #[arg(long, env = "WSRELAY_LEGACY_ENVELOPES")]
     pub legacy_envelopes: bool,
+
+    /// What `/readyz` (and the cluster view's `ready`) requires of the Redis shards:
+    /// `any-shard`, ready while at least one shard is usable, or `all-shards`, not
+    /// ready while any shard is down. Every node uses every shard, so with
+    /// `all-shards` one dead shard takes every node out of the load balancer,
+    /// although the other shards' channels still work; hence the default. With one
+    /// shard (or a Redis Cluster) both mean the same.
+    #[arg(
+        long,
+        env = "WSRELAY_READY_REQUIRES",
+        value_enum,
+        default_value = "any-shard"
+    )]
+    pub ready_requires: ReadyRequires,
+}
+
+/// What readiness requires of the broker's shards (`--ready-requires`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReadyRequires {
+    /// Ready while at least one shard is usable: the node can serve its channels.
+    AnyShard,
+    /// Ready only while every shard is usable.
+    AllShards,
 }
 
 impl BrokerConfig {
@@ -317,6 +341,57 @@ pub struct HistoryConfig {
     /// without closing. One pipelined batch per check.
     #[arg(long, env = "WSRELAY_POSITION_CHECK_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub position_check_interval: Duration,
+
+    /// When a publish to a channel with history is acknowledged: `leader`, once the
+    /// Redis master stored it, or `replicas:N`, once N replicas confirmed it too
+    /// (Redis `WAIT`), so a failover keeps it. Redis replicates asynchronously: with
+    /// `leader`, an acked message can vanish when the master fails. A message stored
+    /// but not confirmed in time is answered `not_durable`. Channels without history
+    /// store nothing and are not affected. Not with the memory broker.
+    #[arg(long, env = "WSRELAY_PUBLISH_DURABILITY", default_value = "leader", value_parser = Durability::parse)]
+    pub publish_durability: Durability,
+}
+
+/// When a publish to a channel with history counts as done (`publish-durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Stored on the Redis master (lost if it fails before replicating).
+    #[default]
+    Leader,
+    /// Stored on the master and confirmed by this many of its replicas.
+    Replicas(NonZeroU32),
+}
+
+impl Durability {
+    /// `leader` or `replicas:N` (N at least 1).
+    pub fn parse(text: &str) -> Result<Durability, String> {
+        let expected = "expected `leader` or `replicas:N` with N at least 1";
+        match text.trim() {
+            "leader" => Ok(Durability::Leader),
+            other => other
+                .strip_prefix("replicas:")
+                .and_then(|n| n.parse::<NonZeroU32>().ok())
+                .map(Durability::Replicas)
+                .ok_or_else(|| format!("{text:?}: {expected}")),
+        }
+    }
+
+    /// The replicas that must confirm a publish (0 for `leader`).
+    pub fn replicas(self) -> u32 {
+        match self {
+            Durability::Leader => 0,
+            Durability::Replicas(n) => n.get(),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Durability::Leader => f.write_str("leader"),
+            Durability::Replicas(n) => write!(f, "replicas:{n}"),
+        }
+    }
 }
 
 /// Presence and join/leave. `presence` and `join-leave` are the options of every
@@ -359,6 +434,8 @@ pub struct ChannelOptions {
     pub presence: bool,
     /// Subscribers get `join` and `leave` events.
     pub join_leave: bool,
+    /// When a publish counts as done (channels with history only).
+    pub durability: Durability,
 }
 
 impl ChannelOptions {
@@ -381,6 +458,9 @@ pub struct NamespaceOptions {
     pub presence: Option<bool>,
     /// Overrides `join-leave`.
     pub join_leave: Option<bool>,
+    /// Overrides `publish-durability` (`"leader"` or `"replicas:N"`).
+    #[serde(default, deserialize_with = "deserialize_durability")]
+    pub publish_durability: Option<Durability>,
 }
 
 /// Subcommands of the binary.
@@ -505,6 +585,7 @@ impl Config {
             history_ttl: self.history.history_ttl,
             presence: self.presence.presence,
             join_leave: self.presence.join_leave,
+            durability: self.history.publish_durability,
         };
         match section {
             None => defaults,
@@ -513,6 +594,7 @@ impl Config {
                 history_ttl: ns.history_ttl.unwrap_or(defaults.history_ttl),
                 presence: ns.presence.unwrap_or(defaults.presence),
                 join_leave: ns.join_leave.unwrap_or(defaults.join_leave),
+                durability: ns.publish_durability.unwrap_or(defaults.durability),
             },
         }
     }
@@ -615,6 +697,7 @@ impl Config {
                 self.options_with(Some(section)),
             )?;
         }
+        self.validate_durability()?;
         if let Some(id) = &self.node_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
         {
@@ -624,6 +707,64 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `publish-durability` needs replicas to confirm writes, so a Redis broker; and in
+    /// a namespace section it must name a namespace whose channels store something.
+    fn validate_durability(&self) -> Result<(), ConfigError> {
+        let memory =
+            self.broker.redis_urls().is_empty() && self.broker.redis_cluster_urls().is_empty();
+        let refuse_memory = |key: &str, durability: Durability| {
+            ConfigError::new(
+                key,
+                format!(
+                    "{durability} needs Redis replicas to confirm publishes; the memory broker (no --redis-url or --redis-cluster) has none: use leader"
+                ),
+            )
+        };
+        let durability = self.history.publish_durability;
+        if memory && durability != Durability::Leader {
+            return Err(refuse_memory("publish-durability", durability));
+        }
+        for (name, section) in &self.namespaces {
+            let Some(durability @ Durability::Replicas(_)) = section.publish_durability else {
+                continue;
+            };
+            let key = format!("config: namespaces.{name}.publish-durability");
+            if memory {
+                return Err(refuse_memory(&key, durability));
+            }
+            if !self.options_with(Some(section)).has_history() {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "{durability} applies to channels with history, and this namespace has none (history-size 0)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A warning about a setting that works but does nothing: `publish-durability`
+    /// with no channel that has history.
+    pub fn durability_warning(&self) -> Option<String> {
+        let durability = self.history.publish_durability;
+        (durability != Durability::Leader && !self.any_history()).then(|| {
+            format!(
+                "--publish-durability {durability} applies to channels with history, and no channel has history (--history-size 0): it has no effect"
+            )
+        })
+    }
+
+    /// Whether any channel's publishes wait for replicas (so each Redis shard keeps
+    /// a connection for them).
+    pub fn any_durable(&self) -> bool {
+        self.history.publish_durability != Durability::Leader
+            || self
+                .namespaces
+                .values()
+                .any(|ns| matches!(ns.publish_durability, Some(Durability::Replicas(_))))
     }
 
     /// Whether any channel can have presence (so the node refreshes its entries).
@@ -782,6 +923,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 1m)"))
 }
 
+fn deserialize_durability<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Durability>, D::Error> {
+    let text = String::deserialize(d)?;
+    Durability::parse(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 fn deserialize_duration<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Duration>, D::Error> {
@@ -885,6 +1035,119 @@ mod tests {
         assert!(e.contains("--drain-timeout"), "{e}");
         let e = parse(&["--history-size", "2000000"]).unwrap_err();
         assert!(e.contains("--history-size"), "{e}");
+    }
+
+    #[test]
+    fn publish_durability_is_leader_or_a_number_of_replicas() {
+        let redis = ["--redis-url", "redis://a:1", "--history-size", "10"];
+        let c = parse(&redis).unwrap();
+        assert_eq!(c.history.publish_durability, Durability::Leader);
+        assert_eq!(c.channel_options("chat:1").durability, Durability::Leader);
+        assert!(!c.any_durable());
+        let c = parse(&[&redis[..], &["--publish-durability", "replicas:2"]].concat()).unwrap();
+        let two = Durability::Replicas(NonZeroU32::new(2).unwrap());
+        assert_eq!(c.channel_options("chat:1").durability, two);
+        assert_eq!(
+            (two.replicas(), two.to_string().as_str()),
+            (2, "replicas:2")
+        );
+        assert!(c.any_durable() && c.durability_warning().is_none());
+        for bad in [
+            "replicas:0",
+            "replicas:x",
+            "replicas:",
+            "replicas:-1",
+            "foo",
+            "",
+        ] {
+            let e = parse(&[&redis[..], &["--publish-durability", bad]].concat()).unwrap_err();
+            assert!(e.contains("--publish-durability"), "{bad}: {e}");
+        }
+        assert_eq!(Durability::parse("leader"), Ok(Durability::Leader));
+        assert!(Durability::parse("replicas:0").is_err());
+
+        // Nothing to replicate to in the memory broker.
+        let e = parse(&["--publish-durability", "replicas:1"]).unwrap_err();
+        assert!(
+            e.contains("--publish-durability") && e.contains("memory broker"),
+            "{e}"
+        );
+        assert!(parse(&["--publish-durability", "leader"]).is_ok());
+        // Without history anywhere it does nothing: a warning, not an error.
+        let c = parse(&[
+            "--redis-url",
+            "redis://a:1",
+            "--publish-durability",
+            "replicas:1",
+        ])
+        .unwrap();
+        assert!(
+            c.durability_warning()
+                .unwrap()
+                .contains("no channel has history")
+        );
+    }
+
+    #[test]
+    fn publish_durability_per_namespace() {
+        let text = r#"
+redis-url = "redis://a:1"
+history-size = 10
+[namespaces.orders]
+publish-durability = "replicas:1"
+[namespaces.live]
+history-size = 0
+"#;
+        let c = with_file(text, &[]).unwrap();
+        let one = Durability::Replicas(NonZeroU32::new(1).unwrap());
+        assert_eq!(c.channel_options("orders:1").durability, one);
+        assert_eq!(c.channel_options("chat:1").durability, Durability::Leader);
+        assert!(c.any_durable());
+        let file = "[namespaces.orders]\nhistory-size = 5\npublish-durability = \"replicas:1\"\n";
+        let e = with_file(file, &[]).unwrap_err();
+        assert!(
+            e.contains("namespaces.orders.publish-durability") && e.contains("memory broker"),
+            "{e}"
+        );
+        let e = with_file(
+            "redis-url = \"redis://a:1\"\n[namespaces.live]\npublish-durability = \"replicas:1\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("namespaces.live.publish-durability") && e.contains("history"),
+            "{e}"
+        );
+        for bad in ["replicas:0", "always"] {
+            let e = with_file(
+                &format!(
+                    "redis-url = \"redis://a:1\"\n[namespaces.x]\npublish-durability = \"{bad}\"\n"
+                ),
+                &[],
+            )
+            .unwrap_err();
+            assert!(
+                e.contains("namespaces.x") && e.contains("replicas:N"),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let e = with_file("publish-durability = \"replicas:0\"\n", &[]).unwrap_err();
+        assert!(e.contains("publish-durability"), "{e}");
+    }
+
+    #[test]
+    fn readiness_requires_any_shard_unless_told() {
+        assert_eq!(
+            parse(&[]).unwrap().broker.ready_requires,
+            ReadyRequires::AnyShard
+        );
+        let c = parse(&["--ready-requires", "all-shards"]).unwrap();
+        assert_eq!(c.broker.ready_requires, ReadyRequires::AllShards);
+        let c = with_file("ready-requires = \"all-shards\"\n", &[]).unwrap();
+        assert_eq!(c.broker.ready_requires, ReadyRequires::AllShards);
+        let e = parse(&["--ready-requires", "most"]).unwrap_err();
+        assert!(e.contains("--ready-requires"), "{e}");
     }
 
     #[test]

@@ -23,8 +23,10 @@ use serde_json::json;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, AuthError, Grants, OriginPolicy, Verifier};
+use crate::broker::BrokerError;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
+use crate::readiness::Readiness;
 use crate::session;
 
 /// What the HTTP handlers share: the hub, and what only the HTTP surface needs.
@@ -95,24 +97,16 @@ async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
+/// `/readyz`: 200 while the node can serve (see [`Readiness`]), else 503; the body
+/// gives each Redis shard's state either way.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    let node = &state.hub;
-    let reason = if node.is_draining() {
-        Some("draining".to_owned())
+    let readiness = Readiness::of(&state.hub);
+    let status = if readiness.is_ready() {
+        StatusCode::OK
     } else {
-        node.broker
-            .readiness()
-            .err()
-            .map(|why| format!("broker unavailable: {why}"))
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    match reason {
-        None => Json(json!({"status": "ready", "node": node.node_id})).into_response(),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "reason": reason, "node": node.node_id})),
-        )
-            .into_response(),
-    }
+    (status, Json(readiness.body(&state.hub.node_id))).into_response()
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
@@ -247,6 +241,7 @@ fn refusal_response(refusal: &Refusal) -> Response {
         ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::LimitExceeded if refusal.node_full => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::NotDurable => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_REQUEST,
     };
     http_error(status, refusal.code.as_str(), refusal.message.clone())
@@ -446,11 +441,24 @@ async fn api_publish(
         match node.publish(ch, data, None, traceparent).await {
             Ok(offset) => offsets.push(offset),
             Err(e) => {
-                return (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Json(json!({"error": "unavailable", "message": e.to_string(), "published": published})),
-                )
-                    .into_response();
+                let mut body = json!({"error": "unavailable", "message": e.to_string()});
+                let status = match &e {
+                    // Published and stored on the master, not confirmed by the
+                    // replicas: the batch stops here as on any error, and this message
+                    // counts as published, with its offset.
+                    BrokerError::NotDurable { position, .. } => {
+                        published += 1;
+                        offsets.push(Some(position.offset));
+                        body["error"] = json!(ErrorCode::NotDurable.as_str());
+                        body["offsets"] = json!(offsets);
+                        StatusCode::GATEWAY_TIMEOUT
+                    }
+                    BrokerError::Timeout(_) | BrokerError::Unavailable(_) => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
+                };
+                body["published"] = json!(published);
+                return (status, Json(body)).into_response();
             }
         }
         published += 1;

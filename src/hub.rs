@@ -61,7 +61,11 @@ impl Refusal {
 
 impl From<BrokerError> for Refusal {
     fn from(e: BrokerError) -> Self {
-        Refusal::new(ErrorCode::Unavailable, e.to_string())
+        let code = match e {
+            BrokerError::NotDurable { .. } => ErrorCode::NotDurable,
+            BrokerError::Timeout(_) | BrokerError::Unavailable(_) => ErrorCode::Unavailable,
+        };
+        Refusal::new(code, e.to_string())
     }
 }
 
@@ -515,6 +519,11 @@ impl Hub {
         match &published {
             Ok(_) => {
                 self.metrics.messages_published.inc();
+            }
+            // Published all the same: counted as such, and as not durable.
+            Err(BrokerError::NotDurable { .. }) => {
+                self.metrics.messages_published.inc();
+                self.metrics.publish_error(ErrorCode::NotDurable.as_str());
             }
             Err(_) => self.metrics.publish_error(ErrorCode::Unavailable.as_str()),
         }

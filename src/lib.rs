@@ -24,6 +24,7 @@ pub mod metrics;
 mod node;
 pub mod protocol;
 pub mod publication;
+mod readiness;
 pub mod registry;
 mod session;
 pub mod shutdown;

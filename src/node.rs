@@ -22,6 +22,7 @@ use crate::handshake_io::HandshakeIo;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::registry::{Registry, RegistryStats};
 use crate::telemetry::Tracing;
 
@@ -83,6 +84,9 @@ impl Node {
             tracing::warn!(
                 "--allowed-origins '*': pages from any site may open WebSockets to this relay"
             );
+        }
+        if let Some(warning) = config.durability_warning() {
+            tracing::warn!("{warning}");
         }
         if verifier.is_none() {
             tracing::info!("no JWT key configured: clients connect without authentication");
@@ -197,7 +201,13 @@ impl NodeHandle {
 
     /// Whether the node would answer `/readyz` with 200.
     pub fn is_ready(&self) -> bool {
-        !self.hub.is_draining() && self.hub.broker.is_ready()
+        Readiness::of(&self.hub).is_ready()
+    }
+
+    /// Whether every Redis shard is usable (always, with the memory broker): more
+    /// than readiness asks with `--ready-requires any-shard`.
+    pub fn all_shards_usable(&self) -> bool {
+        self.hub.broker.all_shards_usable()
     }
 
     /// Starts the drain, as SIGTERM does.

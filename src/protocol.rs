@@ -73,6 +73,10 @@ pub enum ErrorCode {
     LimitExceeded,
     /// Anything else that went wrong on the node.
     Internal,
+    /// A publish to a channel with history was stored on the Redis master and
+    /// delivered, but not confirmed by the replicas `publish-durability` asks for in
+    /// time: it may or may not survive a failover.
+    NotDurable,
 }
 
 impl ErrorCode {
@@ -87,6 +91,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotDurable => "not_durable",
         }
     }
 }

@@ -37,7 +37,7 @@ impl Side {
             tracing: Tracing::disabled(),
         };
         let broker = Broker::start(config.clone(), local, shutdown.clone()).unwrap();
-        wait_until("broker ready", || broker.is_ready()).await;
+        wait_until("broker ready", || broker.all_shards_usable()).await;
         let (client, queue) = registry.register(1024);
         Side {
             broker,

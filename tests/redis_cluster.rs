@@ -231,3 +231,59 @@ async fn a_busy_channel_keeps_every_offset_once_while_its_slot_migrates() {
         assert!(reader.try_recv(Duration::from_millis(200)).await.is_none());
     }
 }
+
+/// How many times `server` ran `WAIT` (`INFO commandstats`).
+async fn wait_calls(server: &RedisServer) -> u64 {
+    let mut conn = server.connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_publish_waits_on_the_master_of_its_slot_only() {
+    let cluster = RedisCluster::start(3).await;
+    let node = TestNode::start(&[
+        "--redis-cluster",
+        &cluster.seeds(),
+        "--history-size",
+        "100",
+        "--publish-durability",
+        "replicas:1",
+    ])
+    .await;
+    node.wait_ready().await;
+    let ch = "chat:durable";
+    let mut writer = node.client("channel=side").await;
+    for id in 1..=5 {
+        let ack = writer.publish(ch, json!(id), id).await;
+        assert_eq!(
+            (ack["op"].as_str(), ack["offset"].as_u64()),
+            (Some("ack"), Some(id)),
+            "{ack}"
+        );
+    }
+    // redis-rs alone would send WAIT to every master (and take the smallest count):
+    // it must go, with the script, to the master that stored the message.
+    let (owner, _, _) = cluster
+        .owner(cluster.slot(&format!("{{{ch}}}")).await)
+        .await;
+    let masters: std::collections::BTreeSet<u16> =
+        cluster.slots().await.into_iter().map(|r| r.2).collect();
+    for port in masters {
+        let calls = wait_calls(cluster.server(port)).await;
+        // One more on the owner when the first publish found the script missing
+        // (the WAIT pipelined with it ran, then both again).
+        let expected = if port == owner { 5..=6 } else { 0..=0 };
+        assert!(
+            expected.contains(&calls),
+            "{calls} WAIT calls on master {port} (owner {owner})"
+        );
+    }
+}

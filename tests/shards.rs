@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::{
@@ -93,6 +93,167 @@ async fn channels_spread_over_the_shards_and_each_shard_carries_only_its_own() {
     }
 }
 
+/// Each shard's `state` in a `/readyz` body, by label.
+fn shard_states(body: &str) -> BTreeMap<String, String> {
+    let body: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+    body["shards"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no shards in {body}"))
+        .iter()
+        .map(|s| {
+            (
+                s["shard"].as_str().unwrap().to_owned(),
+                s["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Polls `/readyz` until it answers `status`; returns the body.
+async fn readyz_until(node: &TestNode, status: u16) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (got, body) = http_get(node.addr, "/readyz").await;
+        if got == status {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz stayed {got}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stays_ready_while_one_shard_is_usable_unless_told_to_require_all() {
+    let mut redis = Vec::new();
+    for _ in 0..3 {
+        redis.push(RedisServer::start().await);
+    }
+    let urls = redis
+        .iter()
+        .map(RedisServer::url)
+        .collect::<Vec<_>>()
+        .join(",");
+    let key = "0123456789abcdef";
+    // Quick announcements, so the cluster view catches up within the test.
+    let flags = [
+        "--redis-url",
+        &urls,
+        "--broker-timeout",
+        "300ms",
+        "--node-ttl",
+        "1200ms",
+        "--api-key",
+        key,
+    ];
+    let any = TestNode::start(&[&flags[..], &["--node-id", "any"]].concat()).await;
+    let all = TestNode::start(
+        &[
+            &flags[..],
+            &["--node-id", "all", "--ready-requires", "all-shards"],
+        ]
+        .concat(),
+    )
+    .await;
+    for node in [&any, &all] {
+        node.wait_ready().await;
+        let (status, body) = http_get(node.addr, "/readyz").await;
+        assert_eq!(status, 200, "{body}");
+        let states = shard_states(&body);
+        assert_eq!(states.len(), 3, "{body}");
+        assert!(states.values().all(|s| s == "up"), "{body}");
+    }
+
+    // Not the first shard: it holds the cluster view, read below.
+    redis[1].kill();
+    let dead = format!("127.0.0.1:{}", redis[1].port);
+    let body = readyz_until(&all, 503).await;
+    assert!(body.contains(&dead), "names the shard: {body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["status"], "not ready");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("broker unavailable"),
+        "{body}"
+    );
+    // The same shard is down for the default node, which stays ready.
+    common::wait_until("the node sees the dead shard", || {
+        !any.handle.all_shards_usable()
+    })
+    .await;
+    let (status, body) = http_get(any.addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let states = shard_states(&body);
+    assert_eq!(states[&dead], "down", "{body}");
+    assert_eq!(states.values().filter(|s| *s == "up").count(), 2, "{body}");
+    let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (parsed["status"].as_str(), parsed["node"].as_str()),
+        (Some("ready"), Some("any"))
+    );
+    let down = parsed["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["shard"] == dead.as_str())
+        .unwrap();
+    assert!(
+        down["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{body}"
+    );
+    assert!(any.handle.is_ready() && !all.handle.is_ready());
+
+    // The cluster view says what /readyz says.
+    let auth = format!("Bearer {key}");
+    common::eventually("the announcements catch up", WAIT, async || {
+        let (status, body) = common::http_request(
+            any.addr,
+            "GET",
+            "/api/nodes",
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .await;
+        if status != 200 {
+            return false;
+        }
+        let nodes: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let ready = |id: &str| {
+            nodes["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["id"] == id)
+                .map(|n| n["ready"].clone())
+        };
+        ready("any") == Some(json!(true)) && ready("all") == Some(json!(false))
+    })
+    .await;
+
+    // No shard left: no node can serve anything.
+    redis[0].kill();
+    redis[2].kill();
+    let body = readyz_until(&any, 503).await;
+    let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(parsed["status"], "not ready", "{body}");
+    for redis in &redis {
+        assert!(
+            body.contains(&format!("127.0.0.1:{}", redis.port)),
+            "{body}"
+        );
+    }
+    assert!(shard_states(&body).values().all(|s| s == "down"), "{body}");
+
+    // One shard back is enough for the default node, not for the strict one.
+    redis[2].restart().await;
+    readyz_until(&any, 200).await;
+    assert_eq!(http_get(all.addr, "/readyz").await.0, 503);
+}
+
 /// `n` names of the form `<prefix>:<i>` living on `shard` of `shards`.
 fn channels_on(shard: usize, shards: usize, prefix: &str, n: usize) -> Vec<String> {
     (0..)
@@ -171,13 +332,14 @@ async fn a_dead_shard_takes_down_only_its_channels_which_resume_when_it_is_back(
     redis[0].kill();
     let dead = format!("127.0.0.1:{}", redis[0].port);
     for node in &nodes {
-        common::wait_until("the node sees the dead shard", || !node.handle.is_ready()).await;
+        common::wait_until("the node sees the dead shard", || {
+            !node.handle.all_shards_usable()
+        })
+        .await;
+        // The node still serves the other shards' channels: it stays ready.
         let (status, body) = http_get(node.addr, "/readyz").await;
-        assert_eq!(status, 503, "{body}");
-        assert!(body.contains(&dead), "names the shard: {body}");
-        for other in &redis[1..] {
-            assert!(!body.contains(&format!(":{}", other.port)), "{body}");
-        }
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(shard_states(&body)[&dead], "down", "{body}");
         let text = node.handle.metrics_text();
         assert_eq!(
             metric(

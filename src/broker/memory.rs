@@ -238,6 +238,7 @@ mod tests {
             history_ttl: Duration::from_secs(60),
             presence: false,
             join_leave: false,
+            durability: crate::config::Durability::Leader,
         };
         let publication = Publication {
             kind: Kind::Message,

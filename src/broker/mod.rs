@@ -12,7 +12,9 @@
 //!   is accepted for delivery to every node, or fails within `--broker-timeout`.
 //!   Publishes awaited one after another are delivered in that order. On a channel
 //!   with history it is stored and given the next offset atomically with being
-//!   published, and the position is returned.
+//!   published, and the position is returned; with `publish-durability replicas:N`
+//!   only once N replicas confirmed it, else [`BrokerError::NotDurable`] (the
+//!   publication was stored on the master and delivered all the same).
 //! - [`Broker::subscribe`] resolves once publications of the channel made from now on
 //!   reach this node (the guarantee behind a `sub` ack).
 //! - [`Broker::release`] tells the broker the channel may have lost its last local
@@ -45,8 +47,10 @@ use crate::publication::{Epoch, Kind, Position, Publication};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 
-/// Why a broker operation failed. Both mean "the request had no effect that the
-/// client can rely on"; clients see them as `unavailable`.
+/// Why a broker operation failed. `Timeout` and `Unavailable` mean "the request had
+/// no effect that the client can rely on"; clients see them as `unavailable`.
+/// `NotDurable` is a publish that did take effect, without the durability asked for;
+/// clients see it as `not_durable`.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// No answer within `--broker-timeout`.
@@ -55,6 +59,22 @@ pub enum BrokerError {
     /// The broker refused or could not be reached.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// A publish with `publish-durability replicas:N`: stored on the master and
+    /// delivered, but fewer than N replicas confirmed it within the time they had.
+    #[error(
+        "offset {} stored on the master but confirmed by {confirmed} of {wanted} replicas within {waited:?}; it may or may not survive a failover",
+        position.offset
+    )]
+    NotDurable {
+        /// The position the master gave the message.
+        position: Position,
+        /// Replicas that had to confirm it.
+        wanted: u32,
+        /// Replicas that did.
+        confirmed: u32,
+        /// How long they were waited for.
+        waited: Duration,
+    },
 }
 
 /// What to read from a channel's history.
@@ -135,6 +155,23 @@ impl Local {
         self.registry.fanout_gap(channel, &frame, position.offset);
         self.metrics.history_gap("lost");
         tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");
+    }
+}
+
+/// One Redis shard as readiness reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardState {
+    /// `host:port`, `sentinel/<master>` or `cluster`.
+    pub label: String,
+    /// Why the shard is not usable (not connected, its delivery probe late);
+    /// `None` while it is.
+    pub problem: Option<String>,
+}
+
+impl ShardState {
+    /// Whether the shard is usable: connected, its delivery probe coming back.
+    pub fn is_up(&self) -> bool {
+        self.problem.is_none()
     }
 }
 
@@ -307,18 +344,18 @@ impl Broker {
         }
     }
 
-    /// Whether the broker can serve every channel (readiness).
-    pub fn is_ready(&self) -> bool {
-        self.readiness().is_ok()
+    /// The state of each Redis shard, in `--redis-url` order (none for the memory
+    /// broker, which is always usable): what readiness is decided from.
+    pub fn shards(&self) -> Vec<ShardState> {
+        match self {
+            Broker::Memory(_) => Vec::new(),
+            Broker::Redis(b) => b.shards(),
+        }
     }
 
-    /// `Ok` when the broker can serve every channel; otherwise why not (for
-    /// `/readyz`): each Redis shard that is down or whose delivery probe is late.
-    pub fn readiness(&self) -> Result<(), String> {
-        match self {
-            Broker::Memory(_) => Ok(()),
-            Broker::Redis(b) => b.readiness(),
-        }
+    /// Whether every shard is usable, so every channel can be served.
+    pub fn all_shards_usable(&self) -> bool {
+        self.shards().iter().all(ShardState::is_up)
     }
 
     /// `"memory"` or `"redis"`, for logs.

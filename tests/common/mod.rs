@@ -277,8 +277,14 @@ impl TestNode {
         node
     }
 
+    /// Waits until the node is ready and every Redis shard is usable: with
+    /// `--ready-requires any-shard` (the default) one shard is enough for
+    /// readiness, and tests expect every channel to work.
     pub async fn wait_ready(&self) {
-        wait_until("node ready", || self.handle.is_ready()).await;
+        wait_until("node ready with every shard usable", || {
+            self.handle.is_ready() && self.handle.all_shards_usable()
+        })
+        .await;
     }
 
     pub fn ws_url(&self, query: &str) -> String {
@@ -683,9 +689,15 @@ impl NodeProcess {
         Client::connect(&self.ws_url(query)).await
     }
 
+    /// Waits until `/readyz` answers 200 with no shard down (see
+    /// [`TestNode::wait_ready`]).
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + WAIT;
-        while http_get(self.addr, "/readyz").await.0 != 200 {
+        loop {
+            let (status, body) = http_get(self.addr, "/readyz").await;
+            if status == 200 && !body.contains(r#""state":"down""#) {
+                return;
+            }
             assert!(Instant::now() < deadline, "node {} not ready", self.addr);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

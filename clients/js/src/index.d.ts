@@ -4,7 +4,8 @@
 export const SUBPROTOCOL: string;
 
 /** An error of a request: the relay's code (`bad_request`, `invalid_channel`,
- *  `forbidden`, `rate_limited`, `limit_exceeded`, `unavailable`, …) or
+ *  `forbidden`, `rate_limited`, `limit_exceeded`, `unavailable`, `not_durable`
+ *  (a publish stored and delivered but not confirmed by the replicas), …) or
  *  `disconnected` / `timeout` / `token` / `connect`. */
 export class RelayError extends Error {
   readonly code: string;

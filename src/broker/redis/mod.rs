@@ -58,7 +58,7 @@ use self::scripts::{
 use self::shard::Shard;
 use super::tracker::{Repair, Tracker};
 use super::{BrokerError, History, HistoryRequest, Local, every};
-use crate::config::{ChannelOptions, Config};
+use crate::config::{ChannelOptions, Config, Durability};
 use crate::envelope;
 use crate::publication::{Epoch, Kind, Position, Publication};
 
@@ -138,7 +138,13 @@ impl RedisBroker {
         }
         let mut shards = Vec::with_capacity(endpoints.len());
         for (index, endpoint) in endpoints.into_iter().enumerate() {
-            shards.push(Arc::new(Shard::new(index, endpoint, &prefix, timeout)?));
+            shards.push(Arc::new(Shard::new(
+                index,
+                endpoint,
+                &prefix,
+                timeout,
+                config.any_durable(),
+            )?));
         }
         // A repair buffers what arrives meanwhile like a client's queue would.
         let tracker = Tracker::new(
@@ -200,14 +206,16 @@ impl RedisBroker {
         let inner = &self.inner;
         let started = std::time::Instant::now();
         let shard = inner.shard(channel);
-        let mut conn = shard.publisher()?;
         let key = inner.key(channel);
         let published = if options.has_history() {
             let head = envelope::head(&publication);
-            let mut script = PUBLISH_SCRIPT.prepare_invoke();
-            script
-                .key(inner.history_key(channel, "stream"))
-                .key(inner.history_key(channel, "meta"))
+            // EVALSHA of the publish script (see `scripts`).
+            let mut evalsha = redis::cmd("EVALSHA");
+            evalsha
+                .arg(PUBLISH_SCRIPT.get_hash())
+                .arg(2)
+                .arg(inner.history_key(channel, "stream"))
+                .arg(inner.history_key(channel, "meta"))
                 .arg(&key)
                 .arg(head.as_bytes())
                 .arg(&publication.data[..])
@@ -216,18 +224,70 @@ impl RedisBroker {
                 .arg(millis(inner.config.history.history_meta_ttl))
                 .arg(Epoch::random().as_str())
                 .arg(inner.pubsub.publish());
-            let publish = async {
-                let (offset, epoch): (u64, String) = script
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(|e| shard.failed(e))?;
+            let position = |(offset, epoch): (u64, String)| {
                 let epoch = Epoch::parse(&epoch).ok_or_else(|| {
                     BrokerError::Unavailable(format!("Redis returned a malformed epoch {epoch:?}"))
                 })?;
-                Ok(Some(Position { epoch, offset }))
+                Ok(Position { epoch, offset })
             };
-            tokio::time::timeout(inner.timeout, publish).await
+            match options.durability {
+                Durability::Leader => {
+                    let mut conn = shard.publisher()?;
+                    let publish = async {
+                        let stored = with_script(&mut conn, &PUBLISH_SCRIPT, |mut conn| {
+                            let evalsha = &evalsha;
+                            async move { evalsha.query_async(&mut conn).await }
+                        })
+                        .await
+                        .map_err(|e| shard.failed(e))?;
+                        Ok(Some(position(stored)?))
+                    };
+                    tokio::time::timeout(inner.timeout, publish).await
+                }
+                Durability::Replicas(wanted) => {
+                    // WAIT counts the replicas that acknowledged every write made so
+                    // far on the connection it is sent on. Sent in one pipeline with
+                    // the script, it is on the script's connection whatever happens
+                    // (a reconnect between the two would make a WAIT on a fresh
+                    // connection, with nothing to wait for, succeed at once), and on
+                    // a Redis Cluster it goes where the script goes: redis-rs routes a
+                    // pipeline by its first command with a key (alone, WAIT would go
+                    // to every master).
+                    let mut conn = shard.durable_publisher()?;
+                    let waited = replica_wait(inner.timeout);
+                    // One budget for the replicas: after a NOSCRIPT, the WAIT that
+                    // ran with the failed script may have used it up already.
+                    let deadline = std::time::Instant::now() + waited;
+                    let request = |mut conn: Conn| {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        let mut pipe = redis::pipe();
+                        pipe.add_command(evalsha.clone())
+                            .cmd("WAIT")
+                            .arg(wanted.get())
+                            .arg(millis(left));
+                        async move { pipe.query_async(&mut conn).await }
+                    };
+                    let publish = async {
+                        let (stored, confirmed): ((u64, String), u32) =
+                            with_script(&mut conn, &PUBLISH_SCRIPT, request)
+                                .await
+                                .map_err(|e| shard.failed(e))?;
+                        let position = position(stored)?;
+                        if confirmed < wanted.get() {
+                            return Err(BrokerError::NotDurable {
+                                position,
+                                wanted: wanted.get(),
+                                confirmed,
+                                waited,
+                            });
+                        }
+                        Ok(Some(position))
+                    };
+                    tokio::time::timeout(inner.timeout, publish).await
+                }
+            }
         } else {
+            let mut conn = shard.publisher()?;
             let payload =
                 if inner.config.broker.legacy_envelopes && publication.kind == Kind::Message {
                     let frame = crate::protocol::encode_publication(channel, &publication);
@@ -521,20 +581,17 @@ impl RedisBroker {
         shard.wake.notify_one();
     }
 
-    /// `Ok` when every shard is usable (connected, its delivery probe coming back);
-    /// otherwise why not, shard by shard.
-    pub fn readiness(&self) -> Result<(), String> {
-        let problems: Vec<String> = self
-            .inner
+    /// Each shard's state (connected, its delivery probe coming back), in
+    /// `--redis-url` order.
+    pub fn shards(&self) -> Vec<super::ShardState> {
+        self.inner
             .shards
             .iter()
-            .filter_map(|s| s.status().err())
-            .collect();
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("; "))
-        }
+            .map(|s| super::ShardState {
+                label: s.label.clone(),
+                problem: s.problem(),
+            })
+            .collect()
     }
 }
 
@@ -917,6 +974,38 @@ async fn refresh_presence(inner: Arc<Inner>) {
     }
 }
 
+/// Sends `request` (an EVALSHA of `script`, alone or first in a pipeline); after a
+/// `NOSCRIPT` (Redis restarted, failed over or was `SCRIPT FLUSH`ed: the script did
+/// not run) loads the script and sends it once more, as redis-rs' `invoke` does.
+async fn with_script<T, F, Fut>(
+    conn: &mut Conn,
+    script: &redis::Script,
+    request: F,
+) -> redis::RedisResult<T>
+where
+    F: Fn(Conn) -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    match request(conn.clone()).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(conn).await?;
+            request(conn.clone()).await
+        }
+        result => result,
+    }
+}
+
+/// How long a durable publish's `WAIT` gives the replicas: half of
+/// `--broker-timeout`, so that the master's answer (stored, confirmed by so many)
+/// comes back before the timeout that would make the publish `unavailable`. The
+/// other half covers the script, the round trip, and Redis' timer: it ends a `WAIT`
+/// on its next tick after the timeout (every 100 ms with the default `hz 10`), once
+/// more after a `NOSCRIPT`, when the script is loaded and run again.
+fn replica_wait(timeout: Duration) -> Duration {
+    timeout / 2
+}
+
+/// Whole milliseconds, at least 1 (a Redis timeout of 0 means "forever").
 fn millis(d: Duration) -> u64 {
     d.as_millis().clamp(1, u64::MAX as u128) as u64
 }

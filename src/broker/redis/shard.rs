@@ -30,11 +30,13 @@ pub(super) struct Shard {
     /// `PUBLISH`/`SUBSCRIBE`, or sharded pub/sub on a cluster.
     pub pubsub: PubSub,
     timeout: Duration,
-    /// The master's address (the last one known) and a self-reconnecting
-    /// connection to it. The connection is replaced when a Sentinel-managed shard
-    /// moves to a new master, and absent until its master is first known or while
-    /// it is being replaced.
-    publisher: RwLock<(Option<String>, Option<Conn>)>,
+    /// Whether the shard keeps a connection for durable publishes.
+    durable: bool,
+    /// The master's address (the last one known) and self-reconnecting connections
+    /// to it. They are replaced when a Sentinel-managed shard moves to a new
+    /// master, and absent until its master is first known or while they are being
+    /// replaced.
+    publisher: RwLock<Publishers>,
     /// Why a std mutex: critical sections are a few set operations, never held
     /// across an `.await`; shared by sessions and the subscriber task.
     state: Mutex<SubState>,
@@ -54,6 +56,21 @@ pub(super) struct Shard {
     problem: Mutex<Option<String>>,
     /// The delivery probes through this shard.
     pub probes: Probes,
+}
+
+/// A shard's connections to its master.
+#[derive(Default)]
+struct Publishers {
+    /// The master's address, the last one known.
+    address: Option<String>,
+    /// Publishes, history, presence, the cluster view, delivery probes: one
+    /// multiplexed connection.
+    shared: Option<Conn>,
+    /// Publishes that wait for replicas (`publish-durability replicas:N`), when any
+    /// channel makes them. `WAIT` blocks the connection it is sent on until the
+    /// replicas answer: on the shared one it would hold up every other command,
+    /// delivery probes included, which then time out and take the shard down.
+    durable: Option<Conn>,
 }
 
 /// The subscriber connection's channels.
@@ -89,18 +106,22 @@ impl SubState {
 }
 
 impl Shard {
+    /// A shard at `endpoint`; `durable`: it keeps a second connection for
+    /// publishes that wait for replicas.
     pub(super) fn new(
         index: usize,
         endpoint: Endpoint,
         prefix: &str,
         timeout: Duration,
+        durable: bool,
     ) -> Result<Shard, BrokerError> {
         let publisher = match &endpoint {
-            Endpoint::Direct(client) => (
-                Some(client.get_connection_info().addr().to_string()),
-                Some(publisher(client, timeout)?),
-            ),
-            Endpoint::Sentinel(_) => (None, None),
+            Endpoint::Direct(client) => Publishers {
+                address: Some(client.get_connection_info().addr().to_string()),
+                shared: Some(publisher(client, timeout)?),
+                durable: durable.then(|| publisher(client, timeout)).transpose()?,
+            },
+            Endpoint::Sentinel(_) => Publishers::default(),
             Endpoint::Cluster(_) => {
                 let client = endpoint
                     .cluster_client(false)
@@ -109,12 +130,19 @@ impl Shard {
                         BrokerError::Unavailable(format!("invalid Redis Cluster URL: {e}"))
                     })?;
                 // Connects in the background: a node starts (not ready) while the
-                // cluster is down.
-                let config = ClusterConfig::new()
-                    .set_connection_timeout(timeout)
-                    .set_response_timeout(timeout);
-                let conn = client.get_pending_async_connection_with_config(config);
-                (Some("cluster".to_owned()), Some(Conn::Cluster(conn)))
+                // cluster is down. Each call is a connection of its own to every
+                // node it routes to.
+                let connect = || {
+                    let config = ClusterConfig::new()
+                        .set_connection_timeout(timeout)
+                        .set_response_timeout(timeout);
+                    Conn::Cluster(client.get_pending_async_connection_with_config(config))
+                };
+                Publishers {
+                    address: Some("cluster".to_owned()),
+                    shared: Some(connect()),
+                    durable: durable.then(connect),
+                }
             }
         };
         let pubsub = endpoint.pubsub();
@@ -126,6 +154,7 @@ impl Shard {
             endpoint,
             pubsub,
             timeout,
+            durable,
             publisher: RwLock::new(publisher),
             state: Mutex::new(SubState::default()),
             wake: Notify::new(),
@@ -139,13 +168,20 @@ impl Shard {
 
     /// The publishing connection to the shard's master.
     pub(super) fn publisher(&self) -> Result<Conn, BrokerError> {
-        match &self.publisher.read().unwrap_or_else(|e| e.into_inner()).1 {
-            Some(conn) => Ok(conn.clone()),
-            None => Err(BrokerError::Unavailable(format!(
-                "Redis shard {}: finding the master",
-                self.label
-            ))),
-        }
+        let publishers = self.publisher.read().unwrap_or_else(|e| e.into_inner());
+        self.usable(publishers.shared.as_ref())
+    }
+
+    /// The connection for publishes that wait for replicas (see [`Publishers`]).
+    pub(super) fn durable_publisher(&self) -> Result<Conn, BrokerError> {
+        let publishers = self.publisher.read().unwrap_or_else(|e| e.into_inner());
+        self.usable(publishers.durable.as_ref())
+    }
+
+    fn usable(&self, conn: Option<&Conn>) -> Result<Conn, BrokerError> {
+        conn.cloned().ok_or_else(|| {
+            BrokerError::Unavailable(format!("Redis shard {}: finding the master", self.label))
+        })
     }
 
     /// Points the publishing connection at the master at `address` (a no-op when it
@@ -156,15 +192,19 @@ impl Shard {
         client: &redis::Client,
     ) -> Result<bool, BrokerError> {
         let mut publisher = self.publisher.write().unwrap_or_else(|e| e.into_inner());
-        let (known, conn) = &*publisher;
-        let moved = known.as_deref().is_some_and(|known| known != address);
-        if !moved && known.is_some() && conn.is_some() {
+        let known = publisher.address.as_deref();
+        let moved = known.is_some_and(|known| known != address);
+        if !moved && known.is_some() && publisher.shared.is_some() {
             return Ok(false);
         }
-        *publisher = (
-            Some(address.to_owned()),
-            Some(self::publisher(client, self.timeout)?),
-        );
+        *publisher = Publishers {
+            address: Some(address.to_owned()),
+            shared: Some(self::publisher(client, self.timeout)?),
+            durable: self
+                .durable
+                .then(|| self::publisher(client, self.timeout))
+                .transpose()?,
+        };
         Ok(moved)
     }
 
@@ -175,7 +215,9 @@ impl Shard {
     /// they would be lost. Fixed servers keep their connection.
     pub(super) fn forget_master(&self) {
         if self.endpoint.is_sentinel() {
-            self.publisher.write().unwrap_or_else(|e| e.into_inner()).1 = None;
+            let mut publisher = self.publisher.write().unwrap_or_else(|e| e.into_inner());
+            publisher.shared = None;
+            publisher.durable = None;
         }
     }
 
@@ -252,11 +294,19 @@ impl Shard {
 
     /// `Ok` when the shard is usable: connected, and its last probe came back.
     pub(super) fn status(&self) -> Result<(), String> {
+        match self.problem() {
+            None => Ok(()),
+            Some(problem) => Err(format!("Redis shard {}: {problem}", self.label)),
+        }
+    }
+
+    /// Why the shard is not usable (see [`status`](Self::status)); `None` while it is.
+    pub(super) fn problem(&self) -> Option<String> {
         let problem = self.problem.lock().unwrap_or_else(|e| e.into_inner());
         match (&*problem, self.is_connected()) {
-            (None, true) => Ok(()),
-            (Some(problem), _) => Err(format!("Redis shard {}: {problem}", self.label)),
-            (None, false) => Err(format!("Redis shard {}: not connected", self.label)),
+            (None, true) => None,
+            (Some(problem), _) => Some(problem.clone()),
+            (None, false) => Some("not connected".to_owned()),
         }
     }
 
