@@ -60,6 +60,9 @@ enum Fault {
     /// The master of the first channel replaced by its replica: planned
     /// (`SENTINEL FAILOVER`, `CLUSTER FAILOVER`) or killed (`SIGKILL`).
     Failover { kill: bool },
+    /// The slot of the first channel moved to another master (its keys migrated)
+    /// while it is published to.
+    Reshard,
     /// The first node SIGKILLed: its clients reconnect elsewhere with `since`.
     NodeKilled,
     /// The first node drained (SIGTERM): its clients reconnect elsewhere with `since`.
@@ -83,12 +86,16 @@ impl Fault {
         }
     }
 
-    /// Whether it is injected a second time near the end of the stream.
-    fn repeats(self) -> bool {
-        !matches!(
-            self,
-            Fault::Failover { kill: true } | Fault::NodeKilled | Fault::NodeDrained
-        )
+    /// Whether it is injected a second time near the end of the stream on `topo`.
+    /// Not a killed master or node (gone for good), nor a Sentinel failover: the
+    /// sentinels take seconds more to make the old master a replica of the new one,
+    /// and a second failover before then has no replica in sync to promote.
+    fn repeats(self, topo: Topo) -> bool {
+        match self {
+            Fault::Failover { kill: true } | Fault::NodeKilled | Fault::NodeDrained => false,
+            Fault::Failover { kill: false } => topo != Topo::Sentinel,
+            _ => true,
+        }
     }
 }
 
@@ -171,6 +178,17 @@ impl World {
         world
     }
 
+    /// Prints what the nodes warned about and repaired, to explain a failure.
+    fn print_logs(&self) {
+        for node in self.nodes.iter().flatten() {
+            for line in node.logs.lock().unwrap().iter() {
+                if line.contains("WARN") || line.contains("repair") || line.contains("slot") {
+                    println!("node {}: {line}", node.addr);
+                }
+            }
+        }
+    }
+
     fn url(&self, node: usize) -> Option<String> {
         let node = self.nodes[node % self.nodes.len()].as_ref()?;
         Some(format!("ws://{}/ws", node.addr))
@@ -247,6 +265,19 @@ impl World {
                 self.server_mut(port).restart().await;
             }
             Fault::Failover { kill } => self.failover(&first, kill).await,
+            Fault::Reshard => {
+                let cluster = self.cluster.as_ref().expect("a Redis Cluster");
+                let slot = cluster.slot(&format!("{{{first}}}")).await;
+                let (from, ..) = cluster.owner(slot).await;
+                let to = cluster
+                    .slots()
+                    .await
+                    .into_iter()
+                    .map(|r| r.2)
+                    .find(|port| *port != from)
+                    .unwrap();
+                cluster.move_slot(slot, to).await;
+            }
             Fault::NodeKilled => self.nodes[0].as_ref().unwrap().signal("KILL"),
             Fault::NodeDrained => self.nodes[0].as_ref().unwrap().signal("TERM"),
             Fault::ReconnectStorm => clients.storm(0),
@@ -269,11 +300,6 @@ impl World {
                     group.master_port().await.is_some_and(|p| p != master)
                 })
                 .await;
-                if !kill {
-                    // The old master follows the new one before the next failover.
-                    let old = group.servers.iter().find(|s| s.port == master).unwrap();
-                    old.wait_synced().await;
-                }
             }
             Topo::Cluster => {
                 let cluster = self.cluster.as_mut().unwrap();
@@ -281,18 +307,30 @@ impl World {
                 let (_, _, replicas) = cluster.owner(slot).await;
                 if kill {
                     cluster.server_mut(master).kill();
-                } else {
-                    let mut conn = cluster.server(replicas[0]).connection().await.unwrap();
-                    let _: () = redis::cmd("CLUSTER")
+                    eventually("the replica takes over", 6 * WAIT, async || {
+                        cluster.owner(slot).await.0 != master
+                    })
+                    .await;
+                    return;
+                }
+                // A planned failover gives up when the replica does not catch up in
+                // time (it may still be syncing after an earlier fault): ask again.
+                let replica = cluster.server(replicas[0]);
+                for _ in 0..12 {
+                    let mut conn = replica.connection().await.unwrap();
+                    let _: redis::RedisResult<()> = redis::cmd("CLUSTER")
                         .arg("FAILOVER")
                         .query_async(&mut conn)
-                        .await
-                        .unwrap();
+                        .await;
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    while Instant::now() < deadline {
+                        if cluster.owner(slot).await.0 != master {
+                            return;
+                        }
+                        sleep(Duration::from_millis(100)).await;
+                    }
                 }
-                eventually("the replica takes over", 6 * WAIT, async || {
-                    cluster.owner(slot).await.0 != master
-                })
-                .await;
+                panic!("no replica took over slot {slot} within 60 s");
             }
             _ => unreachable!("no failover without replicas"),
         }
@@ -507,9 +545,13 @@ async fn next_frame(ws: &mut Ws) -> Option<Value> {
 /// Publishes `{"n": id}` to the channels at `RATE` in all through node `url`,
 /// one connection per channel (a session answers one request at a time, and a
 /// fault on one channel's Redis must not slow the others), until `stop`; returns
-/// what was acked. Errors (`unavailable` during a fault) are not acked and not
-/// retried.
-async fn publish(url: String, channels: Vec<String>, stop: CancellationToken) -> Vec<Acked> {
+/// what was acked, and how many publishes were refused (`unavailable` during a
+/// fault: not acked, not retried).
+async fn publish(
+    url: String,
+    channels: Vec<String>,
+    stop: CancellationToken,
+) -> (Vec<Acked>, usize) {
     let count = channels.len() as u64;
     let each = channels.into_iter().enumerate().map(|(i, channel)| {
         let (url, stop) = (url.clone(), stop.clone());
@@ -517,7 +559,7 @@ async fn publish(url: String, channels: Vec<String>, stop: CancellationToken) ->
             let (mut ws, _) = connect_async(url.as_str())
                 .await
                 .expect("publisher connects");
-            let mut acked = Vec::new();
+            let (mut acked, mut refused) = (Vec::new(), 0);
             let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 * count / RATE));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             // Unique over all channels.
@@ -547,16 +589,21 @@ async fn publish(url: String, channels: Vec<String>, stop: CancellationToken) ->
                         n,
                         offset: reply["offset"].as_u64().expect("an offset"),
                     });
+                } else {
+                    assert_eq!(reply["code"], "unavailable", "{reply}");
+                    refused += 1;
                 }
             }
-            acked
+            (acked, refused)
         })
     });
-    let mut acked = Vec::new();
+    let (mut acked, mut refused) = (Vec::new(), 0);
     for publisher in futures_util::future::join_all(each).await {
-        acked.extend(publisher.expect("publisher"));
+        let (some, more) = publisher.expect("publisher");
+        acked.extend(some);
+        refused += more;
     }
-    acked
+    (acked, refused)
 }
 
 /// One run: subscribe, publish, inject `fault` at a third (and two thirds) of the
@@ -577,13 +624,13 @@ async fn run(topo: Topo, fault: Fault) -> Report {
     let started = Instant::now();
     sleep(PUBLISHING / 3).await;
     world.inject(fault, &clients).await;
-    if fault.repeats() {
+    if fault.repeats(topo) {
         tokio::time::sleep_until(started + PUBLISHING * 2 / 3).await;
         world.inject(fault, &clients).await;
     }
     tokio::time::sleep_until(started + PUBLISHING).await;
     stop.cancel();
-    let acked = timeout(3 * WAIT, publisher)
+    let (acked, refused) = timeout(3 * WAIT, publisher)
         .await
         .expect("the publisher stops")
         .unwrap();
@@ -592,27 +639,20 @@ async fn run(topo: Topo, fault: Fault) -> Report {
     let subscriptions = logs.iter().map(|((_, ch), sub)| (ch.as_str(), sub));
     let report = checker::check(subscriptions, &acked);
     println!(
-        "fault-table | {topo:?} | {fault:?} | {} | acked {} | {report}",
+        "fault-table | {topo:?} | {fault:?} | {} | acked {} | refused {refused} | {report}",
         if report.gaps > 0 { "gap" } else { "delivered" },
         acked.len()
     );
     if !report.exactly_once() || (report.gaps > 0 && !fault.may_lose_data(topo)) {
-        // What the nodes said, for the failure message.
-        for node in world.nodes.iter().flatten() {
-            for line in node.logs.lock().unwrap().iter() {
-                if line.contains("WARN") || line.contains("repair") {
-                    println!("node {}: {line}", node.addr);
-                }
-            }
-        }
+        world.print_logs();
     }
     assert!(report.exactly_once(), "{topo:?} {fault:?}: {report}");
     if !fault.may_lose_data(topo) {
         assert_eq!(report.gaps, 0, "{topo:?} {fault:?}: {report}");
     }
-    // Most of the stream went through (a failover stops a channel for seconds).
+    // A stream went through (a pause of the one Redis stops all of it for seconds).
     assert!(
-        acked.len() > RATE as usize * 2,
+        acked.len() > RATE as usize,
         "too few acked: {}",
         acked.len()
     );
@@ -689,6 +729,123 @@ suite! {
     cluster_paused: Topo::Cluster, Fault::Paused;
     cluster_failover: Topo::Cluster, Fault::Failover { kill: false };
     cluster_master_killed: Topo::Cluster, Fault::Failover { kill: true };
+    cluster_resharded: Topo::Cluster, Fault::Reshard;
+}
+
+/// The chaos run: a seeded random schedule of the faults that apply to `topo`
+/// (a pause of 0.3–1.5 s between them), under the same steady publishing and with
+/// clients of a random node reconnecting with `since` now and then, for
+/// `WSRELAY_CHAOS_SECS` (default 20 s), judged by the same checker. The seed is
+/// printed; `WSRELAY_CHAOS_SEED` replays its schedule.
+async fn chaos(topo: Topo, faults: &[Fault]) {
+    let secs: u64 = std::env::var("WSRELAY_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let seed: u64 = std::env::var("WSRELAY_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("chaos {topo:?}: seed {seed} (WSRELAY_CHAOS_SEED={seed} replays it), {secs} s");
+    let mut rng = SplitMix(seed);
+    let _serial = SERIAL.lock().await;
+    let mut world = World::start(topo, 4).await;
+    let clients = subscribe_all(&world).await;
+    let publisher_node = world.nodes.len() - 1;
+    let stop = CancellationToken::new();
+    let publisher = tokio::spawn(publish(
+        world.url(publisher_node).unwrap(),
+        world.channels.clone(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut schedule = Vec::new();
+    while Instant::now() < deadline {
+        sleep(Duration::from_millis(300 + rng.below(1200))).await;
+        let fault = if rng.below(4) == 0 {
+            // Subscribe churn: a node's clients come back with `since`.
+            Fault::ReconnectStorm
+        } else {
+            faults[rng.below(faults.len() as u64) as usize]
+        };
+        let node = rng.below(world.nodes.len() as u64) as usize;
+        schedule.push(format!("{fault:?}"));
+        match fault {
+            Fault::ReconnectStorm => clients.storm(node),
+            fault => world.inject(fault, &clients).await,
+        }
+    }
+    stop.cancel();
+    let (acked, refused) = timeout(3 * WAIT, publisher)
+        .await
+        .expect("the publisher stops")
+        .unwrap();
+    settle(&clients, &world.channels, &acked).await;
+    let logs = clients.finish().await;
+    let subscriptions = logs.iter().map(|((_, ch), sub)| (ch.as_str(), sub));
+    let report = checker::check(subscriptions, &acked);
+    println!(
+        "chaos {topo:?} seed {seed}: {} faults ({}) | acked {} | refused {refused} | {report}",
+        schedule.len(),
+        schedule.join(", "),
+        acked.len()
+    );
+    if !report.exactly_once() {
+        world.print_logs();
+    }
+    assert!(
+        report.exactly_once(),
+        "chaos {topo:?} seed {seed}: {report}"
+    );
+    if !faults.iter().any(|f| f.may_lose_data(topo)) {
+        assert_eq!(report.gaps, 0, "chaos {topo:?} seed {seed}: {report}");
+    }
+}
+
+/// A small deterministic generator (SplitMix64): a seed gives the same schedule
+/// on every machine and with every version of the `rand` crate.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform enough in `0..n` for a schedule.
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_redis() {
+    let faults = [
+        Fault::PubSubKilled { held: true },
+        Fault::PublisherKilled,
+        Fault::Paused,
+    ];
+    chaos(Topo::Redis, &faults).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_cluster() {
+    let faults = [
+        Fault::PubSubKilled { held: false },
+        Fault::PublisherKilled,
+        Fault::Paused,
+        Fault::Failover { kill: false },
+        Fault::Reshard,
+    ];
+    chaos(Topo::Cluster, &faults).await;
 }
 
 #[test]
@@ -738,7 +895,8 @@ fn the_checker_finds_what_it_must() {
     new_epoch.position("e", 0, None);
     new_epoch.frame(msg(1));
     new_epoch.frame(json!({"op": "gap", "epoch": "f", "offset": 0}));
-    new_epoch.frame(msg(1));
+    // Offset 1 again, of the new epoch: another message.
+    new_epoch.frame(json!({"op": "msg", "offset": 1, "data": {"n": 101}}));
     let report = checker::check([("c", &new_epoch)], &acked(1..=2));
     assert!(report.exactly_once(), "{report}");
 

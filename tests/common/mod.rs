@@ -1374,6 +1374,66 @@ impl RedisCluster {
         self.servers.iter().find(|s| s.port == port).unwrap()
     }
 
+    /// Moves `slot` (and its keys) from its master to the master `to` (a port), as
+    /// `redis-cli --cluster reshard` does for each slot: importing and migrating
+    /// states, `MIGRATE` of its keys in batches, then the new owner told to every
+    /// master.
+    pub async fn move_slot(&self, slot: u16, to: u16) {
+        let (from, from_id, _) = self.owner(slot).await;
+        let masters: Vec<(u16, String)> = self
+            .slots()
+            .await
+            .into_iter()
+            .map(|(_, _, port, id, _)| (port, id))
+            .collect();
+        let to_id = masters.iter().find(|(p, _)| *p == to).unwrap().1.clone();
+        let mut src = self.server(from).connection().await.unwrap();
+        let mut dst = self.server(to).connection().await.unwrap();
+        let setslot = |state: &str, id: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            cmd
+        };
+        let _: () = setslot("IMPORTING", &from_id)
+            .query_async(&mut dst)
+            .await
+            .unwrap();
+        let _: () = setslot("MIGRATING", &to_id)
+            .query_async(&mut src)
+            .await
+            .unwrap();
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(100)
+                .query_async(&mut src)
+                .await
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: () = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut src)
+                .await
+                .unwrap();
+        }
+        for (port, _) in &masters {
+            let mut conn = self.server(*port).connection().await.unwrap();
+            let _: () = setslot("NODE", &to_id)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
     pub fn server_mut(&mut self, port: u16) -> &mut RedisServer {
         self.servers.iter_mut().find(|s| s.port == port).unwrap()
     }

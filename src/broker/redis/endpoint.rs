@@ -164,6 +164,7 @@ impl Endpoint {
     pub(super) fn cluster_client(
         &self,
         resp3: bool,
+        resends: Resends,
     ) -> Option<redis::RedisResult<redis::cluster::ClusterClient>> {
         let Endpoint::Cluster(seeds) = self else {
             return None;
@@ -172,6 +173,9 @@ impl Endpoint {
             redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str));
         if resp3 {
             builder = builder.use_protocol(redis::ProtocolVersion::RESP3);
+        }
+        if resends == Resends::Never {
+            builder = builder.retries(0);
         }
         Some(builder.build())
     }
@@ -327,4 +331,16 @@ mod tests {
         }
         assert_eq!(Endpoint::parse("redis://h:7000").unwrap().label(), "h:7000");
     }
+}
+
+/// Whether a Redis Cluster client sends a request again on its own (after a
+/// redirect, or when its connection dropped before the reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Resends {
+    /// redis-rs' default: fine for what may run twice (reads, presence, probes).
+    Allowed,
+    /// Never: a request whose connection dropped may have run already, and a
+    /// publish run twice is a message stored and delivered twice. The caller sends
+    /// again only what Redis answered it did not run (`run_once`).
+    Never,
 }

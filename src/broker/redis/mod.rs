@@ -73,6 +73,10 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// Reconnect backoff: first delay and cap (jittered).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a publish that a Redis Cluster node did not run (`MOVED`, `ASK`,
+/// `TRYAGAIN`, `CLUSTERDOWN`) waits before it is sent again: long enough for the
+/// client to refresh its slot map, short against a failover or a slot migration.
+const REDIRECT_PAUSE: Duration = Duration::from_millis(20);
 /// Quiet channels per pipelined batch of the position check.
 const CHECK_BATCH: usize = 1000;
 /// Presence entries per pipelined batch of the refresh: one round trip each, and
@@ -232,9 +236,9 @@ impl RedisBroker {
             };
             match options.durability {
                 Durability::Leader => {
-                    let mut conn = shard.publisher()?;
+                    let mut conn = shard.publisher_once()?;
                     let publish = async {
-                        let stored = with_script(&mut conn, &PUBLISH_SCRIPT, |mut conn| {
+                        let stored = run_once(&mut conn, Some(&PUBLISH_SCRIPT), |mut conn| {
                             let evalsha = &evalsha;
                             async move { evalsha.query_async(&mut conn).await }
                         })
@@ -269,7 +273,7 @@ impl RedisBroker {
                     };
                     let publish = async {
                         let (stored, confirmed): ((u64, String), u32) =
-                            with_script(&mut conn, &PUBLISH_SCRIPT, request)
+                            run_once(&mut conn, Some(&PUBLISH_SCRIPT), request)
                                 .await
                                 .map_err(|e| shard.failed(e))?;
                         let position = position(stored)?;
@@ -287,7 +291,7 @@ impl RedisBroker {
                 }
             }
         } else {
-            let mut conn = shard.publisher()?;
+            let mut conn = shard.publisher_once()?;
             let payload =
                 if inner.config.broker.legacy_envelopes && publication.kind == Kind::Message {
                     let frame = crate::protocol::encode_publication(channel, &publication);
@@ -295,14 +299,16 @@ impl RedisBroker {
                 } else {
                     envelope::encode(&publication)
                 };
+            let mut publish = redis::cmd(inner.pubsub.publish());
+            publish.arg(&key).arg(&payload[..]);
             let publish = async {
-                redis::cmd(inner.pubsub.publish())
-                    .arg(&key)
-                    .arg(&payload[..])
-                    .query_async::<i64>(&mut conn)
-                    .await
-                    .map(|_receivers| None)
-                    .map_err(|e| shard.failed(e))
+                run_once(&mut conn, None, |mut conn| {
+                    let publish = &publish;
+                    async move { publish.query_async::<i64>(&mut conn).await }
+                })
+                .await
+                .map(|_receivers| None)
+                .map_err(|e| shard.failed(e))
             };
             tokio::time::timeout(inner.timeout, publish).await
         };
@@ -974,24 +980,35 @@ async fn refresh_presence(inner: Arc<Inner>) {
     }
 }
 
-/// Sends `request` (an EVALSHA of `script`, alone or first in a pipeline); after a
-/// `NOSCRIPT` (Redis restarted, failed over or was `SCRIPT FLUSH`ed: the script did
-/// not run) loads the script and sends it once more, as redis-rs' `invoke` does.
-async fn with_script<T, F, Fut>(
+/// Runs a request that must never run twice (a publish) on a connection that
+/// never resends on its own ([`Shard::publisher_once`]), and again only when Redis
+/// answered that it did not run it: the script was not loaded (`NOSCRIPT`: loaded,
+/// then sent again), or a Redis Cluster node does not serve the slot now (`MOVED`,
+/// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`: sent again after a short pause, by which the
+/// client has refreshed its slot map) — within the caller's timeout. A request whose
+/// connection dropped is not sent again: it may have run.
+async fn run_once<T, F, Fut>(
     conn: &mut Conn,
-    script: &redis::Script,
+    script: Option<&redis::Script>,
     request: F,
 ) -> redis::RedisResult<T>
 where
     F: Fn(Conn) -> Fut,
     Fut: Future<Output = redis::RedisResult<T>>,
 {
-    match request(conn.clone()).await {
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            script.load_async(conn).await?;
-            request(conn.clone()).await
+    loop {
+        match request(conn.clone()).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let Some(script) = script else {
+                    return Err(e);
+                };
+                script.load_async(conn).await?;
+            }
+            Err(e) if matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN")) => {
+                tokio::time::sleep(REDIRECT_PAUSE).await;
+            }
+            result => return result,
         }
-        result => result,
     }
 }
 

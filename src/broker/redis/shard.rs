@@ -16,7 +16,7 @@ use redis::cluster::ClusterConfig;
 use tokio::sync::{Notify, oneshot};
 
 use super::conn::{Conn, PubSub};
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, Resends};
 use super::probe::Probes;
 use crate::broker::BrokerError;
 
@@ -66,6 +66,10 @@ struct Publishers {
     /// Publishes, history, presence, the cluster view, delivery probes: one
     /// multiplexed connection.
     shared: Option<Conn>,
+    /// Publishes on a Redis Cluster: a client that never resends a request on its
+    /// own (`Resends::Never`). `None` elsewhere: a standalone connection does not
+    /// resend, so publishes share `shared`.
+    once: Option<Conn>,
     /// Publishes that wait for replicas (`publish-durability replicas:N`), when any
     /// channel makes them. `WAIT` blocks the connection it is sent on until the
     /// replicas answer: on the shared one it would hold up every other command,
@@ -80,6 +84,12 @@ pub(super) struct SubState {
     pub live: HashSet<String>,
     /// Channels whose local interest may differ from `live`.
     pub dirty: HashSet<String>,
+    /// Channels of the batch being subscribed now (SUBSCRIBE sent, not yet live).
+    pub subscribing: HashSet<String>,
+    /// Those of them Redis unsubscribed meanwhile (a Redis Cluster slot moved
+    /// while their SSUBSCRIBE went to the old owner): the batch leaves them dirty
+    /// for the next round instead of making them live, where they would stay deaf.
+    pub moved: HashSet<String>,
     /// Sessions waiting for a channel to become live. Bounded by the number of
     /// sessions: each waits for at most one subscription at a time, and abandoned
     /// waiters are pruned whenever a new one is added.
@@ -119,20 +129,24 @@ impl Shard {
             Endpoint::Direct(client) => Publishers {
                 address: Some(client.get_connection_info().addr().to_string()),
                 shared: Some(publisher(client, timeout)?),
+                once: None,
                 durable: durable.then(|| publisher(client, timeout)).transpose()?,
             },
             Endpoint::Sentinel(_) => Publishers::default(),
             Endpoint::Cluster(_) => {
-                let client = endpoint
-                    .cluster_client(false)
-                    .expect("a cluster endpoint")
-                    .map_err(|e| {
-                        BrokerError::Unavailable(format!("invalid Redis Cluster URL: {e}"))
-                    })?;
+                let client = |resends| {
+                    endpoint
+                        .cluster_client(false, resends)
+                        .expect("a cluster endpoint")
+                        .map_err(|e| {
+                            BrokerError::Unavailable(format!("invalid Redis Cluster URL: {e}"))
+                        })
+                };
+                let (resending, once) = (client(Resends::Allowed)?, client(Resends::Never)?);
                 // Connects in the background: a node starts (not ready) while the
                 // cluster is down. Each call is a connection of its own to every
                 // node it routes to.
-                let connect = || {
+                let connect = |client: &redis::cluster::ClusterClient| {
                     let config = ClusterConfig::new()
                         .set_connection_timeout(timeout)
                         .set_response_timeout(timeout);
@@ -140,8 +154,9 @@ impl Shard {
                 };
                 Publishers {
                     address: Some("cluster".to_owned()),
-                    shared: Some(connect()),
-                    durable: durable.then(connect),
+                    shared: Some(connect(&resending)),
+                    once: Some(connect(&once)),
+                    durable: durable.then(|| connect(&once)),
                 }
             }
         };
@@ -172,6 +187,13 @@ impl Shard {
         self.usable(publishers.shared.as_ref())
     }
 
+    /// The connection for publishes, which must never be sent twice (see
+    /// [`Publishers::once`]).
+    pub(super) fn publisher_once(&self) -> Result<Conn, BrokerError> {
+        let publishers = self.publisher.read().unwrap_or_else(|e| e.into_inner());
+        self.usable(publishers.once.as_ref().or(publishers.shared.as_ref()))
+    }
+
     /// The connection for publishes that wait for replicas (see [`Publishers`]).
     pub(super) fn durable_publisher(&self) -> Result<Conn, BrokerError> {
         let publishers = self.publisher.read().unwrap_or_else(|e| e.into_inner());
@@ -200,6 +222,7 @@ impl Shard {
         *publisher = Publishers {
             address: Some(address.to_owned()),
             shared: Some(self::publisher(client, self.timeout)?),
+            once: None,
             durable: self
                 .durable
                 .then(|| self::publisher(client, self.timeout))

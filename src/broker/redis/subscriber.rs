@@ -29,6 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::SubConn;
+use super::endpoint::Resends;
 use super::probe::Step;
 use super::shard::Shard;
 use super::{Backoff, HEALTH_INTERVAL, Inner, SUBSCRIBE_BATCH};
@@ -115,7 +116,7 @@ async fn connect(inner: &Arc<Inner>, shard: &Arc<Shard>) -> Result<(SubConn, Arc
     let timeout = inner.timeout;
     let disconnected = Arc::new(Notify::new());
     let setup = async {
-        let mut conn = match shard.endpoint.cluster_client(true) {
+        let mut conn = match shard.endpoint.cluster_client(true, Resends::Allowed) {
             Some(client) => {
                 let config = ClusterConfig::new()
                     .set_connection_timeout(timeout)
@@ -315,13 +316,23 @@ impl Inner {
                     self.tracker.on_subscribing(channel);
                 }
             }
-            conn.subscribe(&keys).await?;
-            self.read_positions(conn, batch).await?;
+            shard.lock().subscribing.extend(batch.iter().cloned());
+            let subscribed = async {
+                conn.subscribe(&keys).await?;
+                self.read_positions(conn, batch).await
+            };
+            let subscribed = subscribed.await;
             let mut state = shard.lock();
             for channel in batch {
-                state.live.insert(channel.clone());
-                state.wake_waiters(channel);
+                state.subscribing.remove(channel);
+                // Unsubscribed by Redis meanwhile: subscribed again next round.
+                if !state.moved.remove(channel) && subscribed.is_ok() {
+                    state.live.insert(channel.clone());
+                    state.wake_waiters(channel);
+                }
             }
+            drop(state);
+            subscribed?;
         }
         for batch in to_unsubscribe.chunks(SUBSCRIBE_BATCH) {
             let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
@@ -516,7 +527,13 @@ impl Inner {
                     return;
                 };
                 let mut state = shard.lock();
-                if state.live.remove(channel) {
+                // Live, or being subscribed (the slot moved again while its
+                // SSUBSCRIBE went to the old owner); not our own unsubscribe.
+                let moved = state.subscribing.contains(channel);
+                if moved {
+                    state.moved.insert(channel.to_owned());
+                }
+                if state.live.remove(channel) || moved {
                     tracing::info!(
                         channel,
                         "Redis Cluster moved the channel's slot; subscribing on its new owner"
