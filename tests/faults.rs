@@ -650,6 +650,8 @@ async fn run(topo: Topo, fault: Fault) -> Report {
     if !fault.may_lose_data(topo) {
         assert_eq!(report.gaps, 0, "{topo:?} {fault:?}: {report}");
     }
+    // A new epoch's messages are delivered from its first offset, not reported lost.
+    assert_eq!(report.new_epoch_gaps_past_zero, 0, "{topo:?} {fault:?}: {report}");
     // A stream went through (a pause of the one Redis stops all of it for seconds).
     assert!(
         acked.len() > RATE as usize,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     RedisServer, SentinelServer, TestNode, WAIT, eventually, free_port, metric, offsets,
-    publish_until_acked, wait_until,
+    publish_until_acked, sentinel_url, wait_sentinels_agree, wait_until,
 };
 use serde_json::json;
 
@@ -22,21 +22,6 @@ const FAILOVER_BOUND: Duration = Duration::from_secs(15);
 
 async fn numsub(redis: &RedisServer, ch: &str) -> i64 {
     redis.numsub(ch).await
-}
-
-/// Every sentinel knows the other two and the replica (so they can agree on a
-/// failover and have someone to promote).
-async fn wait_sentinels_agree(sentinels: &[SentinelServer], replicas: usize) {
-    for s in sentinels {
-        eventually("sentinels discover each other", WAIT, async || {
-            let peers: redis::RedisResult<Vec<redis::Value>> =
-                s.query(&["SENTINEL", "SENTINELS", "mymaster"]).await;
-            let known: redis::RedisResult<Vec<redis::Value>> =
-                s.query(&["SENTINEL", "REPLICAS", "mymaster"]).await;
-            matches!((peers, known), (Ok(p), Ok(r)) if p.len() == sentinels.len() - 1 && r.len() == replicas)
-        })
-        .await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,11 +36,7 @@ async fn nodes_follow_the_master_through_failovers() {
     }
     wait_sentinels_agree(&sentinels, 1).await;
 
-    let hosts: Vec<String> = sentinels
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect();
-    let url = format!("redis+sentinel://{}/mymaster", hosts.join(","));
+    let url = sentinel_url(&sentinels);
     let mut nodes = Vec::new();
     for id in ["n1", "n2"] {
         let args = [
@@ -233,11 +214,7 @@ async fn with_durable_publishes_every_acked_offset_survives_a_killed_master() {
         sentinels.push(SentinelServer::start(first.port, 2).await);
     }
     wait_sentinels_agree(&sentinels, 1).await;
-    let hosts: Vec<String> = sentinels
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect();
-    let url = format!("redis+sentinel://{}/mymaster", hosts.join(","));
+    let url = sentinel_url(&sentinels);
     let node = TestNode::start(&[
         "--redis-url",
         &url,

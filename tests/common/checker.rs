@@ -88,6 +88,9 @@ pub struct Report {
     pub lost_acked: usize,
     /// `gap` frames and `recovered:false` acks (allowed where the fault loses data).
     pub gaps: usize,
+    /// Gaps into a new epoch past its offset 0: what the new history held was
+    /// reported lost instead of delivered (needless where nothing trims it).
+    pub new_epoch_gaps_past_zero: usize,
     /// The first problems, for the failure message.
     pub problems: Vec<String>,
 }
@@ -183,6 +186,10 @@ fn check_one(channel: &str, sub: &Subscription, acked: &[Acked], report: &mut Re
                     && *e != epoch
                 {
                     reported.push((e.clone(), u64::MAX));
+                    if offset > 0 {
+                        report.new_epoch_gaps_past_zero += 1;
+                        report.problem(format!("{name}: new epoch {epoch} begun at gap {offset}"));
+                    }
                 }
                 reported.push((epoch.clone(), offset));
                 cursor = Some((epoch, offset));

@@ -1529,6 +1529,30 @@ impl Drop for HoldProxy {
     }
 }
 
+/// Every sentinel knows the others and `replicas` replicas (so they can agree on a
+/// failover and have someone to promote).
+pub async fn wait_sentinels_agree(sentinels: &[SentinelServer], replicas: usize) {
+    for s in sentinels {
+        eventually("sentinels discover each other", 3 * WAIT, async || {
+            let peers: redis::RedisResult<Vec<redis::Value>> =
+                s.query(&["SENTINEL", "SENTINELS", "mymaster"]).await;
+            let known: redis::RedisResult<Vec<redis::Value>> =
+                s.query(&["SENTINEL", "REPLICAS", "mymaster"]).await;
+            matches!((peers, known), (Ok(p), Ok(r)) if p.len() == sentinels.len() - 1 && r.len() == replicas)
+        })
+        .await;
+    }
+}
+
+/// `redis+sentinel://…/mymaster` for these sentinels.
+pub fn sentinel_url(sentinels: &[SentinelServer]) -> String {
+    let hosts: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    format!("redis+sentinel://{}/mymaster", hosts.join(","))
+}
+
 /// A Sentinel group: a master, one replica and three `redis-sentinel` processes
 /// (quorum 2) that agree on both.
 pub struct SentinelGroup {
@@ -1568,30 +1592,14 @@ impl SentinelGroup {
         group
     }
 
-    /// Every sentinel knows the other two and `replicas` replicas (so they can
-    /// agree on a failover and have someone to promote).
+    /// Every sentinel knows the others and `replicas` replicas.
     pub async fn wait_agree(&self, replicas: usize) {
-        let sentinels = &self.sentinels;
-        for s in sentinels {
-            eventually("sentinels discover each other", 3 * WAIT, async || {
-                let peers: redis::RedisResult<Vec<redis::Value>> =
-                    s.query(&["SENTINEL", "SENTINELS", "mymaster"]).await;
-                let known: redis::RedisResult<Vec<redis::Value>> =
-                    s.query(&["SENTINEL", "REPLICAS", "mymaster"]).await;
-                matches!((peers, known), (Ok(p), Ok(r)) if p.len() == sentinels.len() - 1 && r.len() == replicas)
-            })
-            .await;
-        }
+        wait_sentinels_agree(&self.sentinels, replicas).await;
     }
 
     /// `redis+sentinel://…/mymaster`.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect();
-        format!("redis+sentinel://{}/mymaster", hosts.join(","))
+        sentinel_url(&self.sentinels)
     }
 
     /// The port of the master the sentinels name now.
