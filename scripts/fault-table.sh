@@ -10,10 +10,12 @@ cd "$(dirname "$0")/.."
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 cargo test --locked --test faults -- --nocapture --test-threads 1 "$@" >"$out" 2>&1 || {
-  tail -50 "$out" >&2
+  grep -E 'panicked|fault-table|^  |^node ' "$out" >&2
+  sed -n '/^failures:/,$p' "$out" >&2
   exit 1
 }
-grep '^fault-table |' "$out" | awk -F' [|] ' '
+# With one test thread, a test's output follows its name on the same line.
+grep -o 'fault-table |.*' "$out" | awk -F' [|] ' '
   {
     topo = $2; fault = $3; outcome = $4; refused = $6
     sub(/^refused /, "", refused)

@@ -76,6 +76,27 @@ enum Fault {
 }
 
 impl Fault {
+    /// Its row in docs/protocol.md's table (the pub/sub kill is one row: the
+    /// reconnect is held where a proxy sits between nodes and Redis).
+    fn label(self) -> &'static str {
+        match self {
+            Fault::PubSubKilled { .. } => {
+                "pub/sub connections killed (`CLIENT KILL TYPE pubsub`; reconnects held 0.5 s on one Redis and shards)"
+            }
+            Fault::PublisherKilled => "publishing connections killed (`CLIENT KILL TYPE normal`)",
+            Fault::Paused => "Redis stopped 1.5 s (`SIGSTOP`, broker timeout 1 s)",
+            Fault::RestartedEmpty => "Redis restarted without persistence",
+            Fault::Failover { kill: false } => {
+                "planned failover (`SENTINEL FAILOVER`, `CLUSTER FAILOVER`)"
+            }
+            Fault::Failover { kill: true } => "master SIGKILLed",
+            Fault::Reshard => "a busy slot migrated to another master",
+            Fault::NodeKilled => "a node SIGKILLed (its clients recover elsewhere)",
+            Fault::NodeDrained => "a node drained (SIGTERM; its clients recover elsewhere)",
+            Fault::ReconnectStorm => "a node's clients all reconnect at once with `since`",
+        }
+    }
+
     /// Whether the fault may lose data on `topo`, so that a `gap` is a correct
     /// outcome: a restart without persistence; a master killed before its replica
     /// had every write (replication is asynchronous); and a Sentinel failover,
@@ -657,7 +678,8 @@ async fn run(topo: Topo, fault: Fault) -> Report {
     let subscriptions = logs.iter().map(|((_, ch), sub)| (ch.as_str(), sub));
     let report = checker::check(subscriptions, &acked);
     println!(
-        "fault-table | {topo:?} | {fault:?} | {} | acked {} | refused {refused} | {report}",
+        "fault-table | {topo:?} | {} | {} | acked {} | refused {refused} | {report}",
+        fault.label(),
         if report.gaps > 0 { "gap" } else { "delivered" },
         acked.len()
     );

@@ -182,14 +182,21 @@ fn check_one(channel: &str, sub: &Subscription, acked: &[Acked], report: &mut Re
             }
             Some("gap") => {
                 report.gaps += 1;
-                if let Some((e, _)) = &cursor
-                    && *e != epoch
-                {
-                    reported.push((e.clone(), u64::MAX));
-                    if offset > 0 {
-                        report.new_epoch_gaps_past_zero += 1;
-                        report.problem(format!("{name}: new epoch {epoch} begun at gap {offset}"));
+                match &cursor {
+                    Some((e, _)) if *e != epoch => {
+                        reported.push((e.clone(), u64::MAX));
+                        if offset > 0 {
+                            report.new_epoch_gaps_past_zero += 1;
+                            report.problem(format!(
+                                "{name}: new epoch {epoch} begun at gap {offset}"
+                            ));
+                        }
                     }
+                    // The history went back (a failover lost writes): the offsets
+                    // after it are given to new messages, and what the old master
+                    // acked above it, delivered or not, is gone — all reported.
+                    Some((_, last)) if offset < *last => reported.push((epoch.clone(), u64::MAX)),
+                    _ => {}
                 }
                 reported.push((epoch.clone(), offset));
                 cursor = Some((epoch, offset));
