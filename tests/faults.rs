@@ -645,38 +645,62 @@ async fn publish(
     (acked, refused)
 }
 
+/// The steady stream of a run: every node's clients subscribed, and the publisher
+/// on the last node (never the one a fault takes away).
+struct Stream {
+    clients: Clients,
+    stop: CancellationToken,
+    publisher: tokio::task::JoinHandle<(Vec<Acked>, usize)>,
+}
+
+impl Stream {
+    async fn start(world: &World) -> Stream {
+        let clients = subscribe_all(world).await;
+        let stop = CancellationToken::new();
+        let publisher = tokio::spawn(publish(
+            world.url(world.nodes.len() - 1).unwrap(),
+            world.channels.clone(),
+            stop.clone(),
+        ));
+        Stream {
+            clients,
+            stop,
+            publisher,
+        }
+    }
+
+    /// Stops publishing, waits until every client has the last acked message of
+    /// each channel, and judges what they got: the report, what was acked, and how
+    /// many publishes were refused.
+    async fn finish(self, world: &World) -> (Report, Vec<Acked>, usize) {
+        self.stop.cancel();
+        let (acked, refused) = timeout(3 * WAIT, self.publisher)
+            .await
+            .expect("the publisher stops")
+            .unwrap();
+        settle(&self.clients, &world.channels, &acked).await;
+        let logs = self.clients.finish().await;
+        let subscriptions = logs.iter().map(|((_, ch), sub)| (ch.as_str(), sub));
+        (checker::check(subscriptions, &acked), acked, refused)
+    }
+}
+
 /// One run: subscribe, publish, inject `fault` at a third (and two thirds) of the
 /// stream, wait until every client has the last acked message of each channel,
 /// then check. Prints the `fault-table` line.
 async fn run(topo: Topo, fault: Fault) -> Report {
     let _serial = SERIAL.lock().await;
     let mut world = World::start(topo, 4).await;
-    let clients = subscribe_all(&world).await;
-    // The publisher's node is never the one a fault takes away.
-    let publisher_node = world.nodes.len() - 1;
-    let stop = CancellationToken::new();
-    let publisher = tokio::spawn(publish(
-        world.url(publisher_node).unwrap(),
-        world.channels.clone(),
-        stop.clone(),
-    ));
+    let stream = Stream::start(&world).await;
     let started = Instant::now();
     sleep(PUBLISHING / 3).await;
-    world.inject(fault, &clients).await;
+    world.inject(fault, &stream.clients).await;
     if fault.repeats(topo) {
         tokio::time::sleep_until(started + PUBLISHING * 2 / 3).await;
-        world.inject(fault, &clients).await;
+        world.inject(fault, &stream.clients).await;
     }
     tokio::time::sleep_until(started + PUBLISHING).await;
-    stop.cancel();
-    let (acked, refused) = timeout(3 * WAIT, publisher)
-        .await
-        .expect("the publisher stops")
-        .unwrap();
-    settle(&clients, &world.channels, &acked).await;
-    let logs = clients.finish().await;
-    let subscriptions = logs.iter().map(|((_, ch), sub)| (ch.as_str(), sub));
-    let report = checker::check(subscriptions, &acked);
+    let (report, acked, refused) = stream.finish(&world).await;
     println!(
         "fault-table | {topo:?} | {} | {} | acked {} | refused {refused} | {report}",
         fault.label(),
@@ -800,14 +824,7 @@ async fn chaos(topo: Topo, faults: &[Fault]) {
     let mut rng = SplitMix(seed);
     let _serial = SERIAL.lock().await;
     let mut world = World::start(topo, 4).await;
-    let clients = subscribe_all(&world).await;
-    let publisher_node = world.nodes.len() - 1;
-    let stop = CancellationToken::new();
-    let publisher = tokio::spawn(publish(
-        world.url(publisher_node).unwrap(),
-        world.channels.clone(),
-        stop.clone(),
-    ));
+    let stream = Stream::start(&world).await;
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut schedule = Vec::new();
     while Instant::now() < deadline {
@@ -821,19 +838,11 @@ async fn chaos(topo: Topo, faults: &[Fault]) {
         let node = rng.below(world.nodes.len() as u64) as usize;
         schedule.push(format!("{fault:?}"));
         match fault {
-            Fault::ReconnectStorm => clients.storm(node),
-            fault => world.inject(fault, &clients).await,
+            Fault::ReconnectStorm => stream.clients.storm(node),
+            fault => world.inject(fault, &stream.clients).await,
         }
     }
-    stop.cancel();
-    let (acked, refused) = timeout(3 * WAIT, publisher)
-        .await
-        .expect("the publisher stops")
-        .unwrap();
-    settle(&clients, &world.channels, &acked).await;
-    let logs = clients.finish().await;
-    let subscriptions = logs.iter().map(|((_, ch), sub)| (ch.as_str(), sub));
-    let report = checker::check(subscriptions, &acked);
+    let (report, acked, refused) = stream.finish(&world).await;
     println!(
         "chaos {topo:?} seed {seed}: {} faults ({}) | acked {} | refused {refused} | {report}",
         schedule.len(),

@@ -196,6 +196,8 @@ impl RedisServer {
     /// Waits until this replica is in sync with its master (`master_link_status:up`).
     pub async fn wait_synced(&self) {
         eventually("the replica is in sync", 3 * WAIT, async || {
+            // A new connection each time: a sentinel that reconfigures a server
+            // kills its clients (CLIENT KILL TYPE normal).
             let Ok(mut conn) = self.connection().await else {
                 return false;
             };

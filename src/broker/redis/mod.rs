@@ -738,6 +738,23 @@ impl Inner {
         })
     }
 
+    /// `items` grouped by the index of their channel's shard, leaving out the shards
+    /// that are not connected (for the periodic rounds over tracked channels).
+    fn by_connected_shard<T>(
+        &self,
+        items: Vec<T>,
+        channel: impl Fn(&T) -> &str,
+    ) -> HashMap<usize, Vec<T>> {
+        let mut by_shard: HashMap<usize, Vec<T>> = HashMap::new();
+        for item in items {
+            let shard = self.shard(channel(&item));
+            if shard.is_connected() {
+                by_shard.entry(shard.index).or_default().push(item);
+            }
+        }
+        by_shard
+    }
+
     /// Starts a task that reads a repair's range and hands it to the tracker, until
     /// the channel is whole again (or no longer wanted).
     fn spawn_repair(self: &Arc<Self>, repair: Repair) {
@@ -804,14 +821,8 @@ async fn repair_task(inner: Arc<Inner>, mut repair: Repair) {
 /// batch), so a subscriber connection that silently stopped delivering is noticed
 /// and the tracker repairs what it missed.
 async fn check_positions(inner: Arc<Inner>) {
-    let mut quiet_by_shard: HashMap<usize, Vec<(String, Epoch, u64)>> = HashMap::new();
-    for quiet in inner.tracker.quiet_channels() {
-        let shard = inner.shard(&quiet.0);
-        // A disconnected shard re-reads every position when it reconnects.
-        if shard.is_connected() {
-            quiet_by_shard.entry(shard.index).or_default().push(quiet);
-        }
-    }
+    // A disconnected shard re-reads every position when it reconnects.
+    let quiet_by_shard = inner.by_connected_shard(inner.tracker.quiet_channels(), |q| &q.0);
     for (index, quiet) in quiet_by_shard {
         let shard = &inner.shards[index];
         for batch in quiet.chunks(CHECK_BATCH) {
@@ -903,14 +914,8 @@ async fn per_key<T: redis::FromRedisValue>(
 /// waits, and expire soon after the last subscriber of the cluster left.
 async fn keep_unpublished(inner: Arc<Inner>) {
     let ttl = millis(inner.config.history.unpublished_position_ttl);
-    let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
-    for channel in inner.tracker.unpublished_channels() {
-        let shard = inner.shard(&channel);
-        // A disconnected shard creates the positions again when it re-subscribes.
-        if shard.is_connected() {
-            by_shard.entry(shard.index).or_default().push(channel);
-        }
-    }
+    // A disconnected shard creates the positions again when it re-subscribes.
+    let by_shard = inner.by_connected_shard(inner.tracker.unpublished_channels(), |c| c);
     for (index, channels) in by_shard {
         let shard = &inner.shards[index];
         for batch in channels.chunks(CHECK_BATCH) {
