@@ -156,11 +156,12 @@ impl Verifier {
             info: claims.info.map(|i| Arc::from(i.get())),
             subscribe: claims.channels.iter().map(|p| Pattern::parse(p)).collect(),
             publish: claims.publish.iter().map(|p| Pattern::parse(p)).collect(),
-            expires: Some(
-                UNIX_EPOCH
-                    + Duration::from_secs(claims.exp)
-                    + Duration::from_secs(self.validation.leeway),
-            ),
+            // An `exp` beyond what the clock can represent (up to 2^64 - 1 is
+            // valid JSON) is simply a token that does not expire in practice:
+            // checked arithmetic, never a panic on a correctly signed token.
+            expires: UNIX_EPOCH
+                .checked_add(Duration::from_secs(claims.exp))
+                .and_then(|t| t.checked_add(Duration::from_secs(self.validation.leeway))),
         })
     }
 }
@@ -197,7 +198,8 @@ pub struct Grants {
     pub info: Option<Arc<str>>,
     subscribe: Vec<Pattern>,
     publish: Vec<Pattern>,
-    /// When the token stops being valid (its `exp` plus the leeway).
+    /// When the token stops being valid (its `exp` plus the leeway); `None`: never
+    /// (no auth, or an `exp` past what the clock can represent).
     expires: Option<SystemTime>,
 }
 
@@ -223,13 +225,14 @@ impl Grants {
         self.publish.iter().any(|p| p.matches(channel))
     }
 
-    /// The instant the token expires, if it does.
+    /// The instant the token expires, if it does within what the monotonic clock
+    /// can represent (a later expiry is no expiry for this connection).
     pub fn expires_at(&self) -> Option<Instant> {
         let left = self
             .expires?
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        Some(Instant::now() + left)
+        Instant::now().checked_add(left)
     }
 }
 

@@ -123,6 +123,25 @@ async fn tokens_are_checked_before_the_upgrade() {
     );
 }
 
+/// A correctly signed token whose `exp` is beyond what the clock can represent
+/// (2^63 - 1 seconds and more) is a long-lived token, not a panic that drops the
+/// connection without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_expiring_beyond_the_clock_is_long_lived() {
+    let node = authed_node(&[]).await;
+    for exp in [i64::MAX as u64, u64::MAX - 1, u64::MAX] {
+        let token = hs256(json!({"exp": exp, "channels": ["room:*"]}), SECRET);
+        let mut client =
+            Client::connect(&node.ws_url(&format!("channel=room:1&token={token}"))).await;
+        assert_eq!(client.welcome["channels"], json!(["room:1"]), "exp {exp}");
+        client.send(json!({"op": "ping", "id": 1})).await;
+        assert_eq!(client.recv().await["id"], 1, "exp {exp}: still served");
+    }
+    // The node is fine for everyone else.
+    let good = token(&["room:*"], &[], 600);
+    Client::connect(&node.ws_url(&format!("channel=room:2&token={good}"))).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_tokens_from_a_public_key() {
     let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys/es256-public.pem");
