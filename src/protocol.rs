@@ -297,6 +297,15 @@ fn parse_since<'a>(
 
 /// Decodes one client text frame.
 pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
+    // serde reads a struct from a JSON array too (fields in order): the protocol's
+    // frames are objects only.
+    if !text.trim_start().starts_with('{') {
+        return Err(RequestError::new(
+            None,
+            ErrorCode::BadRequest,
+            "frame is not a JSON object",
+        ));
+    }
     let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
         RequestError::new(
             None,
@@ -737,6 +746,28 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn only_json_objects_are_requests() {
+        // serde would read these as the struct's fields in order.
+        for frame in [
+            r#"["pub","ch",{"x":1},"id"]"#,
+            r#"["ping"]"#,
+            r#" ["sub","room1"]"#,
+            "null",
+            "42",
+            r#""ping""#,
+        ] {
+            let e = parse_request(frame).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{frame}");
+            assert!(
+                e.message.contains("not a JSON object"),
+                "{frame}: {}",
+                e.message
+            );
+        }
+        assert!(parse_request(r#" {"op":"ping"}"#).is_ok());
     }
 
     #[test]

@@ -73,7 +73,27 @@ proptest! {
 
     #[test]
     fn any_text_gets_a_request_or_an_error(text in ".{0,300}") {
-        let _ = protocol::parse_request(&text);
+        if protocol::parse_request(&text).is_ok() {
+            prop_assert!(text.trim_start().starts_with('{'), "only objects are requests: {text}");
+        }
+    }
+
+    /// Any JSON that is not an object — an array of a request's fields above all,
+    /// which serde would read as the struct — is refused with `bad_request`.
+    #[test]
+    fn only_objects_are_requests(value in arb_json(), frame in arb_frame()) {
+        let fields: Vec<Value> = serde_json::from_str::<serde_json::Map<String, Value>>(&frame)
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        for text in [value.to_string(), Value::Array(fields).to_string()] {
+            if text.starts_with('{') {
+                continue;
+            }
+            let e = protocol::parse_request(&text).unwrap_err();
+            prop_assert_eq!(e.code, ErrorCode::BadRequest, "{}", text);
+        }
     }
 
     #[test]
