@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -55,7 +55,6 @@ const ADMIN_HTML: &str = include_str!("../static/admin.html");
 const CLIENT_JS: &str = include_str!("../clients/js/src/index.js");
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    let api_body_limit = state.hub.config.limits.max_api_body_bytes;
     Router::new()
         .route("/", get(index))
         .route("/admin", get(admin))
@@ -64,10 +63,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route(
-            "/api/publish",
-            post(api_publish).layer(DefaultBodyLimit::max(api_body_limit)),
-        )
+        // The body is read by the handler, after the API key, bounded in bytes and
+        // time (`read_body`).
+        .route("/api/publish", post(api_publish))
         .route("/api/channels", get(api_channels))
         .route("/api/nodes", get(api_nodes))
         .route("/api/history", get(api_history))
@@ -121,6 +119,59 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Reads a request's body, bounded in bytes and in time: 413 `too_large` as soon as
+/// its declared length, or what arrived, is over `limit`; 408 `timeout` unless the
+/// whole body arrived within `timeout` (`--handshake-timeout`, as for the request
+/// head), so a client that trickles a body cannot hold a connection.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, Response> {
+    let too_large = || {
+        http_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is over {limit} bytes (--max-api-body-bytes)"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut stream = body.into_data_stream();
+        let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                http_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("reading the body: {e}"),
+                )
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(http_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the body did not arrive within {timeout:?} (--handshake-timeout)"),
+            ))
+        })
 }
 
 fn http_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -365,23 +416,24 @@ struct ApiPublish<'a> {
 async fn api_publish(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Response {
     let node = &state.hub;
+    // The key first: a client without one never gets to send a body.
     if let Some(refused) = api_key_refusal(&state, &headers) {
         return refused;
     }
-    let body = match body {
+    let limits = &node.config.limits;
+    let body = match read_body(
+        &headers,
+        body,
+        limits.max_api_body_bytes,
+        limits.handshake_timeout,
+    )
+    .await
+    {
         Ok(body) => body,
-        Err(rejection) => {
-            let status = rejection.status();
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "bad_request"
-            };
-            return http_error(status, code, rejection.body_text());
-        }
+        Err(refused) => return refused,
     };
     let request: ApiPublish<'_> = match serde_json::from_slice(&body) {
         Ok(request) => request,

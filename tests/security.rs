@@ -5,10 +5,11 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Client, RedisServer, TestNode, WAIT, connect_with_headers, http_request};
+use common::{Client, RedisServer, TestNode, WAIT, connect_with_headers, http_get, http_request};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::timeout;
 
 const SECRET: &str = "test-secret-of-some-length";
 const API_KEY: &str = "api-key-0123456789abcdef";
@@ -411,6 +412,69 @@ async fn slow_or_silent_http_clients_are_dropped() {
         );
     }
     // The node still serves.
+    node.client("").await;
+}
+
+/// A request body is bounded in time and bytes, and a client without the API key
+/// never gets to send one: a trickled `POST /api/publish` cannot hold connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_or_oversized_request_body_is_answered_at_once() {
+    let node = TestNode::start(&[
+        "--api-key",
+        API_KEY,
+        "--max-api-body-bytes",
+        "1024",
+        "--handshake-timeout",
+        "1s",
+    ])
+    .await;
+    // Writes a request head declaring `length` bytes and one byte of body, then
+    // waits for the answer: its status and how long it took.
+    let answer = async |auth: bool, length: u64| -> (u16, Duration) {
+        let mut stream = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        let key = if auth {
+            format!("Authorization: Bearer {API_KEY}\r\n")
+        } else {
+            String::new()
+        };
+        let head = format!(
+            "POST /api/publish HTTP/1.1\r\nHost: relay\r\n{key}Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{"
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+            match timeout(WAIT, stream.read(&mut buf))
+                .await
+                .expect("an answer in time")
+            {
+                Ok(0) | Err(_) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&response);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+        (status, started.elapsed())
+    };
+    // No key: refused before any body is read.
+    let (status, took) = answer(false, 100).await;
+    assert_eq!(status, 401);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // A declared length over the limit: 413 before any body is read.
+    let (status, took) = answer(true, 999_999_999).await;
+    assert_eq!(status, 413);
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    // A body that never arrives: 408 within the request timeout.
+    let (status, took) = answer(true, 100).await;
+    assert_eq!(status, 408);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // Meanwhile the node serves everyone else.
+    assert_eq!(http_get(node.addr, "/healthz").await.0, 200);
     node.client("").await;
 }
 
