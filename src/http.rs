@@ -121,43 +121,63 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-/// Reads a request's body, bounded in bytes and in time: 413 `too_large` as soon as
-/// its declared length, or what arrived, is over `limit`; 408 `timeout` unless the
-/// whole body arrived within `timeout` (`--handshake-timeout`, as for the request
-/// head), so a client that trickles a body cannot hold a connection.
+/// Why a request body was not read (see [`read_body`]).
+#[derive(Debug)]
+enum BodyRefusal {
+    /// Over the limit (bytes), declared or as it arrived.
+    TooLarge(usize),
+    /// Not all there within the time allowed.
+    Timeout(std::time::Duration),
+    /// The connection failed while it was being read.
+    Broken(String),
+}
+
+impl IntoResponse for BodyRefusal {
+    fn into_response(self) -> Response {
+        match self {
+            BodyRefusal::TooLarge(limit) => http_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is over {limit} bytes (--max-api-body-bytes)"),
+            ),
+            BodyRefusal::Timeout(timeout) => http_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("the body did not arrive within {timeout:?} (--handshake-timeout)"),
+            ),
+            BodyRefusal::Broken(e) => http_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading the body: {e}"),
+            ),
+        }
+    }
+}
+
+/// Reads a request's body, bounded in bytes and in time: too large as soon as its
+/// declared length, or what arrived, is over `limit`; refused unless the whole body
+/// arrived within `timeout` (`--handshake-timeout`, as for the request head), so a
+/// client that trickles a body cannot hold a connection.
 async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     timeout: std::time::Duration,
-) -> Result<Bytes, Response> {
-    let too_large = || {
-        http_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("the body is over {limit} bytes (--max-api-body-bytes)"),
-        )
-    };
+) -> Result<Bytes, BodyRefusal> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|length| length > limit as u64) {
-        return Err(too_large());
+        return Err(BodyRefusal::TooLarge(limit));
     }
     let read = async {
         let mut stream = body.into_data_stream();
         let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                http_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("reading the body: {e}"),
-                )
-            })?;
+            let chunk = chunk.map_err(|e| BodyRefusal::Broken(e.to_string()))?;
             if buf.len() + chunk.len() > limit {
-                return Err(too_large());
+                return Err(BodyRefusal::TooLarge(limit));
             }
             buf.extend_from_slice(&chunk);
         }
@@ -165,13 +185,7 @@ async fn read_body(
     };
     tokio::time::timeout(timeout, read)
         .await
-        .unwrap_or_else(|_| {
-            Err(http_error(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                format!("the body did not arrive within {timeout:?} (--handshake-timeout)"),
-            ))
-        })
+        .unwrap_or(Err(BodyRefusal::Timeout(timeout)))
 }
 
 fn http_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -433,7 +447,7 @@ async fn api_publish(
     .await
     {
         Ok(body) => body,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     let request: ApiPublish<'_> = match serde_json::from_slice(&body) {
         Ok(request) => request,
