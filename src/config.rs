@@ -621,7 +621,7 @@ impl Config {
             ("drain-timeout", limits.drain_timeout),
             ("broker-timeout", self.broker.broker_timeout),
             ("handshake-timeout", limits.handshake_timeout),
-            ("history-ttl", self.history.history_ttl),
+            ("jwt-leeway", self.auth.jwt_leeway),
             ("history-meta-ttl", self.history.history_meta_ttl),
             (
                 "unpublished-position-ttl",
@@ -631,10 +631,10 @@ impl Config {
                 "position-check-interval",
                 self.history.position_check_interval,
             ),
+            ("presence-ttl", self.presence.presence_ttl),
+            ("node-ttl", self.presence.node_ttl),
         ] {
-            if value.is_zero() {
-                return Err(ConfigError::new(flag, "must be greater than zero"));
-            }
+            check_duration(flag, value)?;
         }
         for (flag, value) in [
             ("max-connections", limits.max_connections),
@@ -811,8 +811,47 @@ fn validate_history(
             format!("at most {MAX_HISTORY_SIZE} messages"),
         ));
     }
-    if options.history_ttl < Duration::from_millis(1) {
-        return Err(ConfigError::new(ttl_key, "must be at least 1ms"));
+    check_duration(ttl_key, options.history_ttl)
+}
+
+/// The range of each duration setting, by its flag: below it a timer would spin or
+/// panic (a zero period) or a Redis key would expire before it is renewed; above it
+/// the clock or Redis could not represent it (`PEXPIRE` takes milliseconds), or the
+/// node would wait for ever in practice. Documented in the README.
+fn duration_range(flag: &str) -> (Duration, Duration) {
+    const MS: Duration = Duration::from_millis(1);
+    const S: Duration = Duration::from_secs(1);
+    const HOUR: Duration = Duration::from_secs(3600);
+    const DAY: Duration = Duration::from_secs(86_400);
+    // A namespace's history-ttl is named `config: namespaces.NAME.history-ttl`.
+    let name = flag.rsplit('.').next().unwrap_or(flag);
+    match name {
+        "ping-interval" | "write-timeout" | "drain-timeout" | "handshake-timeout" => {
+            (100 * MS, HOUR)
+        }
+        "broker-timeout" => (10 * MS, 5 * 60 * S),
+        "jwt-leeway" => (Duration::ZERO, HOUR),
+        "history-ttl" => (S, 365 * DAY),
+        "history-meta-ttl" => (S, 3650 * DAY),
+        "unpublished-position-ttl" | "position-check-interval" | "presence-ttl" => (S, DAY),
+        "node-ttl" => (S, HOUR),
+        other => unreachable!("no range for {other}"),
+    }
+}
+
+/// `value` is within the documented range of `flag` ([`duration_range`]).
+fn check_duration(flag: &str, value: Duration) -> Result<(), ConfigError> {
+    let (min, max) = duration_range(flag);
+    if value < min || value > max {
+        return Err(ConfigError::new(
+            flag,
+            format!(
+                "{} is out of range: {} to {}",
+                humantime::format_duration(value),
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ),
+        ));
     }
     Ok(())
 }
@@ -1035,6 +1074,45 @@ mod tests {
         assert!(e.contains("--drain-timeout"), "{e}");
         let e = parse(&["--history-size", "2000000"]).unwrap_err();
         assert!(e.contains("--history-size"), "{e}");
+    }
+
+    /// Values that parsed, then broke the running node (a zero period panics a
+    /// task, a millisecond TTL floods Redis, a TTL past what Redis takes fails
+    /// every publish): each is refused at start-up, naming the flag and its range.
+    #[test]
+    fn every_duration_has_a_range() {
+        for (flag, value) in [
+            ("--presence-ttl", "0s"),
+            ("--presence-ttl", "2ns"),
+            ("--presence-ttl", "1ms"),
+            ("--node-ttl", "0s"),
+            ("--node-ttl", "1ns"),
+            ("--history-ttl", "200000000000days"),
+            ("--history-meta-ttl", "20000days"),
+            ("--ping-interval", "1ns"),
+            ("--write-timeout", "0s"),
+            ("--handshake-timeout", "2h"),
+            ("--broker-timeout", "1ms"),
+            ("--jwt-leeway", "2h"),
+            ("--unpublished-position-ttl", "10ms"),
+            ("--position-check-interval", "0s"),
+        ] {
+            let e = parse(&[flag, value]).unwrap_err();
+            assert!(
+                e.contains(flag) && e.contains("out of range"),
+                "{flag} {value}: {e}"
+            );
+        }
+        let e = with_file(
+            "[namespaces.chat]\nhistory-size = 10\nhistory-ttl = \"0s\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("namespaces.chat.history-ttl"), "{e}");
+        // The bounds themselves are accepted, and so are the defaults.
+        assert!(parse(&["--ping-interval", "100ms", "--node-ttl", "1h"]).is_ok());
+        assert!(parse(&["--jwt-leeway", "0s", "--broker-timeout", "10ms"]).is_ok());
+        assert!(parse(&[]).is_ok());
     }
 
     #[test]
