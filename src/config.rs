@@ -872,7 +872,23 @@ struct ConfigFile<'a> {
 impl<'a> ConfigFile<'a> {
     fn parse(path: &'a Path, text: &str) -> Result<ConfigFile<'a>, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| {
-            ConfigError::new("config", format!("{}: {}", path.display(), e.message()))
+            // One line that names the place: the line number and the line itself
+            // (so the key), whatever the parser's own message says.
+            let place = e.span().map(|span| {
+                let start = span.start.min(text.len());
+                let number = text[..start].matches('\n').count() + 1;
+                let line = text.lines().nth(number - 1).unwrap_or("").trim();
+                format!(" line {number} ({line}):")
+            });
+            ConfigError::new(
+                "config",
+                format!(
+                    "{}:{} {}",
+                    path.display(),
+                    place.unwrap_or_default(),
+                    e.message()
+                ),
+            )
         })?;
         let mut file = ConfigFile {
             path,
@@ -938,15 +954,15 @@ impl<'a> ConfigFile<'a> {
             (ArgAction::SetTrue, toml::Value::Boolean(true)) => args.push(flag.into()),
             (ArgAction::SetTrue, toml::Value::Boolean(false)) => {}
             (ArgAction::SetTrue, _) => return Err(self.error(key, "must be true or false")),
+            // `--key=value`, one argument: a value such as `-1` or `-5s` must reach
+            // the flag's parser (which names the flag), not look like another flag.
             (ArgAction::Append, toml::Value::Array(items)) => {
                 for item in items {
-                    args.push(flag.clone().into());
-                    args.push(scalar(item)?.into());
+                    args.push(format!("{flag}={}", scalar(item)?).into());
                 }
             }
             (_, value) => {
-                args.push(flag.into());
-                args.push(scalar(value)?.into());
+                args.push(format!("{flag}={}", scalar(value)?).into());
             }
         }
         Ok(())
@@ -1295,6 +1311,31 @@ join-leave = true
         }
         let e = parse(&["--config", "/nonexistent/wsrelay.toml"]).unwrap_err();
         assert!(e.contains("--config") && e.contains("/nonexistent"), "{e}");
+    }
+
+    /// Negative values reach their flag's parser, and what the TOML parser refuses
+    /// (a number too large, a key given twice) names its line and so its key.
+    #[test]
+    fn every_file_error_names_its_key() {
+        for (text, key) in [
+            ("history-size = -1\n", "history-size"),
+            ("history-ttl = \"-5s\"\n", "history-ttl"),
+            ("client-queue = -3\n", "client-queue"),
+            (
+                "history-size = 99999999999999999999\n",
+                "history-size = 99999999999999999999",
+            ),
+            (
+                "history-size = 1\npresence = true\nhistory-size = 2\n",
+                "line 3 (history-size = 2)",
+            ),
+            ("[namespaces.chat]\nhistory-size = -1\n", "namespaces.chat"),
+        ] {
+            let e = with_file(text, &[]).unwrap_err();
+            assert!(e.contains(key), "{text:?}: {e}");
+            assert!(!e.contains("unexpected argument"), "{text:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
     }
 
     #[test]
