@@ -833,7 +833,8 @@ fn duration_range(flag: &str) -> (Duration, Duration) {
         "jwt-leeway" => (Duration::ZERO, HOUR),
         "history-ttl" => (S, 365 * DAY),
         "history-meta-ttl" => (S, 3650 * DAY),
-        "unpublished-position-ttl" | "position-check-interval" | "presence-ttl" => (S, DAY),
+        "unpublished-position-ttl" | "presence-ttl" => (S, DAY),
+        "position-check-interval" => (100 * MS, DAY),
         "node-ttl" => (S, HOUR),
         other => unreachable!("no range for {other}"),
     }
