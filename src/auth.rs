@@ -129,6 +129,9 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = config.jwt_leeway.as_secs();
         validation.validate_exp = true;
+        // A token not valid yet (`nbf` in the future, beyond the leeway) is refused:
+        // whoever minted it said so.
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp"]);
         Ok(Some(Verifier { key, validation }))
@@ -139,6 +142,9 @@ impl Verifier {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
             |e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    AuthError::Invalid("not valid yet (nbf is in the future)".into())
+                }
                 _ => AuthError::Invalid(e.to_string()),
             },
         )?;

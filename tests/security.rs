@@ -86,6 +86,19 @@ async fn tokens_are_checked_before_the_upgrade() {
             )],
             "invalid token",
         ),
+        (
+            vec![(
+                "authorization",
+                format!(
+                    "Bearer {}",
+                    hs256(
+                        json!({"exp": now() + 600, "nbf": now() + 300, "channels": ["*"]}),
+                        SECRET
+                    )
+                ),
+            )],
+            "not valid yet",
+        ),
     ];
     for (headers, reason) in cases {
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
