@@ -375,6 +375,9 @@ impl ConnectParams {
                     format!("since names {channel:?}, which is not among the channel parameters"),
                 ));
             };
+            if entry.1.is_some() {
+                return Err(("bad_request", format!("since given twice for {channel:?}")));
+            }
             entry.1 = Some(position);
         }
         Ok(ConnectParams { channels, token })
@@ -594,19 +597,14 @@ async fn api_history(
     if let Some(refused) = api_key_refusal(&state, &headers) {
         return refused;
     }
-    let (mut ch, mut limit, mut since_offset, mut epoch) = (None, None, None, None);
-    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        match key.as_ref() {
-            "ch" => ch = Some(value.into_owned()),
-            "limit" => limit = Some(value.into_owned()),
-            "since_offset" => since_offset = Some(value.into_owned()),
-            "epoch" => epoch = Some(value.into_owned()),
-            _ => {}
-        }
-    }
     let bad = |code: ErrorCode, message: String| {
         http_error(StatusCode::BAD_REQUEST, code.as_str(), message)
     };
+    let [ch, limit, since_offset, epoch] =
+        match query_params(query.as_deref(), ["ch", "limit", "since_offset", "epoch"]) {
+            Ok(params) => params,
+            Err(refusal) => return refusal_response(&refusal),
+        };
     let Some(ch) = ch else {
         return bad(ErrorCode::BadRequest, "missing query parameter ch".into());
     };
@@ -646,12 +644,31 @@ async fn api_history(
     }
 }
 
+/// The values of the query parameters `names` (others are ignored); a parameter
+/// given twice is refused rather than one of its values picked silently.
+fn query_params<const N: usize>(
+    query: Option<&str>,
+    names: [&str; N],
+) -> Result<[Option<String>; N], Refusal> {
+    let mut values: [Option<String>; N] = std::array::from_fn(|_| None);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        if let Some(i) = names.iter().position(|name| *name == key) {
+            if values[i].is_some() {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!("query parameter {key} given twice"),
+                ));
+            }
+            values[i] = Some(value.into_owned());
+        }
+    }
+    Ok(values)
+}
+
 /// The `ch` query parameter of a channel API, checked; a refusal as a 400 body.
 fn channel_param(query: Option<&str>) -> Result<String, Refusal> {
-    let ch = form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .find(|(k, _)| k == "ch")
-        .map(|(_, v)| v.into_owned())
-        .ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "missing query parameter ch"))?;
+    let [ch] = query_params(query, ["ch"])?;
+    let ch = ch.ok_or_else(|| Refusal::new(ErrorCode::BadRequest, "missing query parameter ch"))?;
     protocol::validate_channel(&ch)
         .map_err(|e| Refusal::new(ErrorCode::InvalidChannel, format!("channel {ch:?}: {e}")))?;
     Ok(ch)
@@ -711,7 +728,15 @@ async fn api_presence_stats(
 
 #[cfg(test)]
 mod tests {
-    use super::ConnectParams;
+    use super::{ConnectParams, query_params};
+
+    #[test]
+    fn a_query_parameter_given_twice_is_refused() {
+        let [ch, limit] = query_params(Some("ch=a&x=1&limit=5"), ["ch", "limit"]).unwrap();
+        assert_eq!((ch.as_deref(), limit.as_deref()), (Some("a"), Some("5")));
+        let e = query_params(Some("ch=a&ch=b"), ["ch"]).unwrap_err();
+        assert!(e.message.contains("ch given twice"), "{}", e.message);
+    }
 
     #[test]
     fn connect_params_from_query() {
@@ -738,6 +763,7 @@ mod tests {
         let since = p.channels[0].1.as_ref().unwrap();
         assert_eq!((since.epoch.as_str(), since.offset), ("k3x9", 40));
         for bad in [
+            "channel=a&since=a:k3x9:1&since=a:k3x9:2",
             "channel=a&since=a:k3x9",
             "channel=a&since=b:k3x9:1",
             "channel=a&since=a:k3x9:x",

@@ -491,6 +491,38 @@ async fn a_trickled_or_oversized_request_body_is_answered_at_once() {
     node.client("").await;
 }
 
+/// A query parameter given twice is refused, on every endpoint alike, instead of
+/// one of its values being picked (the first on one endpoint, the last on another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_parameter_given_twice_is_refused() {
+    let node = TestNode::start(&["--api-key", API_KEY, "--history-size", "10"]).await;
+    let auth = format!("Bearer {API_KEY}");
+    for path in [
+        "/api/history?ch=a&ch=b",
+        "/api/history?ch=a&limit=1&limit=2",
+        "/api/presence?ch=a&ch=b",
+        "/api/presence_stats?ch=a&ch=b",
+    ] {
+        let (status, body) =
+            http_request(node.addr, "GET", path, &[("authorization", &auth)], b"").await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            json_body(&body)["message"]
+                .as_str()
+                .unwrap()
+                .contains("given twice"),
+            "{path}: {body}"
+        );
+    }
+    let (status, body) =
+        connect_with_headers(&node.ws_url("channel=a&since=a:k3x9:1&since=a:k3x9:2"), &[])
+            .await
+            .err()
+            .expect("refused");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("since given twice"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_publish_api() {
     let redis = RedisServer::start().await;
