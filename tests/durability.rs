@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, TestNode, WAIT, eventually, free_port, http_request, metric};
+use common::{RedisServer, TestNode, free_port, http_request, metric};
 use serde_json::{Value, json};
 
 const API_KEY: &str = "0123456789abcdef";
@@ -17,19 +16,9 @@ const API_KEY: &str = "0123456789abcdef";
 /// A `--config` file: history and `publish-durability` for the `chat` namespace
 /// only, so other channels keep the default (no history, `leader`).
 fn chat_durable(durability: &str) -> String {
-    // One file per call: tests run in parallel.
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!(
-        "wsrelay-durability-{}-{call}.toml",
-        std::process::id()
-    ));
-    std::fs::write(
-        &path,
-        format!("[namespaces.chat]\nhistory-size = 1000\npublish-durability = \"{durability}\"\n"),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_owned()
+    common::config_file(&format!(
+        "[namespaces.chat]\nhistory-size = 1000\npublish-durability = \"{durability}\"\n"
+    ))
 }
 
 async fn api_publish(node: &TestNode, body: Value) -> (u16, Value) {
@@ -150,16 +139,7 @@ async fn with_a_replica_durable_publishes_are_acked_even_after_a_script_flush() 
         &["--replicaof", "127.0.0.1", &master.port.to_string()],
     )
     .await;
-    eventually("the replica is attached", WAIT, async || {
-        let mut conn = master.connection().await.unwrap();
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        info.contains("connected_slaves:1") && info.contains("state=online")
-    })
-    .await;
+    replica.wait_synced().await;
     let config = chat_durable("replicas:1");
     let node =
         TestNode::with_redis(&master, "n1", &["--config", &config, "--api-key", API_KEY]).await;

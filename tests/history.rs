@@ -32,20 +32,9 @@ const FLAGS: &[&str] = &[
 /// A `--config` file giving the `chat` namespace `history_size` messages of history
 /// (every other channel has none).
 fn chat_history(history_size: usize) -> String {
-    // One file per call: tests run in parallel, and a file being rewritten can be
-    // read empty.
-    static CALLS: AtomicU64 = AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!(
-        "wsrelay-history-{}-{call}.toml",
-        std::process::id()
-    ));
-    std::fs::write(
-        &path,
-        format!("[namespaces.chat]\nhistory-size = {history_size}\n"),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_owned()
+    common::config_file(&format!(
+        "[namespaces.chat]\nhistory-size = {history_size}\n"
+    ))
 }
 
 fn flags(history_size: usize, extra: &[&str]) -> Vec<String> {

@@ -20,6 +20,18 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 use wsrelay::{Config, Node, NodeHandle};
 
+/// Writes `text` to a new `--config` file and returns its path. One file per call:
+/// tests run in parallel, and a file being rewritten can be read empty.
+pub fn config_file(text: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let path =
+        std::env::temp_dir().join(format!("wsrelay-test-{}-{call}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 /// Default bound of every wait in the tests.
 pub const WAIT: Duration = Duration::from_secs(10);
 
