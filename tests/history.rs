@@ -1014,8 +1014,14 @@ async fn wait_until_closed_for_holdback(node: &TestNode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_abandoned_subscribes_leave_no_keys_behind() {
-    let ttl = ["--unpublished-position-ttl", "1s"];
-    let t = redis(100, &ttl).await;
+    // Position checks run all the time, so their answers race the unsubscribes.
+    let flags = [
+        "--unpublished-position-ttl",
+        "1s",
+        "--position-check-interval",
+        "100ms",
+    ];
+    let t = redis(100, &flags).await;
     let redis = &t.redis[0];
     let mut conn = redis.connection().await.unwrap();
     let dbsize = async |conn: &mut redis::aio::MultiplexedConnection| -> i64 {

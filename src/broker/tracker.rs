@@ -10,6 +10,11 @@
 //! flight, later live publications of the channel wait in a bounded buffer; one that
 //! does not fit is dropped, and found again in the stream by the next repair.
 //!
+//! A channel is tracked from its subscribe (its first push, or its position read
+//! there) until [`Tracker::forget`] when the node unsubscribes it; a late answer of
+//! a position check or a late push never tracks it again, so nothing is kept (nor an
+//! unpublished position renewed in Redis) for a channel nobody here wants.
+//!
 //! **The one invariant**: a channel's `last` (the last offset delivered) only moves
 //! forward within an epoch, except when a position read *proves* the history went
 //! back (a failover lost writes), and then the subscribers get a `gap`. A position is
@@ -162,6 +167,9 @@ impl Tracker {
         };
         let mut track = match self.tracks.get_mut(channel) {
             Some(track) => track,
+            // A push still in flight when the channel was unsubscribed: nobody
+            // here wants it, and a track made for it would outlive the channel.
+            None if !self.local.registry.has_subscribers(channel) => return None,
             None => {
                 let first = Track::new(
                     position.epoch.clone(),
@@ -246,11 +254,17 @@ impl Tracker {
     /// The channel's position as read from Redis (by the periodic position check, or
     /// after a first subscribe). Returns the repair to start when the node is behind
     /// it.
+    ///
+    /// A channel not tracked (any more) stays untracked: the check's read may answer
+    /// after its last subscriber left and [`forget`](Self::forget) ran, and a track
+    /// made again then would live on, renewing an unpublished position for nobody.
     pub(super) fn on_position(&self, channel: &str, top: Position) -> Option<Repair> {
-        let mut track = self
-            .tracks
-            .entry(channel.to_owned())
-            .or_insert_with(|| Track::new(top.epoch.clone(), top.offset, false));
+        let mut track = self.tracks.get_mut(channel)?;
+        self.judge(channel, &mut track, top)
+    }
+
+    /// Judges a channel's position read from Redis against what was delivered.
+    fn judge(&self, channel: &str, track: &mut Track, top: Position) -> Option<Repair> {
         if track.provisional {
             track.provisional = false;
             if track.epoch == top.epoch {
@@ -262,12 +276,12 @@ impl Tracker {
             return None;
         }
         if track.epoch != top.epoch {
-            self.new_epoch(channel, &mut track, top.epoch.clone());
+            self.new_epoch(channel, track, top.epoch.clone());
         }
         if top.offset <= track.last {
             return None;
         }
-        self.repair_to(channel, &mut track, top.offset)
+        self.repair_to(channel, track, top.offset)
     }
 
     /// The channel is about to be subscribed on a new subscriber connection (after a
@@ -294,13 +308,16 @@ impl Tracker {
     /// received the last writes. Its next offsets will be given to other
     /// publications, which must not be dropped as duplicates: the subscribers are
     /// told with a `gap` at the new position.
+    ///
+    /// The first subscribe of a channel on this node starts tracking it here, from
+    /// that position (or confirms the provisional track its first pushes made).
     pub(super) fn on_resubscribed(&self, channel: &str, top: Position) -> Option<Repair> {
-        let Some(mut track) = self.tracks.get_mut(channel) else {
-            return self.on_position(channel, top);
-        };
+        let mut track = self
+            .tracks
+            .entry(channel.to_owned())
+            .or_insert_with(|| Track::new(top.epoch.clone(), top.offset, false));
         if track.waiting != Waiting::Position {
-            drop(track);
-            return self.on_position(channel, top);
+            return self.judge(channel, &mut track, top);
         }
         track.waiting = Waiting::Nothing;
         if track.epoch != top.epoch {
@@ -507,7 +524,7 @@ mod tests {
     #[test]
     fn in_order_duplicates_dropped() {
         let (t, mut q) = setup();
-        assert_eq!(t.on_position("c", pos("e", 3)), None);
+        assert_eq!(t.on_resubscribed("c", pos("e", 3)), None);
         for o in [4, 5, 5, 3, 6] {
             assert_eq!(t.on_live("c", publication("e", o)), None);
         }
@@ -517,7 +534,7 @@ mod tests {
     #[test]
     fn a_gap_is_repaired_before_later_messages() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("e", 3));
+        t.on_resubscribed("c", pos("e", 3));
         let repair = t.on_live("c", publication("e", 6)).expect("gap 4..5");
         assert_eq!((repair.after, repair.upto), (3, 5));
         assert_eq!(t.on_live("c", publication("e", 7)), None, "buffered");
@@ -532,7 +549,7 @@ mod tests {
     #[test]
     fn what_the_stream_lost_is_reported_as_a_gap() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("e", 3));
+        t.on_resubscribed("c", pos("e", 3));
         let repair = t.on_live("c", publication("e", 9)).unwrap();
         // The stream was trimmed: only 7 and 8 are left of 4..8.
         let top = pos("e", 9);
@@ -543,7 +560,7 @@ mod tests {
     #[test]
     fn a_quiet_channel_behind_the_stream_is_repaired() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("e", 3));
+        t.on_resubscribed("c", pos("e", 3));
         assert_eq!(t.quiet_channels(), vec![("c".into(), epoch("e"), 3)]);
         let repair = t.on_position("c", pos("e", 5)).expect("behind");
         let top = pos("e", 5);
@@ -555,7 +572,7 @@ mod tests {
     #[test]
     fn a_gap_larger_than_a_repair_is_reported_at_once() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("e", 3));
+        t.on_resubscribed("c", pos("e", 3));
         assert_eq!(t.on_live("c", publication("e", 500)), None);
         assert_eq!(received(&mut q), ["gap@499", "500"]);
     }
@@ -563,7 +580,7 @@ mod tests {
     #[test]
     fn a_history_gone_back_after_a_failover_is_a_gap_and_its_offsets_are_not_dropped() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("e", 3));
+        t.on_resubscribed("c", pos("e", 3));
         t.on_live("c", publication("e", 4));
         t.on_live("c", publication("e", 5));
         // The new master never got 5.
@@ -584,7 +601,7 @@ mod tests {
     #[test]
     fn pushes_handled_before_the_position_reply_are_not_delivered_twice() {
         let (t, mut q) = setup_with(64);
-        t.on_position("c", pos("e", 450));
+        t.on_resubscribed("c", pos("e", 450));
         for o in 451..=452 {
             t.on_live("c", publication("e", o));
         }
@@ -609,7 +626,7 @@ mod tests {
     #[test]
     fn a_late_position_read_is_judged_against_what_was_delivered_when_it_was_read() {
         let (t, mut q) = setup_with(128);
-        t.on_position("c", pos("e", 360));
+        t.on_resubscribed("c", pos("e", 360));
         t.on_subscribing("c");
         // Everything from 361 on comes live before the reply is handled.
         for o in 361..=437 {
@@ -624,7 +641,7 @@ mod tests {
     #[test]
     fn a_repair_in_flight_when_the_channel_is_subscribed_again_is_void() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("e", 3));
+        t.on_resubscribed("c", pos("e", 3));
         let stale = t.on_live("c", publication("e", 6)).expect("4..5");
         t.on_subscribing("c");
         assert!(!t.still_wanted(&stale));
@@ -644,7 +661,7 @@ mod tests {
     #[test]
     fn a_new_epoch_is_delivered_from_its_first_offset() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("old", 9));
+        t.on_resubscribed("c", pos("old", 9));
         t.on_subscribing("c");
         t.on_live("c", publication("new", 4));
         let repair = t.on_resubscribed("c", pos("new", 3)).expect("1..3");
@@ -662,7 +679,7 @@ mod tests {
     #[test]
     fn an_epoch_change_is_a_gap() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("old", 3));
+        t.on_resubscribed("c", pos("old", 3));
         t.on_live("c", publication("new", 1));
         assert_eq!(received(&mut q), ["gap@0", "1"]);
         // Found by the position check: what the new epoch holds is read.
@@ -682,10 +699,27 @@ mod tests {
         assert_eq!(received(&mut q), ["10", "11", "12"]);
     }
 
+    /// A position check's read, or a push, that comes back after the node left the
+    /// channel does not track it again: the track would renew an unpublished
+    /// position in Redis for nobody, forever.
+    #[test]
+    fn a_channel_left_is_not_tracked_again_by_late_answers() {
+        let (t, _q) = setup();
+        t.on_resubscribed("c", pos("e", 0));
+        assert_eq!(t.unpublished_channels(), ["c"]);
+        t.forget("c");
+        assert_eq!(t.on_position("c", pos("e", 0)), None);
+        assert!(t.unpublished_channels().is_empty());
+        // A push in flight when the channel was unsubscribed ("gone": nobody here
+        // subscribes to it any more).
+        assert_eq!(t.on_live("gone", publication("e", 1)), None);
+        assert_eq!(t.last("gone"), None, "not tracked");
+    }
+
     #[test]
     fn the_buffer_is_bounded_and_what_it_drops_is_repaired_later() {
         let (t, mut q) = setup();
-        t.on_position("c", pos("e", 0));
+        t.on_resubscribed("c", pos("e", 0));
         let repair = t.on_live("c", publication("e", 2)).unwrap();
         for o in 3..=10 {
             t.on_live("c", publication("e", o));
