@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use wsrelay::client::{ClientHandle, ClientQueue};
+use wsrelay::client::{ClientHandle, ClientQueue, QueueBounds};
 use wsrelay::publication::{Epoch, Kind, Position, Publication};
 use wsrelay::registry::Registry;
 use wsrelay::{envelope, protocol};
@@ -37,11 +37,15 @@ fn fanout(c: &mut Criterion) {
         let registry = Registry::new();
         let mut clients: Vec<(ClientHandle, ClientQueue)> = (0..subscribers)
             .map(|_| {
-                let (handle, queue) = registry.register(1024);
+                // The defaults: bounded in frames and in bytes.
+                let (handle, queue) = registry.register(QueueBounds {
+                    frames: 1024,
+                    bytes: 4 << 20,
+                });
                 if offset.is_some() {
                     // A subscription to a history channel, as the hub leaves it: made
                     // held back, then released after its (empty) recovery.
-                    registry.subscribe_held(&handle, "room1", 1024);
+                    registry.subscribe_held(&handle, "room1");
                     registry.release(&handle, "room1", Some(0), Vec::new());
                 } else {
                     registry.subscribe(&handle, "room1");

@@ -5,6 +5,13 @@
 //! up, and it is closed with 1013 rather than allowed to grow memory or to slow the
 //! fan-out that serves every other client.
 //!
+//! The queue is bounded twice ([`QueueBounds`]): in frames (live traffic) and in
+//! bytes, which count everything the connection holds for its client until the
+//! writer handed it to the socket: queued frames, recoveries, answers, and the batch
+//! being written. The connection's own reader does not push past half of either
+//! bound ([`ClientHandle::room`]): a client pipelining requests is slowed down (its
+//! socket is not read), never called slow for its own replies.
+//!
 //! The queue is a `VecDeque` behind a mutex rather than a channel: it allocates
 //! nothing while a connection is idle (most are), the writer takes everything queued
 //! in one lock to write it with one flush, and a push costs an uncontended lock.
@@ -115,6 +122,32 @@ impl CloseReason {
     }
 }
 
+/// The bounds of one connection's outbound queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueBounds {
+    /// Most live frames queued (`--client-queue`); a recovery's frames come on top
+    /// of it, bounded by `--max-recovery` and by `bytes`.
+    pub frames: usize,
+    /// Most bytes held for the client, whatever their kind (`--client-queue-bytes`).
+    pub bytes: usize,
+}
+
+impl QueueBounds {
+    /// Bounded in frames only (tests of the frame bound).
+    pub fn frames(frames: usize) -> Self {
+        QueueBounds {
+            frames,
+            bytes: usize::MAX,
+        }
+    }
+
+    /// Whether a queue holding `frames` and `bytes` leaves the connection's own
+    /// reader room for more replies: under half of each bound.
+    fn has_room(&self, frames: usize, bytes: usize) -> bool {
+        frames <= self.frames / 2 && bytes <= self.bytes / 2
+    }
+}
+
 /// A cheap-to-clone handle to one connection's outbound queue.
 #[derive(Debug, Clone)]
 pub struct ClientHandle {
@@ -133,12 +166,14 @@ struct Shared {
     /// Why a std mutex: pushes and takes are a few instructions, never span an
     /// `.await`, and are almost never contended (one fan-out, one writer).
     queue: Mutex<Queue>,
-    capacity: usize,
+    bounds: QueueBounds,
     /// The writer's waker: woken when the queue becomes non-empty or on close.
     writer: AtomicWaker,
     reason: OnceLock<CloseReason>,
     /// Wakes the reader on close (one waiter; a close before it waits leaves a permit).
     closed: Notify,
+    /// Wakes the reader waiting for room ([`ClientHandle::room`]) after each write.
+    written: Notify,
     /// The writer should send a ping (set by the node's heartbeat).
     ping_due: AtomicBool,
     /// A ping was sent and nothing has come back from the peer since.
@@ -150,9 +185,12 @@ struct Shared {
 struct Queue {
     frames: VecDeque<Utf8Bytes>,
     /// Frames of a recovery queued since the writer last took the queue: they do not
-    /// count against the capacity, which bounds live traffic (a recovery is bounded
-    /// by `--max-recovery` on its own).
+    /// count against the frame bound, which bounds live traffic (a recovery is
+    /// bounded by `--max-recovery` and by the byte bound).
     allowance: usize,
+    /// Bytes of the frames queued and of those the writer took but has not written
+    /// yet: what the connection holds for its client.
+    bytes: usize,
 }
 
 impl Queue {
@@ -170,15 +208,16 @@ impl Shared {
 }
 
 impl ClientHandle {
-    /// A handle and the receiving end of its queue of `capacity` frames.
-    pub fn new(id: ConnId, capacity: usize) -> (ClientHandle, ClientQueue) {
+    /// A handle and the receiving end of its queue.
+    pub fn new(id: ConnId, bounds: QueueBounds) -> (ClientHandle, ClientQueue) {
         let shared = Arc::new(Shared {
             id,
             queue: Mutex::new(Queue::default()),
-            capacity,
+            bounds,
             writer: AtomicWaker::new(),
             reason: OnceLock::new(),
             closed: Notify::new(),
+            written: Notify::new(),
             ping_due: AtomicBool::new(false),
             pong_due: AtomicBool::new(false),
         });
@@ -195,19 +234,28 @@ impl ClientHandle {
         self.shared.id
     }
 
+    /// The bounds of the connection's queue.
+    pub fn bounds(&self) -> QueueBounds {
+        self.shared.bounds
+    }
+
     /// Queues a frame without waiting. Returns `false` if the frame was not queued:
-    /// the connection is closing, or its queue is full, in which case it is closed
-    /// as a slow consumer.
+    /// the connection is closing, or its queue is full (in frames or in bytes), in
+    /// which case it is closed as a slow consumer.
     pub fn send(&self, frame: Utf8Bytes) -> bool {
         if self.shared.reason.get().is_some() {
             return false;
         }
+        let bounds = self.shared.bounds;
         let mut queue = self.shared.queue();
-        if queue.frames.len() >= self.shared.capacity + queue.allowance {
+        if queue.frames.len() >= bounds.frames + queue.allowance
+            || queue.bytes.saturating_add(frame.len()) > bounds.bytes
+        {
             drop(queue);
             self.close(CloseReason::SlowConsumer);
             return false;
         }
+        queue.bytes += frame.len();
         queue.frames.push_back(frame);
         let first = queue.frames.len() == 1;
         drop(queue);
@@ -220,20 +268,57 @@ impl ClientHandle {
     }
 
     /// Queues the frames of a recovery (replayed messages and the ack) without
-    /// waiting and beyond the capacity, which bounds live traffic: the recovery is
-    /// bounded by `--max-recovery`, and the writer takes it in one batch.
-    pub fn send_recovered(&self, frames: impl IntoIterator<Item = Utf8Bytes>) {
+    /// waiting and beyond the frame bound, which bounds live traffic: the recovery
+    /// is bounded by `--max-recovery`, and the writer takes it in one batch. The
+    /// byte bound holds: frames that would pass it are not queued, and the
+    /// connection is closed as a slow consumer (its client left earlier frames
+    /// unread). Returns whether they were queued.
+    pub fn send_recovered(&self, frames: impl IntoIterator<Item = Utf8Bytes>) -> bool {
         if self.shared.reason.get().is_some() {
-            return;
+            return false;
         }
+        let frames: Vec<Utf8Bytes> = frames.into_iter().collect();
+        let bytes = frames.iter().map(|f| f.len()).sum::<usize>();
         let mut queue = self.shared.queue();
+        if queue.bytes.saturating_add(bytes) > self.shared.bounds.bytes {
+            drop(queue);
+            self.close(CloseReason::SlowConsumer);
+            return false;
+        }
         let before = queue.frames.len();
+        queue.bytes += bytes;
+        queue.allowance += frames.len();
         queue.frames.extend(frames);
         let added = queue.frames.len() - before;
-        queue.allowance += added;
         drop(queue);
         if added > 0 && before == 0 {
             self.shared.writer.wake();
+        }
+        true
+    }
+
+    /// Waits until the queue is under half of both its bounds (or the connection
+    /// is closing): the reader calls it before each request, so the replies of a
+    /// client that pipelines requests wait for the writer instead of filling the
+    /// queue, and its unread socket slows it down.
+    pub async fn room(&self) {
+        loop {
+            if self.shared.reason.get().is_some() {
+                return;
+            }
+            let (frames, bytes) = {
+                let queue = self.shared.queue();
+                (queue.frames.len(), queue.bytes)
+            };
+            if self.shared.bounds.has_room(frames, bytes) {
+                return;
+            }
+            // `notify_one` leaves a permit when the reader is not waiting yet, so
+            // a write between the look above and this wait is not missed.
+            tokio::select! {
+                _ = self.shared.written.notified() => {}
+                _ = self.closing() => return,
+            }
         }
     }
 
@@ -318,6 +403,15 @@ impl ClientQueue {
         queue.allowance = 0;
     }
 
+    /// The writer handed `bytes` of frames it took to the socket: they no longer
+    /// count against the byte bound, and a reader waiting for room looks again.
+    pub fn written(&mut self, bytes: usize) {
+        let mut queue = self.shared.queue();
+        queue.bytes = queue.bytes.saturating_sub(bytes);
+        drop(queue);
+        self.shared.written.notify_one();
+    }
+
     /// Takes whatever is queued, without waiting (used to flush before a close).
     pub fn take_all(&mut self) -> VecDeque<Utf8Bytes> {
         let mut all = VecDeque::new();
@@ -328,11 +422,13 @@ impl ClientQueue {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[tokio::test]
     async fn full_queue_closes_as_slow_consumer() {
-        let (h, mut q) = ClientHandle::new(1, 2);
+        let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(2));
         assert!(h.send("a".into()));
         assert!(h.send("b".into()));
         assert!(h.close_reason().is_none());
@@ -353,7 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_takes_everything_queued_at_once() {
-        let (h, mut q) = ClientHandle::new(1, 8);
+        let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(8));
         let writer = tokio::spawn(async move {
             let mut batch = VecDeque::new();
             assert_eq!(q.next(&mut batch).await, Next::Frames);
@@ -370,7 +466,7 @@ mod tests {
 
     #[test]
     fn appending_keeps_the_order_and_empties_the_queue() {
-        let (h, mut q) = ClientHandle::new(1, 8);
+        let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(8));
         let mut batch: VecDeque<Utf8Bytes> = ["1".into()].into();
         assert!(h.send("2".into()));
         assert!(h.send("3".into()));
@@ -381,7 +477,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unanswered_heartbeat_closes_the_connection() {
-        let (h, mut q) = ClientHandle::new(1, 8);
+        let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(8));
         let mut batch = VecDeque::new();
         h.heartbeat();
         assert_eq!(q.next(&mut batch).await, Next::Ping);
@@ -397,13 +493,79 @@ mod tests {
 
     #[test]
     fn a_recovery_does_not_count_against_the_live_bound() {
-        let (h, mut q) = ClientHandle::new(1, 2);
+        let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(2));
         h.send_recovered(["r1".into(), "r2".into(), "r3".into()]);
         assert!(h.send("live1".into()));
         assert!(h.send("live2".into()));
         assert!(!h.send("live3".into()), "the live bound still holds");
         assert_eq!(h.close_reason(), Some(CloseReason::SlowConsumer));
         assert_eq!(q.take_all(), ["r1", "r2", "r3", "live1", "live2"]);
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_counts_everything_until_written() {
+        let bounds = QueueBounds {
+            frames: 100,
+            bytes: 10,
+        };
+        let (h, mut q) = ClientHandle::new(1, bounds);
+        assert!(h.send("1234".into()));
+        assert!(h.send_recovered(["5678".into()]));
+        // The writer took them but has not written them yet: still counted.
+        let mut batch = VecDeque::new();
+        assert_eq!(q.next(&mut batch).await, Next::Frames);
+        assert!(h.send("90".into()), "exactly 10 bytes");
+        q.written(8);
+        batch.clear();
+        assert!(h.send_recovered(["abcd".into(), "efgh".into()]), "2 + 8");
+        assert!(!h.send("x".into()), "11 bytes");
+        assert_eq!(h.close_reason(), Some(CloseReason::SlowConsumer));
+
+        // A recovery past the bound is refused whole, and closes the connection.
+        let (h, _q) = ClientHandle::new(2, bounds);
+        assert!(h.send("1234".into()));
+        assert!(!h.send_recovered(["56789".into(), "ab".into()]));
+        assert_eq!(h.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[tokio::test]
+    async fn the_reader_waits_for_room_until_the_writer_wrote() {
+        let bounds = QueueBounds {
+            frames: 4,
+            bytes: 1000,
+        };
+        let (h, mut q) = ClientHandle::new(1, bounds);
+        for f in ["1", "2"] {
+            assert!(h.send(f.into()));
+        }
+        // At half the frame bound: room.
+        tokio::time::timeout(Duration::from_secs(1), h.room())
+            .await
+            .expect("room at half");
+        assert!(h.send("3".into()));
+        let waiting = tokio::spawn({
+            let h = h.clone();
+            async move { h.room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "over half: the reader waits");
+        let mut batch = VecDeque::new();
+        assert_eq!(q.next(&mut batch).await, Next::Frames);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "taken, not written yet");
+        q.written(3);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("room once written")
+            .unwrap();
+        // A closing connection never keeps its reader waiting.
+        for f in ["4", "5", "6"] {
+            assert!(h.send(f.into()));
+        }
+        h.close(CloseReason::Shutdown);
+        tokio::time::timeout(Duration::from_secs(1), h.room())
+            .await
+            .expect("closing");
     }
 
     #[test]

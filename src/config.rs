@@ -201,6 +201,14 @@ pub struct LimitsConfig {
     #[arg(long, env = "WSRELAY_CLIENT_QUEUE", default_value_t = 1024)]
     pub client_queue: usize,
 
+    /// Most bytes a connection holds for its client: queued frames, recoveries and
+    /// answers together, until written to the socket. Past it the client is too slow
+    /// and is closed with 1013; the connection's own replies wait for the queue to
+    /// be under half of it (a client pipelining requests is slowed, not closed). At
+    /// least twice `--max-message-bytes` and `--max-history-bytes`.
+    #[arg(long, env = "WSRELAY_CLIENT_QUEUE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub client_queue_bytes: usize,
+
     /// Interval between server pings; a connection that has not answered a ping by the
     /// next one is dropped (half-open TCP connections are otherwise never noticed).
     #[arg(long, env = "WSRELAY_PING_INTERVAL", default_value = "25s", value_parser = parse_duration)]
@@ -335,6 +343,21 @@ pub struct HistoryConfig {
     /// Most messages one `history` request returns.
     #[arg(long, env = "WSRELAY_MAX_HISTORY_LIMIT", default_value_t = 1000)]
     pub max_history_limit: usize,
+
+    /// Most bytes of messages one read of a client returns (a recovery, a `history`
+    /// request, `GET /api/history`), counted as each message's stored size plus 64.
+    /// A recovery needing more is `recovered:false`; a `history` answer holds the
+    /// messages that fit and says `"truncated":true`. A connection's recoveries at
+    /// connect share it.
+    #[arg(long, env = "WSRELAY_MAX_HISTORY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_history_bytes: usize,
+
+    /// History reads of clients running at once on a node (recoveries, `history`
+    /// requests, `GET /api/history`): more wait their turn, up to `--broker-timeout`,
+    /// then get `unavailable`. Bounds the memory and the Redis time that many
+    /// clients reading at once can take from everyone else.
+    #[arg(long, env = "WSRELAY_MAX_HISTORY_READS", default_value_t = 64)]
+    pub max_history_reads: usize,
 
     /// How often a node compares the last offset it delivered on each quiet history
     /// channel with Redis, to notice a pub/sub connection that stopped delivering
@@ -644,6 +667,7 @@ impl Config {
             ("publish-burst", limits.publish_burst as usize),
             ("max-recovery", self.history.max_recovery),
             ("max-history-limit", self.history.max_history_limit),
+            ("max-history-reads", self.history.max_history_reads),
             ("max-presence", self.presence.max_presence),
         ] {
             if value == 0 {
@@ -654,6 +678,21 @@ impl Config {
             return Err(ConfigError::new(
                 "publish-rate",
                 "must be a positive number",
+            ));
+        }
+        if self.history.max_history_bytes < 1024 {
+            return Err(ConfigError::new(
+                "max-history-bytes",
+                "must be at least 1024",
+            ));
+        }
+        let least = 2 * limits.max_message_bytes.max(self.history.max_history_bytes);
+        if limits.client_queue_bytes < least {
+            return Err(ConfigError::new(
+                "client-queue-bytes",
+                format!(
+                    "must be at least twice --max-message-bytes and --max-history-bytes ({least})"
+                ),
             ));
         }
         if limits.max_header_bytes < 8192 {

@@ -122,6 +122,19 @@ pub fn encode(publication: &Publication) -> Bytes {
     out.freeze()
 }
 
+/// The size of [`encode`]'s result, without building it: what a publication
+/// takes in a channel's history, which bounds a client's reads in bytes.
+pub fn encoded_len(publication: &Publication) -> usize {
+    let tp = publication.traceparent.len();
+    let tp = if tp <= u8::MAX as usize { tp } else { 0 };
+    let from = publication.from.as_ref().map_or(0, |f| f.len());
+    let from = if from <= u16::MAX as usize { from } else { 0 };
+    let position = publication.position.as_ref().map_or(0, |p| {
+        p.offset.checked_ilog10().unwrap_or(0) as usize + 2 + p.epoch.as_str().len()
+    });
+    1 + 1 + 8 + 1 + tp + 2 + from + 1 + position + publication.data.len()
+}
+
 /// Wraps a message in the version 1 envelope (header, then its finished `msg`
 /// frame), which nodes from before version 2 read: for rolling upgrades from them.
 pub fn encode_v1(frame: &[u8], publication: &Publication) -> Bytes {
@@ -270,6 +283,7 @@ mod tests {
             offset: 42,
         }));
         let wire = encode(&original);
+        assert_eq!(encoded_len(&original), wire.len());
         let decoded = decode(wire.clone()).unwrap();
         assert_eq!(decoded, original);
         // The data is a view into the received buffer, not a copy.
@@ -284,6 +298,17 @@ mod tests {
             ..original
         };
         assert_eq!(decode(encode(&bare)).unwrap(), bare);
+        assert_eq!(encoded_len(&bare), encode(&bare).len());
+        for offset in [0, 9, 10, 99, 100, u64::MAX] {
+            let at = Publication {
+                position: Some(Position {
+                    epoch: Epoch::parse("k3x9").unwrap(),
+                    offset,
+                }),
+                ..bare.clone()
+            };
+            assert_eq!(encoded_len(&at), encode(&at).len(), "offset {offset}");
+        }
     }
 
     #[test]

@@ -639,6 +639,7 @@ async fn api_history(
             &ch,
             &history.top,
             &history.publications,
+            history.truncated,
         )),
         Err(refusal) => refusal_response(&refusal),
     }

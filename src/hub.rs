@@ -34,6 +34,7 @@ use crate::envelope;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Since};
 use crate::publication::{Kind, Position, Publication};
+use crate::reads::{Admitted, HistoryReads};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 
@@ -111,6 +112,8 @@ pub(crate) struct Hub {
     pub(crate) tracing: Tracing,
     /// The node's one shutdown signal; cancelled means draining.
     pub(crate) shutdown: CancellationToken,
+    /// Clients' history reads running at once (`--max-history-reads`).
+    pub(crate) reads: HistoryReads,
 }
 
 impl Hub {
@@ -204,7 +207,8 @@ impl Hub {
             self.drop_subscription(client.id(), channel);
             return Err(e.into());
         }
-        let subscribed = match self.read_position(channel, since).await {
+        let budget = self.config.history.max_history_bytes;
+        let subscribed = match self.read_position(channel, since, budget).await {
             Ok(subscribed) => subscribed,
             Err(e) => {
                 self.drop_subscription(client.id(), channel);
@@ -312,10 +316,14 @@ impl Hub {
             futures_util::future::join_all(channels.iter().map(|(c, _)| self.broker.subscribe(c)))
                 .await;
         live.into_iter().collect::<Result<Vec<()>, _>>()?;
+        // The connection's recoveries share one read's bound: together they are
+        // queued for the client at once.
+        let recovering = channels.iter().filter(|(_, s)| s.is_some()).count();
+        let budget = self.config.history.max_history_bytes / recovering.max(1);
         let subscribed = futures_util::future::join_all(
             channels
                 .iter()
-                .map(|(c, since)| self.read_position(c, since.clone())),
+                .map(|(c, since)| self.read_position(c, since.clone(), budget)),
         )
         .await
         .into_iter()
@@ -336,16 +344,17 @@ impl Hub {
     /// so nothing reaches it before its ack or `welcome` (presence and history reads
     /// come in between), and on history channels, so its recovery is exact.
     fn add(&self, client: &ClientHandle, channel: &str) {
-        self.registry
-            .subscribe_held(client, channel, self.config.limits.client_queue);
+        self.registry.subscribe_held(client, channel);
     }
 
     /// Step 3 of a subscription: on a channel with history, read its position and
-    /// what the client missed.
+    /// what the client missed, in at most `budget` bytes (a recovery that needs more
+    /// is not made: `recovered:false`).
     async fn read_position(
         &self,
         channel: &str,
         since: Option<Since>,
+        budget: usize,
     ) -> Result<Subscribed, BrokerError> {
         let mut subscribed = Subscribed {
             channel: channel.to_owned(),
@@ -363,7 +372,13 @@ impl Hub {
                 limit: self.config.history.max_recovery,
                 all_or_nothing: true,
                 subscribing: true,
+                max_bytes: Some(budget),
             },
+        };
+        // A position alone is a few bytes: only recoveries wait for a slot.
+        let _admitted = match since {
+            Some(_) => Some(self.admit_read().await?),
+            None => None,
         };
         let history = self.broker.history(channel, request).await?;
         if let Some(since) = since {
@@ -558,16 +573,26 @@ impl Hub {
             limit,
             all_or_nothing: false,
             subscribing: false,
+            max_bytes: Some(self.config.history.max_history_bytes),
         };
+        let _admitted = self.admit_read().await?;
         Ok(self.broker.history(channel, request).await?)
+    }
+
+    /// Waits for one of the node's history-read slots.
+    async fn admit_read(&self) -> Result<Admitted<'_>, BrokerError> {
+        self.reads
+            .admit()
+            .await
+            .map_err(|busy| BrokerError::Unavailable(busy.to_string()))
     }
 }
 
-/// What a client that saw `since` missed, if the history holds all of it: all or
-/// nothing, never part.
+/// What a client that saw `since` missed, if the history holds all of it and it
+/// fit the read's bound in bytes: all or nothing, never part.
 fn recover(since: &Since, history: &History) -> Option<Vec<Publication>> {
     let top = &history.top;
-    if since.epoch != top.epoch || since.offset > top.offset {
+    if since.epoch != top.epoch || since.offset > top.offset || history.truncated {
         return None;
     }
     let missing = top.offset - since.offset;
@@ -605,6 +630,7 @@ mod tests {
                     published_at_us: 0,
                 })
                 .collect(),
+            truncated: false,
         }
     }
 

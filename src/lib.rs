@@ -25,6 +25,7 @@ mod node;
 pub mod protocol;
 pub mod publication;
 mod readiness;
+mod reads;
 pub mod registry;
 mod session;
 pub mod shutdown;

@@ -63,6 +63,10 @@ pub struct Metrics {
     /// Publications of history channels received twice (after a repair) and dropped.
     pub history_duplicates: Counter,
     recoveries: Family<Labels, Counter>,
+    /// Clients' history reads running now (bounded by `--max-history-reads`).
+    pub history_reads_running: Gauge,
+    /// Clients' history reads waiting for their turn.
+    pub history_reads_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -101,6 +105,8 @@ impl Metrics {
             history_repaired_messages: Counter::default(),
             history_duplicates: Counter::default(),
             recoveries: Family::default(),
+            history_reads_running: Gauge::default(),
+            history_reads_waiting: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -177,6 +183,16 @@ impl Metrics {
             "broker_master_changes",
             "Times a Sentinel-managed shard was found on a new master",
             m.broker_master_changes.clone(),
+        );
+        registry.register(
+            "history_reads_running",
+            "Clients' history reads (recoveries, history requests) running now",
+            m.history_reads_running.clone(),
+        );
+        registry.register(
+            "history_reads_waiting",
+            "Clients' history reads waiting for one of the --max-history-reads slots",
+            m.history_reads_waiting.clone(),
         );
         registry.register(
             "bytes_received",

@@ -23,6 +23,7 @@ use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
+use crate::reads::HistoryReads;
 use crate::registry::{Registry, RegistryStats};
 use crate::telemetry::Tracing;
 
@@ -91,6 +92,11 @@ impl Node {
         if verifier.is_none() {
             tracing::info!("no JWT key configured: clients connect without authentication");
         }
+        let reads = HistoryReads::new(
+            config.history.max_history_reads,
+            config.broker.broker_timeout,
+            metrics.clone(),
+        );
         let hub = Arc::new(Hub {
             config,
             node_id,
@@ -99,6 +105,7 @@ impl Node {
             metrics,
             tracing,
             shutdown,
+            reads,
         });
         Ok(Node {
             state: Arc::new(AppState {

@@ -620,19 +620,26 @@ pub fn encode_history(
     ch: &str,
     position: &Position,
     messages: &[Publication],
+    truncated: bool,
 ) -> Utf8Bytes {
     let mut out = String::from(r#"{"op":"history","#);
     if let Some(id) = id {
         let _ = write!(out, r#""id":{},"#, id.as_json());
     }
-    out.push_str(&history_body(ch, position, messages));
+    out.push_str(&history_body(ch, position, messages, truncated));
     out.push('}');
     out.into()
 }
 
 /// The fields of a history reply, shared by the frame and `GET /api/history`:
-/// `"ch":..,"epoch":..,"offset":..,"messages":[..]` (without braces).
-pub fn history_body(ch: &str, position: &Position, messages: &[Publication]) -> String {
+/// `"ch":..,"epoch":..,"offset":..,"messages":[..]` (without braces), and
+/// `"truncated":true` when messages were left out to bound the answer in bytes.
+pub fn history_body(
+    ch: &str,
+    position: &Position,
+    messages: &[Publication],
+    truncated: bool,
+) -> String {
     let size: usize = messages.iter().map(|m| m.data.len() + 32).sum();
     let mut out = String::with_capacity(64 + size);
     let _ = write!(
@@ -658,6 +665,9 @@ pub fn history_body(ch: &str, position: &Position, messages: &[Publication]) -> 
         out.push('}');
     }
     out.push(']');
+    if truncated {
+        out.push_str(r#","truncated":true"#);
+    }
     out
 }
 
@@ -1035,6 +1045,7 @@ mod tests {
                 publication(None, Some(41)),
                 publication(Some("bo"), Some(42)),
             ],
+            false,
         ));
         assert_eq!(
             history,

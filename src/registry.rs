@@ -2,7 +2,7 @@
 //! subscribed to, and the fan-out of one frame to a channel's local subscribers.
 //!
 //! A subscription to a channel with history starts *held back*: the fan-out keeps
-//! its frames (bounded by the client's queue size) while the hub reads what the
+//! its frames (bounded like the client's queue, in frames and bytes) while the hub reads what the
 //! client missed; [`Registry::release`] then queues the recovery, and the held frames
 //! the recovery did not already contain, in one critical section. From then on the
 //! subscription drops frames at or below the position the recovery read (its
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::client::{ClientHandle, ClientQueue, CloseReason, ConnId};
+use crate::client::{ClientHandle, ClientQueue, CloseReason, ConnId, QueueBounds};
 use axum::extract::ws::Utf8Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -64,9 +64,17 @@ struct Recovery {
     /// Frames (with their offsets) that arrived before the subscription was live.
     /// Why a mutex: the fan-out pushes through a shared reference, holding only the
     /// channel's read lock (so other channels' fan-outs run in parallel).
-    held: Mutex<Vec<(Option<u64>, Utf8Bytes)>>,
-    /// Most frames held; one more closes the client with 1013.
-    capacity: usize,
+    held: Mutex<Held>,
+    /// Most frames and bytes held (the client's queue bounds); one more closes the
+    /// client with 1013.
+    bounds: QueueBounds,
+}
+
+/// Frames held back, with their offsets, and their size.
+#[derive(Debug, Default)]
+struct Held {
+    frames: Vec<(Option<u64>, Utf8Bytes)>,
+    bytes: usize,
 }
 
 impl Subscriber {
@@ -83,11 +91,14 @@ impl Subscriber {
             return self.handle.send(frame.clone());
         }
         let mut held = recovery.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.len() >= recovery.capacity {
+        if held.frames.len() >= recovery.bounds.frames
+            || held.bytes.saturating_add(frame.len()) > recovery.bounds.bytes
+        {
             drop(held);
             self.handle.close(CloseReason::HoldBackOverflow);
         } else {
-            held.push((offset, frame.clone()));
+            held.bytes += frame.len();
+            held.frames.push((offset, frame.clone()));
         }
         false
     }
@@ -118,10 +129,10 @@ impl Registry {
         Self::default()
     }
 
-    /// Adds a connection with an outbound queue of `queue` frames.
-    pub fn register(&self, queue: usize) -> (ClientHandle, ClientQueue) {
+    /// Adds a connection with an outbound queue of these bounds.
+    pub fn register(&self, bounds: QueueBounds) -> (ClientHandle, ClientQueue) {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let (handle, rx) = ClientHandle::new(id, queue);
+        let (handle, rx) = ClientHandle::new(id, bounds);
         self.shared.connections.insert(
             id,
             Connection {
@@ -140,12 +151,12 @@ impl Registry {
 
     /// Subscribes a registered connection to `channel` with its frames held back (at
     /// most `capacity`; one more closes the client with 1013) until [`release`](Self::release).
-    pub fn subscribe_held(&self, client: &ClientHandle, channel: &str, capacity: usize) -> bool {
+    pub fn subscribe_held(&self, client: &ClientHandle, channel: &str) -> bool {
         let recovery = Recovery {
             live: AtomicBool::new(false),
             floor: AtomicU64::new(0),
-            held: Mutex::new(Vec::new()),
-            capacity,
+            held: Mutex::new(Held::default()),
+            bounds: client.bounds(),
         };
         self.add(client, channel, Some(Box::new(recovery)))
     }
@@ -175,13 +186,18 @@ impl Registry {
             (Some(recovery), Some(after)) => {
                 recovery.floor.store(after, Ordering::Relaxed);
                 recovery.live.store(true, Ordering::Relaxed);
-                std::mem::take(recovery.held.get_mut().unwrap_or_else(|e| e.into_inner()))
+                std::mem::take(recovery.held.get_mut().unwrap_or_else(|e| e.into_inner())).frames
             }
             // No history: nothing to keep once live.
             (Some(_), None) => subscriber
                 .history
                 .take()
-                .map(|r| r.held.into_inner().unwrap_or_else(|e| e.into_inner()))
+                .map(|r| {
+                    r.held
+                        .into_inner()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .frames
+                })
                 .unwrap_or_default(),
             (None, _) => Vec::new(),
         };
@@ -385,8 +401,8 @@ mod tests {
     #[test]
     fn subscribe_fanout_unsubscribe() {
         let reg = Registry::new();
-        let (a, mut rx_a) = reg.register(8);
-        let (b, mut rx_b) = reg.register(8);
+        let (a, mut rx_a) = reg.register(QueueBounds::frames(8));
+        let (b, mut rx_b) = reg.register(QueueBounds::frames(8));
         assert_ne!(a.id(), b.id());
 
         assert!(reg.subscribe(&a, "room"));
@@ -417,8 +433,8 @@ mod tests {
     #[test]
     fn deregister_reports_emptied_channels() {
         let reg = Registry::new();
-        let (a, _rx_a) = reg.register(8);
-        let (b, _rx_b) = reg.register(8);
+        let (a, _rx_a) = reg.register(QueueBounds::frames(8));
+        let (b, _rx_b) = reg.register(QueueBounds::frames(8));
         reg.subscribe(&a, "shared");
         reg.subscribe(&b, "shared");
         reg.subscribe(&a, "solo");
@@ -444,8 +460,8 @@ mod tests {
     #[test]
     fn slow_subscriber_is_closed_without_affecting_others() {
         let reg = Registry::new();
-        let (slow, _keep) = reg.register(1);
-        let (fast, mut rx_fast) = reg.register(16);
+        let (slow, _keep) = reg.register(QueueBounds::frames(1));
+        let (fast, mut rx_fast) = reg.register(QueueBounds::frames(16));
         reg.subscribe(&slow, "c");
         reg.subscribe(&fast, "c");
         for i in 0..5 {
@@ -462,10 +478,10 @@ mod tests {
     #[test]
     fn a_held_subscription_is_released_without_loss_or_duplicates() {
         let reg = Registry::new();
-        let (live, mut rx_live) = reg.register(8);
-        let (late, mut rx_late) = reg.register(8);
+        let (live, mut rx_live) = reg.register(QueueBounds::frames(8));
+        let (late, mut rx_late) = reg.register(QueueBounds::frames(8));
         reg.subscribe(&live, "h");
-        assert!(reg.subscribe_held(&late, "h", 4));
+        assert!(reg.subscribe_held(&late, "h"));
         for offset in 5..=7u64 {
             reg.fanout("h", &format!("m{offset}").into(), Some(offset));
         }
@@ -491,8 +507,8 @@ mod tests {
         assert_eq!(rx_late.take_all(), ["gap", "new1"]);
         // Held back, a gap at or below where the recovery got to is dropped with
         // the frames it covers: the ack already says where the client stands.
-        let (again, mut rx_again) = reg.register(8);
-        reg.subscribe_held(&again, "h", 8);
+        let (again, mut rx_again) = reg.register(QueueBounds::frames(8));
+        reg.subscribe_held(&again, "h");
         reg.fanout_gap("h", &"gap@0".into(), 0);
         reg.fanout("h", &"new2".into(), Some(2));
         reg.fanout_gap("h", &"gap@3".into(), 3);
@@ -503,14 +519,30 @@ mod tests {
     #[test]
     fn an_overflowing_hold_back_closes_only_that_client() {
         let reg = Registry::new();
-        let (late, _rx) = reg.register(8);
-        let (live, mut rx_live) = reg.register(8);
-        reg.subscribe_held(&late, "h", 2);
+        let (late, _rx) = reg.register(QueueBounds::frames(2));
+        let bounds = QueueBounds {
+            frames: 100,
+            bytes: 10,
+        };
+        let (big, _rx_big) = reg.register(bounds);
+        let (live, mut rx_live) = reg.register(QueueBounds::frames(8));
+        reg.subscribe_held(&late, "h");
+        reg.subscribe_held(&big, "h");
         reg.subscribe(&live, "h");
-        for offset in 1..=3u64 {
-            reg.fanout("h", &"m".into(), Some(offset));
-        }
-        assert_eq!(late.close_reason(), Some(CloseReason::HoldBackOverflow));
+        reg.fanout("h", &"m".into(), Some(1));
+        reg.fanout("h", &"1234567890".into(), Some(2));
+        assert_eq!(
+            big.close_reason(),
+            Some(CloseReason::HoldBackOverflow),
+            "11 bytes"
+        );
+        assert_eq!(late.close_reason(), None);
+        reg.fanout("h", &"m".into(), Some(3));
+        assert_eq!(
+            late.close_reason(),
+            Some(CloseReason::HoldBackOverflow),
+            "3 frames"
+        );
         assert_eq!(live.close_reason(), None);
         assert_eq!(rx_live.take_all().len(), 3);
     }

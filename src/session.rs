@@ -20,7 +20,7 @@ use tracing::Instrument;
 use serde_json::value::RawValue;
 
 use crate::auth::{Grants, RateLimiter};
-use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
+use crate::client::{ClientHandle, ClientQueue, CloseReason, Next, QueueBounds};
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ChannelPosition, ErrorCode, Request, RequestId, Since};
 
@@ -43,7 +43,11 @@ pub(crate) fn run(
     channels: Vec<(String, Option<Since>)>,
     grants: Arc<Grants>,
 ) -> impl Future<Output = ()> + Send {
-    let (client, queue) = hub.registry.register(hub.config.limits.client_queue);
+    let limits = &hub.config.limits;
+    let (client, queue) = hub.registry.register(QueueBounds {
+        frames: limits.client_queue,
+        bytes: limits.client_queue_bytes,
+    });
     hub.metrics.connections_opened.inc();
     // A span for the connection's lifetime only when traces are exported: it costs
     // memory for as long as the connection lives, and logs name the connection anyway.
@@ -210,7 +214,13 @@ impl Session {
                     self.client.close(CloseReason::TokenExpired);
                     return;
                 }
-                msg = stream.next() => msg,
+                // The next request is read once the replies to the earlier ones
+                // left room in the queue: a client pipelining requests is slowed
+                // down by its own unread socket, not closed as slow.
+                msg = async {
+                    self.client.room().await;
+                    stream.next().await
+                } => msg,
             };
             // Any frame proves the peer is alive, not only a pong.
             self.client.alive();
@@ -277,7 +287,16 @@ impl Session {
                 .hub
                 .history(&self.grants, &ch, since, limit)
                 .await
-                .map(|h| Some(protocol::encode_history(id, &ch, &h.top, &h.publications))),
+                .map(|h| {
+                    let (top, publications) = (&h.top, &h.publications);
+                    Some(protocol::encode_history(
+                        id,
+                        &ch,
+                        top,
+                        publications,
+                        h.truncated,
+                    ))
+                }),
         };
         match result {
             Ok(Some(reply)) => self.send(reply),
@@ -416,14 +435,18 @@ async fn write_loop(
                     tokio::task::yield_now().await;
                     queue.append_to(&mut batch);
                 }
-                // Everything queued goes out with one flush.
+                // Everything queued goes out with one flush; its bytes count
+                // against the connection's bound until then.
+                let bytes = batch.iter().map(|f| f.len()).sum();
                 let write = async {
                     for frame in batch.drain(..) {
                         sink.feed(Message::Text(frame)).await?;
                     }
                     sink.flush().await
                 };
-                write_within(limit, &client, write).await
+                let written = write_within(limit, &client, write).await;
+                queue.written(bytes);
+                written
             }
         };
         if !written {

@@ -14,7 +14,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use wsrelay::Config;
 use wsrelay::broker::{Broker, HistoryRequest, Local};
-use wsrelay::client::{ClientHandle, ClientQueue};
+use wsrelay::client::{ClientHandle, ClientQueue, QueueBounds};
 use wsrelay::metrics::Metrics;
 use wsrelay::publication::{Epoch, Kind, Position, Publication};
 use wsrelay::registry::Registry;
@@ -38,7 +38,7 @@ impl Side {
         };
         let broker = Broker::start(config.clone(), local, shutdown.clone()).unwrap();
         wait_until("broker ready", || broker.all_shards_usable()).await;
-        let (client, queue) = registry.register(1024);
+        let (client, queue) = registry.register(QueueBounds::frames(1024));
         Side {
             broker,
             registry,
@@ -253,7 +253,10 @@ async fn history_reads_follow_the_request() {
             );
         }
         let epoch = first.top.epoch.clone();
-        let read = |since: Option<(Epoch, u64)>, limit: usize, all_or_nothing: bool| {
+        let read_within = |since: Option<(Epoch, u64)>,
+                           limit: usize,
+                           all_or_nothing: bool,
+                           max_bytes: Option<usize>| {
             side.broker.history(
                 "chat:h",
                 HistoryRequest {
@@ -261,9 +264,11 @@ async fn history_reads_follow_the_request() {
                     limit,
                     all_or_nothing,
                     subscribing: false,
+                    max_bytes,
                 },
             )
         };
+        let read = |since, limit, all_or_nothing| read_within(since, limit, all_or_nothing, None);
         let offsets = |h: &wsrelay::broker::History| -> Vec<u64> {
             h.publications.iter().map(|p| p.offset().unwrap()).collect()
         };
@@ -314,6 +319,30 @@ async fn history_reads_follow_the_request() {
                 .is_empty(),
             "{name}: another epoch"
         );
+        // Bounded in bytes: each message counts its stored size and the overhead.
+        let size = wsrelay::envelope::encoded_len(&latest.publications[0])
+            + wsrelay::broker::READ_OVERHEAD;
+        let bounded = read_within(None, 10, false, Some(2 * size + size / 2))
+            .await
+            .unwrap();
+        assert_eq!(offsets(&bounded), [7, 8], "{name}: the newest that fit");
+        assert!(bounded.truncated, "{name}");
+        let since = Some((epoch.clone(), 5));
+        let bounded = read_within(since.clone(), 10, false, Some(2 * size))
+            .await
+            .unwrap();
+        assert_eq!(offsets(&bounded), [6, 7], "{name}: the oldest that fit");
+        assert!(bounded.truncated, "{name}");
+        let all = read_within(since.clone(), 10, true, Some(2 * size))
+            .await
+            .unwrap();
+        assert!(
+            all.publications.is_empty() && all.truncated,
+            "{name}: all or nothing, in bytes too"
+        );
+        let all = read_within(since, 10, true, Some(3 * size)).await.unwrap();
+        assert_eq!(offsets(&all), [6, 7, 8], "{name}: exactly fits");
+        assert!(!all.truncated, "{name}");
         let none = read(None, 0, false).await.unwrap();
         assert!(
             none.publications.is_empty() && none.top.offset == 8,
@@ -357,6 +386,7 @@ async fn the_redis_publish_script_survives_a_script_flush() {
                 limit: 5,
                 all_or_nothing: false,
                 subscribing: false,
+                max_bytes: None,
             },
         )
         .await

@@ -149,7 +149,8 @@ fn server_frames_are_what_the_encoders_write() {
                     })
                     .collect();
                 with_id(frame, |id| {
-                    protocol::encode_history(id, ch, &position(frame), &messages)
+                    let truncated = frame["truncated"] == true;
+                    protocol::encode_history(id, ch, &position(frame), &messages, truncated)
                 })
             }
             "presence" => {

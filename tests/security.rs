@@ -6,10 +6,12 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{Client, RedisServer, TestNode, WAIT, connect_with_headers, http_get, http_request};
+use futures_util::{SinkExt, StreamExt};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
 
 const SECRET: &str = "test-secret-of-some-length";
 const API_KEY: &str = "api-key-0123456789abcdef";
@@ -686,4 +688,223 @@ async fn a_malformed_envelope_from_redis_is_counted_and_dropped() {
         4.0,
         "{text}"
     );
+}
+
+// One client must not pin memory: whatever a connection holds for its client is
+// bounded in bytes (`--client-queue-bytes`), and so is every read it asks for
+// (`--max-history-bytes`).
+
+/// A WebSocket whose socket takes in only a few KiB (a client that never reads).
+async fn deaf_client(url: &str) -> common::Ws {
+    let addr: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = timeout(WAIT, socket.connect(addr)).await.unwrap().unwrap();
+    let (mut ws, _) = timeout(
+        WAIT,
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream)),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake");
+    let welcome = timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(welcome.to_text().unwrap().contains("welcome"));
+    ws
+}
+
+/// Publishes `n` messages of about `size` bytes to `ch`, waiting for every ack.
+async fn publish_big(client: &mut Client, ch: &str, n: usize, size: usize) {
+    let pad = "x".repeat(size);
+    for i in 0..n {
+        client
+            .send(json!({"op":"pub","ch":ch,"data":{"i":i,"pad":pad},"id":i + 1}))
+            .await;
+    }
+    let mut acked = 0;
+    while acked < n {
+        let frame = client.recv().await;
+        if frame["op"] == "ack" {
+            acked += 1;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_pin_memory_with_recoveries_or_history_reads() {
+    let redis = RedisServer::start().await;
+    let node = common::NodeProcess::spawn(&[
+        "--redis-url",
+        &redis.url(),
+        "--history-size",
+        "1000",
+        "--publish-rate",
+        "100000",
+        "--publish-burst",
+        "100000",
+        "--write-timeout",
+        "2s",
+    ]);
+    node.wait_ready().await;
+    let mut publisher = node.client("").await;
+    publish_big(&mut publisher, "chat:big", 1000, 8000).await;
+
+    // What a reading client sees: a recovery that needs more than
+    // --max-history-bytes (1 MiB) is not made; one that fits is.
+    let mut reader = node.client("").await;
+    let mut stash = Vec::new();
+    let latest = reader
+        .request(json!({"op":"history","ch":"chat:big"}), 1, &mut stash)
+        .await;
+    let epoch = latest["epoch"].as_str().unwrap().to_owned();
+    let got = latest["messages"].as_array().unwrap();
+    assert_eq!(latest["truncated"], true, "8 MB asked, 1 MiB given");
+    assert!((100..=130).contains(&got.len()), "{}", got.len());
+    assert_eq!(got.last().unwrap()["offset"], 1000, "the newest that fit");
+    let ack = reader
+        .request(
+            json!({"op":"sub","ch":"chat:big","since":{"epoch":epoch,"offset":0}}),
+            2,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(ack["recovered"], false, "{ack}");
+    reader
+        .send(json!({"op":"unsub","ch":"chat:big","id":3}))
+        .await;
+    let ack = reader
+        .request(
+            json!({"op":"sub","ch":"chat:big","since":{"epoch":epoch,"offset":950}}),
+            4,
+            &mut stash,
+        )
+        .await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let replayed: Vec<&Value> = stash.iter().filter(|f| f["op"] == "msg").collect();
+    assert_eq!(replayed.len(), 50);
+    assert_eq!(replayed[0]["offset"], 951);
+
+    // The attack: one write of 30 subscribes recovering from offset 0 (8 MB each
+    // before the bounds) and 40 history reads of 8 MB, on a socket never read.
+    let mut bystander = node.client("channel=calm").await;
+    let baseline = node.memory_kib("VmRSS");
+    let mut deaf = deaf_client(&node.ws_url("")).await;
+    for _ in 0..30 {
+        let sub = json!({"op":"sub","ch":"chat:big","since":{"epoch":epoch,"offset":0}});
+        deaf.feed(Message::text(sub.to_string())).await.unwrap();
+        let unsub = json!({"op":"unsub","ch":"chat:big"});
+        deaf.feed(Message::text(unsub.to_string())).await.unwrap();
+    }
+    for id in 0..40 {
+        let read = json!({"op":"history","ch":"chat:big","id":id});
+        deaf.feed(Message::text(read.to_string())).await.unwrap();
+    }
+    deaf.flush().await.unwrap();
+
+    // The node goes on serving others, and drops the deaf client within its write
+    // timeout.
+    for i in 0..5 {
+        publisher
+            .send(json!({"op":"pub","ch":"calm","data":i}))
+            .await;
+        assert_eq!(bystander.recv().await["data"], i);
+    }
+    let (status, _) = http_get(node.addr, "/healthz").await;
+    assert_eq!(status, 200);
+    common::eventually("the deaf client is dropped", WAIT, async || {
+        let text = node.metrics().await;
+        common::metric(&text, "wsrelay_connections") == 3.0
+    })
+    .await;
+    // Before the bounds this peaked at hundreds of MB; now the deaf connection
+    // holds at most a few MiB (its queue's half, then a stalled write).
+    let peak = node.memory_kib("VmHWM");
+    assert!(
+        peak < baseline + 32 * 1024,
+        "peak RSS {peak} KiB, baseline {baseline} KiB"
+    );
+    drop(deaf);
+}
+
+/// A client that pipelines many requests and reads their replies is slowed down
+/// (its requests are read as the replies are written), never closed as slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_slow_the_client_down_instead_of_closing_it() {
+    let node = TestNode::start(&["--client-queue", "64"]).await;
+    let mut client = node.client("").await;
+    const N: u64 = 3000;
+    for id in 1..=N {
+        let ping = json!({"op":"ping","id":id});
+        client
+            .ws
+            .feed(Message::text(ping.to_string()))
+            .await
+            .unwrap();
+    }
+    client.ws.flush().await.unwrap();
+    for id in 1..=N {
+        let pong = client.recv().await;
+        assert_eq!(
+            (pong["op"].as_str(), pong["id"].as_u64()),
+            (Some("pong"), Some(id))
+        );
+    }
+    let pong = client
+        .request(json!({"op":"ping"}), N + 1, &mut Vec::new())
+        .await;
+    assert_eq!(pong["op"], "pong");
+}
+
+/// At most --max-history-reads reads of clients run at once on a node; the others
+/// wait their turn, and all are answered once Redis answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_are_admitted_a_few_at_a_time() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let node = TestNode::start(&[
+        "--redis-url",
+        &url,
+        "--history-size",
+        "10",
+        "--max-history-reads",
+        "1",
+        "--broker-timeout",
+        "5s",
+    ])
+    .await;
+    let mut publisher = node.client("").await;
+    publisher
+        .send(json!({"op":"pub","ch":"chat:r","data":1,"id":1}))
+        .await;
+    assert_eq!(publisher.recv().await["op"], "ack");
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        readers.push(node.client("").await);
+    }
+    redis.signal("STOP");
+    for reader in &mut readers {
+        reader
+            .send(json!({"op":"history","ch":"chat:r","id":7}))
+            .await;
+    }
+    common::eventually("one read runs, two wait", WAIT, async || {
+        let text = common::scrape(node.addr).await;
+        common::metric(&text, "wsrelay_history_reads_running") == 1.0
+            && common::metric(&text, "wsrelay_history_reads_waiting") == 2.0
+    })
+    .await;
+    redis.signal("CONT");
+    for reader in &mut readers {
+        let answer = reader.recv().await;
+        assert_eq!(answer["op"], "history", "{answer}");
+        assert_eq!(answer["messages"][0]["data"], 1, "{answer}");
+    }
+    let text = common::scrape(node.addr).await;
+    assert_eq!(common::metric(&text, "wsrelay_history_reads_running"), 0.0);
+    assert_eq!(common::metric(&text, "wsrelay_history_reads_waiting"), 0.0);
 }

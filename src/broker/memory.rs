@@ -160,12 +160,17 @@ impl MemoryBroker {
             return History {
                 top,
                 publications: Vec::new(),
+                truncated: false,
             };
         }
         let history = self.inner.channel(channel, Instant::now());
         let top = history.position();
-        let publications = select(&top, history.ring.iter(), request);
-        History { top, publications }
+        let (publications, truncated) = select(&top, history.ring.iter(), request);
+        History {
+            top,
+            publications,
+            truncated,
+        }
     }
 }
 

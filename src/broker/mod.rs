@@ -94,7 +94,18 @@ pub struct HistoryRequest {
     /// the last one left (`--unpublished-position-ttl`). A plain read (`history`)
     /// writes nothing: it reports offset 0 in an epoch that is not kept.
     pub subscribing: bool,
+    /// Most bytes of publications to return, each counted as its stored size
+    /// ([`envelope::encoded_len`](crate::envelope::encoded_len)) plus
+    /// [`READ_OVERHEAD`]: the reads of clients are bounded in bytes
+    /// (`--max-history-bytes`), the node's own repairs are not (`None`). What does
+    /// not fit is left out (all of it, when all or nothing) and the answer says
+    /// [`History::truncated`].
+    pub max_bytes: Option<usize>,
 }
+
+/// What each publication of a read counts on top of its stored size: about what
+/// its client frame adds (`op`, `ch`, the offset's name).
+pub const READ_OVERHEAD: usize = 64;
 
 impl HistoryRequest {
     /// Only the channel's current position, for a subscription.
@@ -104,6 +115,7 @@ impl HistoryRequest {
             limit: 0,
             all_or_nothing: false,
             subscribing: true,
+            max_bytes: None,
         }
     }
 }
@@ -115,6 +127,8 @@ pub struct History {
     pub top: Position,
     /// Stored publications, in offset order.
     pub publications: Vec<Publication>,
+    /// Publications were left out because they did not fit the read's `max_bytes`.
+    pub truncated: bool,
 }
 
 /// What a broker needs to deliver a publication on this node.
@@ -398,28 +412,46 @@ fn select<'a>(
     top: &Position,
     entries: impl DoubleEndedIterator<Item = &'a Publication>,
     request: &HistoryRequest,
-) -> Vec<Publication> {
+) -> (Vec<Publication>, bool) {
     if request.limit == 0 {
-        return Vec::new();
+        return (Vec::new(), false);
     }
+    let mut budget = request.max_bytes.unwrap_or(usize::MAX);
+    let mut truncated = false;
+    let mut fits = |p: &Publication| {
+        let size = crate::envelope::encoded_len(p) + READ_OVERHEAD;
+        truncated |= size > budget;
+        budget = budget.saturating_sub(size);
+        !truncated
+    };
     match &request.since {
         None => {
-            let mut latest: Vec<Publication> = entries.rev().take(request.limit).cloned().collect();
+            let mut latest: Vec<Publication> = entries
+                .rev()
+                .take(request.limit)
+                .take_while(|p| fits(p))
+                .cloned()
+                .collect();
             latest.reverse();
-            latest
+            (latest, truncated)
         }
         Some((epoch, offset)) => {
             if *epoch != top.epoch
                 || (request.all_or_nothing
                     && top.offset.saturating_sub(*offset) > request.limit as u64)
             {
-                return Vec::new();
+                return (Vec::new(), false);
             }
-            entries
+            let range: Vec<Publication> = entries
                 .filter(|p| p.offset().is_some_and(|o| o > *offset))
                 .take(request.limit)
+                .take_while(|p| fits(p))
                 .cloned()
-                .collect()
+                .collect();
+            if truncated && request.all_or_nothing {
+                return (Vec::new(), true);
+            }
+            (range, truncated)
         }
     }
 }

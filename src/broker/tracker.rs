@@ -496,7 +496,7 @@ mod tests {
     /// A tracker whose buffers hold `max_buffer` publications.
     fn setup_with(max_buffer: usize) -> (Tracker, ClientQueue) {
         let registry = Registry::new();
-        let (client, queue) = registry.register(1024);
+        let (client, queue) = registry.register(crate::client::QueueBounds::frames(1024));
         registry.subscribe(&client, "c");
         let local = Local {
             registry,

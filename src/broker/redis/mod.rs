@@ -714,8 +714,11 @@ impl Inner {
             .arg(since_epoch)
             .arg(since_offset)
             .arg(request.limit)
-            .arg(if request.all_or_nothing { "1" } else { "0" });
-        let (epoch, top, entries): (String, u64, Vec<Vec<u8>>) = script.invoke_async(conn).await?;
+            .arg(if request.all_or_nothing { "1" } else { "0" })
+            .arg(request.max_bytes.map_or(0, |b| b.max(1)))
+            .arg(crate::broker::READ_OVERHEAD);
+        let (epoch, top, entries, truncated): (String, u64, Vec<Vec<u8>>, u8) =
+            script.invoke_async(conn).await?;
         let malformed = |what: String| -> redis::RedisError {
             (redis::ErrorKind::Parse, "malformed history in Redis", what).into()
         };
@@ -735,6 +738,7 @@ impl Inner {
         Ok(History {
             top: Position { epoch, offset: top },
             publications,
+            truncated: truncated == 1,
         })
     }
 
@@ -776,6 +780,8 @@ async fn repair_task(inner: Arc<Inner>, mut repair: Repair) {
             all_or_nothing: false,
             // Repairs are for channels the node holds subscribers of.
             subscribing: true,
+            // Bounded by `--max-repair`; cut short, they would be gaps.
+            max_bytes: None,
         };
         let read = inner
             .shard(&repair.channel)

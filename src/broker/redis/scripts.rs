@@ -83,36 +83,63 @@ return {offset, epoch}
 /// make up leave nothing behind. Any other read (TTL 0) writes nothing and reports
 /// offset 0 in the epoch it was given, which is not kept.
 ///
+/// The entries returned are bounded in bytes (each counts its size plus the
+/// overhead given): the newest that fit for a read of the latest, the oldest that
+/// fit for a read after a position (none when all-or-nothing); `truncated` says some
+/// were left out. The stream is read in full inside Redis either way; what is
+/// bounded is the reply, which is what the node holds and Redis writes out.
+///
 /// KEYS: stream, meta. ARGV: epoch for a new history, TTL (ms) of a position
 /// created here (0: create none), since epoch, since offset, limit, all-or-nothing
-/// (`1`/`0`). Returns `{epoch, top, {envelope..}}`.
+/// (`1`/`0`), most bytes (0: no bound), overhead per entry. Returns
+/// `{epoch, top, {envelope..}, truncated (0/1)}`.
 pub(super) static HISTORY_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local epoch = redis.call('HGET', KEYS[2], 'e')
 if not epoch then
   epoch = ARGV[1]
-  if ARGV[2] == '0' then return {epoch, 0, {}} end
+  if ARGV[2] == '0' then return {epoch, 0, {}, 0} end
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'e', epoch, 's', 0)
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
 local top = tonumber(redis.call('HGET', KEYS[2], 's'))
 local limit = tonumber(ARGV[5])
+local budget = tonumber(ARGV[7])
+local overhead = tonumber(ARGV[8])
+local bounded = budget > 0
+local truncated = 0
+local function fits(entry)
+  if not bounded then return true end
+  local size = #entry + overhead
+  if size > budget then truncated = 1; return false end
+  budget = budget - size
+  return true
+end
 local entries = {}
 if limit > 0 then
   if ARGV[3] == '' then
     local rev = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', limit)
-    for i = #rev, 1, -1 do entries[#entries + 1] = rev[i][2][2] end
+    local n = 0
+    for i = 1, #rev do
+      if not fits(rev[i][2][2]) then break end
+      n = i
+    end
+    for i = n, 1, -1 do entries[#entries + 1] = rev[i][2][2] end
   elseif ARGV[3] == epoch then
     local since = tonumber(ARGV[4])
     if not (ARGV[6] == '1' and top - since > limit) then
       local range = redis.call('XRANGE', KEYS[1], string.format('%d-0', since + 1), '+', 'COUNT', limit)
-      for i = 1, #range do entries[#entries + 1] = range[i][2][2] end
+      for i = 1, #range do
+        if not fits(range[i][2][2]) then break end
+        entries[#entries + 1] = range[i][2][2]
+      end
+      if truncated == 1 and ARGV[6] == '1' then entries = {} end
     end
   end
 end
-return {epoch, top, entries}
+return {epoch, top, entries, truncated}
 "#,
     )
 });
