@@ -82,8 +82,16 @@ struct Claims {
     channels: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
-    #[serde(default)]
+    /// Present means given, even as `null` (which is then refused like any other
+    /// non-object): `Option`'s own deserializer would take `null` for absent.
+    #[serde(default, deserialize_with = "present")]
     info: Option<Box<serde_json::value::RawValue>>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
+    Box::<serde_json::value::RawValue>::deserialize(d).map(Some)
 }
 
 /// Largest `info` claim, in bytes of JSON: it travels with every presence entry and

@@ -246,6 +246,18 @@ pub struct LimitsConfig {
     #[arg(long, env = "WSRELAY_PUBLISH_BURST", default_value_t = 200)]
     pub publish_burst: u32,
 
+    /// New subscriptions per second one connection may sustain with `sub` (token
+    /// bucket refill rate): each may send a `join` to every subscriber of the
+    /// channel, which must not escape the publish rate limit.
+    #[arg(long, env = "WSRELAY_SUBSCRIBE_RATE", default_value_t = 50.0)]
+    pub subscribe_rate: f64,
+
+    /// `sub` requests one connection may send in a burst (token bucket size); as for
+    /// publishes, a client that keeps subscribing after this many refusals in a row
+    /// is closed with 1008. Channels named at connect do not count.
+    #[arg(long, env = "WSRELAY_SUBSCRIBE_BURST", default_value_t = 256)]
+    pub subscribe_burst: u32,
+
     /// Time a client has to send a complete HTTP request (including the WebSocket
     /// upgrade) after opening the connection; slower ones are dropped (slowloris).
     #[arg(long, env = "WSRELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -665,6 +677,7 @@ impl Config {
             ("max-channels", limits.max_channels),
             ("max-api-body-bytes", limits.max_api_body_bytes),
             ("publish-burst", limits.publish_burst as usize),
+            ("subscribe-burst", limits.subscribe_burst as usize),
             ("max-recovery", self.history.max_recovery),
             ("max-history-limit", self.history.max_history_limit),
             ("max-history-reads", self.history.max_history_reads),
@@ -674,11 +687,13 @@ impl Config {
                 return Err(ConfigError::new(flag, "must be at least 1"));
             }
         }
-        if !(limits.publish_rate > 0.0 && limits.publish_rate.is_finite()) {
-            return Err(ConfigError::new(
-                "publish-rate",
-                "must be a positive number",
-            ));
+        for (flag, rate) in [
+            ("publish-rate", limits.publish_rate),
+            ("subscribe-rate", limits.subscribe_rate),
+        ] {
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err(ConfigError::new(flag, "must be a positive number"));
+            }
         }
         if self.history.max_history_bytes < 1024 {
             return Err(ConfigError::new(

@@ -268,9 +268,9 @@ struct RawRequest<'a> {
     limit: Field<'a>,
 }
 
-/// `since` as sent: an object with `epoch` and `offset`.
+/// `since` as sent: an object with `epoch` and `offset` (other fields are ignored,
+/// as everywhere in a request).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawSince<'a> {
     #[serde(borrow)]
     epoch: Cow<'a, str>,
@@ -911,6 +911,15 @@ mod tests {
                     offset: 40
                 })
             ),
+            other => panic!("{other:?}"),
+        }
+        // Unknown fields are ignored inside `since` too, as everywhere in a request.
+        match parse_request(
+            r#"{"op":"history","ch":"c:1","since":{"epoch":"k3x9","offset":1,"x":2}}"#,
+        )
+        .unwrap()
+        {
+            Request::History { since, .. } => assert_eq!(since.map(|s| s.offset), Some(1)),
             other => panic!("{other:?}"),
         }
         match parse_request(r#"{"op":"history","ch":"c:1","limit":5}"#).unwrap() {

@@ -80,15 +80,18 @@ async fn serve(
         "connection opened"
     );
 
-    let limiter = Mutex::new(RateLimiter::new(
-        hub.config.limits.publish_rate,
-        hub.config.limits.publish_burst,
+    let limits = &hub.config.limits;
+    let limiter = Mutex::new(RateLimiter::new(limits.publish_rate, limits.publish_burst));
+    let sub_limiter = Mutex::new(RateLimiter::new(
+        limits.subscribe_rate,
+        limits.subscribe_burst,
     ));
     let session = Session {
         hub,
         client,
         grants,
         limiter,
+        sub_limiter,
     };
     // Takes the channel list: nothing needs it after `welcome`.
     if Box::pin(session.subscribe_at_connect(channels)).await {
@@ -137,6 +140,8 @@ struct Session {
     /// Why a mutex: only the reader takes from it, but the session is shared by
     /// reference across `.await`s, which requires `Sync`.
     limiter: Mutex<RateLimiter>,
+    /// New subscriptions (`sub`), each of which may fan a `join` out.
+    sub_limiter: Mutex<RateLimiter>,
 }
 
 impl Session {
@@ -313,6 +318,16 @@ impl Session {
         since: Option<Since>,
         id: Option<RequestId<'_>>,
     ) -> Result<Option<Utf8Bytes>, Refusal> {
+        if !self.hub.registry.is_subscribed(self.client.id(), channel) {
+            let limits = &self.hub.config.limits;
+            let (rate, burst) = (limits.subscribe_rate, limits.subscribe_burst);
+            self.take_token(&self.sub_limiter, burst).map_err(|()| {
+                Refusal::new(
+                    ErrorCode::RateLimited,
+                    format!("subscribing faster than {rate}/s (bursts of {burst})"),
+                )
+            })?;
+        }
         let Some(subscribed) = self
             .hub
             .subscribe(&self.client, &self.grants, channel, since)
@@ -355,19 +370,10 @@ impl Session {
                 format!("not allowed to publish to {channel}"),
             ));
         }
-        let taken = self
-            .limiter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_take();
-        if let Err(refused_in_a_row) = taken {
+        let limits = &hub.config.limits;
+        let (rate, burst) = (limits.publish_rate, limits.publish_burst);
+        if self.take_token(&self.limiter, burst).is_err() {
             hub.metrics.publish_error(ErrorCode::RateLimited.as_str());
-            let limits = &hub.config.limits;
-            let (rate, burst) = (limits.publish_rate, limits.publish_burst);
-            if refused_in_a_row > burst {
-                // It keeps publishing while refused: not a burst, abuse.
-                self.client.close(CloseReason::RateLimited);
-            }
             return Err(Refusal::new(
                 ErrorCode::RateLimited,
                 format!("publishing faster than {rate}/s (bursts of {burst})"),
@@ -379,6 +385,21 @@ impl Session {
             None
         };
         Ok(hub.publish(channel, data, from, tp).await?)
+    }
+
+    /// Takes a token from `limiter`; a client refused more than `burst` times in a
+    /// row keeps going while refused — not a burst, abuse — and is closed (1008).
+    fn take_token(&self, limiter: &Mutex<RateLimiter>, burst: u32) -> Result<(), ()> {
+        let taken = limiter.lock().unwrap_or_else(|e| e.into_inner()).try_take();
+        match taken {
+            Ok(()) => Ok(()),
+            Err(refused_in_a_row) => {
+                if refused_in_a_row > burst {
+                    self.client.close(CloseReason::RateLimited);
+                }
+                Err(())
+            }
+        }
     }
 
     fn send(&self, frame: Utf8Bytes) {

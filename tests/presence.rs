@@ -328,7 +328,7 @@ async fn presence_needs_the_permission_to_subscribe_and_counts_users() {
 
     // An info claim that is not a small JSON object is refused at connect.
     let big = json!({"x": "y".repeat(2000)});
-    for info in [json!("text"), big] {
+    for info in [json!("text"), json!(null), json!([1]), big] {
         let refused = common::connect_with_headers(
             &node.ws_url(&format!("channel=room:a&token={}", token(info))),
             &[],

@@ -324,6 +324,60 @@ async fn the_publish_rate_limit_is_hit_recovers_and_cuts_persistent_abuse() {
     assert_eq!(c.expect_close().await, Some(1008));
 }
 
+/// `sub` is rate limited like `pub`: each new subscription may send a `join` to
+/// every subscriber of the channel, and sub/unsub pairs must not flood them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_is_rate_limited_so_joins_cannot_flood() {
+    let node = TestNode::start(&[
+        "--join-leave",
+        "--subscribe-rate",
+        "2",
+        "--subscribe-burst",
+        "4",
+    ])
+    .await;
+    let mut watcher = node.client("channel=room").await;
+    let mut c = node.client("").await;
+    let mut stash = Vec::new();
+    for id in 1..=4 {
+        let ack = c
+            .request(json!({"op":"sub","ch":"room"}), id, &mut stash)
+            .await;
+        assert_eq!(ack["op"], "ack", "{ack}");
+        c.send(json!({"op":"unsub","ch":"room"})).await;
+    }
+    let e = c
+        .request(json!({"op":"sub","ch":"room"}), 5, &mut stash)
+        .await;
+    assert_eq!(e["code"], "rate_limited", "{e}");
+    let other = c
+        .request(json!({"op":"sub","ch":"other"}), 6, &mut stash)
+        .await;
+    assert_eq!(other["code"], "rate_limited", "any channel: {other}");
+    let mut joins = 0;
+    let me = c.welcome["conn"].clone();
+    while let Some(frame) = watcher.try_recv(Duration::from_millis(300)).await {
+        joins += usize::from(frame["op"] == "join" && frame["conn"] == me);
+    }
+    assert_eq!(joins, 4, "one join per subscription allowed");
+    // The bucket refills at 2/s.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let ack = c
+        .request(json!({"op":"sub","ch":"room"}), 7, &mut stash)
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    // Subscribing to a channel already subscribed to changes nothing: not limited.
+    let again = c
+        .request(json!({"op":"sub","ch":"room"}), 8, &mut stash)
+        .await;
+    assert_eq!(again["op"], "ack", "already subscribed: {again}");
+    // A client that keeps subscribing while refused is cut off.
+    for k in 0..10 {
+        c.send(json!({"op":"sub","ch":format!("spam{k}")})).await;
+    }
+    assert_eq!(c.expect_close().await, Some(1008));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_limits_answer_clearly() {
     let node = TestNode::start(&[
