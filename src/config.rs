@@ -267,6 +267,14 @@ pub struct LimitsConfig {
     #[arg(long, env = "WSRELAY_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
 
+    /// HTTP connections open at once that are not WebSockets (yet): requests in
+    /// progress, handshakes, idle keep-alive. Past it the oldest is closed to make
+    /// room: clients trickling requests to hold sockets are the oldest, so probes
+    /// and new clients always get in, and the node never runs out of file
+    /// descriptors because of them.
+    #[arg(long, env = "WSRELAY_MAX_HTTP_CONNECTIONS", default_value_t = 1024)]
+    pub max_http_connections: usize,
+
     /// Largest `/api/publish` request body, in bytes (413 beyond).
     #[arg(long, env = "WSRELAY_MAX_API_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_api_body_bytes: usize,
@@ -676,6 +684,7 @@ impl Config {
             ("max-subscriptions", limits.max_subscriptions),
             ("max-channels", limits.max_channels),
             ("max-api-body-bytes", limits.max_api_body_bytes),
+            ("max-http-connections", limits.max_http_connections),
             ("publish-burst", limits.publish_burst as usize),
             ("subscribe-burst", limits.subscribe_burst as usize),
             ("max-recovery", self.history.max_recovery),

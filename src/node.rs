@@ -239,6 +239,7 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: Cancella
         .header_read_timeout(limits.handshake_timeout)
         .max_buf_size(limits.max_header_bytes);
     let connections = TaskTracker::new();
+    let mut pending = Pending::new(limits.max_http_connections);
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => break,
@@ -258,22 +259,62 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: Cancella
             .serve_connection(TokioIo::new(HandshakeIo::new(stream)), service)
             .with_upgrades();
         let stop = stop.clone();
+        let (evicted, done) = pending.admit();
         connections.spawn(async move {
             // Ends at the upgrade for WebSockets (the session lives on), or when an
             // HTTP client is done; on stop, idle keep-alive connections are closed.
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
+                // Dropping the connection closes its socket.
+                _ = evicted.cancelled() => {}
                 _ = stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }
             }
+            done.cancel();
         });
     }
     drop(listener);
     connections.close();
     let _ = tokio::time::timeout(limits.drain_timeout, connections.wait()).await;
+}
+
+/// The HTTP connections not (yet) WebSockets, oldest first, bounded by
+/// `--max-http-connections`: admitting one past the bound evicts the oldest.
+///
+/// Owned by the accept loop alone, so it needs no lock: each connection's task
+/// signals its end through a token the loop sweeps on the next admission.
+struct Pending {
+    max: usize,
+    /// (evict this connection, it ended), oldest first.
+    open: std::collections::VecDeque<(CancellationToken, CancellationToken)>,
+}
+
+impl Pending {
+    fn new(max: usize) -> Self {
+        Pending {
+            max,
+            open: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Makes room for one more connection (closing the oldest open one if
+    /// needed) and returns its tokens: one cancelled to evict it, one it cancels
+    /// when it ends.
+    fn admit(&mut self) -> (CancellationToken, CancellationToken) {
+        self.open.retain(|(_, done)| !done.is_cancelled());
+        if self.open.len() >= self.max
+            && let Some((oldest, _)) = self.open.pop_front()
+        {
+            tracing::debug!("too many HTTP connections: closing the oldest");
+            oldest.cancel();
+        }
+        let tokens = (CancellationToken::new(), CancellationToken::new());
+        self.open.push_back(tokens.clone());
+        tokens
+    }
 }
 
 /// Pings every connection each `--ping-interval` from one task, and closes those

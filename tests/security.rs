@@ -452,6 +452,49 @@ async fn the_channel_limit_also_applies_at_connect() {
     assert_eq!(node.handle.stats().channels, 2);
 }
 
+/// Clients that open HTTP connections and trickle their requests cannot take every
+/// file descriptor of a node: past --max-http-connections the oldest is closed, so
+/// probes and new clients get in at once instead of after the handshake timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_http_clients_cannot_take_every_socket() {
+    let node =
+        common::NodeProcess::spawn(&["--max-http-connections", "32", "--max-connections", "32"]);
+    node.wait_ready().await;
+    // 128 file descriptors in all: the attack below needs 200.
+    let limit = libc::rlimit {
+        rlim_cur: 128,
+        rlim_max: 128,
+    };
+    let pid = node.pid() as libc::pid_t;
+    // SAFETY: prlimit reads `limit` and writes nothing (no old-limit pointer).
+    let set = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\n").await.unwrap();
+        slow.push(s);
+    }
+    let (status, _) = timeout(Duration::from_secs(3), http_get(node.addr, "/healthz"))
+        .await
+        .expect("a probe is answered at once");
+    assert_eq!(status, 200);
+    let mut client = timeout(Duration::from_secs(3), node.client(""))
+        .await
+        .expect("a client gets in at once");
+    let pong = client
+        .request(json!({"op":"ping"}), 1, &mut Vec::new())
+        .await;
+    assert_eq!(pong["op"], "pong");
+    // The oldest trickling connections were the ones closed.
+    let mut byte = [0u8; 1];
+    let read = timeout(Duration::from_secs(3), slow[0].read(&mut byte))
+        .await
+        .expect("closed by the node");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_or_silent_http_clients_are_dropped() {
     let node = TestNode::start(&["--handshake-timeout", "500ms"]).await;
