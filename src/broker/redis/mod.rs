@@ -325,7 +325,9 @@ impl RedisBroker {
         }
     }
 
-    /// Reads a channel's position and stored publications.
+    /// Reads a channel's position and stored publications, for a client (a
+    /// subscription, a recovery, a `history` request): on the shard's connection
+    /// for reads, so large answers do not hold up publishes.
     pub async fn history(
         &self,
         channel: &str,
@@ -334,7 +336,7 @@ impl RedisBroker {
         let inner = &self.inner;
         inner
             .shard(channel)
-            .idempotent(
+            .read(
                 |mut conn| async move { inner.read_history(&mut conn, channel, request).await },
             )
             .await

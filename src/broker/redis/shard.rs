@@ -70,6 +70,10 @@ struct Publishers {
     /// own (`Resends::Never`). `None` elsewhere: a standalone connection does not
     /// resend, so publishes share `shared`.
     once: Option<Conn>,
+    /// Clients' history reads (recoveries, `history`): their replies run to
+    /// `--max-history-bytes` each, and on `shared` they would hold up publishes and
+    /// delivery probes behind them.
+    reads: Option<Conn>,
     /// Publishes that wait for replicas (`publish-durability replicas:N`), when any
     /// channel makes them. `WAIT` blocks the connection it is sent on until the
     /// replicas answer: on the shared one it would hold up every other command,
@@ -130,6 +134,7 @@ impl Shard {
                 address: Some(client.get_connection_info().addr().to_string()),
                 shared: Some(publisher(client, timeout)?),
                 once: None,
+                reads: Some(publisher(client, timeout)?),
                 durable: durable.then(|| publisher(client, timeout)).transpose()?,
             },
             Endpoint::Sentinel(_) => Publishers::default(),
@@ -156,6 +161,7 @@ impl Shard {
                     address: Some("cluster".to_owned()),
                     shared: Some(connect(&resending)),
                     once: Some(connect(&once)),
+                    reads: Some(connect(&resending)),
                     durable: durable.then(|| connect(&once)),
                 }
             }
@@ -194,6 +200,12 @@ impl Shard {
         self.usable(publishers.once.as_ref().or(publishers.shared.as_ref()))
     }
 
+    /// The connection for clients' history reads (see [`Publishers::reads`]).
+    pub(super) fn reader(&self) -> Result<Conn, BrokerError> {
+        let publishers = self.publisher.read().unwrap_or_else(|e| e.into_inner());
+        self.usable(publishers.reads.as_ref().or(publishers.shared.as_ref()))
+    }
+
     /// The connection for publishes that wait for replicas (see [`Publishers`]).
     pub(super) fn durable_publisher(&self) -> Result<Conn, BrokerError> {
         let publishers = self.publisher.read().unwrap_or_else(|e| e.into_inner());
@@ -223,6 +235,7 @@ impl Shard {
             address: Some(address.to_owned()),
             shared: Some(self::publisher(client, self.timeout)?),
             once: None,
+            reads: Some(self::publisher(client, self.timeout)?),
             durable: self
                 .durable
                 .then(|| self::publisher(client, self.timeout))
@@ -240,6 +253,7 @@ impl Shard {
         if self.endpoint.is_sentinel() {
             let mut publisher = self.publisher.write().unwrap_or_else(|e| e.into_inner());
             publisher.shared = None;
+            publisher.reads = None;
             publisher.durable = None;
         }
     }
@@ -254,7 +268,24 @@ impl Shard {
         F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.publisher()?;
+        self.idempotent_on(self.publisher()?, op).await
+    }
+
+    /// Runs a client's history read as [`idempotent`](Self::idempotent) does, on
+    /// the connection kept for them.
+    pub(super) async fn read<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.idempotent_on(self.reader()?, op).await
+    }
+
+    async fn idempotent_on<T, F, Fut>(&self, conn: Conn, op: F) -> Result<T, BrokerError>
+    where
+        F: Fn(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
         let attempt = async {
             match op(conn.clone()).await {
                 Err(e) if e.is_connection_dropped() || e.is_io_error() => op(conn).await,
