@@ -172,8 +172,11 @@ struct Shared {
     reason: OnceLock<CloseReason>,
     /// Wakes the reader on close (one waiter; a close before it waits leaves a permit).
     closed: Notify,
-    /// Wakes the reader waiting for room ([`ClientHandle::room`]) after each write.
+    /// Wakes the reader waiting for room ([`ClientHandle::room`]) after a write.
     written: Notify,
+    /// The reader waits for room: only then does a write notify it (a write
+    /// costs no wake-up otherwise, which is nearly always).
+    reader_waits: AtomicBool,
     /// The writer should send a ping (set by the node's heartbeat).
     ping_due: AtomicBool,
     /// A ping was sent and nothing has come back from the peer since.
@@ -218,6 +221,7 @@ impl ClientHandle {
             reason: OnceLock::new(),
             closed: Notify::new(),
             written: Notify::new(),
+            reader_waits: AtomicBool::new(false),
             ping_due: AtomicBool::new(false),
             pong_due: AtomicBool::new(false),
         });
@@ -306,11 +310,15 @@ impl ClientHandle {
             if self.shared.reason.get().is_some() {
                 return;
             }
+            // Said before looking (the look takes the queue's lock, which orders it
+            // with the writer's): a write after the look sees the flag.
+            self.shared.reader_waits.store(true, Ordering::SeqCst);
             let (frames, bytes) = {
                 let queue = self.shared.queue();
                 (queue.frames.len(), queue.bytes)
             };
             if self.shared.bounds.has_room(frames, bytes) {
+                self.shared.reader_waits.store(false, Ordering::Relaxed);
                 return;
             }
             // `notify_one` leaves a permit when the reader is not waiting yet, so
@@ -409,7 +417,9 @@ impl ClientQueue {
         let mut queue = self.shared.queue();
         queue.bytes = queue.bytes.saturating_sub(bytes);
         drop(queue);
-        self.shared.written.notify_one();
+        if self.shared.reader_waits.swap(false, Ordering::SeqCst) {
+            self.shared.written.notify_one();
+        }
     }
 
     /// Takes whatever is queued, without waiting (used to flush before a close).
