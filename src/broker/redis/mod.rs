@@ -336,9 +336,7 @@ impl RedisBroker {
         let inner = &self.inner;
         inner
             .shard(channel)
-            .read(
-                |mut conn| async move { inner.read_history(&mut conn, channel, request).await },
-            )
+            .read(|mut conn| async move { inner.read_history(&mut conn, channel, request).await })
             .await
     }
 
