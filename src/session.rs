@@ -293,14 +293,9 @@ impl Session {
                 .history(&self.grants, &ch, since, limit)
                 .await
                 .map(|h| {
-                    let (top, publications) = (&h.top, &h.publications);
-                    Some(protocol::encode_history(
-                        id,
-                        &ch,
-                        top,
-                        publications,
-                        h.truncated,
-                    ))
+                    let frame =
+                        protocol::encode_history(id, &ch, &h.top, &h.publications, h.truncated);
+                    Some(frame)
                 }),
         };
         match result {
