@@ -1156,6 +1156,41 @@ mod tests {
         assert!(e.contains("--history-size"), "{e}");
     }
 
+    /// The byte bounds hold together: a connection's queue takes twice the largest
+    /// message and the largest read (the reader stops at half of it).
+    #[test]
+    fn byte_bounds_are_checked_together() {
+        for (args, flag) in [
+            (
+                &["--client-queue-bytes", "100000"][..],
+                "--client-queue-bytes",
+            ),
+            (
+                &["--max-history-bytes", "3000000"][..],
+                "--client-queue-bytes",
+            ),
+            (&["--max-history-bytes", "10"][..], "--max-history-bytes"),
+            (&["--max-history-reads", "0"][..], "--max-history-reads"),
+            (
+                &["--max-http-connections", "0"][..],
+                "--max-http-connections",
+            ),
+            (&["--subscribe-rate", "0"][..], "--subscribe-rate"),
+        ] {
+            let e = parse(args).unwrap_err();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+        let fits = [
+            "--client-queue-bytes",
+            "262144",
+            "--max-message-bytes",
+            "131072",
+            "--max-history-bytes",
+            "65536",
+        ];
+        assert!(parse(&fits).is_ok());
+    }
+
     /// Values that parsed, then broke the running node (a zero period panics a
     /// task, a millisecond TTL floods Redis, a TTL past what Redis takes fails
     /// every publish): each is refused at start-up, naming the flag and its range.

@@ -339,7 +339,6 @@ impl Hub {
         Ok(subscribed)
     }
 
-    /// Adds a subscriber to the registry: held back on channels with history.
     /// Adds a subscriber to the registry, held back until [`go_live`](Self::go_live):
     /// so nothing reaches it before its ack or `welcome` (presence and history reads
     /// come in between), and on history channels, so its recovery is exact.
