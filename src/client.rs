@@ -17,7 +17,7 @@
 //! in one lock to write it with one flush, and a push costs an uncontended lock.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Poll;
 
@@ -177,6 +177,11 @@ struct Shared {
     /// The reader waits for room: only then does a write notify it (a write
     /// costs no wake-up otherwise, which is nearly always).
     reader_waits: AtomicBool,
+    /// Bytes of the frames queued and of those the writer took but has not written
+    /// yet: what the connection holds for its client. Added under the queue's
+    /// lock; the writer subtracts what it wrote without taking the lock again (one
+    /// atomic per write), which only ever makes a sender's check conservative.
+    bytes: AtomicUsize,
     /// The writer should send a ping (set by the node's heartbeat).
     ping_due: AtomicBool,
     /// A ping was sent and nothing has come back from the peer since.
@@ -191,9 +196,6 @@ struct Queue {
     /// count against the frame bound, which bounds live traffic (a recovery is
     /// bounded by `--max-recovery` and by the byte bound).
     allowance: usize,
-    /// Bytes of the frames queued and of those the writer took but has not written
-    /// yet: what the connection holds for its client.
-    bytes: usize,
 }
 
 impl Queue {
@@ -222,6 +224,7 @@ impl ClientHandle {
             closed: Notify::new(),
             written: Notify::new(),
             reader_waits: AtomicBool::new(false),
+            bytes: AtomicUsize::new(0),
             ping_due: AtomicBool::new(false),
             pong_due: AtomicBool::new(false),
         });
@@ -252,14 +255,15 @@ impl ClientHandle {
         }
         let bounds = self.shared.bounds;
         let mut queue = self.shared.queue();
+        let held = self.shared.bytes.load(Ordering::Relaxed);
         if queue.frames.len() >= bounds.frames + queue.allowance
-            || queue.bytes.saturating_add(frame.len()) > bounds.bytes
+            || held.saturating_add(frame.len()) > bounds.bytes
         {
             drop(queue);
             self.close(CloseReason::SlowConsumer);
             return false;
         }
-        queue.bytes += frame.len();
+        self.shared.bytes.fetch_add(frame.len(), Ordering::Relaxed);
         queue.frames.push_back(frame);
         let first = queue.frames.len() == 1;
         drop(queue);
@@ -284,13 +288,14 @@ impl ClientHandle {
         let frames: Vec<Utf8Bytes> = frames.into_iter().collect();
         let bytes = frames.iter().map(|f| f.len()).sum::<usize>();
         let mut queue = self.shared.queue();
-        if queue.bytes.saturating_add(bytes) > self.shared.bounds.bytes {
+        let held = self.shared.bytes.load(Ordering::Relaxed);
+        if held.saturating_add(bytes) > self.shared.bounds.bytes {
             drop(queue);
             self.close(CloseReason::SlowConsumer);
             return false;
         }
         let before = queue.frames.len();
-        queue.bytes += bytes;
+        self.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
         queue.allowance += frames.len();
         queue.frames.extend(frames);
         let added = queue.frames.len() - before;
@@ -310,13 +315,12 @@ impl ClientHandle {
             if self.shared.reason.get().is_some() {
                 return;
             }
-            // Said before looking (the look takes the queue's lock, which orders it
-            // with the writer's): a write after the look sees the flag.
+            // Said before looking, and the writer subtracts before it looks at the
+            // flag (all SeqCst): either it sees the flag and notifies, or this look
+            // sees what it wrote.
             self.shared.reader_waits.store(true, Ordering::SeqCst);
-            let (frames, bytes) = {
-                let queue = self.shared.queue();
-                (queue.frames.len(), queue.bytes)
-            };
+            let frames = self.shared.queue().frames.len();
+            let bytes = self.shared.bytes.load(Ordering::SeqCst);
             if self.shared.bounds.has_room(frames, bytes) {
                 self.shared.reader_waits.store(false, Ordering::Relaxed);
                 return;
@@ -414,10 +418,11 @@ impl ClientQueue {
     /// The writer handed `bytes` of frames it took to the socket: they no longer
     /// count against the byte bound, and a reader waiting for room looks again.
     pub fn written(&mut self, bytes: usize) {
-        let mut queue = self.shared.queue();
-        queue.bytes = queue.bytes.saturating_sub(bytes);
-        drop(queue);
-        if self.shared.reader_waits.swap(false, Ordering::SeqCst) {
+        self.shared.bytes.fetch_sub(bytes, Ordering::SeqCst);
+        // A load first: nearly always nobody waits, and a load costs less than a swap.
+        if self.shared.reader_waits.load(Ordering::SeqCst)
+            && self.shared.reader_waits.swap(false, Ordering::SeqCst)
+        {
             self.shared.written.notify_one();
         }
     }
