@@ -9,6 +9,7 @@
 //! the drain waits for it, bounded by `--drain-timeout`.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -17,7 +18,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Grants, OriginPolicy, Verifier};
 use crate::broker::{Broker, BrokerError, Local};
+use crate::cluster::{Announcement, NodeInfo};
 use crate::config::{Config, ConfigError};
+use crate::envelope;
 use crate::handshake_io::HandshakeIo;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
@@ -158,7 +161,7 @@ impl Node {
             hub.config.limits.ping_interval,
             token.clone(),
         ));
-        tokio::spawn(crate::cluster::announce(hub.clone(), addr));
+        tokio::spawn(announce(hub.clone(), addr));
         tokio::spawn(crate::memory::trim_after_churn(
             hub.registry.clone(),
             hub.metrics.clone(),
@@ -327,6 +330,53 @@ async fn heartbeat(registry: Registry, period: std::time::Duration, shutdown: Ca
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => registry.heartbeat(),
+        }
+    }
+}
+
+/// Announces this node until shutdown.
+async fn announce(hub: Arc<Hub>, address: SocketAddr) {
+    let started_at = envelope::now_us() / 1000;
+    let period = crate::cluster::interval(hub.config.presence.node_ttl);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = (
+        std::time::Instant::now(),
+        hub.metrics.messages_published.get(),
+        hub.metrics.messages_delivered.get(),
+    );
+    loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        let (published, delivered) = (
+            hub.metrics.messages_published.get(),
+            hub.metrics.messages_delivered.get(),
+        );
+        let elapsed = now.duration_since(last.0).as_secs_f64().max(1e-3);
+        let stats = hub.registry.stats();
+        let announcement = Announcement {
+            info: NodeInfo {
+                id: hub.node_id.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                started_at,
+                address: address.to_string(),
+                broker: hub.broker.kind().to_owned(),
+                ready: Readiness::of(&hub).is_ready(),
+                connections: stats.connections,
+                subscriptions: stats.subscriptions,
+                channels: stats.channels,
+                published_per_s: (published - last.1) as f64 / elapsed,
+                delivered_per_s: (delivered - last.2) as f64 / elapsed,
+                announced_at: envelope::now_us() / 1000,
+            },
+            channels: hub.registry.channel_counts(),
+        };
+        last = (now, published, delivered);
+        if let Err(e) = hub.broker.announce(announcement).await {
+            tracing::debug!(error = %e, "could not announce this node");
         }
     }
 }

@@ -40,7 +40,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Announcement, NodeInfo};
-use crate::config::{ChannelOptions, Config};
+use crate::config::{ChannelOptions, Config, Topology};
 use crate::metrics::Metrics;
 use crate::protocol;
 use crate::publication::{Epoch, Kind, Position, Publication};
@@ -207,28 +207,26 @@ impl Broker {
         local: Local,
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
+        // Checked with the rest of the configuration before the node starts.
         let invalid =
-            |e: redis::InvalidUrl| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
-        let seeds = config.broker.redis_cluster_urls();
-        let endpoints = if !seeds.is_empty() {
-            vec![redis::Endpoint::cluster(&seeds).map_err(invalid)?]
-        } else {
-            config
-                .broker
-                .redis_urls()
-                .iter()
-                .map(|url| redis::Endpoint::parse(url))
+            |e: ::redis::RedisError| BrokerError::Unavailable(format!("invalid Redis URL: {e}"));
+        let endpoints = match config.broker.topology() {
+            Err(e) => return Err(BrokerError::Unavailable(e.to_string())),
+            Ok(Topology::Memory) => {
+                return Ok(Broker::Memory(memory::MemoryBroker::start(
+                    local,
+                    config.history.history_meta_ttl,
+                    config.limits.max_channels,
+                    shutdown,
+                )));
+            }
+            Ok(Topology::Cluster(seeds)) => vec![redis::Endpoint::Cluster(seeds)],
+            Ok(Topology::Shards(shards)) => shards
+                .into_iter()
+                .map(redis::Endpoint::of_shard)
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(invalid)?
+                .map_err(invalid)?,
         };
-        if endpoints.is_empty() {
-            return Ok(Broker::Memory(memory::MemoryBroker::start(
-                local,
-                config.history.history_meta_ttl,
-                config.limits.max_channels,
-                shutdown,
-            )));
-        }
         Ok(Broker::Redis(redis::RedisBroker::start(
             endpoints, config, local, shutdown,
         )?))

@@ -15,40 +15,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+
+use crate::config::ShardAddress;
+use crate::config::topology::SentinelGroup;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Default port of a sentinel.
-const SENTINEL_PORT: u16 = 26379;
-
-/// One shard's Redis, as configured.
+/// One shard's Redis, ready to connect to.
 #[derive(Clone)]
 pub enum Endpoint {
     /// A fixed Redis server.
     Direct(redis::Client),
     /// The master of a Sentinel group.
-    Sentinel(Sentinel),
-    /// A Redis Cluster, from its seed URLs.
-    Cluster(Vec<String>),
+    Sentinel(SentinelGroup),
+    /// A Redis Cluster, from its seeds.
+    Cluster(Vec<redis::ConnectionInfo>),
 }
-
-/// A Sentinel group: its sentinels, the master's name, and how to connect to the
-/// master once found.
-#[derive(Clone)]
-pub struct Sentinel {
-    sentinels: Vec<String>,
-    master: String,
-    /// `redis` or `rediss`.
-    scheme: &'static str,
-    /// `user:password@` of the master, or empty.
-    userinfo: String,
-    db: i64,
-}
-
-/// Why a Redis URL was refused.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidUrl(String);
 
 impl fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -57,88 +39,12 @@ impl fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `redis://`, `rediss://`, `redis+sentinel://` or `rediss+sentinel://`
-    /// (`redis+sentinel://[user:password@]host[:port],host2[:port]/<master>[/<db>]`;
-    /// the credentials are the master's, the sentinels are asked without).
-    pub fn parse(url: &str) -> Result<Endpoint, InvalidUrl> {
-        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-        match scheme {
-            "redis" | "rediss" => redis::Client::open(url)
-                .map(Endpoint::Direct)
-                .map_err(|e| InvalidUrl(e.to_string())),
-            "redis+sentinel" | "rediss+sentinel" => Self::parse_sentinel(scheme, rest),
-            _ => Err(InvalidUrl(
-                "the scheme must be redis://, rediss:// or redis+sentinel://".into(),
-            )),
-        }
-    }
-
-    fn parse_sentinel(scheme: &str, rest: &str) -> Result<Endpoint, InvalidUrl> {
-        let invalid = |why: &str| {
-            InvalidUrl(format!(
-                "{why} (expected {scheme}://[user:password@]host:26379,host2:26379/<master>[/<db>])"
-            ))
-        };
-        let (authority, path) = rest
-            .split_once('/')
-            .ok_or_else(|| invalid("no master name"))?;
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
-            None => (String::new(), authority),
-        };
-        let mut sentinels = Vec::new();
-        for host in hosts.split(',').filter(|h| !h.is_empty()) {
-            let address = match host.rsplit_once(':') {
-                Some((name, port)) if !name.is_empty() => {
-                    let port: u16 = port
-                        .parse()
-                        .map_err(|_| invalid(&format!("bad port in {host:?}")))?;
-                    format!("{name}:{port}")
-                }
-                Some(_) => return Err(invalid(&format!("no host in {host:?}"))),
-                None => format!("{host}:{SENTINEL_PORT}"),
-            };
-            sentinels.push(address);
-        }
-        if sentinels.is_empty() {
-            return Err(invalid("no sentinel address"));
-        }
-        let mut segments = path.split('/');
-        let master = segments.next().unwrap_or_default();
-        if master.is_empty() {
-            return Err(invalid("no master name"));
-        }
-        let db = match segments.next() {
-            None | Some("") => 0,
-            Some(db) => db
-                .parse()
-                .map_err(|_| invalid(&format!("bad database number {db:?}")))?,
-        };
-        if segments.next().is_some() {
-            return Err(invalid("too many path segments"));
-        }
-        Ok(Endpoint::Sentinel(Sentinel {
-            sentinels,
-            master: master.to_owned(),
-            scheme: if scheme.starts_with("rediss") {
-                "rediss"
-            } else {
-                "redis"
-            },
-            userinfo,
-            db,
-        }))
-    }
-
-    /// A Redis Cluster reached through `seeds` (checked like `--redis-url`s).
-    pub fn cluster(seeds: &[String]) -> Result<Endpoint, InvalidUrl> {
-        for seed in seeds {
-            redis::Client::open(seed.as_str()).map_err(|e| InvalidUrl(format!("{seed:?}: {e}")))?;
-        }
-        if seeds.is_empty() {
-            return Err(InvalidUrl("no seed URL".into()));
-        }
-        Ok(Endpoint::Cluster(seeds.to_vec()))
+    /// The endpoint of a configured shard.
+    pub fn of_shard(address: ShardAddress) -> redis::RedisResult<Endpoint> {
+        Ok(match address {
+            ShardAddress::Server(info) => Endpoint::Direct(redis::Client::open(info)?),
+            ShardAddress::Sentinel(group) => Endpoint::Sentinel(group),
+        })
     }
 
     /// A name for logs, metrics and `/readyz`, without credentials: `host:port`,
@@ -169,8 +75,7 @@ impl Endpoint {
         let Endpoint::Cluster(seeds) = self else {
             return None;
         };
-        let mut builder =
-            redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str));
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.iter().cloned());
         if resp3 {
             builder = builder.use_protocol(redis::ProtocolVersion::RESP3);
         }
@@ -200,7 +105,7 @@ impl Endpoint {
         };
         let mut errors = Vec::new();
         for address in &sentinel.sentinels {
-            match sentinel.ask(address, timeout).await {
+            match ask(sentinel, address, timeout).await {
                 Ok(Some((host, port))) => {
                     let url = format!(
                         "{}://{}{host}:{port}/{}",
@@ -220,23 +125,24 @@ impl Endpoint {
     }
 }
 
-impl Sentinel {
-    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` on one sentinel.
-    async fn ask(&self, address: &str, timeout: Duration) -> Result<Option<(String, u16)>, String> {
-        let client =
-            redis::Client::open(format!("redis://{address}")).map_err(|e| e.to_string())?;
-        let ask = async {
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            redis::cmd("SENTINEL")
-                .arg("GET-MASTER-ADDR-BY-NAME")
-                .arg(&self.master)
-                .query_async::<Option<(String, u16)>>(&mut conn)
-                .await
-        };
-        match tokio::time::timeout(timeout, ask).await {
-            Ok(result) => result.map_err(|e| e.to_string()),
-            Err(_) => Err(format!("no answer within {timeout:?}")),
-        }
+/// `SENTINEL GET-MASTER-ADDR-BY-NAME` on one sentinel of `group`.
+async fn ask(
+    group: &SentinelGroup,
+    address: &str,
+    timeout: Duration,
+) -> Result<Option<(String, u16)>, String> {
+    let client = redis::Client::open(format!("redis://{address}")).map_err(|e| e.to_string())?;
+    let ask = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&group.master)
+            .query_async::<Option<(String, u16)>>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
 }
 
@@ -282,54 +188,6 @@ pub(super) async fn watch(endpoint: Endpoint, kick: Arc<Notify>, shutdown: Cance
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sentinel(url: &str) -> Sentinel {
-        match Endpoint::parse(url).unwrap() {
-            Endpoint::Sentinel(s) => s,
-            _ => panic!("{url} did not parse as a Sentinel group"),
-        }
-    }
-
-    #[test]
-    fn parses_sentinel_groups() {
-        let s = sentinel("redis+sentinel://a:26380,b/mymaster");
-        assert_eq!(s.sentinels, ["a:26380", "b:26379"]);
-        assert_eq!(s.master, "mymaster");
-        assert_eq!((s.scheme, s.userinfo.as_str(), s.db), ("redis", "", 0));
-
-        let s = sentinel("rediss+sentinel://:secret@h:1/m/3");
-        assert_eq!(s.sentinels, ["h:1"]);
-        assert_eq!(
-            (s.scheme, s.userinfo.as_str(), s.db),
-            ("rediss", ":secret@", 3)
-        );
-        assert_eq!(
-            Endpoint::parse("redis+sentinel://h/m").unwrap().label(),
-            "sentinel/m"
-        );
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_use() {
-        for url in [
-            "http://h:6379",
-            "h:6379",
-            "redis+sentinel://h:26379",
-            "redis+sentinel://h:26379/",
-            "redis+sentinel:///m",
-            "redis+sentinel://h:x/m",
-            "redis+sentinel://h/m/notadb",
-            "redis+sentinel://h/m/0/extra",
-        ] {
-            assert!(Endpoint::parse(url).is_err(), "{url} accepted");
-        }
-        assert_eq!(Endpoint::parse("redis://h:7000").unwrap().label(), "h:7000");
     }
 }
 

@@ -41,7 +41,7 @@ mod scripts;
 mod shard;
 mod subscriber;
 
-pub use endpoint::{Endpoint, InvalidUrl};
+pub use endpoint::Endpoint;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -1087,7 +1087,7 @@ mod tests {
         ])
         .unwrap();
         let broker = RedisBroker::start(
-            vec![Endpoint::parse(&url).unwrap()],
+            vec![Endpoint::of_shard(crate::config::ShardAddress::parse(&url).unwrap()).unwrap()],
             Arc::new(config),
             local,
             shutdown.clone(),

@@ -13,6 +13,10 @@
 //! flags give the options of every channel; `[namespaces.NAME]` sections of the config
 //! file override them for one namespace ([`Config::channel_options`]).
 
+pub mod topology;
+
+pub use topology::{ShardAddress, Topology};
+
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -164,6 +168,12 @@ impl BrokerConfig {
     /// The seed URLs of `--redis-cluster`.
     pub fn redis_cluster_urls(&self) -> Vec<String> {
         split_urls(&self.redis_cluster)
+    }
+
+    /// The Redis these URLs name, parsed and checked (the broker connects to it).
+    pub fn topology(&self) -> Result<Topology, ConfigError> {
+        topology::parse(&self.redis_urls(), &self.redis_cluster_urls())
+            .map_err(|(flag, why)| ConfigError::new(flag, why))
     }
 }
 
@@ -731,27 +741,7 @@ impl Config {
                 "keys must be at least 16 characters",
             ));
         }
-        let urls = self.broker.redis_urls();
-        for (i, url) in urls.iter().enumerate() {
-            validate_redis_url("redis-url", url)?;
-            if urls[..i].contains(url) {
-                return Err(ConfigError::new(
-                    "redis-url",
-                    format!("{url:?} is listed twice: each shard must be a different Redis"),
-                ));
-            }
-        }
-        for url in self.broker.redis_cluster_urls() {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(ConfigError::new(
-                    "redis-cluster",
-                    format!(
-                        "{url:?}: seeds must be redis:// or rediss:// URLs of cluster nodes (a cluster fails over by itself, without Sentinel)"
-                    ),
-                ));
-            }
-            validate_redis_url("redis-cluster", &url)?;
-        }
+        self.broker.topology()?;
         validate_history("history-size", "history-ttl", self.options_with(None))?;
         for (name, section) in &self.namespaces {
             validate_history(
@@ -918,12 +908,6 @@ fn check_duration(flag: &str, value: Duration) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
-}
-
-fn validate_redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
-    crate::broker::redis::Endpoint::parse(url)
-        .map(|_| ())
-        .map_err(|e| ConfigError::new(key, format!("{url:?}: {e}")))
 }
 
 /// A parsed `--config` file.
@@ -1442,11 +1426,11 @@ join-leave = true
         for (name, text) in [
             (
                 "k8s/base/wsrelay.toml",
-                include_str!("../k8s/base/wsrelay.toml"),
+                include_str!("../../k8s/base/wsrelay.toml"),
             ),
             (
                 "deploy/wsrelay.toml",
-                include_str!("../deploy/wsrelay.toml"),
+                include_str!("../../deploy/wsrelay.toml"),
             ),
         ] {
             let c = with_file(text, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
