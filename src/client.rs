@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Poll;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::frame::Frame;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
@@ -191,7 +191,7 @@ struct Shared {
 /// The frames waiting for the writer.
 #[derive(Debug, Default)]
 struct Queue {
-    frames: VecDeque<Utf8Bytes>,
+    frames: VecDeque<Frame>,
     /// Frames of a recovery queued since the writer last took the queue: they do not
     /// count against the frame bound, which bounds live traffic (a recovery is
     /// bounded by `--max-recovery` and by the byte bound).
@@ -199,7 +199,7 @@ struct Queue {
 }
 
 impl Queue {
-    fn take_into(&mut self, batch: &mut VecDeque<Utf8Bytes>) {
+    fn take_into(&mut self, batch: &mut VecDeque<Frame>) {
         std::mem::swap(&mut self.frames, batch);
         self.allowance = 0;
     }
@@ -249,7 +249,7 @@ impl ClientHandle {
     /// Queues a frame without waiting. Returns `false` if the frame was not queued:
     /// the connection is closing, or its queue is full (in frames or in bytes), in
     /// which case it is closed as a slow consumer.
-    pub fn send(&self, frame: Utf8Bytes) -> bool {
+    pub fn send(&self, frame: Frame) -> bool {
         if self.shared.reason.get().is_some() {
             return false;
         }
@@ -281,11 +281,11 @@ impl ClientHandle {
     /// byte bound holds: frames that would pass it are not queued, and the
     /// connection is closed as a slow consumer (its client left earlier frames
     /// unread). Returns whether they were queued.
-    pub fn send_recovered(&self, frames: impl IntoIterator<Item = Utf8Bytes>) -> bool {
+    pub fn send_recovered(&self, frames: impl IntoIterator<Item = Frame>) -> bool {
         if self.shared.reason.get().is_some() {
             return false;
         }
-        let frames: Vec<Utf8Bytes> = frames.into_iter().collect();
+        let frames: Vec<Frame> = frames.into_iter().collect();
         let bytes = frames.iter().map(|f| f.len()).sum::<usize>();
         let mut queue = self.shared.queue();
         let held = self.shared.bytes.load(Ordering::Relaxed);
@@ -386,7 +386,7 @@ impl ClientQueue {
     /// Waits until there is something to write or the connection is closing. Frames
     /// are swapped into `batch` (which must be empty, and whose allocation the queue
     /// then reuses).
-    pub async fn next(&mut self, batch: &mut VecDeque<Utf8Bytes>) -> Next {
+    pub async fn next(&mut self, batch: &mut VecDeque<Frame>) -> Next {
         debug_assert!(batch.is_empty());
         std::future::poll_fn(|cx| {
             // Register first, then look: a push, ping or close after the look wakes us.
@@ -409,7 +409,7 @@ impl ClientQueue {
 
     /// Moves whatever is queued to the end of `batch`, without waiting. The queue
     /// keeps its buffer (it is refilled at once when the node is behind).
-    pub fn append_to(&mut self, batch: &mut VecDeque<Utf8Bytes>) {
+    pub fn append_to(&mut self, batch: &mut VecDeque<Frame>) {
         let mut queue = self.shared.queue();
         batch.append(&mut queue.frames);
         queue.allowance = 0;
@@ -428,7 +428,7 @@ impl ClientQueue {
     }
 
     /// Takes whatever is queued, without waiting (used to flush before a close).
-    pub fn take_all(&mut self) -> VecDeque<Utf8Bytes> {
+    pub fn take_all(&mut self) -> VecDeque<Frame> {
         let mut all = VecDeque::new();
         self.shared.queue().take_into(&mut all);
         all
@@ -482,7 +482,7 @@ mod tests {
     #[test]
     fn appending_keeps_the_order_and_empties_the_queue() {
         let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(8));
-        let mut batch: VecDeque<Utf8Bytes> = ["1".into()].into();
+        let mut batch: VecDeque<Frame> = ["1".into()].into();
         assert!(h.send("2".into()));
         assert!(h.send("3".into()));
         q.append_to(&mut batch);

@@ -27,7 +27,7 @@ use crate::broker::BrokerError;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
 use crate::readiness::Readiness;
-use crate::session;
+use crate::transport;
 
 /// What the HTTP handlers share: the hub, and what only the HTTP surface needs.
 #[derive(Debug)]
@@ -295,7 +295,7 @@ async fn websocket(
         .max_frame_size(message_limit)
         .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            sessions.track_future(session::run(socket, hub, channels, grants))
+            sessions.track_future(transport::websocket::run(socket, hub, channels, grants))
         })
 }
 

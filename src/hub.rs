@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::frame::Frame;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use crate::auth::Grants;
 use crate::broker::{Broker, BrokerError, History, HistoryRequest, PresenceEntry};
 use crate::client::{ClientHandle, ConnId};
 use crate::config::{ChannelOptions, Config};
+use crate::delivery;
 use crate::envelope;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Since};
@@ -401,12 +402,12 @@ impl Hub {
         &self,
         client: &ClientHandle,
         subscribed: Subscribed,
-        ack: Option<Utf8Bytes>,
+        ack: Option<Frame>,
     ) {
-        let mut frames: Vec<Utf8Bytes> = subscribed
+        let mut frames: Vec<Frame> = subscribed
             .replay
             .iter()
-            .map(|p| protocol::encode_publication(&subscribed.channel, p))
+            .map(|p| delivery::frame(&subscribed.channel, p))
             .collect();
         let replayed = frames.len();
         let bytes: usize =

@@ -14,7 +14,9 @@ pub mod broker;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod envelope;
+pub mod frame;
 mod handshake_io;
 pub mod healthcheck;
 mod http;
@@ -30,6 +32,7 @@ pub mod registry;
 mod session;
 pub mod shutdown;
 pub mod telemetry;
+mod transport;
 
 pub use config::Config;
 pub use node::{Node, NodeError, NodeHandle, bind, run};

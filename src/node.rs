@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Grants, OriginPolicy, Verifier};
-use crate::broker::{Broker, BrokerError, Local};
+use crate::broker::{Broker, BrokerError};
 use crate::cluster::{Announcement, NodeInfo};
 use crate::config::{Config, ConfigError};
+use crate::delivery::Delivery;
 use crate::envelope;
 use crate::handshake_io::HandshakeIo;
 use crate::http::{self, AppState};
@@ -76,12 +77,12 @@ impl Node {
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let registry = Registry::new();
-        let local = Local {
+        let delivery = Delivery {
             registry: registry.clone(),
             metrics: metrics.clone(),
             tracing: tracing.clone(),
         };
-        let broker = Broker::start(config.clone(), local, shutdown.clone())?;
+        let broker = Broker::start(config.clone(), delivery, shutdown.clone())?;
         let node_id = config.resolved_node_id();
         let origins = OriginPolicy::from_list(&config.auth.allowed_origins);
         if matches!(origins, OriginPolicy::Any) {

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::frame::Frame;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -451,7 +451,7 @@ pub fn is_traceparent(s: &str) -> bool {
 /// `{"op":"msg","ch":..,"offset":..,"from":..,"data":..}` (`offset` on channels with
 /// history, `from` when the publisher is exposed): built once per publication on each
 /// node, shared by every local recipient.
-pub fn encode_publication(ch: &str, publication: &Publication) -> Utf8Bytes {
+pub fn encode_publication(ch: &str, publication: &Publication) -> Frame {
     debug_assert!(
         validate_channel(ch).is_ok(),
         "channel names never need escaping"
@@ -477,7 +477,7 @@ pub fn encode_publication(ch: &str, publication: &Publication) -> Utf8Bytes {
 /// `{"op":"join"|"leave","ch":..,"conn":..,"node":..,"user":..,"info":..}`: the
 /// event's presence entry (a JSON object built by [`presence_entry`]) with `op` and
 /// `ch` in front. Built once per event on each node.
-pub fn encode_presence_event(ch: &str, publication: &Publication) -> Utf8Bytes {
+pub fn encode_presence_event(ch: &str, publication: &Publication) -> Frame {
     let op = match publication.kind {
         Kind::Join => "join",
         Kind::Leave => "leave",
@@ -530,7 +530,7 @@ pub fn presence_body(ch: &str, entries: &[bytes::Bytes]) -> String {
 }
 
 /// `{"op":"presence","id":..,"ch":..,"clients":[..]}`.
-pub fn encode_presence(id: Option<RequestId<'_>>, ch: &str, entries: &[bytes::Bytes]) -> Utf8Bytes {
+pub fn encode_presence(id: Option<RequestId<'_>>, ch: &str, entries: &[bytes::Bytes]) -> Frame {
     let mut out = String::from(r#"{"op":"presence","#);
     if let Some(id) = id {
         let _ = write!(out, r#""id":{},"#, id.as_json());
@@ -546,7 +546,7 @@ pub fn encode_presence_stats(
     ch: &str,
     clients: usize,
     users: usize,
-) -> Utf8Bytes {
+) -> Frame {
     let mut out = String::from(r#"{"op":"presence_stats","#);
     if let Some(id) = id {
         let _ = write!(out, r#""id":{},"#, id.as_json());
@@ -565,20 +565,20 @@ fn push_json_string(out: &mut String, s: &str) {
 pub const SUBPROTOCOL: &str = "wsrelay.v1";
 
 /// `{"op":"pong","id":..}` (`id` when the ping had one).
-pub fn encode_pong(id: Option<RequestId<'_>>) -> Utf8Bytes {
+pub fn encode_pong(id: Option<RequestId<'_>>) -> Frame {
     match id {
         Some(id) => format!(r#"{{"op":"pong","id":{}}}"#, id.as_json()).into(),
-        None => Utf8Bytes::from_static(r#"{"op":"pong"}"#),
+        None => Frame::from_static(r#"{"op":"pong"}"#),
     }
 }
 
 /// `{"op":"ack","id":..}`.
-pub fn encode_ack(id: RequestId<'_>) -> Utf8Bytes {
+pub fn encode_ack(id: RequestId<'_>) -> Frame {
     format!(r#"{{"op":"ack","id":{}}}"#, id.as_json()).into()
 }
 
 /// The ack of a `pub` to a channel with history: `{"op":"ack","id":..,"offset":..}`.
-pub fn encode_publish_ack(id: RequestId<'_>, offset: u64) -> Utf8Bytes {
+pub fn encode_publish_ack(id: RequestId<'_>, offset: u64) -> Frame {
     format!(r#"{{"op":"ack","id":{},"offset":{offset}}}"#, id.as_json()).into()
 }
 
@@ -589,7 +589,7 @@ pub fn encode_subscribe_ack(
     id: RequestId<'_>,
     position: &Position,
     recovered: Option<bool>,
-) -> Utf8Bytes {
+) -> Frame {
     let mut out = format!(
         r#"{{"op":"ack","id":{},"epoch":"{}","offset":{}"#,
         id.as_json(),
@@ -605,7 +605,7 @@ pub fn encode_subscribe_ack(
 
 /// `{"op":"gap","ch":..,"epoch":..,"offset":..}`: messages of the channel up to this
 /// position could not be delivered; delivery continues after it.
-pub fn encode_gap(ch: &str, position: &Position) -> Utf8Bytes {
+pub fn encode_gap(ch: &str, position: &Position) -> Frame {
     format!(
         r#"{{"op":"gap","ch":"{ch}","epoch":"{}","offset":{}}}"#,
         position.epoch, position.offset
@@ -621,7 +621,7 @@ pub fn encode_history(
     position: &Position,
     messages: &[Publication],
     truncated: bool,
-) -> Utf8Bytes {
+) -> Frame {
     let mut out = String::from(r#"{"op":"history","#);
     if let Some(id) = id {
         let _ = write!(out, r#""id":{},"#, id.as_json());
@@ -672,7 +672,7 @@ pub fn history_body(
 }
 
 /// `{"op":"error","id":..,"code":..,"message":..}`; `id` is left out when unknown.
-pub fn encode_error(id: Option<RequestId<'_>>, code: ErrorCode, message: &str) -> Utf8Bytes {
+pub fn encode_error(id: Option<RequestId<'_>>, code: ErrorCode, message: &str) -> Frame {
     let mut out = String::with_capacity(64 + message.len());
     out.push_str(r#"{"op":"error","#);
     if let Some(id) = id {
@@ -708,7 +708,7 @@ pub fn encode_welcome(
     conn: &str,
     channels: &[String],
     positions: &[ChannelPosition],
-) -> Utf8Bytes {
+) -> Frame {
     // A struct keeps the documented field order, `op` first like every other frame.
     #[derive(serde::Serialize)]
     struct Welcome<'a> {
@@ -736,7 +736,7 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
-    fn json(frame: &Utf8Bytes) -> Value {
+    fn json(frame: &Frame) -> Value {
         serde_json::from_str(frame.as_str()).unwrap()
     }
 

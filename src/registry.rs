@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::client::{ClientHandle, ClientQueue, CloseReason, ConnId, QueueBounds};
-use axum::extract::ws::Utf8Bytes;
+use crate::frame::Frame;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
@@ -73,14 +73,14 @@ struct Recovery {
 /// Frames held back, with their offsets, and their size.
 #[derive(Debug, Default)]
 struct Held {
-    frames: Vec<(Option<u64>, Utf8Bytes)>,
+    frames: Vec<(Option<u64>, Frame)>,
     bytes: usize,
 }
 
 impl Subscriber {
     /// Queues (or holds back, or drops as already recovered) one frame; returns
     /// whether it was queued now.
-    fn send(&self, frame: &Utf8Bytes, offset: Option<u64>) -> bool {
+    fn send(&self, frame: &Frame, offset: Option<u64>) -> bool {
         let Some(recovery) = &self.history else {
             return self.handle.send(frame.clone());
         };
@@ -172,7 +172,7 @@ impl Registry {
         client: &ClientHandle,
         channel: &str,
         after: Option<u64>,
-        first: Vec<Utf8Bytes>,
+        first: Vec<Frame>,
     ) -> usize {
         // The write lock waits for a fan-out in progress on this channel and keeps
         // the next one out until the subscription is live.
@@ -296,7 +296,7 @@ impl Registry {
     /// returns how many got it queued.
     ///
     /// Never waits: a subscriber whose queue is full is closed as a slow consumer.
-    pub fn fanout(&self, channel: &str, frame: &Utf8Bytes, offset: Option<u64>) -> usize {
+    pub fn fanout(&self, channel: &str, frame: &Frame, offset: Option<u64>) -> usize {
         let Some(subscribers) = self.shared.channels.get(channel) else {
             return 0;
         };
@@ -311,7 +311,7 @@ impl Registry {
     /// every floor is reset. Held back for those still recovering, with its offset:
     /// a recovery that reached past it drops it (its ack already says where the
     /// client stands).
-    pub fn fanout_gap(&self, channel: &str, frame: &Utf8Bytes, offset: u64) -> usize {
+    pub fn fanout_gap(&self, channel: &str, frame: &Frame, offset: u64) -> usize {
         let Some(subscribers) = self.shared.channels.get(channel) else {
             return 0;
         };
@@ -471,7 +471,7 @@ mod tests {
             slow.close_reason(),
             Some(crate::client::CloseReason::SlowConsumer)
         );
-        let expected: Vec<String> = (0..5).map(|i| i.to_string()).collect();
+        let expected: Vec<Frame> = (0..5).map(|i| Frame::from(i.to_string())).collect();
         assert_eq!(rx_fast.take_all(), expected);
     }
 

@@ -13,8 +13,9 @@ use common::{RedisServer, WAIT, wait_until};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use wsrelay::Config;
-use wsrelay::broker::{Broker, HistoryRequest, Local};
+use wsrelay::broker::{Broker, HistoryRequest};
 use wsrelay::client::{ClientHandle, ClientQueue, QueueBounds};
+use wsrelay::delivery::Delivery;
 use wsrelay::metrics::Metrics;
 use wsrelay::publication::{Epoch, Kind, Position, Publication};
 use wsrelay::registry::Registry;
@@ -31,12 +32,12 @@ struct Side {
 impl Side {
     async fn start(config: &Arc<Config>, shutdown: &CancellationToken) -> Side {
         let registry = Registry::new();
-        let local = Local {
+        let delivery = Delivery {
             registry: registry.clone(),
             metrics: Arc::new(Metrics::new()),
             tracing: Tracing::disabled(),
         };
-        let broker = Broker::start(config.clone(), local, shutdown.clone()).unwrap();
+        let broker = Broker::start(config.clone(), delivery, shutdown.clone()).unwrap();
         wait_until("broker ready", || broker.all_shards_usable()).await;
         let (client, queue) = registry.register(QueueBounds::frames(1024));
         Side {

@@ -16,7 +16,7 @@ use dashmap::mapref::one::RefMut;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{History, HistoryRequest, Local, every, select};
+use super::{Delivery, History, HistoryRequest, every, select};
 use crate::config::ChannelOptions;
 use crate::publication::{Epoch, Position, Publication};
 
@@ -37,7 +37,7 @@ pub struct MemoryBroker {
 
 #[derive(Debug)]
 struct Inner {
-    local: Local,
+    delivery: Delivery,
     meta_ttl: Duration,
     /// Most channels whose history or position is kept (`--max-channels`): beyond,
     /// the positions closest to expiring are evicted, as Redis evicts keys under
@@ -93,14 +93,14 @@ impl MemoryBroker {
     /// A broker delivering straight to this node's subscribers; its sweeper of
     /// expired histories runs until `shutdown`.
     pub fn start(
-        local: Local,
+        delivery: Delivery,
         meta_ttl: Duration,
         max_histories: usize,
         shutdown: CancellationToken,
     ) -> Self {
-        local.metrics.broker_up.set(1);
+        delivery.metrics.broker_up.set(1);
         let inner = std::sync::Arc::new(Inner {
-            local,
+            delivery,
             meta_ttl,
             max_histories,
             channels: DashMap::new(),
@@ -124,7 +124,7 @@ impl MemoryBroker {
     ) -> Option<Position> {
         let inner = &self.inner;
         if !options.has_history() {
-            inner.local.deliver(channel, &publication);
+            inner.delivery.deliver(channel, &publication);
             return None;
         }
         let now = Instant::now();
@@ -135,7 +135,7 @@ impl MemoryBroker {
         history.ring_expires = now + options.history_ttl;
         history.meta_expires = now + inner.meta_ttl;
         // Delivered while the entry is held, so subscribers see offsets in order.
-        inner.local.deliver(channel, &publication);
+        inner.delivery.deliver(channel, &publication);
         history.ring.push_back(publication);
         while history.ring.len() > options.history_size {
             history.ring.pop_front();
@@ -145,7 +145,7 @@ impl MemoryBroker {
 
     /// This node's channels and their subscribers: the whole cluster's.
     pub(super) fn local_channels(&self) -> Vec<(String, usize)> {
-        self.inner.local.registry.channel_counts()
+        self.inner.delivery.registry.channel_counts()
     }
 
     /// Reads a channel's position and stored publications.
@@ -231,13 +231,14 @@ mod tests {
 
     #[tokio::test]
     async fn positions_are_bounded_and_eviction_starts_a_new_epoch() {
-        let local = Local {
+        let delivery = Delivery {
             registry: Registry::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
         };
         let shutdown = CancellationToken::new();
-        let broker = MemoryBroker::start(local, Duration::from_secs(3600), 100, shutdown.clone());
+        let broker =
+            MemoryBroker::start(delivery, Duration::from_secs(3600), 100, shutdown.clone());
         let options = ChannelOptions {
             history_size: 10,
             history_ttl: Duration::from_secs(60),

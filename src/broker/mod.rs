@@ -20,10 +20,11 @@
 //! - [`Broker::release`] tells the broker the channel may have lost its last local
 //!   subscriber; the broker re-checks the registry and drops its interest.
 //! - [`Broker::history`] reads a channel's position and stored publications.
-//! - Incoming publications are handed to [`Local`], which builds the client frame once
-//!   and queues it to local subscribers without waiting. On channels with history they
-//!   arrive in offset order, each once: the Redis broker repairs its own gaps from the
-//!   stream, and reports what it cannot repair with [`Local::gap`].
+//! - Incoming publications are handed to [`Delivery`] (the `delivery` module turns
+//!   them into client frames, once per node, and queues them to local subscribers
+//!   without waiting). On channels with history they arrive in offset order, each
+//!   once: the Redis broker repairs its own gaps from the stream, and reports what it
+//!   cannot repair with [`Delivery::gap`].
 //!
 //! This is the only module that talks to Redis.
 
@@ -41,11 +42,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Announcement, NodeInfo};
 use crate::config::{ChannelOptions, Config, Topology};
-use crate::metrics::Metrics;
-use crate::protocol;
-use crate::publication::{Epoch, Kind, Position, Publication};
-use crate::registry::Registry;
-use crate::telemetry::Tracing;
+use crate::delivery::Delivery;
+use crate::publication::{Epoch, Position, Publication};
 
 /// Why a broker operation failed. `Timeout` and `Unavailable` mean "the request had
 /// no effect that the client can rely on"; clients see them as `unavailable`.
@@ -131,47 +129,6 @@ pub struct History {
     pub truncated: bool,
 }
 
-/// What a broker needs to deliver a publication on this node.
-#[derive(Debug, Clone)]
-pub struct Local {
-    /// Where the subscribers are.
-    pub registry: Registry,
-    /// Where deliveries are counted.
-    pub metrics: Arc<Metrics>,
-    /// Where delivery spans go.
-    pub tracing: Tracing,
-}
-
-impl Local {
-    /// Builds the client frame of one publication (once for this node) and hands it to
-    /// the local subscribers of `channel`, inside a delivery span when the publication
-    /// is traced. Never waits. Returns how many subscribers got it queued.
-    pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
-        let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
-            let frame = match publication.kind {
-                Kind::Message => protocol::encode_publication(channel, publication),
-                Kind::Join | Kind::Leave => protocol::encode_presence_event(channel, publication),
-            };
-            let delivered = self.registry.fanout(channel, &frame, publication.offset());
-            self.metrics
-                .bytes_sent
-                .inc_by((delivered * frame.len()) as u64);
-            delivered
-        });
-        self.metrics.messages_delivered.inc_by(delivered as u64);
-        delivered
-    }
-
-    /// Tells the local subscribers of `channel` that publications up to `position`
-    /// were lost (the history no longer holds them): they reload their state.
-    pub fn gap(&self, channel: &str, position: &Position) {
-        let frame = protocol::encode_gap(channel, position);
-        self.registry.fanout_gap(channel, &frame, position.offset);
-        self.metrics.history_gap("lost");
-        tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");
-    }
-}
-
 /// One Redis shard as readiness reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardState {
@@ -204,7 +161,7 @@ impl Broker {
     /// Redis that is down at start-up only delays readiness.
     pub fn start(
         config: Arc<Config>,
-        local: Local,
+        delivery: Delivery,
         shutdown: CancellationToken,
     ) -> Result<Broker, BrokerError> {
         // Checked with the rest of the configuration before the node starts.
@@ -214,7 +171,7 @@ impl Broker {
             Err(e) => return Err(BrokerError::Unavailable(e.to_string())),
             Ok(Topology::Memory) => {
                 return Ok(Broker::Memory(memory::MemoryBroker::start(
-                    local,
+                    delivery,
                     config.history.history_meta_ttl,
                     config.limits.max_channels,
                     shutdown,
@@ -228,7 +185,7 @@ impl Broker {
                 .map_err(invalid)?,
         };
         Ok(Broker::Redis(redis::RedisBroker::start(
-            endpoints, config, local, shutdown,
+            endpoints, config, delivery, shutdown,
         )?))
     }
 

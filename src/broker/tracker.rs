@@ -32,7 +32,7 @@ use std::collections::VecDeque;
 
 use dashmap::DashMap;
 
-use super::Local;
+use super::Delivery;
 use crate::publication::{Epoch, Position, Publication};
 
 /// A range of offsets the tracker needs read from the channel's history.
@@ -103,7 +103,7 @@ pub(super) struct Tracker {
     /// Why a `DashMap`: a delivery holds its channel's entry (that is what orders a
     /// repair's replay before later live publications), and other channels go on.
     tracks: DashMap<String, Track>,
-    local: Local,
+    delivery: Delivery,
     /// Most live publications kept per channel while a repair is in flight.
     max_buffer: usize,
     /// Largest gap repaired (`--max-recovery`): subscribers that missed more reload
@@ -112,10 +112,10 @@ pub(super) struct Tracker {
 }
 
 impl Tracker {
-    pub(super) fn new(local: Local, max_buffer: usize, max_repair: u64) -> Self {
+    pub(super) fn new(delivery: Delivery, max_buffer: usize, max_repair: u64) -> Self {
         Tracker {
             tracks: DashMap::new(),
-            local,
+            delivery,
             max_buffer,
             max_repair,
         }
@@ -129,7 +129,7 @@ impl Tracker {
                 epoch: track.epoch.clone(),
                 offset: upto,
             };
-            self.local.gap(channel, &position);
+            self.delivery.gap(channel, &position);
             track.last = upto;
             return None;
         }
@@ -150,7 +150,7 @@ impl Tracker {
     /// offset 1 on, like any other range the node missed.
     fn new_epoch(&self, channel: &str, track: &mut Track, epoch: Epoch) {
         let start = Position { epoch, offset: 0 };
-        self.local.gap(channel, &start);
+        self.delivery.gap(channel, &start);
         track
             .buffer
             .retain(|p| p.position.as_ref().map(|p| &p.epoch) == Some(&start.epoch));
@@ -162,14 +162,14 @@ impl Tracker {
     /// A publication from pub/sub. Returns the repair to start, if it revealed a gap.
     pub(super) fn on_live(&self, channel: &str, publication: Publication) -> Option<Repair> {
         let Some(position) = publication.position.clone() else {
-            self.local.deliver(channel, &publication);
+            self.delivery.deliver(channel, &publication);
             return None;
         };
         let mut track = match self.tracks.get_mut(channel) {
             Some(track) => track,
             // A push still in flight when the channel was unsubscribed: nobody
             // here wants it, and a track made for it would outlive the channel.
-            None if !self.local.registry.has_subscribers(channel) => return None,
+            None if !self.delivery.registry.has_subscribers(channel) => return None,
             None => {
                 let first = Track::new(
                     position.epoch.clone(),
@@ -183,7 +183,7 @@ impl Tracker {
         if track.waiting != Waiting::Nothing {
             let stale = position.epoch == track.epoch && position.offset <= track.last;
             if stale {
-                self.local.metrics.history_duplicates.inc();
+                self.delivery.metrics.history_duplicates.inc();
             } else if track.buffer.len() < self.max_buffer {
                 track.buffer.push_back(publication);
             } else {
@@ -204,20 +204,20 @@ impl Tracker {
         publication: Publication,
     ) -> Option<Repair> {
         let Some(position) = publication.position.clone() else {
-            self.local.deliver(channel, &publication);
+            self.delivery.deliver(channel, &publication);
             return None;
         };
         if position.epoch != track.epoch {
             self.new_epoch(channel, track, position.epoch.clone());
         }
         if position.offset <= track.last {
-            self.local.metrics.history_duplicates.inc();
+            self.delivery.metrics.history_duplicates.inc();
             return None;
         }
         if position.offset == track.last + 1 {
             track.last = position.offset;
             track.active = true;
-            self.local.deliver(channel, &publication);
+            self.delivery.deliver(channel, &publication);
             return None;
         }
         match self.repair_to(channel, track, position.offset - 1) {
@@ -229,7 +229,7 @@ impl Tracker {
                 // Too far behind to repair: reported, and delivery goes on from here.
                 track.last = position.offset;
                 track.active = true;
-                self.local.deliver(channel, &publication);
+                self.delivery.deliver(channel, &publication);
                 None
             }
         }
@@ -330,7 +330,7 @@ impl Tracker {
                 history = top.offset,
                 "the history is behind what was delivered (writes lost in a failover)"
             );
-            self.local.gap(channel, &top);
+            self.delivery.gap(channel, &top);
             track.last = top.offset;
         } else if top.offset > track.last
             && let Some(repair) = self.repair_to(channel, &mut track, top.offset)
@@ -374,7 +374,7 @@ impl Tracker {
                 }
                 if offset > track.last + 1 {
                     // Trimmed or expired out of the stream.
-                    self.local.gap(
+                    self.delivery.gap(
                         channel,
                         &Position {
                             epoch: track.epoch.clone(),
@@ -384,12 +384,12 @@ impl Tracker {
                 }
                 track.last = offset;
                 track.active = true;
-                self.local.deliver(channel, &publication);
-                self.local.metrics.history_repaired_messages.inc();
+                self.delivery.deliver(channel, &publication);
+                self.delivery.metrics.history_repaired_messages.inc();
                 repaired = true;
             }
             if track.last < repair.upto {
-                self.local.gap(
+                self.delivery.gap(
                     channel,
                     &Position {
                         epoch: track.epoch.clone(),
@@ -398,7 +398,7 @@ impl Tracker {
                 );
                 track.last = repair.upto;
             } else if repaired {
-                self.local.metrics.history_gap("repaired");
+                self.delivery.metrics.history_gap("repaired");
             }
         }
         self.replay(channel, &mut track)
@@ -498,12 +498,12 @@ mod tests {
         let registry = Registry::new();
         let (client, queue) = registry.register(crate::client::QueueBounds::frames(1024));
         registry.subscribe(&client, "c");
-        let local = Local {
+        let delivery = Delivery {
             registry,
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
         };
-        (Tracker::new(local, max_buffer, 100), queue)
+        (Tracker::new(delivery, max_buffer, 100), queue)
     }
 
     /// What the client got: offsets of messages, and `gap@N` for gaps.

@@ -32,10 +32,24 @@
 //!   reconnect (positions are read on the new subscriber connection right after it
 //!   re-SUBSCRIBEs), when a publication skips offsets, and when the periodic position
 //!   check (`check_positions`) finds a quiet channel behind its stream.
+//!
+//! One file per feature: `publish` (the publish path), `history` (clients' reads),
+//! `repair` (repair tasks, the position check, unpublished positions), `presence`,
+//! `cluster_view` (announcements), `keys` (names), `subscriber` (each shard's
+//! receiving task); `shard`, `endpoint`, `conn`, `probe`, `ring` and `scripts` are
+//! what they use. This file holds the broker's shared state ([`Inner`]), its start,
+//! and the subscription requests of sessions; the features are functions over
+//! `&Inner`, so the state is defined, and changed under its locks, in one place.
 
+mod cluster_view;
 mod conn;
 mod endpoint;
+mod history;
+mod keys;
+mod presence;
 mod probe;
+mod publish;
+mod repair;
 mod ring;
 mod scripts;
 mod shard;
@@ -43,24 +57,20 @@ mod subscriber;
 
 pub use endpoint::Endpoint;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use self::conn::{Conn, PubSub};
-use self::scripts::{
-    HISTORY_SCRIPT, KEEP_UNPUBLISHED_LUA, PRESENCE_SCRIPT, PRUNE_LUA, PUBLISH_SCRIPT,
-};
+use self::conn::PubSub;
+use self::keys::Keys;
 use self::shard::Shard;
-use super::tracker::{Repair, Tracker};
-use super::{BrokerError, History, HistoryRequest, Local, every};
-use crate::config::{ChannelOptions, Config, Durability};
-use crate::envelope;
-use crate::publication::{Epoch, Kind, Position, Publication};
+use super::tracker::Tracker;
+use super::{BrokerError, Delivery, History, HistoryRequest, every};
+use crate::cluster::{Announcement, NodeInfo};
+use crate::config::{ChannelOptions, Config};
+use crate::publication::{Position, Publication};
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
 /// reconnect): large enough to resubscribe thousands of channels in a few round
@@ -73,16 +83,6 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// Reconnect backoff: first delay and cap (jittered).
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How long a publish that a Redis Cluster node did not run (`MOVED`, `ASK`,
-/// `TRYAGAIN`, `CLUSTERDOWN`) waits before it is sent again: long enough for the
-/// client to refresh its slot map, short against a failover or a slot migration.
-const REDIRECT_PAUSE: Duration = Duration::from_millis(20);
-/// Quiet channels per pipelined batch of the position check.
-const CHECK_BATCH: usize = 1000;
-/// Presence entries per pipelined batch of the refresh: one round trip each, and
-/// a yield between batches, so a channel of 100,000 subscribers neither blocks the
-/// node nor sends one huge pipeline.
-const REFRESH_BATCH: usize = 500;
 
 /// Handle to the Redis broker.
 #[derive(Debug, Clone)]
@@ -98,10 +98,10 @@ struct Inner {
     shards: Vec<Arc<Shard>>,
     /// Classic or sharded pub/sub (a cluster): the same for every shard.
     pubsub: PubSub,
-    prefix: String,
+    keys: Keys,
     timeout: Duration,
     config: Arc<Config>,
-    local: Local,
+    delivery: Delivery,
     /// The last offset delivered per history channel, and the repairs.
     tracker: Tracker,
     /// This node's presence entries, registered in Redis and refreshed there.
@@ -114,7 +114,7 @@ impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let shards: Vec<&str> = self.shards.iter().map(|s| s.label.as_str()).collect();
         f.debug_struct("RedisBroker")
-            .field("prefix", &self.prefix)
+            .field("keys", &self.keys)
             .field("shards", &shards)
             .finish_non_exhaustive()
     }
@@ -127,7 +127,7 @@ impl RedisBroker {
     pub fn start(
         endpoints: Vec<Endpoint>,
         config: Arc<Config>,
-        local: Local,
+        delivery: Delivery,
         shutdown: CancellationToken,
     ) -> Result<Self, BrokerError> {
         let prefix = config.broker.redis_prefix.clone();
@@ -152,20 +152,20 @@ impl RedisBroker {
         }
         // A repair buffers what arrives meanwhile like a client's queue would.
         let tracker = Tracker::new(
-            local.clone(),
+            delivery.clone(),
             config.limits.client_queue,
             config.history.max_recovery as u64,
         );
-        local.metrics.broker_up.set(0);
+        delivery.metrics.broker_up.set(0);
         for shard in &shards {
-            local.metrics.broker_shard_up(&shard.label, false);
+            delivery.metrics.broker_shard_up(&shard.label, false);
         }
         let inner = Arc::new(Inner {
             shards,
             pubsub,
-            prefix,
+            keys: Keys::new(prefix.clone(), pubsub),
             timeout,
-            local,
+            delivery,
             tracker,
             presence: Default::default(),
             shutdown: shutdown.clone(),
@@ -186,15 +186,25 @@ impl RedisBroker {
         if inner.config.any_history() {
             let period = inner.config.history.position_check_interval;
             let weak = Arc::downgrade(&inner);
-            tokio::spawn(every(weak, period, shutdown.clone(), check_positions));
+            tokio::spawn(every(
+                weak,
+                period,
+                shutdown.clone(),
+                repair::check_positions,
+            ));
             let period = inner.config.history.unpublished_position_ttl / 3;
             let weak = Arc::downgrade(&inner);
-            tokio::spawn(every(weak, period, shutdown.clone(), keep_unpublished));
+            tokio::spawn(every(
+                weak,
+                period,
+                shutdown.clone(),
+                repair::keep_unpublished,
+            ));
         }
         if inner.config.any_presence() {
             let period = inner.config.presence.presence_ttl / 3;
             let weak = Arc::downgrade(&inner);
-            tokio::spawn(every(weak, period, shutdown, refresh_presence));
+            tokio::spawn(every(weak, period, shutdown, presence::refresh_presence));
         }
         Ok(Self { inner })
     }
@@ -207,137 +217,16 @@ impl RedisBroker {
         publication: Publication,
         options: ChannelOptions,
     ) -> Result<Option<Position>, BrokerError> {
-        let inner = &self.inner;
-        let started = std::time::Instant::now();
-        let shard = inner.shard(channel);
-        let key = inner.key(channel);
-        let published = if options.has_history() {
-            let head = envelope::head(&publication);
-            // EVALSHA of the publish script (see `scripts`).
-            let mut evalsha = redis::cmd("EVALSHA");
-            evalsha
-                .arg(PUBLISH_SCRIPT.get_hash())
-                .arg(2)
-                .arg(inner.history_key(channel, "stream"))
-                .arg(inner.history_key(channel, "meta"))
-                .arg(&key)
-                .arg(head.as_bytes())
-                .arg(&publication.data[..])
-                .arg(options.history_size)
-                .arg(millis(options.history_ttl))
-                .arg(millis(inner.config.history.history_meta_ttl))
-                .arg(Epoch::random().as_str())
-                .arg(inner.pubsub.publish());
-            let position = |(offset, epoch): (u64, String)| {
-                let epoch = Epoch::parse(&epoch).ok_or_else(|| {
-                    BrokerError::Unavailable(format!("Redis returned a malformed epoch {epoch:?}"))
-                })?;
-                Ok(Position { epoch, offset })
-            };
-            match options.durability {
-                Durability::Leader => {
-                    let mut conn = shard.publisher_once()?;
-                    let publish = async {
-                        let stored = run_once(&mut conn, Some(&PUBLISH_SCRIPT), |mut conn| {
-                            let evalsha = &evalsha;
-                            async move { evalsha.query_async(&mut conn).await }
-                        })
-                        .await
-                        .map_err(|e| shard.failed(e))?;
-                        Ok(Some(position(stored)?))
-                    };
-                    tokio::time::timeout(inner.timeout, publish).await
-                }
-                Durability::Replicas(wanted) => {
-                    // WAIT counts the replicas that acknowledged every write made so
-                    // far on the connection it is sent on. Sent in one pipeline with
-                    // the script, it is on the script's connection whatever happens
-                    // (a reconnect between the two would make a WAIT on a fresh
-                    // connection, with nothing to wait for, succeed at once), and on
-                    // a Redis Cluster it goes where the script goes: redis-rs routes a
-                    // pipeline by its first command with a key (alone, WAIT would go
-                    // to every master).
-                    let mut conn = shard.durable_publisher()?;
-                    let waited = replica_wait(inner.timeout);
-                    // One budget for the replicas: after a NOSCRIPT, the WAIT that
-                    // ran with the failed script may have used it up already.
-                    let deadline = std::time::Instant::now() + waited;
-                    let request = |mut conn: Conn| {
-                        let left = deadline.saturating_duration_since(std::time::Instant::now());
-                        let mut pipe = redis::pipe();
-                        pipe.add_command(evalsha.clone())
-                            .cmd("WAIT")
-                            .arg(wanted.get())
-                            .arg(millis(left));
-                        async move { pipe.query_async(&mut conn).await }
-                    };
-                    let publish = async {
-                        let (stored, confirmed): ((u64, String), u32) =
-                            run_once(&mut conn, Some(&PUBLISH_SCRIPT), request)
-                                .await
-                                .map_err(|e| shard.failed(e))?;
-                        let position = position(stored)?;
-                        if confirmed < wanted.get() {
-                            return Err(BrokerError::NotDurable {
-                                position,
-                                wanted: wanted.get(),
-                                confirmed,
-                                waited,
-                            });
-                        }
-                        Ok(Some(position))
-                    };
-                    tokio::time::timeout(inner.timeout, publish).await
-                }
-            }
-        } else {
-            let mut conn = shard.publisher_once()?;
-            let payload =
-                if inner.config.broker.legacy_envelopes && publication.kind == Kind::Message {
-                    let frame = crate::protocol::encode_publication(channel, &publication);
-                    envelope::encode_v1(frame.as_bytes(), &publication)
-                } else {
-                    envelope::encode(&publication)
-                };
-            let mut publish = redis::cmd(inner.pubsub.publish());
-            publish.arg(&key).arg(&payload[..]);
-            let publish = async {
-                run_once(&mut conn, None, |mut conn| {
-                    let publish = &publish;
-                    async move { publish.query_async::<i64>(&mut conn).await }
-                })
-                .await
-                .map(|_receivers| None)
-                .map_err(|e| shard.failed(e))
-            };
-            tokio::time::timeout(inner.timeout, publish).await
-        };
-        match published {
-            Ok(result) => {
-                inner
-                    .local
-                    .metrics
-                    .redis_publish_latency
-                    .observe(started.elapsed().as_secs_f64());
-                result
-            }
-            Err(_) => Err(BrokerError::Timeout(inner.timeout)),
-        }
+        publish::publish(&self.inner, channel, publication, options).await
     }
 
-    /// Reads a channel's position and stored publications, for a client (a
-    /// subscription, a recovery, a `history` request): on the shard's connection
-    /// for reads, so large answers do not hold up publishes.
+    /// Reads a channel's position and stored publications, for a client.
     pub async fn history(
         &self,
         channel: &str,
         request: &HistoryRequest,
     ) -> Result<History, BrokerError> {
-        let inner = &self.inner;
-        inner
-            .shard(channel)
-            .read(|mut conn| async move { inner.read_history(&mut conn, channel, request).await })
-            .await
+        history::history(&self.inner, channel, request).await
     }
 
     /// Registers a local subscriber's presence entry in Redis.
@@ -346,36 +235,12 @@ impl RedisBroker {
         channel: &str,
         entry: super::presence::Entry,
     ) -> Result<(), BrokerError> {
-        let inner = &self.inner;
-        let member = entry.member.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        inner.add_presence_commands(&mut pipe, channel, std::slice::from_ref(&entry));
-        inner.presence.add(channel, entry);
-        let result = inner.shard(channel).run(&pipe).await;
-        if result.is_err() {
-            inner.presence.remove(channel, &member);
-        }
-        result
+        presence::presence_add(&self.inner, channel, entry).await
     }
 
-    /// Removes a local subscriber's presence entry from Redis (if the removal fails,
-    /// the entry expires: this node no longer refreshes it).
+    /// Removes a local subscriber's presence entry from Redis.
     pub async fn presence_remove(&self, channel: &str, member: &str) -> Result<(), BrokerError> {
-        let inner = &self.inner;
-        if !inner.presence.remove(channel, member) {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("HDEL")
-            .arg(inner.presence_key(channel, "presence"))
-            .arg(member)
-            .ignore()
-            .cmd("ZREM")
-            .arg(inner.presence_key(channel, "presence-exp"))
-            .arg(member)
-            .ignore();
-        inner.shard(channel).run(&pipe).await
+        presence::presence_remove(&self.inner, channel, member).await
     }
 
     /// Up to `max` entries of a channel's presence (0: all), and how many there are.
@@ -383,160 +248,28 @@ impl RedisBroker {
         &self,
         channel: &str,
         max: usize,
-    ) -> Result<(Vec<Bytes>, usize), BrokerError> {
-        let inner = &self.inner;
-        let (total, entries) = inner
-            .shard(channel)
-            .idempotent(|mut conn| async move {
-                let mut script = PRESENCE_SCRIPT.prepare_invoke();
-                script
-                    .key(inner.presence_key(channel, "presence"))
-                    .key(inner.presence_key(channel, "presence-exp"))
-                    .arg(envelope::now_us() / 1000)
-                    .arg(max);
-                script
-                    .invoke_async::<(usize, Vec<Vec<u8>>)>(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok((entries.into_iter().map(Bytes::from).collect(), total))
+    ) -> Result<(Vec<bytes::Bytes>, usize), BrokerError> {
+        presence::presence(&self.inner, channel, max).await
     }
 
     /// Clients and distinct users of a channel's presence.
     pub async fn presence_stats(&self, channel: &str) -> Result<(usize, usize), BrokerError> {
-        #[derive(serde::Deserialize)]
-        struct User {
-            user: Option<String>,
-        }
-        let (entries, total) = self.presence(channel, 0).await?;
-        let users: Vec<Option<String>> = entries
-            .iter()
-            .map(|e| serde_json::from_slice::<User>(e).ok().and_then(|u| u.user))
-            .collect();
-        let users = super::presence::count_users(users.iter().map(Option::as_deref));
-        Ok((total, users))
+        presence::presence_stats(&self.inner, channel).await
     }
 
-    /// Writes this node's announcement: its info (expiring after `--node-ttl`, and
-    /// listed in the nodes sorted set with that expiry) and its channel counts, in
-    /// one transaction, so readers never see half of it.
-    pub async fn announce(
-        &self,
-        announcement: crate::cluster::Announcement,
-    ) -> Result<(), BrokerError> {
-        let inner = &self.inner;
-        let ttl = millis(inner.config.presence.node_ttl);
-        let id = &announcement.info.id;
-        let info = serde_json::to_vec(&announcement.info)
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
-        let channels_key = inner.node_key(&format!("node-channels:{id}"));
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(inner.node_key(&format!("node:{id}")))
-            .arg(info)
-            .arg("PX")
-            .arg(ttl)
-            .ignore()
-            .cmd("ZADD")
-            .arg(inner.node_key("nodes"))
-            .arg(envelope::now_us() / 1000 + ttl)
-            .arg(id)
-            .ignore()
-            .cmd("DEL")
-            .arg(&channels_key)
-            .ignore();
-        for chunk in announcement.channels.chunks(1000) {
-            let hset = pipe.cmd("HSET").arg(&channels_key);
-            for (channel, count) in chunk {
-                hset.arg(channel).arg(count);
-            }
-            hset.ignore();
-        }
-        pipe.cmd("PEXPIRE").arg(&channels_key).arg(ttl).ignore();
-        inner.home().run(&pipe).await
-    }
-
-    /// The ids of the nodes whose announcement has not expired (expired ones are
-    /// dropped from the set on the way).
-    async fn live_nodes(&self) -> Result<Vec<String>, BrokerError> {
-        let inner = &self.inner;
-        let key = inner.node_key("nodes");
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZREMRANGEBYSCORE")
-            .arg(&key)
-            .arg("-inf")
-            .arg(envelope::now_us() / 1000)
-            .ignore()
-            .cmd("ZRANGE")
-            .arg(&key)
-            .arg(0)
-            .arg(-1);
-        let pipe = &pipe;
-        let (ids,) = inner
-            .home()
-            .idempotent(
-                |mut conn| async move { pipe.query_async::<(Vec<String>,)>(&mut conn).await },
-            )
-            .await?;
-        Ok(ids)
+    /// Writes this node's announcement for the cluster view.
+    pub async fn announce(&self, announcement: Announcement) -> Result<(), BrokerError> {
+        cluster_view::announce(&self.inner, announcement).await
     }
 
     /// The live nodes' announcements, by id.
-    pub async fn nodes(&self) -> Result<Vec<crate::cluster::NodeInfo>, BrokerError> {
-        let inner = &self.inner;
-        let ids = self.live_nodes().await?;
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let keys: Vec<String> = ids
-            .iter()
-            .map(|id| inner.node_key(&format!("node:{id}")))
-            .collect();
-        let mut mget = redis::cmd("MGET");
-        mget.arg(&keys);
-        let mget = &mget;
-        let infos = inner
-            .home()
-            .idempotent(|mut conn| async move {
-                mget.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await
-            })
-            .await?;
-        let mut nodes: Vec<crate::cluster::NodeInfo> = infos
-            .into_iter()
-            .flatten()
-            .filter_map(|json| serde_json::from_slice(&json).ok())
-            .collect();
-        nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(nodes)
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        cluster_view::nodes(&self.inner).await
     }
 
     /// Channels with subscribers on any live node, with the sum of their counts.
     pub async fn cluster_channels(&self) -> Result<Vec<(String, usize)>, BrokerError> {
-        let inner = &self.inner;
-        let ids = self.live_nodes().await?;
-        let mut pipe = redis::pipe();
-        for id in &ids {
-            pipe.cmd("HGETALL")
-                .arg(inner.node_key(&format!("node-channels:{id}")));
-        }
-        let pipe = &pipe;
-        let per_node = inner
-            .home()
-            .idempotent(|mut conn| async move {
-                pipe.query_async::<Vec<HashMap<String, usize>>>(&mut conn)
-                    .await
-            })
-            .await?;
-        let mut total: HashMap<String, usize> = HashMap::new();
-        for channels in per_node {
-            for (channel, count) in channels {
-                *total.entry(channel).or_default() += count;
-            }
-        }
-        let mut channels: Vec<(String, usize)> = total.into_iter().collect();
-        channels.sort();
-        Ok(channels)
+        cluster_view::cluster_channels(&self.inner).await
     }
 
     /// Resolves once `channel` is subscribed on the node's Redis connection. The
@@ -611,426 +344,6 @@ impl Inner {
     fn home(&self) -> &Arc<Shard> {
         &self.shards[0]
     }
-
-    /// The pub/sub channel of `channel`: `<prefix><channel>`, or on a cluster
-    /// `<prefix>{<channel>}`, whose hash tag puts it on the slot of the channel's
-    /// history and presence keys (a script may only publish to its keys' slot).
-    fn key(&self, channel: &str) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + channel.len() + 2);
-        key.push_str(&self.prefix);
-        match self.pubsub {
-            PubSub::Classic => key.push_str(channel),
-            PubSub::Sharded => {
-                key.push('{');
-                key.push_str(channel);
-                key.push('}');
-            }
-        }
-        key
-    }
-
-    /// The channel of a pub/sub channel name made by [`key`](Self::key).
-    fn channel_of<'k>(&self, key: &'k str) -> Option<&'k str> {
-        let rest = key.strip_prefix(self.prefix.as_str())?;
-        match self.pubsub {
-            PubSub::Classic => Some(rest),
-            PubSub::Sharded => rest.strip_prefix('{')?.strip_suffix('}'),
-        }
-    }
-
-    /// A cluster-wide key (the cluster view's): `<prefix><name>`, or on a cluster
-    /// `<prefix>{nodes}:<name>`, so all of them share a slot and one transaction
-    /// may touch them.
-    fn node_key(&self, name: &str) -> String {
-        match self.pubsub {
-            PubSub::Classic => format!("{}{name}", self.prefix),
-            PubSub::Sharded => format!("{}{{nodes}}:{name}", self.prefix),
-        }
-    }
-
-    /// `<prefix>{<channel>}:<suffix>`: the hash tag keeps a channel's keys together.
-    fn history_key(&self, channel: &str, suffix: &str) -> String {
-        format!("{}{{{channel}}}:{suffix}", self.prefix)
-    }
-
-    /// A channel's presence keys (same shape as its history keys).
-    fn presence_key(&self, channel: &str, suffix: &str) -> String {
-        self.history_key(channel, suffix)
-    }
-
-    /// Adds to `pipe` what registers (or refreshes) `entries` of `channel`: each in
-    /// the hash with its expiry in the sorted set, and both keys kept alive for two
-    /// TTLs (so a channel whose nodes all died leaves nothing behind).
-    fn add_presence_commands(
-        &self,
-        pipe: &mut redis::Pipeline,
-        channel: &str,
-        entries: &[super::presence::Entry],
-    ) {
-        let ttl = self.config.presence.presence_ttl;
-        let expires = envelope::now_us() / 1000 + millis(ttl);
-        let (hash, zset) = (
-            self.presence_key(channel, "presence"),
-            self.presence_key(channel, "presence-exp"),
-        );
-        for entry in entries {
-            pipe.cmd("HSET")
-                .arg(&hash)
-                .arg(&entry.member)
-                .arg(&entry.json[..])
-                .ignore()
-                .cmd("ZADD")
-                .arg(&zset)
-                .arg(expires)
-                .arg(&entry.member)
-                .ignore();
-        }
-        for key in [&hash, &zset] {
-            pipe.cmd("PEXPIRE").arg(key).arg(2 * millis(ttl)).ignore();
-        }
-    }
-
-    /// Runs [`HISTORY_SCRIPT`] on `conn` and decodes what it read.
-    async fn read_history(
-        &self,
-        conn: &mut impl redis::aio::ConnectionLike,
-        channel: &str,
-        request: &HistoryRequest,
-    ) -> redis::RedisResult<History> {
-        let (since_epoch, since_offset) = match &request.since {
-            Some((epoch, offset)) => (epoch.as_str().to_owned(), *offset),
-            None => (String::new(), 0),
-        };
-        let mut script = HISTORY_SCRIPT.prepare_invoke();
-        script
-            .key(self.history_key(channel, "stream"))
-            .key(self.history_key(channel, "meta"))
-            .arg(Epoch::random().as_str())
-            .arg(if request.subscribing {
-                millis(self.config.history.unpublished_position_ttl)
-            } else {
-                0
-            })
-            .arg(since_epoch)
-            .arg(since_offset)
-            .arg(request.limit)
-            .arg(if request.all_or_nothing { "1" } else { "0" })
-            .arg(request.max_bytes.map_or(0, |b| b.max(1)))
-            .arg(crate::broker::READ_OVERHEAD);
-        let (epoch, top, entries, truncated): (String, u64, Vec<Vec<u8>>, u8) =
-            script.invoke_async(conn).await?;
-        let malformed = |what: String| -> redis::RedisError {
-            (redis::ErrorKind::Parse, "malformed history in Redis", what).into()
-        };
-        let epoch = Epoch::parse(&epoch).ok_or_else(|| malformed(format!("epoch {epoch:?}")))?;
-        let mut publications = Vec::with_capacity(entries.len());
-        for entry in entries {
-            match envelope::decode(Bytes::from(entry)) {
-                Ok(publication) => publications.push(publication),
-                Err(e) => {
-                    // Not fatal: the rest of the history is still good; the tracker
-                    // or the client sees the missing offset.
-                    self.local.metrics.broker_dropped("malformed");
-                    tracing::warn!(channel, error = %e, "dropping a malformed history entry");
-                }
-            }
-        }
-        Ok(History {
-            top: Position { epoch, offset: top },
-            publications,
-            truncated: truncated == 1,
-        })
-    }
-
-    /// `items` grouped by the index of their channel's shard, leaving out the shards
-    /// that are not connected (for the periodic rounds over tracked channels).
-    fn by_connected_shard<T>(
-        &self,
-        items: Vec<T>,
-        channel: impl Fn(&T) -> &str,
-    ) -> HashMap<usize, Vec<T>> {
-        let mut by_shard: HashMap<usize, Vec<T>> = HashMap::new();
-        for item in items {
-            let shard = self.shard(channel(&item));
-            if shard.is_connected() {
-                by_shard.entry(shard.index).or_default().push(item);
-            }
-        }
-        by_shard
-    }
-
-    /// Starts a task that reads a repair's range and hands it to the tracker, until
-    /// the channel is whole again (or no longer wanted).
-    fn spawn_repair(self: &Arc<Self>, repair: Repair) {
-        tokio::spawn(repair_task(self.clone(), repair));
-    }
-}
-
-/// Reads a repair's range from the stream (retrying while Redis cannot answer) and
-/// hands it to the tracker, until the channel is whole again or no longer tracked.
-async fn repair_task(inner: Arc<Inner>, mut repair: Repair) {
-    let mut backoff = Backoff::default();
-    loop {
-        if !inner.tracker.still_wanted(&repair) {
-            return;
-        }
-        let request = HistoryRequest {
-            since: Some((repair.epoch.clone(), repair.after)),
-            limit: (repair.upto - repair.after) as usize,
-            all_or_nothing: false,
-            // Repairs are for channels the node holds subscribers of.
-            subscribing: true,
-            // Bounded by `--max-repair`; cut short, they would be gaps.
-            max_bytes: None,
-        };
-        let read = inner
-            .shard(&repair.channel)
-            .idempotent(|mut conn| {
-                let (inner, request, channel) = (&inner, &request, &repair.channel);
-                async move { inner.read_history(&mut conn, channel, request).await }
-            })
-            .await;
-        match read {
-            Ok(history) => {
-                tracing::info!(
-                    channel = %repair.channel,
-                    from = repair.after + 1,
-                    to = repair.upto,
-                    read = history.publications.len(),
-                    "repairing a gap in pub/sub delivery from history"
-                );
-                match inner
-                    .tracker
-                    .on_repaired(&repair, history.top, history.publications)
-                {
-                    Some(next) => {
-                        repair = next;
-                        backoff.reset();
-                    }
-                    None => return,
-                }
-            }
-            Err(error) => {
-                let delay = backoff.next_delay();
-                tracing::warn!(channel = %repair.channel, %error, retry_in = ?delay, "history repair read failed");
-                tokio::select! {
-                    _ = inner.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-}
-
-/// One round of the position check, every `--position-check-interval`: compares the last offset delivered on each
-/// quiet history channel with its meta key in Redis (one pipelined round trip per
-/// batch), so a subscriber connection that silently stopped delivering is noticed
-/// and the tracker repairs what it missed.
-async fn check_positions(inner: Arc<Inner>) {
-    // A disconnected shard re-reads every position when it reconnects.
-    let quiet_by_shard = inner.by_connected_shard(inner.tracker.quiet_channels(), |q| &q.0);
-    for (index, quiet) in quiet_by_shard {
-        let shard = &inner.shards[index];
-        for batch in quiet.chunks(CHECK_BATCH) {
-            let keys: Vec<String> = batch
-                .iter()
-                .map(|(channel, _, _)| inner.history_key(channel, "meta"))
-                .collect();
-            let read = shard
-                .idempotent(|conn| read_positions(conn, &keys, inner.pubsub))
-                .await;
-            let positions = match read {
-                Ok(positions) => positions,
-                Err(e) => {
-                    tracing::warn!(shard = %shard.label, error = %e, "position check failed");
-                    break;
-                }
-            };
-            for ((channel, _, last), position) in batch.iter().zip(positions) {
-                // A missing meta key: the history was lost; the next publication
-                // starts a new epoch, which the tracker reports as a gap.
-                let (Some(epoch), Some(top)) = position else {
-                    continue;
-                };
-                let Some(epoch) = Epoch::parse(&epoch) else {
-                    continue;
-                };
-                if top > *last {
-                    tracing::warn!(
-                        channel,
-                        last,
-                        top,
-                        "a quiet channel is behind its history: pub/sub delivery missed messages"
-                    );
-                }
-                if let Some(repair) = inner
-                    .tracker
-                    .on_position(channel, Position { epoch, offset: top })
-                {
-                    inner.spawn_repair(repair);
-                }
-            }
-        }
-    }
-}
-
-/// `HMGET <meta> e s` of each key.
-async fn read_positions(
-    conn: Conn,
-    keys: &[String],
-    pubsub: PubSub,
-) -> redis::RedisResult<Vec<(Option<String>, Option<u64>)>> {
-    per_key(conn, keys, pubsub, |key| {
-        let mut cmd = redis::cmd("HMGET");
-        cmd.arg(key).arg("e").arg("s");
-        cmd
-    })
-    .await
-}
-
-/// Runs the command `command` makes of each key: one pipeline, or on a cluster
-/// (where a pipeline must stay within one slot) one command per key, sent together.
-async fn per_key<T: redis::FromRedisValue>(
-    conn: Conn,
-    keys: &[String],
-    pubsub: PubSub,
-    command: impl Fn(&String) -> redis::Cmd,
-) -> redis::RedisResult<Vec<T>> {
-    match pubsub {
-        PubSub::Classic => {
-            let mut pipe = redis::pipe();
-            for key in keys {
-                pipe.add_command(command(key));
-            }
-            pipe.query_async(&mut conn.clone()).await
-        }
-        PubSub::Sharded => {
-            let each = keys.iter().map(|key| {
-                let (mut conn, cmd) = (conn.clone(), command(key));
-                async move { cmd.query_async(&mut conn).await }
-            });
-            futures_util::future::try_join_all(each).await
-        }
-    }
-}
-
-/// One round of renewing, every third of `--unpublished-position-ttl`, the
-/// positions that subscribes created for channels nobody has published to, for
-/// the channels this node holds subscribers of: they stay valid while someone
-/// waits, and expire soon after the last subscriber of the cluster left.
-async fn keep_unpublished(inner: Arc<Inner>) {
-    let ttl = millis(inner.config.history.unpublished_position_ttl);
-    // A disconnected shard creates the positions again when it re-subscribes.
-    let by_shard = inner.by_connected_shard(inner.tracker.unpublished_channels(), |c| c);
-    for (index, channels) in by_shard {
-        let shard = &inner.shards[index];
-        for batch in channels.chunks(CHECK_BATCH) {
-            let keys: Vec<String> = batch
-                .iter()
-                .map(|channel| inner.history_key(channel, "meta"))
-                .collect();
-            let kept = shard
-                .idempotent(|conn| {
-                    per_key::<()>(conn, &keys, inner.pubsub, |key| {
-                        // EVAL, not EVALSHA: a pipeline cannot reload a script
-                        // Redis forgot, and this one is short.
-                        let mut cmd = redis::cmd("EVAL");
-                        cmd.arg(KEEP_UNPUBLISHED_LUA).arg(1).arg(key).arg(ttl);
-                        cmd
-                    })
-                })
-                .await;
-            if let Err(e) = kept {
-                tracing::warn!(shard = %shard.label, error = %e, "renewing unpublished positions failed");
-                break;
-            }
-        }
-    }
-}
-
-/// One presence refresh, every third of `--presence-ttl`: writes this node's presence entries to Redis
-/// again with a new expiry, in pipelined batches: entries of a node that stops
-/// refreshing (it died) expire, and entries Redis lost (a restart without data) are
-/// back within one interval.
-async fn refresh_presence(inner: Arc<Inner>) {
-    // One pipeline (and count of entries in it) per shard.
-    let mut pipes: Vec<(redis::Pipeline, usize)> =
-        inner.shards.iter().map(|_| (redis::pipe(), 0)).collect();
-    for (channel, entries) in inner.presence.snapshot() {
-        let shard = inner.shard(&channel);
-        let (pipe, batched) = &mut pipes[shard.index];
-        // The entries of dead nodes go even in channels nobody reads. Sent as
-        // EVAL (the script is short), since a pipeline cannot reload a script
-        // Redis forgot.
-        pipe.cmd("EVAL")
-            .arg(PRUNE_LUA)
-            .arg(2)
-            .arg(inner.presence_key(&channel, "presence"))
-            .arg(inner.presence_key(&channel, "presence-exp"))
-            .arg(envelope::now_us() / 1000)
-            .ignore();
-        for chunk in entries.chunks(REFRESH_BATCH) {
-            inner.add_presence_commands(pipe, &channel, chunk);
-            *batched += chunk.len();
-            // On a cluster a pipeline must stay within one slot: one per channel.
-            if *batched >= REFRESH_BATCH || inner.pubsub == PubSub::Sharded {
-                if let Err(e) = shard.run(pipe).await {
-                    tracing::warn!(shard = %shard.label, error = %e, "presence refresh failed");
-                }
-                (*pipe, *batched) = (redis::pipe(), 0);
-                tokio::task::yield_now().await;
-            }
-        }
-    }
-    for (shard, (pipe, batched)) in inner.shards.iter().zip(pipes) {
-        if batched > 0
-            && let Err(e) = shard.run(&pipe).await
-        {
-            tracing::warn!(shard = %shard.label, error = %e, "presence refresh failed");
-        }
-    }
-}
-
-/// Runs a request that must never run twice (a publish) on a connection that
-/// never resends on its own ([`Shard::publisher_once`]), and again only when Redis
-/// answered that it did not run it: the script was not loaded (`NOSCRIPT`: loaded,
-/// then sent again), or a Redis Cluster node does not serve the slot now (`MOVED`,
-/// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`: sent again after a short pause, by which the
-/// client has refreshed its slot map) — within the caller's timeout. A request whose
-/// connection dropped is not sent again: it may have run.
-async fn run_once<T, F, Fut>(
-    conn: &mut Conn,
-    script: Option<&redis::Script>,
-    request: F,
-) -> redis::RedisResult<T>
-where
-    F: Fn(Conn) -> Fut,
-    Fut: Future<Output = redis::RedisResult<T>>,
-{
-    loop {
-        match request(conn.clone()).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let Some(script) = script else {
-                    return Err(e);
-                };
-                script.load_async(conn).await?;
-            }
-            Err(e) if matches!(e.code(), Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN")) => {
-                tokio::time::sleep(REDIRECT_PAUSE).await;
-            }
-            result => return result,
-        }
-    }
-}
-
-/// How long a durable publish's `WAIT` gives the replicas: half of
-/// `--broker-timeout`, so that the master's answer (stored, confirmed by so many)
-/// comes back before the timeout that would make the publish `unavailable`. The
-/// other half covers the script, the round trip, and Redis' timer: it ends a `WAIT`
-/// on its next tick after the timeout (every 100 ms with the default `hz 10`), once
-/// more after a `NOSCRIPT`, when the script is loaded and run again.
-fn replica_wait(timeout: Duration) -> Duration {
-    timeout / 2
 }
 
 /// Whole milliseconds, at least 1 (a Redis timeout of 0 means "forever").
@@ -1071,7 +384,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let local = Local {
+        let delivery = Delivery {
             registry: Registry::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
@@ -1089,7 +402,7 @@ mod tests {
         let broker = RedisBroker::start(
             vec![Endpoint::of_shard(crate::config::ShardAddress::parse(&url).unwrap()).unwrap()],
             Arc::new(config),
-            local,
+            delivery,
             shutdown.clone(),
         )
         .unwrap();

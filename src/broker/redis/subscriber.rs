@@ -30,7 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::SubConn;
 use super::endpoint::Resends;
+use super::history::read_history;
 use super::probe::Step;
+use super::repair::spawn_repair;
 use super::shard::Shard;
 use super::{Backoff, HEALTH_INTERVAL, Inner, SUBSCRIBE_BATCH};
 use crate::broker::HistoryRequest;
@@ -69,18 +71,16 @@ pub(super) async fn run(inner: Arc<Inner>, shard: Arc<Shard>, shutdown: Cancella
             }
         };
         backoff.reset();
-        inner.on_connected(&shard);
+        on_connected(&inner, &shard);
         if ever_connected {
-            inner.local.metrics.broker_reconnects.inc();
+            inner.delivery.metrics.broker_reconnects.inc();
             tracing::info!(shard = %shard.label, "Redis subscriber reconnected; subscriptions restored");
         } else {
             tracing::info!(shard = %shard.label, "Redis subscriber connected");
         }
         ever_connected = true;
-        let ended = inner
-            .serve(&shard, &mut conn, &disconnected, &shutdown)
-            .await;
-        inner.on_disconnected(&shard);
+        let ended = serve(&inner, &shard, &mut conn, &disconnected, &shutdown).await;
+        on_disconnected(&inner, &shard);
         match ended {
             Ended::Shutdown => return,
             Ended::Lost(error) => {
@@ -101,7 +101,7 @@ fn push_handler(
     let connection = shard.next_connection();
     move |info: PushInfo| {
         if shard.is_current(connection) {
-            inner.on_push(&shard, info, &disconnected);
+            on_push(&inner, &shard, info, &disconnected);
         }
         Ok(())
     }
@@ -156,7 +156,7 @@ async fn connect_single(
         .use_master(&address, &client)
         .map_err(|e| e.to_string())?
     {
-        inner.local.metrics.broker_master_changed(&shard.label);
+        inner.delivery.metrics.broker_master_changed(&shard.label);
         tracing::warn!(shard = %shard.label, master = %address, "moved to the new master");
     }
     let info = client.get_connection_info().clone();
@@ -243,315 +243,315 @@ async fn check_role(conn: &mut impl ConnectionLike) -> Result<(), String> {
     }
 }
 
-impl Inner {
-    /// After (re)connecting: nothing is live on the new connection; every channel
-    /// of this shard with local subscribers or waiters must be subscribed again.
-    fn on_connected(&self, shard: &Shard) {
-        let mut state = shard.lock();
-        state.live.clear();
-        let pending: Vec<String> = state.waiters.keys().cloned().collect();
-        state.dirty.extend(pending);
-        let count = self.shards.len();
-        state.dirty.extend(
-            self.local
-                .registry
-                .channel_names()
-                .into_iter()
-                .filter(|c| super::ring::shard_of(c, count) == shard.index),
-        );
-        // Channels that lost their subscribers during the outage need no repair.
-        self.tracker
-            .retain(|channel| self.local.registry.has_subscribers(channel));
-        shard.set_connected(&state, true);
-        drop(state);
-        self.update_up(shard);
-    }
+/// After (re)connecting: nothing is live on the new connection; every channel
+/// of this shard with local subscribers or waiters must be subscribed again.
+fn on_connected(inner: &Inner, shard: &Shard) {
+    let mut state = shard.lock();
+    state.live.clear();
+    let pending: Vec<String> = state.waiters.keys().cloned().collect();
+    state.dirty.extend(pending);
+    let count = inner.shards.len();
+    state.dirty.extend(
+        inner
+            .delivery
+            .registry
+            .channel_names()
+            .into_iter()
+            .filter(|c| super::ring::shard_of(c, count) == shard.index),
+    );
+    // Channels that lost their subscribers during the outage need no repair.
+    inner
+        .tracker
+        .retain(|channel| inner.delivery.registry.has_subscribers(channel));
+    shard.set_connected(&state, true);
+    drop(state);
+    update_up(inner, shard);
+}
 
-    fn on_disconnected(&self, shard: &Shard) {
-        let mut state = shard.lock();
-        shard.set_connected(&state, false);
-        shard.probes.abandon(None);
-        state.live.clear();
-        state.dirty.clear();
-        drop(state);
-        self.update_up(shard);
-    }
+fn on_disconnected(inner: &Inner, shard: &Shard) {
+    let mut state = shard.lock();
+    shard.set_connected(&state, false);
+    shard.probes.abandon(None);
+    state.live.clear();
+    state.dirty.clear();
+    drop(state);
+    update_up(inner, shard);
+}
 
-    /// Brings the connection's subscriptions in line with the registry for the
-    /// channels marked dirty.
-    async fn reconcile(
-        self: &Arc<Self>,
-        shard: &Shard,
-        conn: &mut SubConn,
-    ) -> redis::RedisResult<()> {
-        let (to_subscribe, to_unsubscribe) = {
-            let mut state = shard.lock();
-            let dirty = std::mem::take(&mut state.dirty);
-            let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
-            for channel in dirty {
-                // Checked under the state lock: a session adds itself to the registry
-                // before it looks at `live`, so it either sees the channel removed from
-                // `live` here (and waits for the re-subscribe) or is seen as interest.
-                let wanted = self.local.registry.has_subscribers(&channel);
-                let live = state.live.contains(&channel);
-                if wanted && !live {
-                    subscribe.push(channel);
-                } else if !wanted && live {
-                    state.live.remove(&channel);
-                    unsubscribe.push(channel);
-                } else if !wanted {
-                    // Waiters whose sessions left before the subscribe happened.
-                    state.waiters.remove(&channel);
-                } else {
-                    state.wake_waiters(&channel);
-                }
+/// Brings the connection's subscriptions in line with the registry for the
+/// channels marked dirty.
+async fn reconcile(
+    inner: &Arc<Inner>,
+    shard: &Shard,
+    conn: &mut SubConn,
+) -> redis::RedisResult<()> {
+    let (to_subscribe, to_unsubscribe) = {
+        let mut state = shard.lock();
+        let dirty = std::mem::take(&mut state.dirty);
+        let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+        for channel in dirty {
+            // Checked under the state lock: a session adds itself to the registry
+            // before it looks at `live`, so it either sees the channel removed from
+            // `live` here (and waits for the re-subscribe) or is seen as interest.
+            let wanted = inner.delivery.registry.has_subscribers(&channel);
+            let live = state.live.contains(&channel);
+            if wanted && !live {
+                subscribe.push(channel);
+            } else if !wanted && live {
+                state.live.remove(&channel);
+                unsubscribe.push(channel);
+            } else if !wanted {
+                // Waiters whose sessions left before the subscribe happened.
+                state.waiters.remove(&channel);
+            } else {
+                state.wake_waiters(&channel);
             }
-            (subscribe, unsubscribe)
+        }
+        (subscribe, unsubscribe)
+    };
+
+    for batch in to_subscribe.chunks(SUBSCRIBE_BATCH) {
+        let keys: Vec<String> = batch.iter().map(|c| inner.keys.pubsub(c)).collect();
+        for channel in batch {
+            if inner.config.channel_options(channel).has_history() {
+                inner.tracker.on_subscribing(channel);
+            }
+        }
+        shard.lock().subscribing.extend(batch.iter().cloned());
+        let subscribed = async {
+            conn.subscribe(&keys).await?;
+            read_positions(inner, conn, batch).await
         };
-
-        for batch in to_subscribe.chunks(SUBSCRIBE_BATCH) {
-            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
-            for channel in batch {
-                if self.config.channel_options(channel).has_history() {
-                    self.tracker.on_subscribing(channel);
-                }
-            }
-            shard.lock().subscribing.extend(batch.iter().cloned());
-            let subscribed = async {
-                conn.subscribe(&keys).await?;
-                self.read_positions(conn, batch).await
-            };
-            let subscribed = subscribed.await;
-            let mut state = shard.lock();
-            for channel in batch {
-                state.subscribing.remove(channel);
-                // Unsubscribed by Redis meanwhile: subscribed again next round.
-                if !state.moved.remove(channel) && subscribed.is_ok() {
-                    state.live.insert(channel.clone());
-                    state.wake_waiters(channel);
-                }
-            }
-            drop(state);
-            subscribed?;
-        }
-        for batch in to_unsubscribe.chunks(SUBSCRIBE_BATCH) {
-            let keys: Vec<String> = batch.iter().map(|c| self.key(c)).collect();
-            conn.unsubscribe(&keys).await?;
-            for channel in batch {
-                self.tracker.forget(channel);
+        let subscribed = subscribed.await;
+        let mut state = shard.lock();
+        for channel in batch {
+            state.subscribing.remove(channel);
+            // Unsubscribed by Redis meanwhile: subscribed again next round.
+            if !state.moved.remove(channel) && subscribed.is_ok() {
+                state.live.insert(channel.clone());
+                state.wake_waiters(channel);
             }
         }
-        Ok(())
+        drop(state);
+        subscribed?;
     }
+    for batch in to_unsubscribe.chunks(SUBSCRIBE_BATCH) {
+        let keys: Vec<String> = batch.iter().map(|c| inner.keys.pubsub(c)).collect();
+        conn.unsubscribe(&keys).await?;
+        for channel in batch {
+            inner.tracker.forget(channel);
+        }
+    }
+    Ok(())
+}
 
-    /// Reads the positions of history channels just subscribed on `conn` (the
-    /// subscriber connection, so they are ordered with its pushes) and hands each to
-    /// the tracker as soon as it arrives: a channel's live publications wait until
-    /// its own position is judged, not until the slowest read of the batch (on a
-    /// Redis Cluster, one master may be failing while the others answer).
-    async fn read_positions(
-        self: &Arc<Self>,
-        conn: &SubConn,
-        channels: &[String],
-    ) -> redis::RedisResult<()> {
-        let reads = channels
-            .iter()
-            .filter(|c| self.config.channel_options(c).has_history())
-            .map(|channel| {
-                let mut conn = conn.clone();
-                async move {
-                    let history = self
-                        .read_history(&mut conn, channel, &HistoryRequest::position())
-                        .await?;
-                    if let Some(repair) = self.tracker.on_resubscribed(channel, history.top) {
-                        self.spawn_repair(repair);
-                    }
-                    Ok::<_, redis::RedisError>(())
+/// Reads the positions of history channels just subscribed on `conn` (the
+/// subscriber connection, so they are ordered with its pushes) and hands each to
+/// the tracker as soon as it arrives: a channel's live publications wait until
+/// its own position is judged, not until the slowest read of the batch (on a
+/// Redis Cluster, one master may be failing while the others answer).
+async fn read_positions(
+    inner: &Arc<Inner>,
+    conn: &SubConn,
+    channels: &[String],
+) -> redis::RedisResult<()> {
+    let reads = channels
+        .iter()
+        .filter(|c| inner.config.channel_options(c).has_history())
+        .map(|channel| {
+            let mut conn = conn.clone();
+            async move {
+                let history =
+                    read_history(inner, &mut conn, channel, &HistoryRequest::position()).await?;
+                if let Some(repair) = inner.tracker.on_resubscribed(channel, history.top) {
+                    spawn_repair(inner, repair);
                 }
-            });
-        futures_util::future::try_join_all(reads).await?;
-        Ok(())
-    }
-
-    /// Serves one subscriber connection until it fails, is kicked, or the node
-    /// shuts down.
-    async fn serve(
-        self: &Arc<Self>,
-        shard: &Shard,
-        conn: &mut SubConn,
-        disconnected: &Notify,
-        shutdown: &CancellationToken,
-    ) -> Ended {
-        let mut health = tokio::time::interval(HEALTH_INTERVAL);
-        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            if let Err(e) = self.reconcile(shard, conn).await {
-                return Ended::Lost(e.to_string());
+                Ok::<_, redis::RedisError>(())
             }
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ended::Shutdown,
-                _ = disconnected.notified() => return Ended::Lost("connection closed".into()),
-                _ = shard.kick.notified() => {
+        });
+    futures_util::future::try_join_all(reads).await?;
+    Ok(())
+}
+
+/// Serves one subscriber connection until it fails, is kicked, or the node
+/// shuts down.
+async fn serve(
+    inner: &Arc<Inner>,
+    shard: &Shard,
+    conn: &mut SubConn,
+    disconnected: &Notify,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if let Err(e) = reconcile(inner, shard, conn).await {
+            return Ended::Lost(e.to_string());
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            _ = disconnected.notified() => return Ended::Lost("connection closed".into()),
+            _ = shard.kick.notified() => {
+                shard.forget_master();
+                return Ended::Lost("the master changed".into());
+            }
+            _ = shard.wake.notified() => {}
+            _ = health.tick() => {
+                if let Err(e) = health_check(inner, shard, conn).await {
+                    // On a Sentinel shard: the server may no longer be the master.
                     shard.forget_master();
-                    return Ended::Lost("the master changed".into());
-                }
-                _ = shard.wake.notified() => {}
-                _ = health.tick() => {
-                    if let Err(e) = self.health_check(shard, conn).await {
-                        // On a Sentinel shard: the server may no longer be the master.
-                        shard.forget_master();
-                        return Ended::Lost(e);
-                    }
+                    return Ended::Lost(e);
                 }
             }
         }
     }
+}
 
-    /// One health tick: the connection answers (and is still on the master), and
-    /// the last delivery probe came back in time.
-    async fn health_check(&self, shard: &Shard, conn: &mut SubConn) -> Result<(), String> {
-        let timeout = self.timeout;
-        let answered = if shard.endpoint.is_sentinel() {
-            tokio::time::timeout(timeout, check_role(conn)).await
-        } else {
-            let ping = redis::cmd("PING");
-            tokio::time::timeout(timeout, async {
-                ping.query_async::<()>(conn)
-                    .await
-                    .map_err(|e| e.to_string())
+/// One health tick: the connection answers (and is still on the master), and
+/// the last delivery probe came back in time.
+async fn health_check(inner: &Inner, shard: &Shard, conn: &mut SubConn) -> Result<(), String> {
+    let timeout = inner.timeout;
+    let answered = if shard.endpoint.is_sentinel() {
+        tokio::time::timeout(timeout, check_role(conn)).await
+    } else {
+        let ping = redis::cmd("PING");
+        tokio::time::timeout(timeout, async {
+            ping.query_async::<()>(conn)
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+    };
+    match answered {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(format!("no answer to a health check within {timeout:?}")),
+    }
+    let send = match shard.probes.step() {
+        Step::Send(send) => send,
+        Step::Overdue(target) => {
+            inner.delivery.metrics.broker_probe_failed(&shard.label);
+            let problem =
+                format!("delivery probe through {target} not received within {timeout:?}");
+            shard.set_problem(problem.clone());
+            update_up(inner, shard);
+            return Err(problem);
+        }
+    };
+    for (channel, nonce) in send {
+        // Through the publishing connection, as publications travel. A failure
+        // here is the publisher's (it reconnects by itself); the probe is sent
+        // again next tick.
+        let sent = shard
+            .idempotent(|mut publisher| {
+                let channel = channel.clone();
+                async move {
+                    redis::cmd(shard.pubsub.publish())
+                        .arg(channel)
+                        .arg(nonce.to_string())
+                        .query_async::<i64>(&mut publisher)
+                        .await
+                }
             })
-            .await
-        };
-        match answered {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(format!("no answer to a health check within {timeout:?}")),
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(shard = %shard.label, error = %e, "delivery probe not sent");
+            shard.probes.abandon(Some(&channel));
         }
-        let send = match shard.probes.step() {
-            Step::Send(send) => send,
-            Step::Overdue(target) => {
-                self.local.metrics.broker_probe_failed(&shard.label);
-                let problem =
-                    format!("delivery probe through {target} not received within {timeout:?}");
-                shard.set_problem(problem.clone());
-                self.update_up(shard);
-                return Err(problem);
-            }
-        };
-        for (channel, nonce) in send {
-            // Through the publishing connection, as publications travel. A failure
-            // here is the publisher's (it reconnects by itself); the probe is sent
-            // again next tick.
-            let sent = shard
-                .idempotent(|mut publisher| {
-                    let channel = channel.clone();
-                    async move {
-                        redis::cmd(shard.pubsub.publish())
-                            .arg(channel)
-                            .arg(nonce.to_string())
-                            .query_async::<i64>(&mut publisher)
-                            .await
-                    }
-                })
-                .await;
-            if let Err(e) = sent {
-                tracing::debug!(shard = %shard.label, error = %e, "delivery probe not sent");
-                shard.probes.abandon(Some(&channel));
-            }
-        }
-        Ok(())
     }
+    Ok(())
+}
 
-    /// Handles one push from a subscriber connection. Runs inside the connection's
-    /// reader: must not block.
-    fn on_push(self: &Arc<Self>, shard: &Shard, info: PushInfo, disconnected: &Notify) {
-        match info.kind {
-            PushKind::Message | PushKind::SMessage => {
-                let mut data = info.data;
-                let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) =
-                    (data.pop(), data.pop())
-                else {
-                    self.local.metrics.broker_dropped("malformed");
-                    tracing::warn!("dropping malformed pub/sub push from Redis");
-                    return;
-                };
-                if let Some(cleared) = shard.probe_returned(&key, &payload) {
-                    if cleared {
-                        tracing::info!(shard = %shard.label, "delivery probe received again");
-                        self.update_up(shard);
-                    }
-                    return;
+/// Handles one push from a subscriber connection. Runs inside the connection's
+/// reader: must not block.
+fn on_push(inner: &Arc<Inner>, shard: &Shard, info: PushInfo, disconnected: &Notify) {
+    match info.kind {
+        PushKind::Message | PushKind::SMessage => {
+            let mut data = info.data;
+            let (Some(Value::BulkString(payload)), Some(Value::BulkString(key))) =
+                (data.pop(), data.pop())
+            else {
+                inner.delivery.metrics.broker_dropped("malformed");
+                tracing::warn!("dropping malformed pub/sub push from Redis");
+                return;
+            };
+            if let Some(cleared) = shard.probe_returned(&key, &payload) {
+                if cleared {
+                    tracing::info!(shard = %shard.label, "delivery probe received again");
+                    update_up(inner, shard);
                 }
-                let Some(channel) = std::str::from_utf8(&key)
-                    .ok()
-                    .and_then(|k| self.channel_of(k))
-                else {
-                    return;
-                };
-                match envelope::decode(Bytes::from(payload)) {
-                    Ok(publication) => {
-                        let published_at_us = publication.published_at_us;
-                        if let Some(repair) = self.tracker.on_live(channel, publication) {
-                            self.spawn_repair(repair);
-                        }
-                        let latency_us = envelope::now_us().saturating_sub(published_at_us);
-                        self.local
-                            .metrics
-                            .fanout_latency
-                            .observe(latency_us as f64 / 1e6);
+                return;
+            }
+            let Some(channel) = std::str::from_utf8(&key)
+                .ok()
+                .and_then(|k| inner.keys.channel_of(k))
+            else {
+                return;
+            };
+            match envelope::decode(Bytes::from(payload)) {
+                Ok(publication) => {
+                    let published_at_us = publication.published_at_us;
+                    if let Some(repair) = inner.tracker.on_live(channel, publication) {
+                        spawn_repair(inner, repair);
                     }
-                    Err(e) => {
-                        self.local.metrics.broker_dropped("malformed");
-                        tracing::warn!(channel, error = %e, "dropping malformed envelope");
-                    }
+                    let latency_us = envelope::now_us().saturating_sub(published_at_us);
+                    inner
+                        .delivery
+                        .metrics
+                        .fanout_latency
+                        .observe(latency_us as f64 / 1e6);
+                }
+                Err(e) => {
+                    inner.delivery.metrics.broker_dropped("malformed");
+                    tracing::warn!(channel, error = %e, "dropping malformed envelope");
                 }
             }
-            PushKind::Disconnection => disconnected.notify_one(),
-            PushKind::SUnsubscribe => {
-                // Redis Cluster unsubscribes a shard channel whose slot moved to
-                // another node. Still wanted: subscribe again (the cluster client
-                // sends it to the new owner) and repair what was missed.
-                let Some(Value::BulkString(key)) = info.data.first() else {
-                    return;
-                };
-                if shard.probes.channels().iter().any(|c| c.as_bytes() == key) {
-                    // A probe's slot moved: pick the probes again on a new connection.
-                    shard.kick.notify_one();
-                    return;
-                }
-                let Some(channel) = std::str::from_utf8(key)
-                    .ok()
-                    .and_then(|k| self.channel_of(k))
-                else {
-                    return;
-                };
-                let mut state = shard.lock();
-                // Live, or being subscribed (the slot moved again while its
-                // SSUBSCRIBE went to the old owner); not our own unsubscribe.
-                let moved = state.subscribing.contains(channel);
-                if moved {
-                    state.moved.insert(channel.to_owned());
-                }
-                if state.live.remove(channel) || moved {
-                    tracing::info!(
-                        channel,
-                        "Redis Cluster moved the channel's slot; subscribing on its new owner"
-                    );
-                    state.dirty.insert(channel.to_owned());
-                    drop(state);
-                    shard.wake.notify_one();
-                }
-            }
-            _ => {}
         }
+        PushKind::Disconnection => disconnected.notify_one(),
+        PushKind::SUnsubscribe => {
+            // Redis Cluster unsubscribes a shard channel whose slot moved to
+            // another node. Still wanted: subscribe again (the cluster client
+            // sends it to the new owner) and repair what was missed.
+            let Some(Value::BulkString(key)) = info.data.first() else {
+                return;
+            };
+            if shard.probes.channels().iter().any(|c| c.as_bytes() == key) {
+                // A probe's slot moved: pick the probes again on a new connection.
+                shard.kick.notify_one();
+                return;
+            }
+            let Some(channel) = std::str::from_utf8(key)
+                .ok()
+                .and_then(|k| inner.keys.channel_of(k))
+            else {
+                return;
+            };
+            let mut state = shard.lock();
+            // Live, or being subscribed (the slot moved again while its
+            // SSUBSCRIBE went to the old owner); not our own unsubscribe.
+            let moved = state.subscribing.contains(channel);
+            if moved {
+                state.moved.insert(channel.to_owned());
+            }
+            if state.live.remove(channel) || moved {
+                tracing::info!(
+                    channel,
+                    "Redis Cluster moved the channel's slot; subscribing on its new owner"
+                );
+                state.dirty.insert(channel.to_owned());
+                drop(state);
+                shard.wake.notify_one();
+            }
+        }
+        _ => {}
     }
+}
 
-    /// Updates the shard's `broker_shard_up` and the node's `broker_up` gauges.
-    fn update_up(&self, shard: &Shard) {
-        let metrics = &self.local.metrics;
-        metrics.broker_shard_up(&shard.label, shard.status().is_ok());
-        let all = self.shards.iter().all(|s| s.status().is_ok());
-        metrics.broker_up.set(i64::from(all));
-    }
+/// Updates the shard's `broker_shard_up` and the node's `broker_up` gauges.
+fn update_up(inner: &Inner, shard: &Shard) {
+    let metrics = &inner.delivery.metrics;
+    metrics.broker_shard_up(&shard.label, shard.status().is_ok());
+    let all = inner.shards.iter().all(|s| s.status().is_ok());
+    metrics.broker_up.set(i64::from(all));
 }

@@ -1,0 +1,123 @@
+//! The cluster view in Redis: this node's announcement (its info, listed in a
+//! sorted set by expiry, and its channel counts, written in one transaction on the
+//! first shard) and the reads of every live node's.
+
+use std::collections::HashMap;
+
+use super::{Inner, millis};
+use crate::broker::BrokerError;
+use crate::cluster::{Announcement, NodeInfo};
+use crate::envelope;
+
+/// Writes this node's announcement: its info (expiring after `--node-ttl`, and
+/// listed in the nodes sorted set with that expiry) and its channel counts, in
+/// one transaction, so readers never see half of it.
+pub(super) async fn announce(inner: &Inner, announcement: Announcement) -> Result<(), BrokerError> {
+    let ttl = millis(inner.config.presence.node_ttl);
+    let id = &announcement.info.id;
+    let info = serde_json::to_vec(&announcement.info)
+        .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+    let channels_key = inner.keys.node(&format!("node-channels:{id}"));
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("SET")
+        .arg(inner.keys.node(&format!("node:{id}")))
+        .arg(info)
+        .arg("PX")
+        .arg(ttl)
+        .ignore()
+        .cmd("ZADD")
+        .arg(inner.keys.node("nodes"))
+        .arg(envelope::now_us() / 1000 + ttl)
+        .arg(id)
+        .ignore()
+        .cmd("DEL")
+        .arg(&channels_key)
+        .ignore();
+    for chunk in announcement.channels.chunks(1000) {
+        let hset = pipe.cmd("HSET").arg(&channels_key);
+        for (channel, count) in chunk {
+            hset.arg(channel).arg(count);
+        }
+        hset.ignore();
+    }
+    pipe.cmd("PEXPIRE").arg(&channels_key).arg(ttl).ignore();
+    inner.home().run(&pipe).await
+}
+
+/// The ids of the nodes whose announcement has not expired (expired ones are
+/// dropped from the set on the way).
+async fn live_nodes(inner: &Inner) -> Result<Vec<String>, BrokerError> {
+    let key = inner.keys.node("nodes");
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZREMRANGEBYSCORE")
+        .arg(&key)
+        .arg("-inf")
+        .arg(envelope::now_us() / 1000)
+        .ignore()
+        .cmd("ZRANGE")
+        .arg(&key)
+        .arg(0)
+        .arg(-1);
+    let pipe = &pipe;
+    let (ids,) = inner
+        .home()
+        .idempotent(|mut conn| async move { pipe.query_async::<(Vec<String>,)>(&mut conn).await })
+        .await?;
+    Ok(ids)
+}
+
+/// The live nodes' announcements, by id.
+pub(super) async fn nodes(inner: &Inner) -> Result<Vec<NodeInfo>, BrokerError> {
+    let ids = live_nodes(inner).await?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|id| inner.keys.node(&format!("node:{id}")))
+        .collect();
+    let mut mget = redis::cmd("MGET");
+    mget.arg(&keys);
+    let mget = &mget;
+    let infos = inner
+        .home()
+        .idempotent(
+            |mut conn| async move { mget.query_async::<Vec<Option<Vec<u8>>>>(&mut conn).await },
+        )
+        .await?;
+    let mut nodes: Vec<NodeInfo> = infos
+        .into_iter()
+        .flatten()
+        .filter_map(|json| serde_json::from_slice(&json).ok())
+        .collect();
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(nodes)
+}
+
+/// Channels with subscribers on any live node, with the sum of their counts.
+pub(super) async fn cluster_channels(inner: &Inner) -> Result<Vec<(String, usize)>, BrokerError> {
+    let ids = live_nodes(inner).await?;
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("HGETALL")
+            .arg(inner.keys.node(&format!("node-channels:{id}")));
+    }
+    let pipe = &pipe;
+    let per_node = inner
+        .home()
+        .idempotent(|mut conn| async move {
+            pipe.query_async::<Vec<HashMap<String, usize>>>(&mut conn)
+                .await
+        })
+        .await?;
+    let mut total: HashMap<String, usize> = HashMap::new();
+    for channels in per_node {
+        for (channel, count) in channels {
+            *total.entry(channel).or_default() += count;
+        }
+    }
+    let mut channels: Vec<(String, usize)> = total.into_iter().collect();
+    channels.sort();
+    Ok(channels)
+}

@@ -1,0 +1,64 @@
+//! Delivery: the one place that turns a publication into the frame a subscriber
+//! gets, and hands it to this node's subscribers.
+//!
+//! A publication's frame is built once per node, whichever way it came (live from
+//! the broker, repaired from history by the broker's tracker, or replayed by a
+//! recovery in the hub), and the same bytes go to every local subscriber. The
+//! broker only carries publications: it calls [`Delivery::deliver`] and
+//! [`Delivery::gap`] and never builds a frame itself.
+
+use std::sync::Arc;
+
+use crate::frame::Frame;
+use crate::metrics::Metrics;
+use crate::protocol;
+use crate::publication::{Kind, Position, Publication};
+use crate::registry::Registry;
+use crate::telemetry::Tracing;
+
+/// The frame clients get for one publication of `channel`: a message, or a presence
+/// `join`/`leave`.
+pub fn frame(channel: &str, publication: &Publication) -> Frame {
+    match publication.kind {
+        Kind::Message => protocol::encode_publication(channel, publication),
+        Kind::Join | Kind::Leave => protocol::encode_presence_event(channel, publication),
+    }
+}
+
+/// Where a broker hands the publications that reach this node.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Where the subscribers are.
+    pub registry: Registry,
+    /// Where deliveries are counted.
+    pub metrics: Arc<Metrics>,
+    /// Where delivery spans go.
+    pub tracing: Tracing,
+}
+
+impl Delivery {
+    /// Builds the frame of one publication (once for this node) and hands it to the
+    /// local subscribers of `channel`, inside a delivery span when the publication
+    /// is traced. Never waits. Returns how many subscribers got it queued.
+    pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
+        let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
+            let frame = frame(channel, publication);
+            let delivered = self.registry.fanout(channel, &frame, publication.offset());
+            self.metrics
+                .bytes_sent
+                .inc_by((delivered * frame.len()) as u64);
+            delivered
+        });
+        self.metrics.messages_delivered.inc_by(delivered as u64);
+        delivered
+    }
+
+    /// Tells the local subscribers of `channel` that publications up to `position`
+    /// were lost (the history no longer holds them): they reload their state.
+    pub fn gap(&self, channel: &str, position: &Position) {
+        let frame = protocol::encode_gap(channel, position);
+        self.registry.fanout_gap(channel, &frame, position.offset);
+        self.metrics.history_gap("lost");
+        tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");
+    }
+}

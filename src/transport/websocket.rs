@@ -1,0 +1,203 @@
+//! The WebSocket transport: a session over an upgraded connection.
+//!
+//! The reader turns messages into [`Inbound`] requests for the session; the writer
+//! task owns the socket's sink and drains the connection's bounded queue into it,
+//! feeding every queued frame and flushing once, then sends the close frame the
+//! connection's [`CloseReason`] calls for.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use tracing::Instrument;
+
+use crate::auth::Grants;
+use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
+use crate::hub::Hub;
+use crate::protocol::Since;
+use crate::session::{Inbound, Session};
+
+/// How long to wait for the client's close frame after sending ours: a well-behaved
+/// client answers at once; a dead one must not hold the session (or the drain).
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// A writer keeps its batch buffer between batches unless a burst grew it past
+/// this many frames.
+const SPARE_BATCH_CAPACITY: usize = 64;
+
+/// Serves one upgraded connection until it ends. `channels` (with the positions to
+/// recover from) were checked before the upgrade.
+///
+/// Not an `async fn`, and the socket is split here: a connection's task holds its
+/// future for hours, and an async wrapper (or the socket as an argument) would keep
+/// dead copies of the arguments in it.
+pub(crate) fn run(
+    socket: WebSocket,
+    hub: Arc<Hub>,
+    channels: Vec<(String, Option<Since>)>,
+    grants: Arc<Grants>,
+) -> impl Future<Output = ()> + Send {
+    let (session, queue) = Session::open(hub, grants);
+    let span = session.span();
+    let (sink, mut stream) = socket.split();
+    let write_timeout = session.hub().config.limits.write_timeout;
+    let writer = tokio::spawn(
+        write_loop(sink, queue, session.client().clone(), write_timeout).instrument(span.clone()),
+    );
+    async move {
+        let reason = session
+            .serve(channels, (&mut stream).map(inbound), writer)
+            .await;
+        if reason.code().is_some() {
+            // We sent a close frame: give the client a moment to answer it, so the
+            // TCP connection ends cleanly after it has read everything we sent.
+            let _ = Box::pin(tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+                while let Some(Ok(msg)) = stream.next().await {
+                    if matches!(msg, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }))
+            .await;
+        }
+    }
+    .instrument(span)
+}
+
+/// What a WebSocket message means to the session.
+fn inbound(message: Result<Message, axum::Error>) -> Inbound {
+    match message {
+        Ok(Message::Text(text)) => Inbound::Request(text),
+        Ok(Message::Binary(_)) => Inbound::End(CloseReason::Binary),
+        Ok(Message::Close(_)) => Inbound::End(CloseReason::PeerClosed),
+        Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Alive,
+        Err(e) => Inbound::End(classify_read_error(e)),
+    }
+}
+
+/// Maps a read error to the reason (and so the close code) it deserves.
+fn classify_read_error(error: axum::Error) -> CloseReason {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) => match *e {
+            tungstenite::Error::Capacity(_) => CloseReason::TooLarge,
+            tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
+            // A peer that vanished without a close handshake is gone, not rude.
+            tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ) => CloseReason::PeerGone,
+            tungstenite::Error::Protocol(_) => CloseReason::ProtocolError,
+            _ => CloseReason::PeerGone,
+        },
+        Err(_) => CloseReason::PeerGone,
+    }
+}
+
+/// Drains the outbound queue into the socket until the connection closes, then
+/// sends the close frame its reason calls for. Node shutdown reaches the writer as a
+/// close (the reader turns it into `CloseReason::Shutdown`), pings as a request
+/// from the node's heartbeat.
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: ClientQueue,
+    client: ClientHandle,
+    limit: Duration,
+) {
+    // Swapped with the queue on every batch, so a busy connection allocates nothing.
+    let mut batch = VecDeque::new();
+    loop {
+        let written = match queue.next(&mut batch).await {
+            Next::Close => break,
+            Next::Ping => {
+                write_within(limit, &client, sink.send(Message::Ping(Default::default()))).await
+            }
+            Next::Frames => {
+                if batch.len() > 1 {
+                    // Frames piled up while we were away: the node is behind. Let
+                    // the fan-out run once more and take what it adds, so that a
+                    // behind node writes fewer, larger batches (each write costs
+                    // the same kernel work whatever its size) instead of falling
+                    // further behind. An unloaded connection (one frame) does
+                    // not wait.
+                    tokio::task::yield_now().await;
+                    queue.append_to(&mut batch);
+                }
+                // Everything queued goes out with one flush; its bytes count
+                // against the connection's bound until then.
+                let bytes = batch.iter().map(|f| f.len()).sum();
+                let write = async {
+                    for frame in batch.drain(..) {
+                        sink.feed(Message::Text(frame.text().clone())).await?;
+                    }
+                    sink.flush().await
+                };
+                let written = write_within(limit, &client, write).await;
+                queue.written(bytes);
+                written
+            }
+        };
+        if !written {
+            break;
+        }
+        if batch.capacity() > SPARE_BATCH_CAPACITY {
+            // A burst is over: do not keep its buffer for an idle connection.
+            batch = VecDeque::new();
+        }
+    }
+
+    let reason = client.close_reason().unwrap_or(CloseReason::PeerGone);
+    let goodbye = async {
+        match reason.code() {
+            Some(code) => {
+                // What was queued before the close (an error telling the client why,
+                // the last messages before a drain) goes out first. A slow consumer's
+                // backlog is the problem itself, so it is dropped.
+                if reason != CloseReason::SlowConsumer {
+                    for frame in queue.take_all() {
+                        sink.feed(Message::Text(frame.text().clone())).await?;
+                    }
+                }
+                let frame = CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason.as_str()),
+                };
+                sink.send(Message::Close(Some(frame))).await
+            }
+            // The socket queued its reply to the client's close frame; flush it out.
+            None if reason == CloseReason::PeerClosed => sink.flush().await,
+            None => Ok(()),
+        }
+    };
+    // Boxed: only a closing connection needs the space of this future.
+    let _ = Box::pin(tokio::time::timeout(limit, goodbye)).await;
+}
+
+/// Runs one write, bounded by the write timeout; records why the connection must
+/// close if it failed. Returns whether the connection is still writable.
+///
+/// Most writes complete on their first poll (the socket has room), so the timer is
+/// only armed for a write that has to wait.
+async fn write_within(
+    limit: Duration,
+    client: &ClientHandle,
+    write: impl Future<Output = Result<(), axum::Error>>,
+) -> bool {
+    let mut write = std::pin::pin!(write);
+    let result = match futures_util::poll!(write.as_mut()) {
+        std::task::Poll::Ready(result) => Ok(result),
+        // Boxed so the timer's space is only taken while a write is stalled.
+        std::task::Poll::Pending => Box::pin(tokio::time::timeout(limit, write.as_mut())).await,
+    };
+    match result {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => {
+            client.close(CloseReason::PeerGone);
+            false
+        }
+        Err(_) => {
+            client.close(CloseReason::WriteTimeout);
+            false
+        }
+    }
+}
