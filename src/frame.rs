@@ -30,6 +30,11 @@ impl Frame {
         &self.text
     }
 
+    /// The frame's JSON text, taken out of the frame.
+    pub fn into_text(self) -> Utf8Bytes {
+        self.text
+    }
+
     /// The frame's JSON text, as a `&str`.
     pub fn as_str(&self) -> &str {
         self.text.as_str()

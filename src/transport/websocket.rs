@@ -128,7 +128,7 @@ async fn write_loop(
                 let bytes = batch.iter().map(|f| f.len()).sum();
                 let write = async {
                     for frame in batch.drain(..) {
-                        sink.feed(Message::Text(frame.text().clone())).await?;
+                        sink.feed(Message::Text(frame.into_text())).await?;
                     }
                     sink.flush().await
                 };
@@ -155,7 +155,7 @@ async fn write_loop(
                 // backlog is the problem itself, so it is dropped.
                 if reason != CloseReason::SlowConsumer {
                     for frame in queue.take_all() {
-                        sink.feed(Message::Text(frame.text().clone())).await?;
+                        sink.feed(Message::Text(frame.into_text())).await?;
                     }
                 }
                 let frame = CloseFrame {
