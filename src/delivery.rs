@@ -5,7 +5,8 @@
 //! the broker, repaired from history by the broker's tracker, or replayed by a
 //! recovery in the hub), and the same bytes go to every local subscriber. The
 //! broker only carries publications: it calls [`Delivery::deliver`] and
-//! [`Delivery::gap`] and never builds a frame itself.
+//! [`Delivery::gap`] and never builds a frame itself. Requests that other nodes
+//! forward to this node's streaming sessions arrive beside them (`streams`).
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::protocol;
 use crate::publication::{Kind, Position, Publication};
 use crate::registry::Registry;
+use crate::streams::Streams;
 use crate::telemetry::Tracing;
 
 /// The frame clients get for one publication of `channel`: a message, or a presence
@@ -34,6 +36,8 @@ pub struct Delivery {
     pub metrics: Arc<Metrics>,
     /// Where delivery spans go.
     pub tracing: Tracing,
+    /// This node's streaming sessions, where requests forwarded from other nodes go.
+    pub streams: Streams,
 }
 
 impl Delivery {

@@ -3,18 +3,36 @@
 //!
 //! A publication's frame is built once per node and shared by every local
 //! subscriber (cloning it counts a reference, it copies nothing), so a queue holds
-//! frames, never messages to serialise again.
+//! frames, never messages to serialise again. A frame may also say which channel
+//! positions it carries the client to (a publication of a history channel, a
+//! `welcome`, a subscribe ack, a `gap`): a transport that must name the client's
+//! place in its own terms (SSE's event id) reads them here instead of parsing the
+//! JSON.
+
+use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
 
+use crate::publication::Position;
+
 /// One message for clients, as JSON text.
 ///
-/// The text is kept as `Utf8Bytes` (axum's, around tungstenite's), shared bytes known to be UTF-8:
-/// the WebSocket writer takes it as a text message without copying or validating it
-/// again.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The text is kept as `Utf8Bytes` (axum's, around tungstenite's), shared bytes
+/// known to be UTF-8: the WebSocket writer takes it as a text message without
+/// copying or validating it again.
+#[derive(Debug, Clone)]
 pub struct Frame {
     text: Utf8Bytes,
+    /// What only some frames carry, shared by every copy: absent from most
+    /// replies, so they cost one pointer.
+    extra: Option<Arc<Extra>>,
+}
+
+/// What a frame carries besides its text.
+#[derive(Debug, Default)]
+struct Extra {
+    /// The channel positions the frame brings its client to, in order.
+    positions: Vec<(String, Position)>,
 }
 
 impl Frame {
@@ -22,7 +40,22 @@ impl Frame {
     pub const fn from_static(text: &'static str) -> Frame {
         Frame {
             text: Utf8Bytes::from_static(text),
+            extra: None,
         }
+    }
+
+    /// The frame, telling that it brings its client to `positions`.
+    pub fn with_positions(mut self, positions: Vec<(String, Position)>) -> Frame {
+        if !positions.is_empty() {
+            self.extra = Some(Arc::new(Extra { positions }));
+        }
+        self
+    }
+
+    /// The channel positions the frame brings its client to (a publication on a
+    /// history channel, a `welcome`, a subscribe ack, a `gap`); empty for others.
+    pub fn positions(&self) -> &[(String, Position)] {
+        self.extra.as_deref().map_or(&[], |e| e.positions.as_slice())
     }
 
     /// The frame as JSON text.
@@ -53,7 +86,10 @@ impl Frame {
 
 impl From<String> for Frame {
     fn from(text: String) -> Frame {
-        Frame { text: text.into() }
+        Frame {
+            text: text.into(),
+            extra: None,
+        }
     }
 }
 
@@ -62,6 +98,15 @@ impl From<&'static str> for Frame {
         Frame::from_static(text)
     }
 }
+
+impl PartialEq for Frame {
+    /// Frames are equal when their text is.
+    fn eq(&self, other: &Frame) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Frame {}
 
 impl PartialEq<&str> for Frame {
     fn eq(&self, other: &&str) -> bool {

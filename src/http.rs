@@ -27,6 +27,7 @@ use crate::broker::BrokerError;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
 use crate::readiness::Readiness;
+use crate::streams::Streams;
 use crate::transport;
 
 /// What the HTTP handlers share: the hub, and what only the HTTP surface needs.
@@ -40,6 +41,8 @@ pub(crate) struct AppState {
     pub(crate) origins: OriginPolicy,
     /// The grants of every connection when authentication is off, shared.
     pub(crate) anyone: Arc<Grants>,
+    /// This node's streaming sessions (SSE, HTTP streaming), by id.
+    pub(crate) streams: Streams,
 }
 
 /// tungstenite reads into a buffer of this size per connection, allocated and

@@ -30,6 +30,7 @@ mod readiness;
 mod reads;
 pub mod registry;
 mod session;
+pub mod streams;
 pub mod shutdown;
 pub mod telemetry;
 mod transport;

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::reads::HistoryReads;
 use crate::registry::{Registry, RegistryStats};
+use crate::streams::Streams;
 use crate::telemetry::Tracing;
 
 /// Why a node could not start or serve.
@@ -77,10 +78,12 @@ impl Node {
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let registry = Registry::new();
+        let streams = Streams::new();
         let delivery = Delivery {
             registry: registry.clone(),
             metrics: metrics.clone(),
             tracing: tracing.clone(),
+            streams: streams.clone(),
         };
         let broker = Broker::start(config.clone(), delivery, shutdown.clone())?;
         let node_id = config.resolved_node_id();
@@ -118,6 +121,7 @@ impl Node {
                 verifier,
                 origins,
                 anyone: Arc::new(Grants::anyone()),
+                streams,
             }),
         })
     }

@@ -36,6 +36,7 @@ impl Side {
             registry: registry.clone(),
             metrics: Arc::new(Metrics::new()),
             tracing: Tracing::disabled(),
+            streams: Default::default(),
         };
         let broker = Broker::start(config.clone(), delivery, shutdown.clone()).unwrap();
         wait_until("broker ready", || broker.all_shards_usable()).await;

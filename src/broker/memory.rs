@@ -143,6 +143,11 @@ impl MemoryBroker {
         Some(position)
     }
 
+    /// A request for a streaming session: this node holds every session.
+    pub(super) fn forward(&self, payload: Vec<u8>) -> bool {
+        self.inner.delivery.streams.forwarded(payload.into())
+    }
+
     /// This node's channels and their subscribers: the whole cluster's.
     pub(super) fn local_channels(&self) -> Vec<(String, usize)> {
         self.inner.delivery.registry.channel_counts()
@@ -235,6 +240,7 @@ mod tests {
             registry: Registry::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
+            streams: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let broker =

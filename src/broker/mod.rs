@@ -313,6 +313,17 @@ impl Broker {
         }
     }
 
+    /// Hands a request for a streaming session to the node whose route is `route`
+    /// (`<secret>` LF `<request>`, [`crate::streams::forwarded_payload`]): through
+    /// that node's control channel in Redis; with the memory broker, to this node.
+    /// Returns whether a node took it (none: the node is gone, or Redis dropped it).
+    pub async fn forward(&self, route: &str, payload: Vec<u8>) -> Result<bool, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.forward(payload)),
+            Broker::Redis(b) => b.forward(route, payload).await,
+        }
+    }
+
     /// The state of each Redis shard, in `--redis-url` order (none for the memory
     /// broker, which is always usable): what readiness is decided from.
     pub fn shards(&self) -> Vec<ShardState> {

@@ -502,6 +502,7 @@ mod tests {
             registry,
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
+            streams: Default::default(),
         };
         (Tracker::new(delivery, max_buffer, 100), queue)
     }

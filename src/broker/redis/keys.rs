@@ -61,4 +61,12 @@ impl Keys {
     pub(super) fn presence(&self, channel: &str, suffix: &str) -> String {
         self.history(channel, suffix)
     }
+
+    /// A node's control channel, where other nodes forward the requests of its
+    /// streaming sessions: `<prefix>{<route>}:control`. No client channel maps to
+    /// it (braces are not allowed in channel names), and on a cluster each node's
+    /// lives in the slot of its route.
+    pub(super) fn control(&self, route: &str) -> String {
+        format!("{}{{{route}}}:control", self.prefix)
+    }
 }

@@ -99,6 +99,8 @@ struct Inner {
     /// Classic or sharded pub/sub (a cluster): the same for every shard.
     pubsub: PubSub,
     keys: Keys,
+    /// This node's control channel (see `keys::control`), on the first shard.
+    control: String,
     timeout: Duration,
     config: Arc<Config>,
     delivery: Delivery,
@@ -164,6 +166,7 @@ impl RedisBroker {
             shards,
             pubsub,
             keys: Keys::new(prefix.clone(), pubsub),
+            control: Keys::new(prefix.clone(), pubsub).control(delivery.streams.route()),
             timeout,
             delivery,
             tracker,
@@ -260,6 +263,12 @@ impl RedisBroker {
     /// Writes this node's announcement for the cluster view.
     pub async fn announce(&self, announcement: Announcement) -> Result<(), BrokerError> {
         cluster_view::announce(&self.inner, announcement).await
+    }
+
+    /// Forwards a request to the node of `route`'s control channel (on the first
+    /// shard); whether a node received it.
+    pub async fn forward(&self, route: &str, payload: Vec<u8>) -> Result<bool, BrokerError> {
+        publish::forward(&self.inner, route, payload).await
     }
 
     /// The live nodes' announcements, by id.
@@ -388,6 +397,7 @@ mod tests {
             registry: Registry::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
+            streams: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let url = format!("redis://127.0.0.1:{port}");

@@ -142,6 +142,33 @@ pub(super) async fn publish(
     }
 }
 
+/// Publishes a forwarded request on the control channel of the node of `route`
+/// (on the first shard, where cluster-wide traffic goes); whether a node received
+/// it. Sent once, like a publication: a request run twice could be a message
+/// published twice.
+pub(super) async fn forward(
+    inner: &Inner,
+    route: &str,
+    payload: Vec<u8>,
+) -> Result<bool, BrokerError> {
+    let shard = inner.home();
+    let mut conn = shard.publisher_once()?;
+    let mut publish = redis::cmd(inner.pubsub.publish());
+    publish.arg(inner.keys.control(route)).arg(payload);
+    let send = async {
+        run_once(&mut conn, None, |mut conn| {
+            let publish = &publish;
+            async move { publish.query_async::<i64>(&mut conn).await }
+        })
+        .await
+        .map_err(|e| shard.failed(e))
+    };
+    match tokio::time::timeout(inner.timeout, send).await {
+        Ok(receivers) => Ok(receivers? > 0),
+        Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+    }
+}
+
 /// Runs a request that must never run twice (a publish) on a connection that
 /// never resends on its own ([`Shard::publisher_once`]), and again only when Redis
 /// answered that it did not run it: the script was not loaded (`NOSCRIPT`: loaded,

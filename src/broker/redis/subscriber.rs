@@ -134,9 +134,12 @@ async fn connect(inner: &Arc<Inner>, shard: &Arc<Shard>) -> Result<(SubConn, Arc
             }
             None => connect_single(inner, shard, &disconnected).await?,
         };
-        conn.subscribe(&shard.probes.channels())
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut always = shard.probes.channels();
+        if shard.index == 0 {
+            // The first shard carries this node's control channel.
+            always.push(inner.control.clone());
+        }
+        conn.subscribe(&always).await.map_err(|e| e.to_string())?;
         Ok((conn, disconnected.clone()))
     };
     match tokio::time::timeout(timeout, setup).await {
@@ -483,6 +486,13 @@ fn on_push(inner: &Arc<Inner>, shard: &Shard, info: PushInfo, disconnected: &Not
                 }
                 return;
             }
+            if shard.index == 0 && key == inner.control.as_bytes() {
+                let known = inner.delivery.streams.forwarded(Bytes::from(payload));
+                if !known {
+                    tracing::debug!("a forwarded request for a session this node does not hold");
+                }
+                return;
+            }
             let Some(channel) = std::str::from_utf8(&key)
                 .ok()
                 .and_then(|k| inner.keys.channel_of(k))
@@ -516,7 +526,9 @@ fn on_push(inner: &Arc<Inner>, shard: &Shard, info: PushInfo, disconnected: &Not
             let Some(Value::BulkString(key)) = info.data.first() else {
                 return;
             };
-            if shard.probes.channels().iter().any(|c| c.as_bytes() == key) {
+            if shard.probes.channels().iter().any(|c| c.as_bytes() == key)
+                || key == inner.control.as_bytes()
+            {
                 // A probe's slot moved: pick the probes again on a new connection.
                 shard.kick.notify_one();
                 return;
