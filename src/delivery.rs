@@ -21,9 +21,13 @@ use crate::telemetry::Tracing;
 /// The frame clients get for one publication of `channel`: a message, or a presence
 /// `join`/`leave`.
 pub fn frame(channel: &str, publication: &Publication) -> Frame {
-    match publication.kind {
+    let frame = match publication.kind {
         Kind::Message => protocol::encode_publication(channel, publication),
         Kind::Join | Kind::Leave => protocol::encode_presence_event(channel, publication),
+    };
+    match &publication.position {
+        Some(position) => frame.with_positions(vec![(channel.to_owned(), position.clone())]),
+        None => frame,
     }
 }
 
@@ -60,7 +64,8 @@ impl Delivery {
     /// Tells the local subscribers of `channel` that publications up to `position`
     /// were lost (the history no longer holds them): they reload their state.
     pub fn gap(&self, channel: &str, position: &Position) {
-        let frame = protocol::encode_gap(channel, position);
+        let frame = protocol::encode_gap(channel, position)
+            .with_positions(vec![(channel.to_owned(), position.clone())]);
         self.registry.fanout_gap(channel, &frame, position.offset);
         self.metrics.history_gap("lost");
         tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");

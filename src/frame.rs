@@ -55,7 +55,9 @@ impl Frame {
     /// The channel positions the frame brings its client to (a publication on a
     /// history channel, a `welcome`, a subscribe ack, a `gap`); empty for others.
     pub fn positions(&self) -> &[(String, Position)] {
-        self.extra.as_deref().map_or(&[], |e| e.positions.as_slice())
+        self.extra
+            .as_deref()
+            .map_or(&[], |e| e.positions.as_slice())
     }
 
     /// The frame as JSON text.

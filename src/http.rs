@@ -8,14 +8,14 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
@@ -27,8 +27,8 @@ use crate::broker::BrokerError;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
 use crate::readiness::Readiness;
-use crate::streams::Streams;
-use crate::transport;
+use crate::streams::{self, Handed, Streams};
+use crate::transport::{self, ConnSlot, stream::Format};
 
 /// What the HTTP handlers share: the hub, and what only the HTTP surface needs.
 #[derive(Debug)]
@@ -63,6 +63,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/admin", get(admin))
         .route("/client.js", get(client_js))
         .route("/ws", get(websocket))
+        .route("/sse", get(sse))
+        .route("/stream", post(http_stream))
+        // The body is read by the handler, bounded like a WebSocket message.
+        .route("/stream/request", post(stream_request))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -218,79 +222,124 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-async fn websocket(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
-) -> Response {
+/// A connection about to open: its channels, with the positions to recover from,
+/// and its grants.
+struct Admitted {
+    channels: Vec<(String, Option<Since>)>,
+    grants: Arc<Grants>,
+}
+
+/// Everything checked before a connection opens, whatever its transport: the node
+/// is not draining nor full, the origin is allowed, the token is valid, and the
+/// channels (and their recoveries) are allowed. The channels, with the positions
+/// to recover from, and the connection's grants; or the HTTP answer.
+fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    default_channel: Option<&str>,
+) -> Result<Admitted, Box<Response>> {
     let hub = &state.hub;
     if hub.is_draining() {
-        return http_error(
+        return Err(Box::new(http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "draining",
             "node is shutting down; connect to another node",
-        );
+        )));
     }
     let max = hub.config.limits.max_connections;
     if hub.registry.stats().connections >= max {
-        return http_error(
+        return Err(Box::new(http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
             format!("this node is at its limit of {max} connections; try another"),
-        );
+        )));
     }
     let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     if !state.origins.allows(origin, host) {
-        return http_error(
+        return Err(Box::new(http_error(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
             format!(
                 "origin {:?} is not allowed to connect",
                 origin.unwrap_or_default()
             ),
-        );
+        )));
     }
-    // A client asking for the protocol's subprotocol gets it echoed, and no
-    // implicit default channel.
-    let upgrade = upgrade.protocols([protocol::SUBPROTOCOL]);
-    let default_channel = match upgrade.selected_protocol() {
-        Some(_) => None,
-        None => Some(hub.config.default_channel.as_str()),
-    };
-    let params = match ConnectParams::parse(query.as_deref(), default_channel) {
-        Ok(params) => params,
-        Err((code, message)) => return http_error(StatusCode::BAD_REQUEST, code, message),
-    };
+    let params = ConnectParams::parse(query, default_channel)
+        .map_err(|(code, message)| Box::new(http_error(StatusCode::BAD_REQUEST, code, message)))?;
     let grants = match &state.verifier {
         None => state.anyone.clone(),
         Some(verifier) => {
-            let token = bearer(&headers).or(params.token.as_deref());
+            let token = bearer(headers).or(params.token.as_deref());
             match token
                 .ok_or(AuthError::Missing)
                 .and_then(|t| verifier.verify(t))
             {
                 Ok(grants) => Arc::new(grants),
                 Err(e) => {
-                    return http_error(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
+                    return Err(Box::new(http_error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        e.to_string(),
+                    )));
                 }
             }
         }
     };
-    let names = params.channels.iter().map(|(c, _)| c.as_str());
-    let checked = hub.check_subscribe(&grants, None, names).and_then(|()| {
-        params
-            .channels
-            .iter()
-            .filter(|(_, since)| since.is_some())
-            .try_for_each(|(c, _)| hub.check_since(c))
-    });
-    if let Err(refusal) = checked {
-        return refusal_response(&refusal);
+    let mut channels = params.channels;
+    // A reconnecting `EventSource` names where it was in `Last-Event-ID`: that
+    // position wins over one in the URL, which is the page's first.
+    if let Some(id) = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    {
+        let reached = transport::stream::parse_event_id(id).map_err(|e| {
+            Box::new(http_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("Last-Event-ID: {e}"),
+            ))
+        })?;
+        for (channel, since) in reached {
+            if let Some((_, s)) = channels.iter_mut().find(|(c, _)| *c == channel) {
+                *s = Some(since);
+            }
+        }
     }
-    let message_limit = hub.config.limits.max_message_bytes;
-    let channels = params.channels;
+    let names = channels.iter().map(|(c, _)| c.as_str());
+    hub.check_subscribe(&grants, None, names)
+        .and_then(|()| {
+            channels
+                .iter()
+                .filter(|(_, since)| since.is_some())
+                .try_for_each(|(c, _)| hub.check_since(c))
+        })
+        .map_err(|refusal| Box::new(refusal_response(&refusal)))?;
+    Ok(Admitted { channels, grants })
+}
+
+async fn websocket(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    // A client asking for the protocol's subprotocol gets it echoed, and no
+    // implicit default channel.
+    let upgrade = upgrade.protocols([protocol::SUBPROTOCOL]);
+    let default_channel = match upgrade.selected_protocol() {
+        Some(_) => None,
+        None => Some(state.hub.config.default_channel.as_str()),
+    };
+    let Admitted { channels, grants } =
+        match admit(&state, &headers, query.as_deref(), default_channel) {
+            Ok(admitted) => admitted,
+            Err(response) => return *response,
+        };
+    let message_limit = state.hub.config.limits.max_message_bytes;
     let hub = state.hub.clone();
     let sessions = state.sessions.clone();
     upgrade
@@ -300,6 +349,137 @@ async fn websocket(
         .on_upgrade(move |socket| {
             sessions.track_future(transport::websocket::run(socket, hub, channels, grants))
         })
+}
+
+/// `GET /sse`: a session as Server-Sent Events (see `transport::stream`), with
+/// the query of `/ws` (no implicit default channel).
+async fn sse(
+    State(state): State<Arc<AppState>>,
+    slot: Option<Extension<ConnSlot>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    open_stream(
+        &state,
+        slot,
+        &headers,
+        query.as_deref(),
+        Format::EventStream,
+    )
+}
+
+/// `POST /stream`: a session as newline-delimited JSON (see `transport::stream`).
+async fn http_stream(
+    State(state): State<Arc<AppState>>,
+    slot: Option<Extension<ConnSlot>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    open_stream(&state, slot, &headers, query.as_deref(), Format::NdJson)
+}
+
+fn open_stream(
+    state: &AppState,
+    slot: Option<Extension<ConnSlot>>,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    format: Format,
+) -> Response {
+    let Admitted { channels, grants } = match admit(state, headers, query, None) {
+        Ok(admitted) => admitted,
+        Err(response) => return *response,
+    };
+    transport::stream::open(
+        state.hub.clone(),
+        &state.streams,
+        &state.sessions,
+        slot.map(|Extension(slot)| slot),
+        channels,
+        grants,
+        format,
+    )
+}
+
+/// `POST /stream/request?session=<id>`: one request (the body, JSON as over a
+/// WebSocket) for a streaming session, on any node: handed to the session here,
+/// or forwarded to the node that holds it. The reply comes on the stream; this
+/// answers 202 once the session has the request, 404 when no node holds it, 429
+/// when it has too many waiting.
+async fn stream_request(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let session = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "session")
+        .map(|(_, v)| v.into_owned());
+    let Some((secret, route)) = session.as_deref().and_then(streams::split) else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "expected ?session=<id> as the welcome frame gave it",
+        );
+    };
+    let limits = &state.hub.config.limits;
+    let body = match read_body(
+        &headers,
+        body,
+        limits.max_message_bytes,
+        limits.handshake_timeout,
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let accepted = || (StatusCode::ACCEPTED, Json(json!({"accepted": true}))).into_response();
+    let unknown = || {
+        http_error(
+            StatusCode::NOT_FOUND,
+            "unknown_session",
+            "no node holds this session (it ended): open a new stream",
+        )
+    };
+    if route == state.streams.route() {
+        let Ok(request) = Utf8Bytes::try_from(body) else {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body is not UTF-8",
+            );
+        };
+        return match state.streams.hand(secret, request) {
+            Handed::Queued => accepted(),
+            Handed::Full(_) => http_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "too many requests waiting for this session; send the next after a reply",
+            ),
+            Handed::Unknown => unknown(),
+        };
+    }
+    if std::str::from_utf8(&body).is_err() {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the body is not UTF-8",
+        );
+    }
+    match state
+        .hub
+        .broker
+        .forward(route, streams::forwarded_payload(secret, &body))
+        .await
+    {
+        Ok(true) => accepted(),
+        Ok(false) => unknown(),
+        Err(e) => http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("could not reach the session's node: {e}"),
+        ),
+    }
 }
 
 /// The HTTP answer to a refused request.

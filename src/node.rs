@@ -31,6 +31,7 @@ use crate::reads::HistoryReads;
 use crate::registry::{Registry, RegistryStats};
 use crate::streams::Streams;
 use crate::telemetry::Tracing;
+use crate::transport::ConnSlot;
 
 /// Why a node could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -239,6 +240,7 @@ impl NodeHandle {
 async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: CancellationToken) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
 
     let limits = state.hub.config.limits.clone();
     let app = http::router(state);
@@ -262,12 +264,22 @@ async fn accept_loop(state: Arc<AppState>, listener: TcpListener, stop: Cancella
             },
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let (evicted, done) = pending.admit();
+        // Every request of the connection carries its slot, so a handler that turns
+        // it into a long-lived stream can take it out of the pending set (and drop
+        // it when a write to it stalls).
+        let slot = ConnSlot::new(evicted.clone(), done.clone());
+        let app = app.clone();
+        let service = TowerToHyperService::new(tower::service_fn(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(slot.clone());
+                app.clone().oneshot(request)
+            },
+        ));
         let connection = http
             .serve_connection(TokioIo::new(HandshakeIo::new(stream)), service)
             .with_upgrades();
         let stop = stop.clone();
-        let (evicted, done) = pending.admit();
         connections.spawn(async move {
             // Ends at the upgrade for WebSockets (the session lives on), or when an
             // HTTP client is done; on stop, idle keep-alive connections are closed.

@@ -709,6 +709,18 @@ pub fn encode_welcome(
     channels: &[String],
     positions: &[ChannelPosition],
 ) -> Frame {
+    encode_stream_welcome(node, conn, channels, positions, None)
+}
+
+/// The `welcome` of a connection, with `session` (the id its client sends
+/// requests with) on the streaming transports.
+pub fn encode_stream_welcome(
+    node: &str,
+    conn: &str,
+    channels: &[String],
+    positions: &[ChannelPosition],
+    session: Option<&str>,
+) -> Frame {
     // A struct keeps the documented field order, `op` first like every other frame.
     #[derive(serde::Serialize)]
     struct Welcome<'a> {
@@ -718,6 +730,8 @@ pub fn encode_welcome(
         channels: &'a [String],
         #[serde(skip_serializing_if = "<[_]>::is_empty")]
         positions: &'a [ChannelPosition],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        session: Option<&'a str>,
     }
     let welcome = Welcome {
         op: "welcome",
@@ -725,10 +739,27 @@ pub fn encode_welcome(
         conn,
         channels,
         positions,
+        session,
     };
     serde_json::to_string(&welcome)
         .expect("strings always serialise")
         .into()
+}
+
+/// `{"op":"close","code":..,"reason":"..","reconnect":..}`: the last frame of a
+/// streaming transport (SSE, HTTP streaming), which has no close frame of its own;
+/// the code is the one a WebSocket would have been closed with, and `reconnect`
+/// says whether connecting again (to any node) is the cure.
+pub fn encode_close(code: u16, reason: &str, reconnect: bool) -> Frame {
+    let mut out = String::with_capacity(64 + reason.len());
+    out.push_str(r#"{"op":"close","code":"#);
+    out.push_str(&code.to_string());
+    out.push_str(r#","reason":"#);
+    push_json_string(&mut out, reason);
+    out.push_str(r#","reconnect":"#);
+    out.push_str(if reconnect { "true" } else { "false" });
+    out.push('}');
+    out.into()
 }
 
 #[cfg(test)]

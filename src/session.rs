@@ -25,6 +25,7 @@ use crate::client::{ClientHandle, ClientQueue, CloseReason, QueueBounds};
 use crate::frame::Frame;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ChannelPosition, ErrorCode, Request, RequestId, Since};
+use crate::publication::Position;
 
 /// What a transport read from its client.
 #[derive(Debug)]
@@ -98,14 +99,16 @@ impl Session {
 
     /// Serves the connection until it ends: subscribes `channels` (checked before
     /// the connection opened, with the positions to recover from) and sends
-    /// `welcome`, then handles the requests of `inbound`. Then leaves the registry
-    /// and presence, waits for the transport's `writer` to say goodbye, and returns
-    /// why the connection ended.
+    /// `welcome` (with `stream_id`, the session id of a streaming transport), then
+    /// handles the requests of `inbound`. Then leaves the registry and presence,
+    /// waits for the transport's `writer` to say goodbye, and returns why the
+    /// connection ended.
     pub(crate) async fn serve(
         self,
         channels: Vec<(String, Option<Since>)>,
         inbound: impl Stream<Item = Inbound> + Unpin,
         writer: JoinHandle<()>,
+        stream_id: Option<&str>,
     ) -> CloseReason {
         let opened = std::time::Instant::now();
         tracing::info!(
@@ -115,7 +118,7 @@ impl Session {
             "connection opened"
         );
         // Takes the channel list: nothing needs it after `welcome`.
-        if Box::pin(self.subscribe_at_connect(channels)).await {
+        if Box::pin(self.subscribe_at_connect(channels, stream_id)).await {
             self.read_loop(inbound).await;
         }
 
@@ -139,7 +142,11 @@ impl Session {
     /// Subscribes the channels named at connect, sends `welcome` once they are live
     /// (with the position of each history channel), then what each recovered.
     /// Returns `false` (and closes the connection) if the broker cannot serve them.
-    async fn subscribe_at_connect(&self, channels: Vec<(String, Option<Since>)>) -> bool {
+    async fn subscribe_at_connect(
+        &self,
+        channels: Vec<(String, Option<Since>)>,
+        stream_id: Option<&str>,
+    ) -> bool {
         let subscribed = match self
             .hub
             .subscribe_at_connect(&self.client, &self.grants, &channels)
@@ -168,14 +175,38 @@ impl Session {
                 })
             })
             .collect();
+        // Where the welcome leaves the client: on a recovering channel, where it
+        // was (what it missed follows), elsewhere the position read.
+        let reached: Vec<(String, Position)> = subscribed
+            .iter()
+            .filter_map(|s| {
+                let top = s.position()?;
+                let since = channels
+                    .iter()
+                    .find(|(c, _)| c == s.channel())
+                    .and_then(|(_, since)| since.as_ref());
+                let position = match (s.recovered(), since) {
+                    (Some(true), Some(since)) => Position {
+                        epoch: since.epoch.clone(),
+                        offset: since.offset,
+                    },
+                    _ => top.clone(),
+                };
+                Some((s.channel().to_owned(), position))
+            })
+            .collect();
         let names: Vec<String> = channels.into_iter().map(|(c, _)| c).collect();
         let conn = self.client.id().to_string();
-        self.send(protocol::encode_welcome(
-            &self.hub.node_id,
-            &conn,
-            &names,
-            &positions,
-        ));
+        self.send(
+            protocol::encode_stream_welcome(
+                &self.hub.node_id,
+                &conn,
+                &names,
+                &positions,
+                stream_id,
+            )
+            .with_positions(reached),
+        );
         for subscribed in subscribed {
             self.hub.go_live(&self.client, subscribed, None);
         }
@@ -321,16 +352,16 @@ impl Session {
             return Ok(id.map(protocol::encode_ack));
         };
         let reply = match (id, subscribed.position()) {
-            (Some(id), Some(position)) => Some(protocol::encode_subscribe_ack(
-                id,
-                position,
-                subscribed.recovered(),
-            )),
+            (Some(id), Some(position)) => Some(
+                protocol::encode_subscribe_ack(id, position, subscribed.recovered())
+                    .with_positions(vec![(channel.to_owned(), position.clone())]),
+            ),
             (Some(id), None) => Some(protocol::encode_ack(id)),
             // Without an id there is no ack; a failed recovery must still be told.
-            (None, Some(position)) if subscribed.recovered() == Some(false) => {
-                Some(protocol::encode_gap(channel, position))
-            }
+            (None, Some(position)) if subscribed.recovered() == Some(false) => Some(
+                protocol::encode_gap(channel, position)
+                    .with_positions(vec![(channel.to_owned(), position.clone())]),
+            ),
             (None, _) => None,
         };
         self.hub.go_live(&self.client, subscribed, reply);

@@ -48,7 +48,7 @@ pub(crate) fn run(
     );
     async move {
         let reason = session
-            .serve(channels, (&mut stream).map(inbound), writer)
+            .serve(channels, (&mut stream).map(inbound), writer, None)
             .await;
         if reason.code().is_some() {
             // We sent a close frame: give the client a moment to answer it, so the
