@@ -1636,3 +1636,254 @@ impl SentinelGroup {
         self.servers.iter_mut().find(|s| s.port == port).unwrap()
     }
 }
+
+/// A client of a streaming transport (`GET /sse` or `POST /stream`) over a raw
+/// HTTP/1.1 connection: reads the chunked body as it arrives and splits it into
+/// SSE events or NDJSON lines. Heartbeats (comments, empty lines) are counted, not
+/// returned.
+pub struct StreamClient {
+    stream: TcpStream,
+    /// Received bytes not yet decoded from the chunked encoding.
+    raw: Vec<u8>,
+    /// Decoded body bytes not yet split into events.
+    body: Vec<u8>,
+    /// Whether the last chunk (size 0) arrived.
+    pub ended: bool,
+    /// `text/event-stream` (else NDJSON).
+    sse: bool,
+    /// The HTTP status and headers of the response.
+    pub status: u16,
+    pub head: String,
+    /// Heartbeats seen.
+    pub heartbeats: usize,
+    /// The session id from `welcome`.
+    pub session: String,
+    /// The `id` of the last SSE event that had one.
+    pub last_event_id: Option<String>,
+}
+
+/// One SSE event or NDJSON line.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// The `id` field, if the event had one.
+    pub id: Option<String>,
+    pub data: Value,
+}
+
+impl StreamClient {
+    /// Opens `GET /sse?<query>` with extra headers and waits for `welcome` (if
+    /// the status is 200).
+    pub async fn sse(addr: SocketAddr, query: &str, headers: &[(&str, &str)]) -> StreamClient {
+        StreamClient::open(addr, "GET", &format!("/sse?{query}"), headers, true).await
+    }
+
+    /// Opens `POST /stream?<query>` and waits for `welcome`.
+    pub async fn ndjson(addr: SocketAddr, query: &str) -> StreamClient {
+        StreamClient::open(addr, "POST", &format!("/stream?{query}"), &[], false).await
+    }
+
+    async fn open(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        sse: bool,
+    ) -> StreamClient {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let end = loop {
+            if let Some(at) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at;
+            }
+            let mut buf = [0u8; 4096];
+            let n = timeout(WAIT, stream.read(&mut buf))
+                .await
+                .expect("response head in time")
+                .unwrap();
+            assert!(n > 0, "connection closed before the response head");
+            raw.extend_from_slice(&buf[..n]);
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        let raw = raw[end + 4..].to_vec();
+        let mut client = StreamClient {
+            stream,
+            raw,
+            body: Vec::new(),
+            ended: false,
+            sse,
+            status,
+            head,
+            heartbeats: 0,
+            session: String::new(),
+            last_event_id: None,
+        };
+        if status == 200 {
+            let welcome = client.next().await.expect("welcome");
+            assert_eq!(welcome.data["op"], "welcome", "{:?}", welcome.data);
+            client.session = welcome.data["session"].as_str().unwrap_or("").to_owned();
+        } else {
+            client.read_to_end().await;
+        }
+        client
+    }
+
+    /// Reads until the response ends (for an error status: its body is in
+    /// `error_body`).
+    async fn read_to_end(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        while let Ok(Ok(n)) = timeout(WAIT, self.stream.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            self.raw.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The body of a refused stream (the JSON error).
+    pub fn error_body(&self) -> Value {
+        let text = String::from_utf8_lossy(&self.raw);
+        // A short error body may or may not be chunked: take the JSON object.
+        let start = text.find('{').unwrap_or(0);
+        let end = text.rfind('}').map_or(text.len(), |e| e + 1);
+        serde_json::from_str(&text[start..end]).unwrap_or(Value::Null)
+    }
+
+    /// Decodes complete chunks from `raw` into `body`.
+    fn decode_chunks(&mut self) {
+        loop {
+            let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size_text = String::from_utf8_lossy(&self.raw[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap().trim(), 16)
+                .unwrap_or_else(|_| panic!("chunk size in {size_text:?}"));
+            if size == 0 {
+                self.ended = true;
+                self.raw.clear();
+                return;
+            }
+            let start = line_end + 2;
+            if self.raw.len() < start + size + 2 {
+                return;
+            }
+            self.body.extend_from_slice(&self.raw[start..start + size]);
+            self.raw.drain(..start + size + 2);
+        }
+    }
+
+    /// The next event, within `limit`; `None` when the stream ended or nothing came.
+    pub async fn try_next(&mut self, limit: Duration) -> Option<StreamEvent> {
+        use tokio::io::AsyncReadExt;
+        let deadline = Instant::now() + limit;
+        loop {
+            self.decode_chunks();
+            if let Some(event) = self.split_event() {
+                return Some(event);
+            }
+            if self.ended {
+                return None;
+            }
+            let mut buf = [0u8; 8192];
+            let n = match timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                self.stream.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) | Err(_) => return None,
+            };
+            if n == 0 {
+                self.ended = true;
+                return None;
+            }
+            self.raw.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// The next event; fails the test if none comes within [`WAIT`].
+    pub async fn next(&mut self) -> Option<StreamEvent> {
+        self.try_next(WAIT).await
+    }
+
+    /// The next event that is not a heartbeat, and the data of it; fails if none.
+    pub async fn recv(&mut self) -> Value {
+        self.next().await.expect("an event in time").data
+    }
+
+    /// Splits one complete event off the decoded body (skipping heartbeats).
+    fn split_event(&mut self) -> Option<StreamEvent> {
+        loop {
+            if self.sse {
+                let at = self.body.windows(2).position(|w| w == b"\n\n")?;
+                let block = String::from_utf8(self.body[..at].to_vec()).expect("UTF-8 events");
+                self.body.drain(..at + 2);
+                let mut id = None;
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                if let Some(id) = &id {
+                    self.last_event_id = Some(id.clone());
+                }
+                if data.is_empty() {
+                    // A comment (heartbeat) or the `retry` field.
+                    if block.starts_with(':') {
+                        self.heartbeats += 1;
+                    }
+                    continue;
+                }
+                let data = serde_json::from_str(&data).expect("JSON data");
+                return Some(StreamEvent { id, data });
+            } else {
+                let at = self.body.iter().position(|&b| b == b'\n')?;
+                let line = String::from_utf8(self.body[..at].to_vec()).expect("UTF-8 lines");
+                self.body.drain(..at + 1);
+                if line.is_empty() {
+                    self.heartbeats += 1;
+                    continue;
+                }
+                let data = serde_json::from_str(&line).expect("JSON line");
+                return Some(StreamEvent { id: None, data });
+            }
+        }
+    }
+
+    /// Posts one request for this stream's session to the node at `addr`: the
+    /// HTTP status and body.
+    pub async fn request(&self, addr: SocketAddr, request: Value) -> (u16, String) {
+        post_request(addr, &self.session, &request.to_string()).await
+    }
+}
+
+/// `POST /stream/request?session=<session>` with `body`: (status, body).
+pub async fn post_request(addr: SocketAddr, session: &str, body: &str) -> (u16, String) {
+    http_request(
+        addr,
+        "POST",
+        &format!("/stream/request?session={session}"),
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .await
+}
