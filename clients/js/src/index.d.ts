@@ -42,10 +42,13 @@ interface SubscriptionEvents {
   error: RelayError;
 }
 
+/** How frames travel: a WebSocket, Server-Sent Events, or HTTP streaming. */
+export type Transport = "websocket" | "sse" | "stream";
+
 interface RelayEvents {
   connecting: Record<string, never>;
-  connected: { node: string; conn: string };
-  disconnected: { code: number; reason: string; reconnect: boolean };
+  connected: { node: string; conn: string; transport: Transport };
+  disconnected: { code: number; reason: string; reconnect: boolean; transport: Transport };
   error: RelayError;
 }
 
@@ -76,6 +79,13 @@ export interface RelayOptions {
   getToken?: (() => string | Promise<string>) | null;
   /** A WebSocket constructor where there is no global one (e.g. `ws` in Node.js). */
   WebSocket?: unknown;
+  /** The transports to try, in order (those that cannot run here are skipped);
+   *  one that cannot open passes to the next. Default: all three. */
+  transports?: Transport[];
+  /** An `EventSource` constructor (for `sse`) where there is no global one. */
+  EventSource?: unknown;
+  /** A `fetch` (for `sse` requests and `stream`) where there is no global one. */
+  fetch?: unknown;
   /** Reconnect backoff: full jitter between 0 and min × 2^attempt, capped (ms). */
   minReconnectDelay?: number;
   maxReconnectDelay?: number;
@@ -89,6 +99,8 @@ export interface RelayOptions {
 export class Relay extends Emitter<RelayEvents> {
   constructor(url: string, options?: RelayOptions);
   readonly state: "disconnected" | "connecting" | "connected";
+  /** The transport in use, or being tried. */
+  readonly transport: Transport;
   /** The node serving the connection, once connected. */
   node: string | null;
   connect(): void;

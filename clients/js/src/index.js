@@ -2,6 +2,10 @@
 // docs/protocol.md). No runtime dependencies; browsers and Node.js 18+ (pass a
 // WebSocket constructor, e.g. from the `ws` package, where there is no global one).
 //
+// Transports: a WebSocket first; where one cannot open (a proxy that breaks
+// upgrades), Server-Sent Events (`EventSource`) or HTTP streaming (`fetch`), with
+// requests POSTed to any node — the same frames, the same guarantees.
+//
 // What it does for you: request ids, acks and timeouts; reconnecting with
 // exponential backoff and full jitter (at once after a drain's 1001); subscribing
 // again after a reconnect with the last epoch and offset seen, so nothing is lost or
@@ -107,12 +111,209 @@ export class Subscription extends Emitter {
   }
 }
 
+
+/** The URL of `path` on the node `wsUrl` names (`ws://h/ws` → `http://h/sse`). */
+function siblingUrl(wsUrl, path) {
+  const url = new URL(wsUrl);
+  url.protocol = url.protocol === "wss:" ? "https:" : url.protocol === "ws:" ? "http:" : url.protocol;
+  url.pathname = url.pathname.replace(/\/ws\/?$/, "") + path;
+  return url;
+}
+
+/** The WebSocket transport. `handlers`: `frame(object)`, `closed({code, reason})`. */
+class WebSocketTransport {
+  constructor(url, token, options, handlers) {
+    const target = new URL(url);
+    if (token) target.searchParams.set("token", token);
+    this.ws = new options.WebSocket(target.toString(), [SUBPROTOCOL]);
+    this.ws.onmessage = (ev) => {
+      let frame;
+      try {
+        frame = JSON.parse(typeof ev.data === "string" ? ev.data : String(ev.data));
+      } catch {
+        return;
+      }
+      handlers.frame(frame);
+    };
+    this.ws.onclose = (ev) => handlers.closed({ code: ev.code, reason: ev.reason });
+    this.ws.onerror = () => {};
+  }
+
+  send(text) {
+    try {
+      this.ws.send(text);
+    } catch {
+      // The close event follows.
+    }
+  }
+
+  close(code, reason) {
+    this.ws.onclose = null;
+    this.ws.onmessage = null;
+    try {
+      this.ws.close(code, reason);
+    } catch {
+      // Already closed.
+    }
+  }
+}
+
+/** A streaming transport: frames come on one long response (SSE through
+ *  `EventSource`, or newline-delimited JSON through `fetch`), requests go out as
+ *  POSTs to any node with the session id from `welcome`, one at a time, in order.
+ *  The stream's own `close` frame ends it with the code a WebSocket would have. */
+class StreamTransport {
+  #handlers;
+  #options;
+  #requestUrl;
+  #session = null;
+  #outbox = [];
+  #sending = false;
+  #done = false;
+  #abort = new AbortController();
+  #source = null;
+
+  constructor(kind, url, token, options, handlers) {
+    this.#handlers = handlers;
+    this.#options = options;
+    this.#requestUrl = siblingUrl(url, "/stream/request");
+    const target = siblingUrl(url, kind === "sse" ? "/sse" : "/stream");
+    if (token) target.searchParams.set("token", token);
+    if (kind === "sse") this.#openSse(target);
+    else this.#openFetch(target);
+  }
+
+  #openSse(target) {
+    const source = new this.#options.EventSource(target.toString());
+    this.#source = source;
+    source.onmessage = (ev) => this.#text(ev.data);
+    // `EventSource` would reconnect by itself; the relay client reconnects with
+    // what it knows (subscriptions, offsets), so the source is closed instead.
+    source.onerror = () => this.#end({ code: 1006, reason: "event stream failed" });
+  }
+
+  async #openFetch(target) {
+    let response;
+    try {
+      response = await this.#options.fetch(target.toString(), { method: "POST", signal: this.#abort.signal });
+    } catch (e) {
+      return this.#end({ code: 1006, reason: `stream could not open: ${e?.cause?.message ?? e?.message ?? e}` });
+    }
+    if (!response.ok || !response.body) {
+      return this.#end({ code: response.status === 401 ? POLICY : 1006, reason: `HTTP ${response.status}` });
+    }
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let newline;
+        while ((newline = buffer.indexOf("\n")) >= 0) {
+          const line = buffer.slice(0, newline);
+          buffer = buffer.slice(newline + 1);
+          // An empty line is a heartbeat.
+          if (line.length > 0) this.#text(line);
+        }
+      }
+    } catch {
+      // Aborted, or the connection broke.
+    }
+    this.#end({ code: 1006, reason: "stream ended" });
+  }
+
+  #text(text) {
+    if (this.#done) return;
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (frame.op === "welcome") {
+      this.#session = frame.session ?? null;
+      this.#pump();
+    }
+    if (frame.op === "close") {
+      return this.#end({ code: frame.code, reason: frame.reason });
+    }
+    this.#handlers.frame(frame);
+  }
+
+  send(text) {
+    this.#outbox.push(text);
+    this.#pump();
+  }
+
+  async #pump() {
+    if (this.#sending || this.#session === null) return;
+    this.#sending = true;
+    while (this.#outbox.length > 0 && !this.#done) {
+      const body = this.#outbox[0];
+      let status;
+      try {
+        const url = new URL(this.#requestUrl);
+        url.searchParams.set("session", this.#session);
+        const response = await this.#options.fetch(url.toString(), {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body,
+        });
+        status = response.status;
+      } catch {
+        status = 0;
+      }
+      if (status === 429) {
+        // The session has enough requests waiting: send this one a little later.
+        await new Promise((r) => setTimeout(r, 50));
+        continue;
+      }
+      this.#outbox.shift();
+      if (status === 404 || status === 0) {
+        // No node holds the session any more: the stream is gone too.
+        this.#end({ code: 1006, reason: "session lost" });
+      }
+      // Other refusals (400, 413) fail only that request: its timeout tells.
+    }
+    this.#sending = false;
+  }
+
+  #end(event) {
+    if (this.#done) return;
+    this.#done = true;
+    this.close();
+    this.#handlers.closed(event);
+  }
+
+  close() {
+    this.#done = true;
+    this.#abort.abort();
+    this.#source?.close();
+  }
+}
+
+/** Which transports can run here, of those asked for. */
+function availableTransports(options) {
+  return options.transports.filter((name) =>
+    name === "websocket" ? typeof options.WebSocket === "function"
+      : name === "sse" ? typeof options.EventSource === "function" && typeof options.fetch === "function"
+        : name === "stream" ? typeof options.fetch === "function"
+          : false,
+  );
+}
+
 /** A connection to wsrelay that reconnects by itself. Events: `connecting`,
  *  `connected` ({node, conn}), `disconnected` ({code, reason, reconnect}), `error`. */
 export class Relay extends Emitter {
   #url;
   #options;
   #ws = null;
+  #transports;
+  #transport = 0;
+  #welcomed = false;
+  #triedThisRound = 0;
   #state = "disconnected";
   #wanted = false;
   #attempt = 0;
@@ -144,10 +345,15 @@ export class Relay extends Emitter {
       // `pingTimeout` more.
       pingInterval: 25000,
       pingTimeout: 10000,
+      // Tried in this order; a transport that cannot open passes to the next.
+      transports: ["websocket", "sse", "stream"],
+      EventSource: globalThis.EventSource,
+      fetch: globalThis.fetch?.bind(globalThis),
       ...options,
     };
-    if (typeof this.#options.WebSocket !== "function") {
-      throw new TypeError("no WebSocket here: pass one, e.g. new Relay(url, { WebSocket: (await import('ws')).WebSocket })");
+    this.#transports = availableTransports(this.#options);
+    if (this.#transports.length === 0) {
+      throw new TypeError("no transport here: pass a WebSocket, e.g. new Relay(url, { WebSocket: (await import('ws')).WebSocket })");
     }
     this.#token = this.#options.token;
     /** The node serving the connection, once connected. */
@@ -157,6 +363,11 @@ export class Relay extends Emitter {
   /** `disconnected`, `connecting` or `connected`. */
   get state() {
     return this.#state;
+  }
+
+  /** The transport in use or being tried: `websocket`, `sse` or `stream`. */
+  get transport() {
+    return this.#transports[this.#transport];
   }
 
   /** Connects (and keeps reconnecting until {@link disconnect}). */
@@ -174,7 +385,7 @@ export class Relay extends Emitter {
     this.#ws = null;
     if (ws) {
       this.#closed({ code: CLOSE_NORMAL, reason: "disconnect()" }, false);
-      ws.close(CLOSE_NORMAL);
+      ws.close(CLOSE_NORMAL, "disconnect()");
     }
   }
 
@@ -242,34 +453,31 @@ export class Relay extends Emitter {
       }
     }
     if (!this.#wanted) return;
-    const url = new URL(this.#url);
-    if (this.#token) url.searchParams.set("token", this.#token);
+    const name = this.#transports[this.#transport];
+    this.#welcomed = false;
     let ws;
+    const handlers = {
+      frame: (frame) => {
+        if (this.#ws !== ws) return;
+        this.#lastFrameAt = Date.now();
+        this.#pingSent = false;
+        this.handleFrame(frame);
+      },
+      closed: ({ code, reason }) => {
+        if (this.#ws !== ws) return;
+        this.#ws = null;
+        this.#closed({ code, reason }, true);
+      },
+    };
     try {
-      ws = new this.#options.WebSocket(url.toString(), [SUBPROTOCOL]);
+      ws = name === "websocket"
+        ? new WebSocketTransport(this.#url, this.#token, this.#options, handlers)
+        : new StreamTransport(name, this.#url, this.#token, this.#options, handlers);
     } catch (e) {
       this.emit("error", new RelayError("connect", e?.message ?? String(e)));
       return this.#retry(false);
     }
     this.#ws = ws;
-    ws.onmessage = (ev) => {
-      if (this.#ws !== ws) return;
-      this.#lastFrameAt = Date.now();
-      this.#pingSent = false;
-      let frame;
-      try {
-        frame = JSON.parse(typeof ev.data === "string" ? ev.data : String(ev.data));
-      } catch {
-        return;
-      }
-      this.handleFrame(frame);
-    };
-    ws.onclose = (ev) => {
-      if (this.#ws !== ws) return;
-      this.#ws = null;
-      this.#closed({ code: ev.code, reason: ev.reason }, true);
-    };
-    ws.onerror = () => {};
   }
 
   #needsToken = false;
@@ -279,11 +487,13 @@ export class Relay extends Emitter {
     switch (frame.op) {
       case "welcome":
         this.#state = "connected";
+        this.#welcomed = true;
+        this.#triedThisRound = 0;
         this.#attempt = 0;
         this.node = frame.node;
         this.#lastFrameAt = Date.now();
         this.#startHeartbeat();
-        this.emit("connected", { node: frame.node, conn: frame.conn });
+        this.emit("connected", { node: frame.node, conn: frame.conn, transport: this.transport });
         for (const sub of this.#subs.values()) this.#sendSubscribe(sub);
         return;
       case "msg": {
@@ -368,11 +578,7 @@ export class Relay extends Emitter {
   }
 
   #send(frame) {
-    try {
-      this.#ws?.send(JSON.stringify(frame));
-    } catch {
-      // The close event follows.
-    }
+    this.#ws?.send(JSON.stringify(frame));
   }
 
   #startHeartbeat() {
@@ -412,10 +618,18 @@ export class Relay extends Emitter {
       if (this.#options.getToken) this.#needsToken = true;
       else reconnect = false;
     }
-    this.emit("disconnected", { code, reason, reconnect });
+    this.emit("disconnected", { code, reason, reconnect, transport: this.transport });
     if (!reconnect) {
       if (fromSocket) this.#wanted = false;
       return;
+    }
+    if (!this.#welcomed && this.#transports.length > 1) {
+      // This transport could not even open: try the next one at once, and back
+      // off only when every one failed in a row.
+      this.#transport = (this.#transport + 1) % this.#transports.length;
+      this.#triedThisRound++;
+      if (this.#triedThisRound < this.#transports.length) return this.#retry(true);
+      this.#triedThisRound = 0;
     }
     this.#retry(code === GOING_AWAY);
   }

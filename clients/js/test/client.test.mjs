@@ -36,7 +36,7 @@ function next(emitter, event, ms = 10000) {
 async function balancer(target) {
   const port = await freePort();
   const server = net.createServer((client) => {
-    const upstream = net.connect(balancer.target ?? target, "127.0.0.1");
+    const upstream = net.connect(target, "127.0.0.1");
     client.pipe(upstream).pipe(client);
     client.on("error", () => upstream.destroy());
     upstream.on("error", () => client.destroy());
@@ -44,7 +44,7 @@ async function balancer(target) {
   await new Promise((r) => server.listen(port, "127.0.0.1", r));
   return {
     url: `ws://127.0.0.1:${port}/ws`,
-    sendTo(port) { balancer.target = port; },
+    sendTo(port) { target = port; },
     close() { server.close(); },
   };
 }
@@ -198,3 +198,60 @@ function hs256(claims, secret) {
   const body = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
   return `${body}.${createHmac("sha256", secret).update(body).digest("base64url")}`;
 }
+
+/** A WebSocket that never opens, as behind a proxy that breaks upgrades. */
+class BrokenWebSocket {
+  constructor() {
+    setTimeout(() => this.onclose?.({ code: 1006, reason: "" }), 5);
+  }
+  send() {}
+  close() {}
+}
+
+test("without WebSocket the client falls back to HTTP streaming, requests go to any node, and a drain loses nothing", async (t) => {
+  const p = new Processes();
+  t.after(() => p.close());
+  const redis = await p.redis();
+  const flags = ["--redis-url", redis.url, ...chatConfig()];
+  const a = await p.node("a", flags);
+  const b = await p.node("b", flags);
+  const lb = await balancer(a.port);
+  t.after(() => lb.close());
+
+  const relay = new Relay(lb.url, { ...options, WebSocket: BrokenWebSocket, transports: ["websocket", "stream"] });
+  t.after(() => relay.disconnect());
+  relay.connect();
+  const connected = await next(relay, "connected");
+  assert.deepEqual([connected.node, connected.transport, relay.transport], ["a", "stream", "stream"]);
+  const sub = relay.subscribe("chat:fallback");
+  await next(sub, "subscribed");
+  const offsets = [];
+  sub.on("message", (m) => offsets.push(m.offset));
+  const gaps = [];
+  sub.on("gap", (g) => gaps.push(g));
+
+  // Requests now reach node b, which forwards them to the session on a.
+  lb.sendTo(b.port);
+  assert.deepEqual(await sub.publish("through b"), { offset: 1 });
+  await waitFor("its own message", async () => offsets.length === 1);
+
+  let publishing = true;
+  const publisher = (async () => {
+    let n = 1;
+    while (publishing) {
+      await b.publish("chat:fallback", ++n);
+    }
+    return n;
+  })();
+  await waitFor("some messages", async () => offsets.length >= 20);
+  const reconnected = next(relay, "connected");
+  await a.stop("SIGTERM");
+  const again = await reconnected;
+  assert.deepEqual([again.node, again.transport], ["b", "stream"]);
+  await waitFor("more messages after the move", async () => offsets.length >= 60);
+  publishing = false;
+  const published = await publisher;
+  await waitFor("every message", async () => offsets.at(-1) === published);
+  assert.deepEqual(offsets, Array.from({ length: published }, (_, i) => i + 1), "consecutive, each once");
+  assert.deepEqual(gaps, []);
+});
