@@ -6,7 +6,8 @@
 #   ./scripts/local-cluster.sh            # then open http://127.0.0.1:8080
 #
 # Environment: LB_PORT (8080), REDIS_PORT (6390), NODE_PORTS ("8081 8082 8083"),
-# WSRELAY_BIN (default: builds target/release/wsrelay). Needs redis-server and nginx
+# WSRELAY_BIN (default: builds target/release/wsrelay), NO_WEBSOCKET=1 (nginx refuses
+# WebSocket upgrades, as some proxies do: clients fall back to SSE or HTTP streaming). Needs redis-server and nginx
 # (Debian: apt-get install redis-server nginx-light).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,6 +68,9 @@ sed -e "/@UPSTREAMS@/{r $work/upstreams" -e 'd}' \
     -e "s|@ERROR_LOG@|$work/nginx.log|" \
     -e "s|@TEMP@|$work/temp|g" \
     deploy/nginx.conf.template > "$work/nginx.conf"
+if [ "${NO_WEBSOCKET:-}" = 1 ]; then
+  sed -i 's|^        location / {|&\n            if ($http_upgrade ~* websocket) { return 403; }|' "$work/nginx.conf"
+fi
 nginx -t -q -c "$work/nginx.conf"
 nginx -c "$work/nginx.conf"
 wait_port "$LB_PORT"

@@ -449,14 +449,25 @@ async fn stream_request(
                 "the body is not UTF-8",
             );
         };
-        return match state.streams.hand(secret, request) {
-            Handed::Queued => accepted(),
-            Handed::Full(_) => http_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_requests",
-                "too many requests waiting for this session; send the next after a reply",
-            ),
-            Handed::Unknown => unknown(),
+        let handed = state.streams.hand(secret, request);
+        let metrics = &state.hub.metrics;
+        return match handed {
+            Handed::Queued => {
+                metrics.stream_request("local");
+                accepted()
+            }
+            Handed::Full(_) => {
+                metrics.stream_request("full");
+                http_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    "too many requests waiting for this session; send the next after a reply",
+                )
+            }
+            Handed::Unknown => {
+                metrics.stream_request("unknown");
+                unknown()
+            }
         };
     }
     if std::str::from_utf8(&body).is_err() {
@@ -472,8 +483,14 @@ async fn stream_request(
         .forward(route, streams::forwarded_payload(secret, &body))
         .await
     {
-        Ok(true) => accepted(),
-        Ok(false) => unknown(),
+        Ok(true) => {
+            state.hub.metrics.stream_request("forwarded");
+            accepted()
+        }
+        Ok(false) => {
+            state.hub.metrics.stream_request("unknown");
+            unknown()
+        }
         Err(e) => http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",

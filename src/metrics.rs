@@ -37,6 +37,7 @@ pub struct Metrics {
     pub messages_delivered: Counter,
     publish_errors: Family<Labels, Counter>,
     client_closes: Family<Labels, Counter>,
+    stream_requests: Family<Labels, Counter>,
     /// Times the Redis subscriber connection was re-established after a loss.
     pub broker_reconnects: Counter,
     /// 1 while every broker shard is up.
@@ -88,6 +89,7 @@ impl Metrics {
             messages_published: Counter::default(),
             messages_delivered: Counter::default(),
             publish_errors: Family::default(),
+            stream_requests: Family::default(),
             client_closes: Family::default(),
             broker_reconnects: Counter::default(),
             broker_up: Gauge::default(),
@@ -148,6 +150,11 @@ impl Metrics {
             "publish_errors",
             "Failed publishes by error code",
             m.publish_errors.clone(),
+        );
+        registry.register(
+            "stream_requests",
+            "Requests posted for streaming sessions, by what became of them on this node: local (handed to a session here), forwarded (to the session's node), unknown (no such session), full (too many waiting)",
+            m.stream_requests.clone(),
         );
         registry.register(
             "client_closes",
@@ -255,6 +262,14 @@ impl Metrics {
     /// Counts a publish that failed with `code` (an error code of the protocol).
     pub fn publish_error(&self, code: &'static str) {
         self.publish_errors.get_or_create(&[("code", code)]).inc();
+    }
+
+    /// Counts a request posted for a streaming session: `local`, `forwarded`,
+    /// `unknown` or `full`.
+    pub fn stream_request(&self, route: &'static str) {
+        self.stream_requests
+            .get_or_create(&[("route", route)])
+            .inc();
     }
 
     /// Counts a gap in the delivery of a history channel (`repaired` or `lost`).

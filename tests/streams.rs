@@ -55,6 +55,14 @@ async fn requests_posted_to_any_node_reach_the_session(t: Topology) {
         (json!("other"), json!({"n":2}))
     );
 
+    // Through another node, requests were forwarded (with one node, handed here).
+    let route = if t.nodes.len() > 1 { "forwarded" } else { "local" };
+    let posted = metric(
+        &t.node(1).handle.metrics_text(),
+        &format!("wsrelay_stream_requests_total{{route=\"{route}\"}}"),
+    );
+    assert!(posted >= 2.0, "{route}: {posted}");
+
     // A bad request gets its error on the stream, as over a WebSocket.
     let (status, _) = stream.request(b, json!({"op":"nope","id":4})).await;
     assert_eq!(status, 202);

@@ -28,6 +28,17 @@ function nodePid(port) {
 }
 
 test("a drained node under a page loses no line behind the load balancer", async (t) => {
+  await drainUnderAPage(t, { noWebSocket: false });
+});
+
+// A proxy that breaks WebSocket upgrades (nginx refuses them here): the pages fall
+// back to SSE, say so, and chat on; requests go to whichever node the balancer
+// picks and reach the session's node through Redis.
+test("behind a proxy that refuses WebSockets the page chats over SSE and survives a drain", async (t) => {
+  await drainUnderAPage(t, { noWebSocket: true });
+});
+
+async function drainUnderAPage(t, { noWebSocket }) {
   const lb = await freePort();
   const nodes = [await freePort(), await freePort(), await freePort()];
   const cluster = spawn("bash", [`${root}scripts/local-cluster.sh`], {
@@ -38,6 +49,7 @@ test("a drained node under a page loses no line behind the load balancer", async
       REDIS_PORT: String(await freePort()),
       NODE_PORTS: nodes.join(" "),
       WSRELAY_BIN,
+      NO_WEBSOCKET: noWebSocket ? "1" : "",
     },
     stdio: ["ignore", "pipe", "inherit"],
   });
@@ -70,6 +82,10 @@ test("a drained node under a page loses no line behind the load balancer", async
     }
     return true;
   });
+  for (const page of [first, second]) {
+    const via = (await status(page)).includes("via SSE");
+    assert.equal(via, noWebSocket, await status(page));
+  }
   await first.fill("#name", "ada");
   await second.fill("#name", "bob");
 
@@ -92,4 +108,16 @@ test("a drained node under a page loses no line behind the load balancer", async
   const chat = (await lines(first)).filter((l) => l.includes(": "));
   assert.deepEqual(chat, ["ada: one", "bob: two", "bob: three", "bob: four", "bob: five", "ada: six"]);
   assert.ok(!(await lines(first)).some((l) => l.includes("could not")), "everything recovered");
-});
+  assert.equal((await status(first)).includes("via SSE"), noWebSocket, await status(first));
+  if (noWebSocket) {
+    // The balancer spread the pages' requests: some reached a node that did not
+    // hold the session and went on through Redis.
+    let forwarded = 0;
+    for (const p of nodes.filter((p) => p !== port)) {
+      const text = await (await fetch(`http://127.0.0.1:${p}/metrics`)).text();
+      const m = text.match(/^wsrelay_stream_requests_total\{route="forwarded"\} (\d+)/m);
+      forwarded += Number(m?.[1] ?? 0);
+    }
+    assert.ok(forwarded > 0, "no request was forwarded between nodes");
+  }
+}
