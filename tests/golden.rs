@@ -79,7 +79,8 @@ fn server_frames_are_what_the_encoders_write() {
             "welcome" => {
                 let positions: Vec<ChannelPosition> = frame["positions"]
                     .as_array()
-                    .unwrap()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
                     .iter()
                     .map(|p| ChannelPosition {
                         ch: p["ch"].as_str().unwrap().into(),
@@ -90,11 +91,12 @@ fn server_frames_are_what_the_encoders_write() {
                     .collect();
                 let channels: Vec<String> =
                     serde_json::from_value(frame["channels"].clone()).unwrap();
-                protocol::encode_welcome(
+                protocol::encode_stream_welcome(
                     frame["node"].as_str().unwrap(),
                     frame["conn"].as_str().unwrap(),
                     &channels,
                     &positions,
+                    frame["session"].as_str(),
                 )
             }
             "msg" => protocol::encode_publication(
@@ -192,6 +194,11 @@ fn server_frames_are_what_the_encoders_write() {
                 )
             }
             "pong" => with_id(frame, protocol::encode_pong),
+            "close" => protocol::encode_close(
+                frame["code"].as_u64().unwrap() as u16,
+                frame["reason"].as_str().unwrap(),
+                frame["reconnect"].as_bool().unwrap(),
+            ),
             other => panic!("{name}: no encoder for {other}"),
         };
         let encoded: Value = serde_json::from_str(encoded.as_str()).unwrap();

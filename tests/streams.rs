@@ -56,7 +56,11 @@ async fn requests_posted_to_any_node_reach_the_session(t: Topology) {
     );
 
     // Through another node, requests were forwarded (with one node, handed here).
-    let route = if t.nodes.len() > 1 { "forwarded" } else { "local" };
+    let route = if t.nodes.len() > 1 {
+        "forwarded"
+    } else {
+        "local"
+    };
     let posted = metric(
         &t.node(1).handle.metrics_text(),
         &format!("wsrelay_stream_requests_total{{route=\"{route}\"}}"),
