@@ -121,3 +121,76 @@ async function drainUnderAPage(t, { noWebSocket }) {
     assert.ok(forwarded > 0, "no request was forwarded between nodes");
   }
 }
+
+// A page with nothing but a browser's own EventSource (no library): when the node
+// under it drains, EventSource reconnects by itself through the balancer with
+// Last-Event-ID, and the node it reaches replays what the page missed.
+test("a bare EventSource recovers across a drain by itself, from Last-Event-ID", async (t) => {
+  const lb = await freePort();
+  const nodes = [await freePort(), await freePort(), await freePort()];
+  const cluster = spawn("bash", [`${root}scripts/local-cluster.sh`], {
+    env: {
+      ...process.env,
+      PATH: `${process.env.PATH}:/usr/sbin`,
+      LB_PORT: String(lb),
+      REDIS_PORT: String(await freePort()),
+      NODE_PORTS: nodes.join(" "),
+      WSRELAY_BIN,
+    },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const exited = new Promise((r) => cluster.once("exit", r));
+  t.after(async () => {
+    cluster.kill("SIGTERM");
+    await exited;
+  });
+  let output = "";
+  cluster.stdout.on("data", (d) => { output += d; });
+  await waitFor("the local cluster", async () => output.includes("ready:"), 30000);
+
+  const h = new Harness();
+  t.after(() => h.close());
+  const reader = await h.page();
+  await reader.goto(`http://127.0.0.1:${lb}/healthz`);
+  await reader.evaluate(() => {
+    window.got = [];
+    window.nodes = [];
+    const source = new EventSource("/sse?channel=news");
+    source.onmessage = (event) => {
+      const frame = JSON.parse(event.data);
+      if (frame.op === "welcome") window.nodes.push(frame.node);
+      if (frame.op === "msg") window.got.push(frame.data);
+    };
+  });
+  await waitFor("the stream open", async () => (await reader.evaluate(() => window.nodes.length)) === 1);
+  const under = await reader.evaluate(() => window.nodes[0]);
+  const underPort = nodes[Number(under.slice(4)) - 1];
+  const otherPort = nodes.find((p) => p !== underPort);
+
+  // The publisher is on another node, straight (not through the balancer).
+  const writer = await h.page();
+  await writer.goto(`http://127.0.0.1:${otherPort}/healthz`);
+  const publish = (from, to) => writer.evaluate(async ([from, to, port]) => {
+    window.relay ??= await (async () => {
+      const { Relay } = await import("/client.js");
+      const relay = new Relay(`ws://127.0.0.1:${port}/ws`);
+      const connected = new Promise((r) => relay.on("connected", r));
+      relay.connect();
+      await connected;
+      return relay;
+    })();
+    for (let n = from; n <= to; n++) await window.relay.publish("news", n);
+  }, [from, to, otherPort]);
+
+  await publish(1, 5);
+  await waitFor("the first messages", async () => (await reader.evaluate(() => window.got.length)) === 5);
+  process.kill(nodePid(underPort), "SIGTERM");
+  await publish(6, 30);
+  await waitFor("the page on another node", async () => (await reader.evaluate(() => window.nodes.length)) === 2);
+  await publish(31, 35);
+  await waitFor("every message", async () => (await reader.evaluate(() => window.got.length)) >= 35);
+  const got = await reader.evaluate(() => window.got);
+  assert.deepEqual(got, Array.from({ length: 35 }, (_, i) => i + 1), "each message once, in order");
+  const [first, second] = await reader.evaluate(() => window.nodes);
+  assert.notEqual(first, second);
+});
