@@ -303,10 +303,10 @@ async fn connection_churn_leaves_no_trace() {
             .query_async(&mut conn)
             .await
             .unwrap();
-        // Each node's own delivery-probe channel stays, by design.
+        // Each node's own delivery-probe and control channels stay, by design.
         let channels: Vec<String> = channels
             .into_iter()
-            .filter(|c| !c.starts_with("wsrelay:probe:"))
+            .filter(|c| !c.starts_with("wsrelay:probe:") && !c.ends_with(":control"))
             .collect();
         if channels.is_empty() {
             break;
