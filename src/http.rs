@@ -11,7 +11,6 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -44,12 +43,6 @@ pub(crate) struct AppState {
     /// This node's streaming sessions (SSE, HTTP streaming), by id.
     pub(crate) streams: Streams,
 }
-
-/// tungstenite reads into a buffer of this size per connection, allocated and
-/// zero-filled up front; its 128 KiB default would dominate the memory of an idle
-/// connection (most are). Client requests are small; a larger message takes one
-/// read per 512 bytes.
-const READ_BUFFER_BYTES: usize = 512;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const ADMIN_HTML: &str = include_str!("../static/admin.html");
@@ -222,7 +215,7 @@ async fn websocket(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
+    mut upgrade: transport::websocket::Upgrade,
 ) -> Response {
     let hub = &state.hub;
     if hub.is_draining() {
@@ -254,10 +247,9 @@ async fn websocket(
     }
     // A client asking for the protocol's subprotocol gets it echoed, and no
     // implicit default channel.
-    let upgrade = upgrade.protocols([protocol::SUBPROTOCOL]);
-    let default_channel = match upgrade.selected_protocol() {
-        Some(_) => None,
-        None => Some(hub.config.default_channel.as_str()),
+    let default_channel = match upgrade.select_protocol(protocol::SUBPROTOCOL) {
+        true => None,
+        false => Some(hub.config.default_channel.as_str()),
     };
     let params = match ConnectParams::parse(query.as_deref(), default_channel) {
         Ok(params) => params,
@@ -289,17 +281,12 @@ async fn websocket(
     if let Err(refusal) = checked {
         return refusal_response(&refusal);
     }
-    let message_limit = hub.config.limits.max_message_bytes;
-    let channels = params.channels;
-    let hub = state.hub.clone();
-    let sessions = state.sessions.clone();
-    upgrade
-        .max_message_size(message_limit)
-        .max_frame_size(message_limit)
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| {
-            sessions.track_future(transport::websocket::run(socket, hub, channels, grants))
-        })
+    upgrade.serve(
+        state.hub.clone(),
+        params.channels,
+        grants,
+        state.sessions.clone(),
+    )
 }
 
 /// The HTTP answer to a refused request.

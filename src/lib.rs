@@ -30,8 +30,8 @@ mod readiness;
 mod reads;
 pub mod registry;
 mod session;
-pub mod streams;
 pub mod shutdown;
+pub mod streams;
 pub mod telemetry;
 mod transport;
 

@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
+use tungstenite::Utf8Bytes;
 
 use crate::client::ClientHandle;
 
@@ -71,7 +71,11 @@ impl Streams {
 
     /// Adds a session: its id, and the receiving end of its requests (at most
     /// `capacity` waiting).
-    pub fn open(&self, client: ClientHandle, capacity: usize) -> (String, mpsc::Receiver<Utf8Bytes>) {
+    pub fn open(
+        &self,
+        client: ClientHandle,
+        capacity: usize,
+    ) -> (String, mpsc::Receiver<Utf8Bytes>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let secret = format!("{:032x}", rand::random::<u128>());
         let id = format!("{secret}.{}", self.route);
@@ -114,7 +118,9 @@ impl Streams {
         let Some(at) = payload.iter().position(|&b| b == b'\n') else {
             return false;
         };
-        let secret = std::str::from_utf8(&payload[..at]).unwrap_or_default().to_owned();
+        let secret = std::str::from_utf8(&payload[..at])
+            .unwrap_or_default()
+            .to_owned();
         let Ok(request) = Utf8Bytes::try_from(payload.slice(at + 1..)) else {
             return false;
         };
@@ -198,7 +204,14 @@ mod tests {
     fn only_well_formed_ids_split() {
         let good = format!("{:032x}.{:016x}", 1u128, 2u64);
         assert!(split(&good).is_some());
-        for bad in ["", ".", "abc.def", &format!("{:032x}", 1u128), &format!("{:032x}.", 1u128), &format!("{:032x}.zz", 1u128)] {
+        for bad in [
+            "",
+            ".",
+            "abc.def",
+            &format!("{:032x}", 1u128),
+            &format!("{:032x}.", 1u128),
+            &format!("{:032x}.zz", 1u128),
+        ] {
             assert!(split(bad).is_none(), "{bad:?}");
         }
     }
