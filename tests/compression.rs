@@ -333,3 +333,52 @@ async fn get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -
         response.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// Python's `websockets` (compression on by default): it negotiates, its compressed
+/// publications are inflated, the node's compressed frames inflate on its side, and
+/// its deflate bomb is closed with 1009. The interpreter is `$WSRELAY_PYTHON`
+/// (scripts/test.sh sets it to a venv with `websockets`), else `python3`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_websockets_interoperates() {
+    let python = std::env::var("WSRELAY_PYTHON").unwrap_or_else(|_| "python3".into());
+    let node = TestNode::start(&[]).await;
+    let url = node.ws_url("");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/python/deflate_interop.py"
+            ))
+            .arg(url)
+            .output()
+            .unwrap_or_else(|e| panic!("{python}: {e}"))
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "the script failed (run ./scripts/test.sh, which installs websockets): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        report,
+        json!({
+            "extensions_header": AGREED,
+            "subprotocol": "wsrelay.v1",
+            "deflate": true,
+            "server_no_context_takeover": true,
+            "client_no_context_takeover": true,
+            "welcome": "welcome",
+            "round_trip_intact": true,
+            "bomb_close_code": 1009,
+        })
+    );
+    let text = node.handle.metrics_text();
+    assert_eq!(metric(&text, "wsrelay_compressions_total"), 3.0);
+    assert!(metric(&text, "wsrelay_compression_saved_bytes_total") > 300.0);
+    assert_eq!(
+        metric(&text, "wsrelay_client_closes_total{reason=\"too_large\"}"),
+        1.0
+    );
+}
