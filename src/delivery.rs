@@ -3,7 +3,10 @@
 //!
 //! A publication's frame is built once per node, whichever way it came (live from
 //! the broker, repaired from history by the broker's tracker, or replayed by a
-//! recovery in the hub), and the same bytes go to every local subscriber. The
+//! recovery in the hub), and the same bytes go to every local subscriber. A frame
+//! fanned out is [shared](Frame::shared): its compressed form, when a connection
+//! negotiated compression, is built once too, by the first writer that needs it,
+//! and every other one writes the same bytes. The
 //! broker only carries publications: it calls [`Delivery::deliver`] and
 //! [`Delivery::gap`] and never builds a frame itself. Requests that other nodes
 //! forward to this node's streaming sessions arrive beside them (`streams`).
@@ -50,7 +53,7 @@ impl Delivery {
     /// is traced. Never waits. Returns how many subscribers got it queued.
     pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
         let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
-            let frame = frame(channel, publication);
+            let frame = frame(channel, publication).shared();
             let delivered = self.registry.fanout(channel, &frame, publication.offset());
             self.metrics
                 .bytes_sent

@@ -8,18 +8,24 @@
 //! `welcome`, a subscribe ack, a `gap`): a transport that must name the client's
 //! place in its own terms (SSE's event id) reads them here instead of parsing the
 //! JSON.
+//!
+//! A frame that goes to many connections ([`Frame::shared`]) also keeps, for all its
+//! copies, the one compressed form a transport built from it ([`Frame::deflated`]):
+//! a node compresses a publication once, however many subscribers negotiated
+//! compression.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use tungstenite::Utf8Bytes;
 
 use crate::publication::Position;
 
 /// One message for clients, as JSON text.
 ///
-/// The text is kept as `Utf8Bytes` (axum's, around tungstenite's), shared bytes
-/// known to be UTF-8: the WebSocket writer takes it as a text message without
-/// copying or validating it again.
+/// The text is kept as tungstenite's `Utf8Bytes`, shared bytes known to be UTF-8:
+/// the WebSocket writer takes it as a text message without copying or validating
+/// it again.
 #[derive(Debug, Clone)]
 pub struct Frame {
     text: Utf8Bytes,
@@ -33,6 +39,9 @@ pub struct Frame {
 struct Extra {
     /// The channel positions the frame brings its client to, in order.
     positions: Vec<(String, Position)>,
+    /// The text compressed, once, by the first writer that needed it; `None` inside
+    /// when it did not shrink. Never built for a frame no connection compresses.
+    deflated: OnceLock<Option<Bytes>>,
 }
 
 impl Frame {
@@ -47,9 +56,36 @@ impl Frame {
     /// The frame, telling that it brings its client to `positions`.
     pub fn with_positions(mut self, positions: Vec<(String, Position)>) -> Frame {
         if !positions.is_empty() {
-            self.extra = Some(Arc::new(Extra { positions }));
+            self.extra = Some(Arc::new(Extra {
+                positions,
+                deflated: OnceLock::new(),
+            }));
         }
         self
+    }
+
+    /// The frame, about to go to many connections: its copies then share what
+    /// [`Frame::deflated`] builds. Costs one small allocation when it carries no
+    /// positions; only worth it for a frame that is fanned out.
+    pub fn shared(mut self) -> Frame {
+        if self.extra.is_none() {
+            self.extra = Some(Arc::default());
+        }
+        self
+    }
+
+    /// The frame's text compressed by `deflate` (`None`: it did not shrink). A
+    /// [shared](Frame::shared) frame calls `deflate` once for all its copies (a
+    /// writer that asks while another one is compressing it waits for that
+    /// result); any other frame calls it on every call.
+    pub fn deflated(&self, deflate: impl FnOnce(&[u8]) -> Option<Bytes>) -> Option<Bytes> {
+        match &self.extra {
+            Some(extra) => extra
+                .deflated
+                .get_or_init(|| deflate(self.text.as_bytes()))
+                .clone(),
+            None => deflate(self.text.as_bytes()),
+        }
     }
 
     /// The channel positions the frame brings its client to (a publication on a
@@ -113,5 +149,33 @@ impl Eq for Frame {}
 impl PartialEq<&str> for Frame {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn a_shared_frame_is_deflated_once_for_all_its_copies() {
+        let calls = AtomicUsize::new(0);
+        let deflate = |text: &[u8]| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            Some(Bytes::copy_from_slice(&text[..2]))
+        };
+        let frame = Frame::from(String::from("{\"op\":\"msg\"}")).shared();
+        let copies = [frame.clone(), frame.clone(), frame];
+        for copy in &copies {
+            assert_eq!(copy.deflated(deflate).as_deref(), Some(&b"{\""[..]));
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+        // A reply goes to one connection: nothing is kept.
+        let reply = Frame::from("{\"op\":\"pong\"}");
+        reply.deflated(deflate);
+        reply.clone().deflated(deflate);
+        assert_eq!(calls.load(Ordering::Relaxed), 3);
+        assert!(reply.positions().is_empty());
     }
 }

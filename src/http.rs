@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{Utf8Bytes, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -19,6 +18,7 @@ use axum::{Extension, Json};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
+use tungstenite::Utf8Bytes;
 
 use tokio_util::task::TaskTracker;
 
@@ -44,12 +44,6 @@ pub(crate) struct AppState {
     /// This node's streaming sessions (SSE, HTTP streaming), by id.
     pub(crate) streams: Streams,
 }
-
-/// tungstenite reads into a buffer of this size per connection, allocated and
-/// zero-filled up front; its 128 KiB default would dominate the memory of an idle
-/// connection (most are). Client requests are small; a larger message takes one
-/// read per 512 bytes.
-const READ_BUFFER_BYTES: usize = 512;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const ADMIN_HTML: &str = include_str!("../static/admin.html");
@@ -325,30 +319,20 @@ async fn websocket(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
+    mut upgrade: transport::websocket::Upgrade,
 ) -> Response {
     // A client asking for the protocol's subprotocol gets it echoed, and no
     // implicit default channel.
-    let upgrade = upgrade.protocols([protocol::SUBPROTOCOL]);
-    let default_channel = match upgrade.selected_protocol() {
-        Some(_) => None,
-        None => Some(state.hub.config.default_channel.as_str()),
+    let default_channel = match upgrade.select_protocol(protocol::SUBPROTOCOL) {
+        true => None,
+        false => Some(state.hub.config.default_channel.as_str()),
     };
     let Admitted { channels, grants } =
         match admit(&state, &headers, query.as_deref(), default_channel) {
             Ok(admitted) => admitted,
             Err(response) => return *response,
         };
-    let message_limit = state.hub.config.limits.max_message_bytes;
-    let hub = state.hub.clone();
-    let sessions = state.sessions.clone();
-    upgrade
-        .max_message_size(message_limit)
-        .max_frame_size(message_limit)
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .on_upgrade(move |socket| {
-            sessions.track_future(transport::websocket::run(socket, hub, channels, grants))
-        })
+    upgrade.serve(state.hub.clone(), channels, grants, state.sessions.clone())
 }
 
 /// `GET /sse`: a session as Server-Sent Events (see `transport::stream`), with

@@ -68,6 +68,18 @@ pub struct Metrics {
     pub history_reads_running: Gauge,
     /// Clients' history reads waiting for their turn.
     pub history_reads_waiting: Gauge,
+    /// Open connections that negotiated permessage-deflate.
+    pub connections_deflate: Gauge,
+    /// Frames compressed: a fanned-out publication once per node, however many
+    /// connections take it compressed; a reply for its one connection.
+    pub compressions: Counter,
+    /// Bytes of the frames compressed, before compression (once per compression).
+    pub compression_bytes_in: Counter,
+    /// What those frames became: the compressed bytes, or the frame's own when it
+    /// did not shrink (sent plain).
+    pub compression_bytes_out: Counter,
+    /// Bytes not written to clients thanks to compression, per delivery.
+    pub compression_saved_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -109,6 +121,11 @@ impl Metrics {
             recoveries: Family::default(),
             history_reads_running: Gauge::default(),
             history_reads_waiting: Gauge::default(),
+            connections_deflate: Gauge::default(),
+            compressions: Counter::default(),
+            compression_bytes_in: Counter::default(),
+            compression_bytes_out: Counter::default(),
+            compression_saved_bytes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -200,6 +217,31 @@ impl Metrics {
             "history_reads_waiting",
             "Clients' history reads waiting for one of the --max-history-reads slots",
             m.history_reads_waiting.clone(),
+        );
+        registry.register(
+            "connections_deflate",
+            "Open WebSocket connections that negotiated permessage-deflate",
+            m.connections_deflate.clone(),
+        );
+        registry.register(
+            "compressions",
+            "Frames compressed: a fanned-out publication once per node, a reply once for its connection",
+            m.compressions.clone(),
+        );
+        registry.register(
+            "compression_bytes_in",
+            "Bytes of the frames compressed, before compression",
+            m.compression_bytes_in.clone(),
+        );
+        registry.register(
+            "compression_bytes_out",
+            "Bytes of the frames compressed, after compression (a frame that did not shrink counts its own size: it is sent plain)",
+            m.compression_bytes_out.clone(),
+        );
+        registry.register(
+            "compression_saved_bytes",
+            "Bytes not written to clients thanks to compression, summed over deliveries",
+            m.compression_saved_bytes.clone(),
         );
         registry.register(
             "bytes_received",
@@ -355,6 +397,11 @@ mod tests {
             "# TYPE wsrelay_broker_reconnects counter",
             "# TYPE wsrelay_fanout_latency_seconds histogram",
             "# TYPE wsrelay_redis_publish_seconds histogram",
+            "# TYPE wsrelay_compressions counter",
+            "wsrelay_compression_bytes_in_total 0",
+            "wsrelay_compression_bytes_out_total 0",
+            "wsrelay_compression_saved_bytes_total 0",
+            "wsrelay_connections_deflate 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -15,10 +15,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
+use tungstenite::Utf8Bytes;
 
 use crate::auth::{Grants, RateLimiter};
 use crate::client::{ClientHandle, ClientQueue, CloseReason, QueueBounds};

@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
+use tungstenite::Utf8Bytes;
 
 use crate::client::ClientHandle;
 

@@ -13,8 +13,10 @@
 //! flags give the options of every channel; `[namespaces.NAME]` sections of the config
 //! file override them for one namespace ([`Config::channel_options`]).
 
+pub mod compression;
 pub mod topology;
 
+pub use compression::CompressionConfig;
 pub use topology::{ShardAddress, Topology};
 
 use std::collections::HashMap;
@@ -91,6 +93,10 @@ pub struct Config {
     /// Presence and join/leave events (the defaults of every namespace).
     #[command(flatten)]
     pub presence: PresenceConfig,
+
+    /// permessage-deflate on WebSocket connections.
+    #[command(flatten)]
+    pub compression: CompressionConfig,
 
     /// Per-namespace overrides of the channel options, from the config file.
     #[arg(skip)]
@@ -751,6 +757,7 @@ impl Config {
             )?;
         }
         self.validate_durability()?;
+        self.compression.validate()?;
         if let Some(id) = &self.node_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
         {
@@ -995,6 +1002,9 @@ impl<'a> ConfigFile<'a> {
                 toml::Value::String(s) => Ok(s.clone()),
                 toml::Value::Integer(i) => Ok(i.to_string()),
                 toml::Value::Float(f) => Ok(f.to_string()),
+                // A flag that takes a value may still be an on/off switch
+                // (`compression = false`).
+                toml::Value::Boolean(b) => Ok(b.to_string()),
                 _ => Err(self.error(key, "must be a string or a number")),
             }
         };

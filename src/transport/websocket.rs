@@ -1,24 +1,35 @@
 //! The WebSocket transport: a session over an upgraded connection.
 //!
-//! The reader turns messages into [`Inbound`] requests for the session; the writer
-//! task owns the socket's sink and drains the connection's bounded queue into it,
-//! feeding every queued frame and flushing once, then sends the close frame the
-//! connection's [`CloseReason`] calls for.
+//! [`Upgrade`] makes the connection (the handshake's checks, the `101` with the
+//! subprotocol and the compression agreed); then the reader turns messages into
+//! [`Inbound`] requests for the session, and the writer task owns the socket's sink
+//! and drains the connection's bounded queue into it, feeding every queued frame
+//! (compressed where the connection negotiated it, see `transport::deflate`) and
+//! flushing once, then sends the close frame the connection's [`CloseReason`]
+//! calls for.
+
+mod upgrade;
+
+pub(crate) use upgrade::Upgrade;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::auth::Grants;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
 use crate::hub::Hub;
 use crate::protocol::Since;
 use crate::session::{Inbound, Session};
+use crate::transport::deflate::{Compressor, InflateError};
 
 /// How long to wait for the client's close frame after sending ours: a well-behaved
 /// client answers at once; a dead one must not hold the session (or the drain).
@@ -28,23 +39,36 @@ const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
 const SPARE_BATCH_CAPACITY: usize = 64;
 
 /// Serves one upgraded connection until it ends. `channels` (with the positions to
-/// recover from) were checked before the upgrade.
+/// recover from) were checked before the upgrade. `compressor`: the connection
+/// negotiated permessage-deflate (its socket then inflates what the client
+/// compressed).
 ///
 /// Not an `async fn`, and the socket is split here: a connection's task holds its
 /// future for hours, and an async wrapper (or the socket as an argument) would keep
 /// dead copies of the arguments in it.
-pub(crate) fn run(
-    socket: WebSocket,
+fn run<S>(
+    socket: WebSocketStream<S>,
     hub: Arc<Hub>,
     channels: Vec<(String, Option<Since>)>,
     grants: Arc<Grants>,
-) -> impl Future<Output = ()> + Send {
+    compressor: Option<Compressor>,
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (session, queue) = Session::open(hub, grants);
     let span = session.span();
     let (sink, mut stream) = socket.split();
     let write_timeout = session.hub().config.limits.write_timeout;
     let writer = tokio::spawn(
-        write_loop(sink, queue, session.client().clone(), write_timeout).instrument(span.clone()),
+        write_loop(
+            sink,
+            queue,
+            session.client().clone(),
+            write_timeout,
+            compressor,
+        )
+        .instrument(span.clone()),
     );
     async move {
         let reason = session
@@ -67,30 +91,35 @@ pub(crate) fn run(
 }
 
 /// What a WebSocket message means to the session.
-fn inbound(message: Result<Message, axum::Error>) -> Inbound {
+fn inbound(message: Result<Message, tungstenite::Error>) -> Inbound {
     match message {
         Ok(Message::Text(text)) => Inbound::Request(text),
         Ok(Message::Binary(_)) => Inbound::End(CloseReason::Binary),
         Ok(Message::Close(_)) => Inbound::End(CloseReason::PeerClosed),
         Ok(Message::Ping(_) | Message::Pong(_)) => Inbound::Alive,
+        // tungstenite never reads a raw frame; one would be a bug, not a client's.
+        Ok(Message::Frame(_)) => Inbound::End(CloseReason::ProtocolError),
         Err(e) => Inbound::End(classify_read_error(e)),
     }
 }
 
 /// Maps a read error to the reason (and so the close code) it deserves.
-fn classify_read_error(error: axum::Error) -> CloseReason {
-    match error.into_inner().downcast::<tungstenite::Error>() {
-        Ok(e) => match *e {
-            tungstenite::Error::Capacity(_) => CloseReason::TooLarge,
-            tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
-            // A peer that vanished without a close handshake is gone, not rude.
-            tungstenite::Error::Protocol(
-                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-            ) => CloseReason::PeerGone,
-            tungstenite::Error::Protocol(_) => CloseReason::ProtocolError,
-            _ => CloseReason::PeerGone,
+fn classify_read_error(error: tungstenite::Error) -> CloseReason {
+    match error {
+        tungstenite::Error::Capacity(_) => CloseReason::TooLarge,
+        tungstenite::Error::Utf8(_) => CloseReason::InvalidUtf8,
+        // A peer that vanished without a close handshake is gone, not rude.
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => CloseReason::PeerGone,
+        tungstenite::Error::Protocol(_) => CloseReason::ProtocolError,
+        // A compressed message the socket refused to inflate.
+        tungstenite::Error::Io(e) => match InflateError::of(&e) {
+            Some(InflateError::TooLarge { .. }) => CloseReason::TooLarge,
+            Some(InflateError::Invalid | InflateError::Interleaved) => CloseReason::ProtocolError,
+            None => CloseReason::PeerGone,
         },
-        Err(_) => CloseReason::PeerGone,
+        _ => CloseReason::PeerGone,
     }
 }
 
@@ -98,11 +127,12 @@ fn classify_read_error(error: axum::Error) -> CloseReason {
 /// sends the close frame its reason calls for. Node shutdown reaches the writer as a
 /// close (the reader turns it into `CloseReason::Shutdown`), pings as a request
 /// from the node's heartbeat.
-async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sink: SplitSink<WebSocketStream<S>, Message>,
     mut queue: ClientQueue,
     client: ClientHandle,
     limit: Duration,
+    compressor: Option<Compressor>,
 ) {
     // Swapped with the queue on every batch, so a busy connection allocates nothing.
     let mut batch = VecDeque::new();
@@ -126,14 +156,28 @@ async fn write_loop(
                 // Everything queued goes out with one flush; its bytes count
                 // against the connection's bound until then.
                 let bytes = batch.iter().map(|f| f.len()).sum();
+                let mut saved = 0;
                 let write = async {
                     for frame in batch.drain(..) {
-                        sink.feed(Message::Text(frame.into_text())).await?;
+                        let message = match &compressor {
+                            None => Message::Text(frame.into_text()),
+                            Some(compressor) => {
+                                let (message, fewer) = compressor.message(frame);
+                                saved += fewer;
+                                message
+                            }
+                        };
+                        sink.feed(message).await?;
                     }
                     sink.flush().await
                 };
                 let written = write_within(limit, &client, write).await;
                 queue.written(bytes);
+                if saved > 0
+                    && let Some(compressor) = &compressor
+                {
+                    compressor.saved(saved);
+                }
                 written
             }
         };
@@ -155,11 +199,15 @@ async fn write_loop(
                 // backlog is the problem itself, so it is dropped.
                 if reason != CloseReason::SlowConsumer {
                     for frame in queue.take_all() {
-                        sink.feed(Message::Text(frame.into_text())).await?;
+                        let message = match &compressor {
+                            None => Message::Text(frame.into_text()),
+                            Some(compressor) => compressor.message(frame).0,
+                        };
+                        sink.feed(message).await?;
                     }
                 }
                 let frame = CloseFrame {
-                    code,
+                    code: code.into(),
                     reason: Utf8Bytes::from_static(reason.as_str()),
                 };
                 sink.send(Message::Close(Some(frame))).await
@@ -181,7 +229,7 @@ async fn write_loop(
 async fn write_within(
     limit: Duration,
     client: &ClientHandle,
-    write: impl Future<Output = Result<(), axum::Error>>,
+    write: impl Future<Output = Result<(), tungstenite::Error>>,
 ) -> bool {
     let mut write = std::pin::pin!(write);
     let result = match futures_util::poll!(write.as_mut()) {

@@ -6,6 +6,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod checker;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
