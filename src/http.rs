@@ -373,7 +373,7 @@ fn open_stream(
         Ok(admitted) => admitted,
         Err(response) => return *response,
     };
-    transport::stream::open(
+    let response = transport::stream::open(
         state.hub.clone(),
         &state.streams,
         &state.sessions,
@@ -381,7 +381,21 @@ fn open_stream(
         channels,
         grants,
         format,
-    )
+    );
+    // The origin passed `admit`.
+    with_cors(headers, response)
+}
+
+/// Lets the page that made a request read the answer when it comes from another
+/// origin (an allowed one: `admit` and `stream_request` check the origin first), as
+/// `EventSource` and `fetch` require; a WebSocket needs no such header.
+fn with_cors(headers: &HeaderMap, mut response: Response) -> Response {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        h.append(header::VARY, header::HeaderValue::from_static("origin"));
+    }
+    response
 }
 
 /// `POST /stream/request?session=<id>`: one request (the body, JSON as over a
@@ -393,6 +407,28 @@ async fn stream_request(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    if !state.origins.allows(origin, host) {
+        return http_error(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            format!(
+                "origin {:?} may not send requests",
+                origin.unwrap_or_default()
+            ),
+        );
+    }
+    let response = stream_request_answer(&state, &headers, query, body).await;
+    with_cors(&headers, response)
+}
+
+async fn stream_request_answer(
+    state: &AppState,
+    headers: &HeaderMap,
+    query: Option<String>,
     body: Body,
 ) -> Response {
     let session = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())

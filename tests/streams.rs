@@ -304,3 +304,42 @@ async fn a_stream_nobody_reads_is_let_go() {
     .await;
     drop(stream);
 }
+
+/// A page of another, allowed origin may read its stream and the answers to its
+/// requests (CORS); a page of an origin that is not allowed gets neither.
+#[tokio::test]
+async fn pages_of_allowed_origins_may_read_streams_and_others_may_not() {
+    let node = TestNode::start(&["--allowed-origins", "https://app.example"]).await;
+    let allowed = [("Origin", "https://app.example")];
+    let stream = StreamClient::sse(node.addr, "channel=a", &allowed).await;
+    assert!(
+        stream
+            .head
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://app.example"),
+        "{}",
+        stream.head
+    );
+    let (status, _) = http_request(
+        node.addr,
+        "POST",
+        &format!("/stream/request?session={}", stream.session),
+        &allowed,
+        br#"{"op":"ping"}"#,
+    )
+    .await;
+    assert_eq!(status, 202);
+
+    let foreign = [("Origin", "https://evil.example")];
+    let refused = StreamClient::sse(node.addr, "channel=a", &foreign).await;
+    assert_eq!(refused.status, 403);
+    let (status, body) = http_request(
+        node.addr,
+        "POST",
+        &format!("/stream/request?session={}", stream.session),
+        &foreign,
+        br#"{"op":"ping"}"#,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+}

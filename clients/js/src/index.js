@@ -258,7 +258,9 @@ class StreamTransport {
         url.searchParams.set("session", this.#session);
         const response = await this.#options.fetch(url.toString(), {
           method: "POST",
-          headers: { "Content-Type": "application/json" },
+          // text/plain: a "simple" request, which a page of another (allowed)
+          // origin sends without a CORS preflight.
+          headers: { "Content-Type": "text/plain;charset=UTF-8" },
           body,
         });
         status = response.status;
