@@ -443,7 +443,7 @@ async fn stream_request_answer(
     };
     let limits = &state.hub.config.limits;
     let body = match read_body(
-        &headers,
+        headers,
         body,
         limits.max_message_bytes,
         limits.handshake_timeout,
