@@ -262,7 +262,7 @@ pub fn ticker_json(seq: u64, size: usize) -> serde_json::Value {
     while value.to_string().len() < size {
         trades.push(serde_json::json!({
             "trade_id": 629_537_871 + seq * 10 + k, "price": 67995.91 + k as f64 / 100.0,
-            "size": 0.689_164_06 * (k + 1) as f64, "side": if k % 2 == 0 { "sell" } else { "buy" },
+            "size": 0.689_164_06 * (k + 1) as f64, "side": if k.is_multiple_of(2) { "sell" } else { "buy" },
         }));
         value["trades"] = serde_json::Value::Array(trades.clone());
         k += 1;
