@@ -96,19 +96,24 @@ fn acceptable(offer: &str) -> bool {
     true
 }
 
-/// Compresses the frames of connections that negotiated permessage-deflate.
-#[derive(Debug, Clone)]
+/// Compresses the frames of one connection that negotiated permessage-deflate; it
+/// lives in the connection's writer, and counts the connection in
+/// `wsrelay_connections_deflate` meanwhile. 16 bytes: every writer holds an
+/// `Option` of it.
+#[derive(Debug)]
 pub(crate) struct Compressor {
     level: u32,
-    min_bytes: usize,
+    /// `--compression-min-bytes` (at most 64 MiB).
+    min_bytes: u32,
     metrics: Arc<Metrics>,
 }
 
 impl Compressor {
     pub(crate) fn new(config: &CompressionConfig, metrics: Arc<Metrics>) -> Compressor {
+        metrics.connections_deflate.inc();
         Compressor {
             level: config.compression_level,
-            min_bytes: config.compression_min_bytes,
+            min_bytes: u32::try_from(config.compression_min_bytes).unwrap_or(u32::MAX),
             metrics,
         }
     }
@@ -117,7 +122,7 @@ impl Compressor {
     /// RSV1 set, or its text when it is under the threshold or did not shrink.
     /// Also returns the bytes this saved.
     pub(crate) fn message(&self, frame: Frame) -> (Message, usize) {
-        if frame.len() < self.min_bytes {
+        if frame.len() < self.min_bytes as usize {
             return (Message::Text(frame.into_text()), 0);
         }
         match frame.deflated(|text| self.deflate(text)) {
@@ -149,6 +154,12 @@ impl Compressor {
         let out = payload.as_ref().map_or(text.len(), Bytes::len);
         metrics.compression_bytes_out.inc_by(out as u64);
         payload
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        self.metrics.connections_deflate.dec();
     }
 }
 
