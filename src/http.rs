@@ -247,9 +247,10 @@ async fn websocket(
     }
     // A client asking for the protocol's subprotocol gets it echoed, and no
     // implicit default channel.
-    let default_channel = match upgrade.select_protocol(protocol::SUBPROTOCOL) {
-        true => None,
-        false => Some(hub.config.default_channel.as_str()),
+    let default_channel = if upgrade.select_protocol(protocol::SUBPROTOCOL) {
+        None
+    } else {
+        Some(hub.config.default_channel.as_str())
     };
     let params = match ConnectParams::parse(query.as_deref(), default_channel) {
         Ok(params) => params,
