@@ -11,8 +11,8 @@
 //!
 //! **No inflater per connection.** The node also imposes
 //! `client_no_context_takeover` (RFC 7692 lets a server add it to its answer even
-//! when the offer did not name it; Chromium, Firefox, Node's `ws` and Python's
-//! `websockets` accept it): each client message inflates on its own, with the
+//! when the offer did not name it; Chromium, Node's `ws` and Python's
+//! `websockets` accept it, as the interop tests show): each client message inflates on its own, with the
 //! worker thread's inflater, so a connection holds no inflate state between
 //! messages. A client that refuses the parameter fails its own handshake; one that
 //! keeps its context anyway sends data the node cannot inflate (1002). Keeping an
