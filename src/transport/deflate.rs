@@ -11,8 +11,8 @@
 //!
 //! **No inflater per connection.** The node also imposes
 //! `client_no_context_takeover` (RFC 7692 lets a server add it to its answer even
-//! when the offer did not name it; Chromium, Firefox, Node's `ws` and Python's
-//! `websockets` accept it): each client message inflates on its own, with the
+//! when the offer did not name it; Chromium, Node's `ws` and Python's
+//! `websockets` accept it, as the interop tests show): each client message inflates on its own, with the
 //! worker thread's inflater, so a connection holds no inflate state between
 //! messages. A client that refuses the parameter fails its own handshake; one that
 //! keeps its context anyway sends data the node cannot inflate (1002). Keeping an
@@ -96,19 +96,24 @@ fn acceptable(offer: &str) -> bool {
     true
 }
 
-/// Compresses the frames of connections that negotiated permessage-deflate.
-#[derive(Debug, Clone)]
+/// Compresses the frames of one connection that negotiated permessage-deflate; it
+/// lives in the connection's writer, and counts the connection in
+/// `wsrelay_connections_deflate` meanwhile. 16 bytes: every writer holds an
+/// `Option` of it.
+#[derive(Debug)]
 pub(crate) struct Compressor {
     level: u32,
-    min_bytes: usize,
+    /// `--compression-min-bytes` (at most 64 MiB).
+    min_bytes: u32,
     metrics: Arc<Metrics>,
 }
 
 impl Compressor {
     pub(crate) fn new(config: &CompressionConfig, metrics: Arc<Metrics>) -> Compressor {
+        metrics.connections_deflate.inc();
         Compressor {
             level: config.compression_level,
-            min_bytes: config.compression_min_bytes,
+            min_bytes: u32::try_from(config.compression_min_bytes).unwrap_or(u32::MAX),
             metrics,
         }
     }
@@ -117,7 +122,7 @@ impl Compressor {
     /// RSV1 set, or its text when it is under the threshold or did not shrink.
     /// Also returns the bytes this saved.
     pub(crate) fn message(&self, frame: Frame) -> (Message, usize) {
-        if frame.len() < self.min_bytes {
+        if frame.len() < self.min_bytes as usize {
             return (Message::Text(frame.into_text()), 0);
         }
         match frame.deflated(|text| self.deflate(text)) {
@@ -149,6 +154,12 @@ impl Compressor {
         let out = payload.as_ref().map_or(text.len(), Bytes::len);
         metrics.compression_bytes_out.inc_by(out as u64);
         payload
+    }
+}
+
+impl Drop for Compressor {
+    fn drop(&mut self) {
+        self.metrics.connections_deflate.dec();
     }
 }
 

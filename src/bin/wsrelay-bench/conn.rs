@@ -1,16 +1,36 @@
-//! Client connections: a protocol v1 WebSocket with a deliberately small read buffer.
+//! Client connections: a protocol v1 WebSocket with a deliberately small read buffer,
+//! counting the bytes it receives, offering permessage-deflate with `--compression`.
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use crate::wire::BenchIo;
+
+pub(crate) type Ws = WebSocketStream<BenchIo>;
+
+/// How clients connect.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    /// tungstenite's read buffer, in bytes.
+    pub(crate) read_buffer: usize,
+    /// Offer permessage-deflate (as browsers do).
+    pub(crate) compression: bool,
+    /// Where the bytes read from the sockets are counted.
+    pub(crate) wire: Arc<AtomicU64>,
+}
+
+/// The offer browsers make.
+const DEFLATE_OFFER: &str =
+    "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
 
 /// The key of every handshake: a load generator talks to its own nodes, and a fixed
 /// key makes the accept value a constant (RFC 6455's own example pair).
@@ -19,13 +39,15 @@ const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 /// Largest upgrade response (headers) accepted.
 const MAX_RESPONSE: usize = 4096;
 
-/// Connects to `url` (plain `ws://`) and waits for `welcome`.
+/// Connects to `url` (plain `ws://`) and waits for `welcome`. With
+/// `options.compression` it offers permessage-deflate; a node may decline
+/// (`--compression off`), and the connection is then plain.
 ///
 /// The upgrade is written by hand rather than with tungstenite's client handshake:
 /// one prepared request and one read (the node sends the 101 and `welcome`
 /// together), which halves the generator's user-space cost per connection, so
 /// connect-time figures measure the nodes rather than the generator.
-pub(crate) async fn connect(url: &str, read_buffer: usize) -> anyhow::Result<Ws> {
+pub(crate) async fn connect(url: &str, options: &Options) -> anyhow::Result<Ws> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or_else(|| anyhow::anyhow!("only ws:// URLs are supported: {url}"))?;
@@ -33,9 +55,14 @@ pub(crate) async fn connect(url: &str, read_buffer: usize) -> anyhow::Result<Ws>
     let path = if path.is_empty() { "/" } else { path };
     let mut stream = TcpStream::connect(authority).await?;
     stream.set_nodelay(true)?;
+    let offer = if options.compression {
+        DEFLATE_OFFER
+    } else {
+        ""
+    };
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Connection: Upgrade\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
     );
     stream.write_all(request.as_bytes()).await?;
 
@@ -63,15 +90,35 @@ pub(crate) async fn connect(url: &str, read_buffer: usize) -> anyhow::Result<Ws>
         "upgrade refused by {url}: {}",
         head.lines().next().unwrap_or_default()
     );
+    let deflate = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("sec-websocket-extensions: permessage-deflate")
+    });
+    anyhow::ensure!(
+        options.compression || !deflate,
+        "{url} agreed to permessage-deflate, which was not offered"
+    );
     let leftover = received.split_off(head_end);
-    let config = WebSocketConfig::default().read_buffer_size(read_buffer);
-    let mut ws = WebSocketStream::from_partially_read(
-        MaybeTlsStream::Plain(stream),
-        leftover,
-        Role::Client,
-        Some(config),
-    )
-    .await;
+    let config = WebSocketConfig::default().read_buffer_size(options.read_buffer);
+    let mut ws = if deflate {
+        let io = BenchIo::new(
+            stream,
+            options.wire.clone(),
+            options.read_buffer,
+            true,
+            &leftover,
+        );
+        WebSocketStream::from_raw_socket(io, Role::Client, Some(config)).await
+    } else {
+        let io = BenchIo::new(
+            stream,
+            options.wire.clone(),
+            options.read_buffer,
+            false,
+            &[],
+        );
+        WebSocketStream::from_partially_read(io, leftover, Role::Client, Some(config)).await
+    };
     let first = tokio::time::timeout_at(deadline, ws.next())
         .await
         .map_err(|_| anyhow::anyhow!("no welcome from {url}"))?;
@@ -87,12 +134,12 @@ pub(crate) async fn connect_many(
     urls: &[String],
     count: usize,
     concurrency: usize,
-    read_buffer: usize,
+    options: &Options,
     query: impl Fn(usize) -> String,
 ) -> anyhow::Result<Vec<Ws>> {
     let attempts = (0..count).map(|i| {
         let url = format!("{}?{}", urls[i % urls.len()], query(i));
-        async move { connect(&url, read_buffer).await }
+        async move { connect(&url, options).await }
     });
     let results: Vec<anyhow::Result<Ws>> = futures_util::stream::iter(attempts)
         .buffered(concurrency.max(1))

@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::conn::{self, Ws};
+use crate::payload::{self, Kind};
+use crate::wire;
 use crate::{Target, ms, procstat};
 
 #[derive(Debug, Args)]
@@ -32,6 +34,10 @@ pub(crate) struct FanoutArgs {
     /// Payload (`data`) size in bytes.
     #[arg(short = 's', long, default_value_t = 100)]
     size: usize,
+    /// What fills the payload: `x` (one letter repeated) or `ticker` (market data
+    /// JSON, which compresses as real payloads do).
+    #[arg(long, value_enum, default_value = "x")]
+    payload: Kind,
     /// Channels; subscriber i listens to channel i mod K, publishers go round-robin.
     #[arg(short = 'k', long, default_value_t = 1)]
     channels: usize,
@@ -49,6 +55,8 @@ pub(crate) struct FanoutArgs {
 /// histogram per subscriber made recording the load generator's top cost.
 struct Seen {
     latencies_us: Vec<u32>,
+    /// Deliveries, with a latency or not (compressed ones are sampled).
+    delivered: u64,
 }
 
 pub(crate) async fn run(
@@ -70,11 +78,13 @@ pub(crate) async fn run(
         urls.len()
     );
     let connect_started = Instant::now();
+    // Bytes the subscribers read from their sockets: what deliveries cost on the wire.
+    let wire = Arc::new(AtomicU64::new(0));
     let subscribers = conn::connect_many(
         urls,
         args.subscribers,
         target.connect_concurrency,
-        target.read_buffer,
+        &target.conn_options(wire.clone()),
         |i| format!("channel={}", channel(i)),
     )
     .await?;
@@ -83,7 +93,7 @@ pub(crate) async fn run(
         urls,
         args.publishers,
         target.connect_concurrency,
-        target.read_buffer,
+        &target.conn_options(Default::default()),
         |j| format!("channel=bench-publisher-{j}"),
     )
     .await?;
@@ -98,15 +108,15 @@ pub(crate) async fn run(
     let server_cpu_before = cluster.map(Cluster::cpu_time);
     let redis_cpu_before = cluster.map(Cluster::redis_cpu_times);
     let own_cpu_before = procstat::own_cpu_time();
+    let wire_before = wire.load(Ordering::Relaxed);
     let started = Instant::now();
     let per_publisher = args.rate as f64 / args.publishers as f64;
     let duration = Duration::from_secs(args.duration);
-    let payload_pad = "x".repeat(args.size.saturating_sub(40));
     let senders: Vec<_> = publishers
         .into_iter()
         .enumerate()
         .map(|(j, ws)| {
-            let pad = payload_pad.clone();
+            let payload = (args.payload, args.size);
             let channels = args.channels;
             tokio::spawn(publish(
                 ws,
@@ -114,7 +124,7 @@ pub(crate) async fn run(
                 per_publisher,
                 duration,
                 channels,
-                pad,
+                payload,
                 epoch,
             ))
         })
@@ -144,6 +154,7 @@ pub(crate) async fn run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
+    let wire_bytes = wire.load(Ordering::Relaxed) - wire_before;
     let own_cpu = procstat::own_cpu_time() - own_cpu_before;
     let server_cpu = cluster
         .map(|c| c.cpu_time())
@@ -160,7 +171,7 @@ pub(crate) async fn run(
     let mut got = 0;
     for reader in readers {
         let seen = reader.await?;
-        got += seen.latencies_us.len() as u64;
+        got += seen.delivered;
         for us in seen.latencies_us {
             latency.saturating_record(u64::from(us).max(1));
         }
@@ -178,10 +189,22 @@ pub(crate) async fn run(
     let server_cpu_per_thousand_publishes =
         server_cpu.map(|cpu| cpu.as_secs_f64() / (published.max(1) as f64 / 1e3));
 
+    let wire_per_delivery = wire_bytes as f64 / got.max(1) as f64;
     eprintln!();
     eprintln!(
-        "fanout: {} subscribers, {} publisher(s), {} channel(s), {} msgs/s for {:?}, {} B payload",
-        args.subscribers, args.publishers, args.channels, args.rate, duration, args.size
+        "fanout: {} subscribers, {} publisher(s), {} channel(s), {} msgs/s for {:?}, {} B {:?} payload, compression {}",
+        args.subscribers,
+        args.publishers,
+        args.channels,
+        args.rate,
+        duration,
+        args.size,
+        args.payload,
+        if target.compression {
+            "offered"
+        } else {
+            "not offered"
+        },
     );
     eprintln!("  connect all subscribers   {}", ms(connect_time));
     eprintln!(
@@ -195,6 +218,9 @@ pub(crate) async fn run(
     eprintln!(
         "  deliveries/s              {deliveries_per_s:.0} (offered {})",
         args.rate * subs_per_channel.iter().max().copied().unwrap_or(0)
+    );
+    eprintln!(
+        "  bytes on the wire          {wire_per_delivery:.1} per delivery ({wire_bytes} in all)"
     );
     eprintln!(
         "  latency p50/p90/p99/p99.9 {} / {} / {} / {}",
@@ -254,6 +280,9 @@ pub(crate) async fn run(
         "rate_msgs_per_s": args.rate,
         "duration_s": args.duration,
         "payload_bytes": args.size,
+        "payload": format!("{:?}", args.payload).to_lowercase(),
+        "compression": target.compression,
+        "wire_bytes_per_delivery": wire_per_delivery,
         "nodes": urls.len(),
         "connect_s": connect_time.as_secs_f64(),
         "published": published,
@@ -295,7 +324,13 @@ async fn time_recoveries(
     missed: u64,
 ) -> anyhow::Result<Vec<Duration>> {
     const RUNS: usize = 9;
-    let mut ws = conn::connect(&format!("{url}?channel=bench-recovery"), read_buffer).await?;
+    // Not compressed: the replies are parsed whole.
+    let options = conn::Options {
+        read_buffer,
+        compression: false,
+        wire: Default::default(),
+    };
+    let mut ws = conn::connect(&format!("{url}?channel=bench-recovery"), &options).await?;
     let ack = request(&mut ws, json!({"op":"sub","ch":"bench-0","id":0}), 0)
         .await?
         .1;
@@ -360,7 +395,7 @@ async fn publish(
     rate: f64,
     duration: Duration,
     channels: usize,
-    pad: String,
+    (kind, size): (Kind, usize),
     epoch: Instant,
 ) -> anyhow::Result<Vec<u64>> {
     let mut per_channel = vec![0u64; channels];
@@ -387,9 +422,8 @@ async fn publish(
             while sent < due {
                 let k = (sent as usize + index) % channels;
                 let t = epoch.elapsed().as_nanos() as u64;
-                let frame = format!(
-                    r#"{{"op":"pub","ch":"bench-{k}","data":{{"t":{t},"s":{sent},"p":"{pad}"}}}}"#
-                );
+                let data = payload::data(kind, t, sent, size);
+                let frame = format!(r#"{{"op":"pub","ch":"bench-{k}","data":{data}}}"#);
                 sink.feed(Message::text(frame)).await?;
                 per_channel[k] += 1;
                 sent += 1;
@@ -417,6 +451,7 @@ async fn subscribe(
 ) -> Seen {
     let mut seen = Seen {
         latencies_us: Vec::new(),
+        delivered: 0,
     };
     loop {
         let msg = tokio::select! {
@@ -433,8 +468,11 @@ async fn subscribe(
             let now = epoch.elapsed().as_nanos() as u64;
             let us = now.saturating_sub(sent_at) / 1000;
             seen.latencies_us.push(us.min(u64::from(u32::MAX)) as u32);
-            received.fetch_add(1, Ordering::Relaxed);
+        } else if text.as_str() != wire::UNSAMPLED {
+            continue;
         }
+        seen.delivered += 1;
+        received.fetch_add(1, Ordering::Relaxed);
     }
     seen
 }

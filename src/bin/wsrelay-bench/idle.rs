@@ -37,7 +37,7 @@ pub(crate) async fn run(
         urls,
         args.connections,
         target.connect_concurrency,
-        target.read_buffer,
+        &target.conn_options(Default::default()),
         |i| format!("channel=idle-{}", i % channels),
     )
     .await?;

@@ -10,6 +10,10 @@
 //! With `--history N` spawned nodes keep history, and `fanout` also times recoveries
 //! (`--recover M`: a client that missed M messages subscribes with `since`).
 //!
+//! With `--compression` clients offer permessage-deflate as browsers do; `fanout`
+//! reports the bytes its subscribers received per delivery either way, and
+//! `--payload ticker` sends market data that compresses as real JSON does.
+//!
 //! With `--spawn-cluster N` it starts a private `redis-server` and N release nodes,
 //! samples their CPU time and RSS from /proc, reports server CPU-seconds per million
 //! deliveries and RSS per idle connection, and stops everything it started.
@@ -19,8 +23,12 @@ mod cluster;
 mod conn;
 mod fanout;
 mod idle;
+mod payload;
 mod procstat;
+mod wire;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -73,6 +81,21 @@ pub(crate) struct Target {
     /// (`--history-size`): every message is then stored with an offset. 0: off.
     #[arg(long, global = true, default_value_t = 0)]
     history: usize,
+    /// Clients offer permessage-deflate (`permessage-deflate; client_max_window_bits`,
+    /// as browsers do); nodes started with `--compression off` decline it.
+    #[arg(long, global = true)]
+    compression: bool,
+}
+
+impl Target {
+    /// How clients connect; the bytes they read are counted in `wire`.
+    pub(crate) fn conn_options(&self, wire: Arc<AtomicU64>) -> conn::Options {
+        conn::Options {
+            read_buffer: self.read_buffer,
+            compression: self.compression,
+            wire,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -154,7 +154,7 @@ enum State {
 
 /// A compressed message being received.
 #[derive(Debug)]
-struct Message {
+struct Compressed {
     /// Text (1) or binary (2).
     opcode: u8,
     /// Its compressed payload so far, unmasked.
@@ -171,7 +171,7 @@ pub(crate) struct InflatingIo<S> {
     output: BytesMut,
     state: State,
     /// The compressed message being received.
-    message: Option<Message>,
+    message: Option<Compressed>,
     /// tungstenite is receiving a fragmented plain message: a compressed one may
     /// not start before its end.
     plain_fragments: bool,
@@ -288,7 +288,7 @@ impl<S> InflatingIo<S> {
                 });
             }
             if compressed_start {
-                self.message = Some(Message {
+                self.message = Some(Compressed {
                     opcode: header.opcode,
                     payload: BytesMut::with_capacity(header.len as usize),
                 });

@@ -31,6 +31,11 @@ fn client_frame(fin: bool, rsv1: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Writes one client frame to the node's end of the pipe.
+async fn send(client: &mut DuplexStream, frame: Vec<u8>) {
+    client.write_all(&frame).await.unwrap();
+}
+
 /// What a client's compressor sends for `message` (fresh: no context taken over).
 fn client_deflate(message: &[u8]) -> Vec<u8> {
     let mut compress = Compress::new(Compression::new(6), false);
@@ -217,23 +222,18 @@ async fn a_compressed_message_and_plain_ones_pass() {
         ))
         .await
         .unwrap();
-    client
-        .write_all(&client_frame(true, false, 1, b"plain"))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(true, false, 1, b"plain")).await;
     // An empty message, compressed, and one the client ended with BFINAL.
-    client
-        .write_all(&client_frame(true, true, 1, &client_deflate(b"")))
-        .await
-        .unwrap();
+    send(
+        &mut client,
+        client_frame(true, true, 1, &client_deflate(b"")),
+    )
+    .await;
     let mut finished = Vec::with_capacity(64);
     let mut c = Compress::new(Compression::new(6), false);
     c.compress_vec(b"last words", &mut finished, FlushCompress::Finish)
         .unwrap();
-    client
-        .write_all(&client_frame(true, true, 1, &finished))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(true, true, 1, &finished)).await;
     assert_eq!(text(ws.next().await), message.as_bytes());
     assert_eq!(text(ws.next().await), b"plain");
     assert_eq!(text(ws.next().await), b"");
@@ -249,22 +249,10 @@ async fn fragments_with_a_ping_in_between_and_the_pong_goes_out() {
     let z = client_deflate(&message);
     let (a, rest) = z.split_at(z.len() / 3);
     let (b, c) = rest.split_at(rest.len() / 2);
-    client
-        .write_all(&client_frame(false, true, 1, a))
-        .await
-        .unwrap();
-    client
-        .write_all(&client_frame(true, false, 9, b"are you there"))
-        .await
-        .unwrap();
-    client
-        .write_all(&client_frame(false, false, 0, b))
-        .await
-        .unwrap();
-    client
-        .write_all(&client_frame(true, false, 0, c))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(false, true, 1, a)).await;
+    send(&mut client, client_frame(true, false, 9, b"are you there")).await;
+    send(&mut client, client_frame(false, false, 0, b)).await;
+    send(&mut client, client_frame(true, false, 0, c)).await;
     match ws.next().await {
         Some(Ok(Message::Ping(p))) => assert_eq!(&p[..], b"are you there"),
         other => panic!("{other:?}"),
@@ -283,10 +271,7 @@ async fn a_deflate_bomb_fails_as_too_large() {
     let (mut ws, mut client) = server().await;
     let bomb = client_deflate(&vec![b'a'; 16 << 20]);
     assert!(bomb.len() < MAX / 2, "a bomb fits a frame: {}", bomb.len());
-    client
-        .write_all(&client_frame(true, true, 1, &bomb))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(true, true, 1, &bomb)).await;
     assert_eq!(
         inflate_error(ws.next().await),
         InflateError::TooLarge { limit: MAX }
@@ -310,14 +295,8 @@ async fn the_bound_holds_across_fragments_and_on_the_wire() {
     // Two fragments inflating to 40 KiB each: 80 KiB > 64 KiB.
     let z = client_deflate(&vec![b'x'; 80 * 1024]);
     let (a, b) = z.split_at(z.len() / 2);
-    client
-        .write_all(&client_frame(false, true, 1, a))
-        .await
-        .unwrap();
-    client
-        .write_all(&client_frame(true, false, 0, b))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(false, true, 1, a)).await;
+    send(&mut client, client_frame(true, false, 0, b)).await;
     assert_eq!(
         inflate_error(ws.next().await),
         InflateError::TooLarge { limit: MAX }
@@ -338,10 +317,11 @@ async fn the_bound_holds_across_fragments_and_on_the_wire() {
 #[tokio::test]
 async fn invalid_data_and_broken_rules_fail() {
     let (mut ws, mut client) = server().await;
-    client
-        .write_all(&client_frame(true, true, 1, &[0xff, 0xff, 0xff, 0xff]))
-        .await
-        .unwrap();
+    send(
+        &mut client,
+        client_frame(true, true, 1, &[0xff, 0xff, 0xff, 0xff]),
+    )
+    .await;
     assert_eq!(inflate_error(ws.next().await), InflateError::Invalid);
     // Every read after that fails alike.
     assert!(ws.next().await.is_none());
@@ -349,49 +329,28 @@ async fn invalid_data_and_broken_rules_fail() {
     // A new data frame before the compressed message ended.
     let (mut ws, mut client) = server().await;
     let z = client_deflate(ticker(1).as_bytes());
-    client
-        .write_all(&client_frame(false, true, 1, &z[..10]))
-        .await
-        .unwrap();
-    client
-        .write_all(&client_frame(true, false, 1, b"hi"))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(false, true, 1, &z[..10])).await;
+    send(&mut client, client_frame(true, false, 1, b"hi")).await;
     assert_eq!(inflate_error(ws.next().await), InflateError::Interleaved);
 
     // RSV1 on a control frame, or on a continuation: tungstenite's rules.
     let (mut ws, mut client) = server().await;
-    client
-        .write_all(&client_frame(true, true, 9, b"x"))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(true, true, 9, b"x")).await;
     assert!(matches!(
         ws.next().await,
         Some(Err(Error::Protocol(ProtocolError::NonZeroReservedBits)))
     ));
     let (mut ws, mut client) = server().await;
-    client
-        .write_all(&client_frame(false, false, 1, b"plain, "))
-        .await
-        .unwrap();
-    client
-        .write_all(&client_frame(true, true, 0, &z))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(false, false, 1, b"plain, ")).await;
+    send(&mut client, client_frame(true, true, 0, &z)).await;
     assert!(matches!(
         ws.next().await,
         Some(Err(Error::Protocol(ProtocolError::NonZeroReservedBits)))
     ));
     // A compressed message may not start inside a plain fragmented one.
     let (mut ws, mut client) = server().await;
-    client
-        .write_all(&client_frame(false, false, 1, b"plain, "))
-        .await
-        .unwrap();
-    client
-        .write_all(&client_frame(true, true, 1, &z))
-        .await
-        .unwrap();
+    send(&mut client, client_frame(false, false, 1, b"plain, ")).await;
+    send(&mut client, client_frame(true, true, 1, &z)).await;
     assert!(matches!(ws.next().await, Some(Err(Error::Protocol(_)))));
 }
 

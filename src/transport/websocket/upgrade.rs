@@ -168,10 +168,9 @@ impl Upgrade {
             );
         }
 
-        let max_message = hub.config.limits.max_message_bytes;
-        let compressor =
-            deflate.then(|| Compressor::new(&hub.config.compression, hub.metrics.clone()));
         let on_upgrade = self.on_upgrade;
+        // What this task captures, it keeps for the life of the connection (an async
+        // block's captures are never freed early): only what it needs, built inside.
         tokio::spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => TokioIo::new(upgraded),
@@ -180,29 +179,29 @@ impl Upgrade {
                     return;
                 }
             };
+            let max_message = hub.config.limits.max_message_bytes;
             let config = WebSocketConfig::default()
                 .read_buffer_size(READ_BUFFER_BYTES)
                 .max_message_size(Some(max_message))
                 .max_frame_size(Some(max_message));
-            match compressor {
-                None => {
-                    let socket =
-                        WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config))
-                            .await;
-                    let session = super::run(socket, hub, channels, grants, None);
-                    sessions.track_future(session).await;
-                }
-                Some(compressor) => {
-                    let metrics = hub.metrics.clone();
-                    metrics.connections_deflate.inc();
-                    let inflating = InflatingIo::new(upgraded, max_message);
-                    let socket =
-                        WebSocketStream::from_raw_socket(inflating, Role::Server, Some(config))
-                            .await;
-                    let session = super::run(socket, hub, channels, grants, Some(compressor));
-                    sessions.track_future(session).await;
-                    metrics.connections_deflate.dec();
-                }
+            if deflate {
+                let compressor = Compressor::new(&hub.config.compression, hub.metrics.clone());
+                let inflating = InflatingIo::new(upgraded, max_message);
+                // Boxed: the larger socket would otherwise widen every connection's
+                // task, compressed or not, for as long as it lives.
+                let socket = Box::pin(WebSocketStream::from_raw_socket(
+                    inflating,
+                    Role::Server,
+                    Some(config),
+                ))
+                .await;
+                let session = super::run(socket, hub, channels, grants, Some(compressor));
+                sessions.track_future(session).await;
+            } else {
+                let socket =
+                    WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
+                let session = super::run(socket, hub, channels, grants, None);
+                sessions.track_future(session).await;
             }
         });
         response
