@@ -102,14 +102,18 @@ impl Session {
     /// `welcome` (with `stream_id`, the session id of a streaming transport), then
     /// handles the requests of `inbound`. Then leaves the registry and presence,
     /// waits for the transport's `writer` to say goodbye, and returns why the
-    /// connection ended.
-    pub(crate) async fn serve(
+    /// connection ended, with `inbound` for what the transport still reads (a
+    /// WebSocket's close reply).
+    pub(crate) async fn serve<I>(
         self,
         channels: Vec<(String, Option<Since>)>,
-        inbound: impl Stream<Item = Inbound> + Unpin,
+        mut inbound: I,
         writer: JoinHandle<()>,
         stream_id: Option<&str>,
-    ) -> CloseReason {
+    ) -> (CloseReason, I)
+    where
+        I: Stream<Item = Inbound> + Unpin,
+    {
         let opened = std::time::Instant::now();
         tracing::info!(
             node = %self.hub.node_id,
@@ -119,7 +123,7 @@ impl Session {
         );
         // Takes the channel list: nothing needs it after `welcome`.
         if Box::pin(self.subscribe_at_connect(channels, stream_id)).await {
-            self.read_loop(inbound).await;
+            self.read_loop(&mut inbound).await;
         }
 
         // Leave the registry first (so no fan-out queues to a connection that is
@@ -136,7 +140,7 @@ impl Session {
             duration_ms = opened.elapsed().as_millis() as u64,
             "connection closed"
         );
-        reason
+        (reason, inbound)
     }
 
     /// Subscribes the channels named at connect, sends `welcome` once they are live
@@ -218,7 +222,7 @@ impl Session {
         true
     }
 
-    async fn read_loop(&self, mut inbound: impl Stream<Item = Inbound> + Unpin) {
+    async fn read_loop(&self, inbound: &mut (impl Stream<Item = Inbound> + Unpin)) {
         // Created once: re-creating them on every request would re-register wakers.
         let mut closing = std::pin::pin!(self.client.closing());
         let mut shutdown = std::pin::pin!(self.hub.shutdown.cancelled());

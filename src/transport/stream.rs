@@ -106,7 +106,7 @@ pub(crate) fn open(
     sessions.spawn(
         async move {
             let inbound = std::pin::pin!(inbound);
-            session.serve(channels, inbound, writer, Some(&id)).await;
+            let _ = session.serve(channels, inbound, writer, Some(&id)).await;
             streams.close(&id);
         }
         .instrument(span),
