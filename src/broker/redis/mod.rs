@@ -101,6 +101,9 @@ struct Inner {
     keys: Keys,
     /// This node's control channel (see `keys::control`), on the first shard.
     control: String,
+    /// Whether the first shard's current subscriber connection has it subscribed
+    /// (the subscriber task retries until it has).
+    control_live: std::sync::atomic::AtomicBool,
     timeout: Duration,
     config: Arc<Config>,
     delivery: Delivery,
@@ -167,6 +170,7 @@ impl RedisBroker {
             pubsub,
             keys: Keys::new(prefix.clone(), pubsub),
             control: Keys::new(prefix.clone(), pubsub).control(delivery.streams.route()),
+            control_live: Default::default(),
             timeout,
             delivery,
             tracker,

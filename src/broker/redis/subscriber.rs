@@ -20,6 +20,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use redis::aio::ConnectionLike;
@@ -134,12 +135,9 @@ async fn connect(inner: &Arc<Inner>, shard: &Arc<Shard>) -> Result<(SubConn, Arc
             }
             None => connect_single(inner, shard, &disconnected).await?,
         };
-        let mut always = shard.probes.channels();
-        if shard.index == 0 {
-            // The first shard carries this node's control channel.
-            always.push(inner.control.clone());
-        }
-        conn.subscribe(&always).await.map_err(|e| e.to_string())?;
+        conn.subscribe(&shard.probes.channels())
+            .await
+            .map_err(|e| e.to_string())?;
         Ok((conn, disconnected.clone()))
     };
     match tokio::time::timeout(timeout, setup).await {
@@ -249,6 +247,9 @@ async fn check_role(conn: &mut impl ConnectionLike) -> Result<(), String> {
 /// After (re)connecting: nothing is live on the new connection; every channel
 /// of this shard with local subscribers or waiters must be subscribed again.
 fn on_connected(inner: &Inner, shard: &Shard) {
+    if shard.index == 0 {
+        inner.control_live.store(false, Ordering::Relaxed);
+    }
     let mut state = shard.lock();
     state.live.clear();
     let pending: Vec<String> = state.waiters.keys().cloned().collect();
@@ -391,6 +392,9 @@ async fn serve(
         if let Err(e) = reconcile(inner, shard, conn).await {
             return Ended::Lost(e.to_string());
         }
+        if shard.index == 0 && !inner.control_live.load(Ordering::Relaxed) {
+            subscribe_control(inner, conn).await;
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ended::Shutdown,
@@ -408,6 +412,20 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+/// Subscribes this node's control channel (forwarded requests of its streaming
+/// sessions) on the first shard's connection. Apart from the connect's must-succeed
+/// subscriptions: its slot's master may be the one failing over on a Redis Cluster,
+/// and that must not keep every other channel of the node unsubscribed. Tried
+/// again every round (at least every health tick) until it took.
+async fn subscribe_control(inner: &Inner, conn: &mut SubConn) {
+    let control = [inner.control.clone()];
+    match tokio::time::timeout(inner.timeout, conn.subscribe(&control)).await {
+        Ok(Ok(())) => inner.control_live.store(true, Ordering::Relaxed),
+        Ok(Err(e)) => tracing::debug!(error = %e, "control channel not subscribed yet"),
+        Err(_) => tracing::debug!("control channel not subscribed yet: no answer in time"),
     }
 }
 
@@ -526,9 +544,13 @@ fn on_push(inner: &Arc<Inner>, shard: &Shard, info: PushInfo, disconnected: &Not
             let Some(Value::BulkString(key)) = info.data.first() else {
                 return;
             };
-            if shard.probes.channels().iter().any(|c| c.as_bytes() == key)
-                || key == inner.control.as_bytes()
-            {
+            if shard.index == 0 && key == inner.control.as_bytes() {
+                // Its slot moved: subscribe it again on the next round.
+                inner.control_live.store(false, Ordering::Relaxed);
+                shard.wake.notify_one();
+                return;
+            }
+            if shard.probes.channels().iter().any(|c| c.as_bytes() == key) {
                 // A probe's slot moved: pick the probes again on a new connection.
                 shard.kick.notify_one();
                 return;
