@@ -23,65 +23,7 @@ async fn the_python_example_recovers_across_a_drained_node() {
         check.status.success(),
         "{python} lacks the websockets package: run ./scripts/test.sh, which installs it"
     );
-
-    let redis = RedisServer::start().await;
-    let flags = ["--history-size", "1000"];
-    let n1 = TestNode::with_redis(&redis, "n1", &flags).await;
-    let n2 = TestNode::with_redis(&redis, "n2", &flags).await;
-    let ch = "chat:py";
-    let mut script = Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/python/recover.py"
-        ))
-        .args([n1.ws_url(""), n2.ws_url("")])
-        .args(["--channel", ch, "--until", "40"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = script.stdout.take().unwrap();
-    let mut script = KillOnDrop(script);
-    let lines = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
-    wait_until("the script subscribed on n1", || {
-        n1.handle.stats().subscriptions == 1
-    })
-    .await;
-
-    let mut publisher = n2.client("channel=other").await;
-    for i in 1..=20u64 {
-        assert_eq!(publisher.publish(ch, json!(i), i).await["offset"], i);
-    }
-    // n1 drains (1001): the script moves to n2 while publishing goes on.
-    n1.stop().await;
-    for i in 21..=40u64 {
-        assert_eq!(publisher.publish(ch, json!(i), i).await["offset"], i);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while script.0.try_wait().unwrap().is_none() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the script did not reach offset 40"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let lines = lines.join().unwrap();
-    let offsets: Vec<u64> = lines
-        .iter()
-        .map(|l| {
-            l.split(' ')
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap_or_else(|_| panic!("{l}"))
-        })
-        .collect();
-    assert_eq!(offsets, (1..=40).collect::<Vec<_>>(), "{lines:?}");
+    follows_across_a_drained_node("recover.py", "chat:py", |node| node.ws_url("")).await;
 }
 
 /// The standard-library SSE follower (examples/python/sse_follow.py): a node
@@ -89,18 +31,27 @@ async fn the_python_example_recovers_across_a_drained_node() {
 /// every offset once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sse_follower_recovers_across_a_drained_node_from_last_event_id() {
+    follows_across_a_drained_node("sse_follow.py", "news", |node| {
+        format!("http://{}", node.addr)
+    })
+    .await;
+}
+
+/// Runs `script` (of examples/python) on two nodes' URLs and channel `ch`: 20
+/// messages, the first node drains, 20 more; the script must print offsets 1 to
+/// 40, each once, in order, and exit.
+async fn follows_across_a_drained_node(script: &str, ch: &str, url: impl Fn(&TestNode) -> String) {
     let python = std::env::var("WSRELAY_PYTHON").unwrap_or_else(|_| "python3".into());
     let redis = RedisServer::start().await;
     let flags = ["--history-size", "1000"];
     let n1 = TestNode::with_redis(&redis, "n1", &flags).await;
     let n2 = TestNode::with_redis(&redis, "n2", &flags).await;
-    let ch = "news";
     let mut script = Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/examples/python/sse_follow.py"
+        .arg(format!(
+            "{}/examples/python/{script}",
+            env!("CARGO_MANIFEST_DIR")
         ))
-        .args([format!("http://{}", n1.addr), format!("http://{}", n2.addr)])
+        .args([url(&n1), url(&n2)])
         .args(["--channel", ch, "--until", "40"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -118,10 +69,12 @@ async fn the_python_sse_follower_recovers_across_a_drained_node_from_last_event_
         n1.handle.stats().subscriptions == 1
     })
     .await;
+
     let mut publisher = n2.client("channel=other").await;
     for i in 1..=20u64 {
         assert_eq!(publisher.publish(ch, json!(i), i).await["offset"], i);
     }
+    // n1 drains: the script moves to n2 while publishing goes on.
     n1.stop().await;
     for i in 21..=40u64 {
         assert_eq!(publisher.publish(ch, json!(i), i).await["offset"], i);

@@ -38,7 +38,9 @@ test("behind a proxy that refuses WebSockets the page chats over SSE and survive
   await drainUnderAPage(t, { noWebSocket: true });
 });
 
-async function drainUnderAPage(t, { noWebSocket }) {
+/** Starts the local cluster (scripts/local-cluster.sh: Redis, three nodes, nginx)
+ *  for the test `t`; its balancer's port and the nodes' ports. */
+async function localCluster(t, { noWebSocket = false } = {}) {
   const lb = await freePort();
   const nodes = [await freePort(), await freePort(), await freePort()];
   const cluster = spawn("bash", [`${root}scripts/local-cluster.sh`], {
@@ -61,6 +63,11 @@ async function drainUnderAPage(t, { noWebSocket }) {
   let output = "";
   cluster.stdout.on("data", (d) => { output += d; });
   await waitFor("the local cluster", async () => output.includes("ready:"), 30000);
+  return { lb, nodes };
+}
+
+async function drainUnderAPage(t, { noWebSocket }) {
+  const { lb, nodes } = await localCluster(t, { noWebSocket });
 
   const h = new Harness();
   t.after(() => h.close());
@@ -126,27 +133,7 @@ async function drainUnderAPage(t, { noWebSocket }) {
 // under it drains, EventSource reconnects by itself through the balancer with
 // Last-Event-ID, and the node it reaches replays what the page missed.
 test("a bare EventSource recovers across a drain by itself, from Last-Event-ID", async (t) => {
-  const lb = await freePort();
-  const nodes = [await freePort(), await freePort(), await freePort()];
-  const cluster = spawn("bash", [`${root}scripts/local-cluster.sh`], {
-    env: {
-      ...process.env,
-      PATH: `${process.env.PATH}:/usr/sbin`,
-      LB_PORT: String(lb),
-      REDIS_PORT: String(await freePort()),
-      NODE_PORTS: nodes.join(" "),
-      WSRELAY_BIN,
-    },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
-  const exited = new Promise((r) => cluster.once("exit", r));
-  t.after(async () => {
-    cluster.kill("SIGTERM");
-    await exited;
-  });
-  let output = "";
-  cluster.stdout.on("data", (d) => { output += d; });
-  await waitFor("the local cluster", async () => output.includes("ready:"), 30000);
+  const { lb, nodes } = await localCluster(t);
 
   const h = new Harness();
   t.after(() => h.close());
