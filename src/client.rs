@@ -427,6 +427,16 @@ impl ClientQueue {
         }
     }
 
+    /// What a closing connection still sends before its goodbye: what was queued
+    /// (an error telling the client why, the last messages before a drain), except
+    /// for a slow consumer, whose backlog is the problem itself and is dropped.
+    pub fn last_frames(&mut self, reason: CloseReason) -> VecDeque<Frame> {
+        if reason == CloseReason::SlowConsumer {
+            return VecDeque::new();
+        }
+        self.take_all()
+    }
+
     /// Takes whatever is queued, without waiting (used to flush before a close).
     pub fn take_all(&mut self) -> VecDeque<Frame> {
         let mut all = VecDeque::new();

@@ -195,13 +195,9 @@ async fn write_loop(
 
     let reason = client.close_reason().unwrap_or(CloseReason::PeerGone);
     if let Some(code) = reason.code() {
-        // What was queued before the close goes first (an error telling why, the
-        // last messages before a drain); a slow consumer's backlog is the problem.
         let mut chunk = BytesMut::new();
-        if reason != CloseReason::SlowConsumer {
-            for frame in queue.take_all() {
-                encode(&mut chunk, &frame, format, &mut ids);
-            }
+        for frame in queue.last_frames(reason) {
+            encode(&mut chunk, &frame, format, &mut ids);
         }
         let close = protocol::encode_close(code, reason.as_str(), reconnects(reason));
         encode(&mut chunk, &close, format, &mut ids);

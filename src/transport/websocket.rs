@@ -202,17 +202,14 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     let goodbye = async {
         match reason.code() {
             Some(code) => {
-                // What was queued before the close (an error telling the client why,
-                // the last messages before a drain) goes out first. A slow consumer's
-                // backlog is the problem itself, so it is dropped.
-                if reason != CloseReason::SlowConsumer {
-                    for frame in queue.take_all() {
-                        let message = match &compressor {
-                            None => Message::Text(frame.into_text()),
-                            Some(compressor) => compressor.message(frame).0,
-                        };
-                        sink.feed(message).await?;
-                    }
+                // What was queued before the close goes out first (see
+                // `ClientQueue::last_frames`).
+                for frame in queue.last_frames(reason) {
+                    let message = match &compressor {
+                        None => Message::Text(frame.into_text()),
+                        Some(compressor) => compressor.message(frame).0,
+                    };
+                    sink.feed(message).await?;
                 }
                 let frame = CloseFrame {
                     code: code.into(),

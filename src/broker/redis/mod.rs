@@ -165,11 +165,12 @@ impl RedisBroker {
         for shard in &shards {
             delivery.metrics.broker_shard_up(&shard.label, false);
         }
+        let keys = Keys::new(prefix, pubsub);
         let inner = Arc::new(Inner {
             shards,
             pubsub,
-            keys: Keys::new(prefix.clone(), pubsub),
-            control: Keys::new(prefix.clone(), pubsub).control(delivery.streams.route()),
+            control: keys.control(delivery.streams.route()),
+            keys,
             control_live: Default::default(),
             timeout,
             delivery,
