@@ -209,6 +209,39 @@ impl Users {
         reached
     }
 
+    /// Every local connection with a token: its user, connection id and token, for
+    /// a check of all of them against the stored revocations.
+    pub fn tokens(&self) -> Vec<(String, ConnId, TokenId)> {
+        self.by_user
+            .iter()
+            .flat_map(|entry| {
+                let user = entry.key().clone();
+                entry
+                    .value()
+                    .iter()
+                    .filter_map(|c| Some((user.clone(), c.id, c.token.clone()?)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Closes one connection whose token was found revoked (a `disconnect` frame
+    /// and 1008, as for a revocation command).
+    pub fn revoked(&self, user: &str, conn: ConnId) {
+        if let Some(conns) = self.by_user.get(user)
+            && let Some(c) = conns.iter().find(|c| c.id == conn)
+        {
+            let revoke = Command::Revoke {
+                user: user.to_owned(),
+                jti: None,
+                issued_before: None,
+            };
+            if c.mailbox.try_send(revoke).is_err() {
+                c.client.close(CloseReason::TokenRevoked);
+            }
+        }
+    }
+
     /// Takes a command from the control channel: JSON, from another node's API.
     pub fn apply_json(&self, payload: &[u8]) -> usize {
         match serde_json::from_slice::<Command>(payload) {

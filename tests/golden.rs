@@ -134,8 +134,8 @@ fn server_frames_are_what_the_encoders_write() {
                 )
             }),
             "rpc" => with_id(frame, |id| {
-                let data = serde_json::value::RawValue::from_string(frame["data"].to_string())
-                    .unwrap();
+                let data =
+                    serde_json::value::RawValue::from_string(frame["data"].to_string()).unwrap();
                 protocol::encode_rpc(id, &data)
             }),
             "subscribed" => protocol::encode_subscribed(

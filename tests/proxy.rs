@@ -223,7 +223,9 @@ async fn answer(
             Json(json!({"result": {"data": stored}})).into_response()
         }
         "rpc" => match body["method"].as_str() {
-            Some("echo") => Json(json!({"result": {"data": {"echo": body["data"]}}})).into_response(),
+            Some("echo") => {
+                Json(json!({"result": {"data": {"echo": body["data"]}}})).into_response()
+            }
             _ => refuse(4404, "no such method"),
         },
         _ => (StatusCode::NOT_FOUND, "no such proxy").into_response(),
@@ -340,7 +342,10 @@ async fn the_connect_proxy_decides_who_connects_from_the_session_cookie() {
     // The client's channel and the server-side one from the backend's answer.
     assert_eq!(ada.welcome["channels"], json!(["chat:lobby", "news"]));
     let call = &backend.calls("connect")[0];
-    assert_eq!(call.headers["cookie"], "sid=ada", "only the allowlisted cookie");
+    assert_eq!(
+        call.headers["cookie"], "sid=ada",
+        "only the allowlisted cookie"
+    );
     assert_eq!(call.headers["x-real-ip"], "10.1.2.3");
     assert!(call.headers.get("x-secret").is_none());
     assert_eq!(call.body["channels"], json!(["chat:lobby"]));
@@ -352,10 +357,19 @@ async fn the_connect_proxy_decides_who_connects_from_the_session_cookie() {
     );
 
     // The server-side channel delivers with no `sub` of the client's.
-    let (status, _) = api(&n2, "POST", "/api/publish", json!({"ch":"news","data":"hi"})).await;
+    let (status, _) = api(
+        &n2,
+        "POST",
+        "/api/publish",
+        json!({"ch":"news","data":"hi"}),
+    )
+    .await;
     assert_eq!(status, 200);
     let msg = next_op(&mut ada, "msg").await;
-    assert_eq!((msg["ch"].clone(), msg["data"].clone()), (json!("news"), json!("hi")));
+    assert_eq!(
+        (msg["ch"].clone(), msg["data"].clone()),
+        (json!("news"), json!("hi"))
+    );
     // The grants the backend gave hold.
     let reply = ada.sub("other", 1).await;
     assert_eq!(reply["code"], "forbidden", "{reply}");
@@ -464,7 +478,12 @@ async fn a_failing_backend_gives_the_documented_result_never_a_hang_or_an_allow(
     );
     // Each failure counted by proxy and result.
     let metrics = common::scrape(n1.addr).await;
-    for (result, at_least) in [("ok", 1.0), ("refused", 1.0), ("unavailable", 2.0), ("bad_answer", 1.0)] {
+    for (result, at_least) in [
+        ("ok", 1.0),
+        ("refused", 1.0),
+        ("unavailable", 2.0),
+        ("bad_answer", 1.0),
+    ] {
         let name = format!(r#"wsrelay_proxy_calls_total{{proxy="publish",result="{result}"}}"#);
         assert!(
             common::metric(&metrics, &name) >= at_least,
@@ -515,17 +534,23 @@ async fn the_subscribe_proxy_and_rpc_answer_over_the_connection() {
             &mut Vec::new(),
         )
         .await;
-    assert_eq!(reply, json!({"op":"rpc","id":4,"data":{"echo":{"n":[1,2]}}}));
+    assert_eq!(
+        reply,
+        json!({"op":"rpc","id":4,"data":{"echo":{"n":[1,2]}}})
+    );
     let reply = ada
         .request(json!({"op":"rpc","method":"nope"}), 5, &mut Vec::new())
         .await;
     assert_eq!(reply["app_code"], 4404, "{reply}");
-    let reply = ada
-        .request(json!({"op":"rpc"}), 6, &mut Vec::new())
-        .await;
+    let reply = ada.request(json!({"op":"rpc"}), 6, &mut Vec::new()).await;
     assert_eq!(reply["code"], "bad_request", "{reply}");
     // A traceparent goes with every call.
-    assert!(backend.calls("rpc")[0].headers.get("traceparent").is_none_or(|tp| tp.len() == 55));
+    assert!(
+        backend.calls("rpc")[0]
+            .headers
+            .get("traceparent")
+            .is_none_or(|tp| tp.len() == 55)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,7 +565,12 @@ async fn the_refresh_proxy_extends_a_connection_until_it_says_expired() {
         .extend([json!({"expire_in": 3}), json!({"expired": true})]);
     let flags = backend.flags();
     let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
-    args.extend(["--proxy-forward-cookies", "sid", "--proxy-refresh-before", "1s"]);
+    args.extend([
+        "--proxy-forward-cookies",
+        "sid",
+        "--proxy-refresh-before",
+        "1s",
+    ]);
     let (_redis, n1, _n2) = cluster(&args).await;
     let mut ws = connect_raw(&n1.ws_url("channel=chat:a"), &[("Cookie", "sid=ada")]).await;
     let (frames, code) = until_close(&mut ws).await;
@@ -552,7 +582,10 @@ async fn the_refresh_proxy_extends_a_connection_until_it_says_expired() {
     let calls = backend.calls("refresh");
     assert_eq!(calls.len(), 2, "{calls:?}");
     assert_eq!(calls[0].body["user"], "ada");
-    assert_eq!(calls[0].headers["cookie"], "sid=ada", "forwarded on every call");
+    assert_eq!(
+        calls[0].headers["cookie"], "sid=ada",
+        "forwarded on every call"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,9 +599,13 @@ async fn user_limited_and_personal_channels() {
     .await;
     let ada = token(json!({"sub":"ada","exp": now() + 600, "channels":["dm*"], "publish":["dm*"]}));
     let bob = token(json!({"sub":"bob","exp": now() + 600}));
-    let mut a = n1.client(&format!("channel=chat%23ada,bob&token={ada}")).await;
+    let mut a = n1
+        .client(&format!("channel=chat%23ada,bob&token={ada}"))
+        .await;
     assert_eq!(a.welcome["channels"], json!(["chat#ada,bob", "user:#ada"]));
-    let mut b = n2.client(&format!("token={bob}&channel=chat%23ada,bob")).await;
+    let mut b = n2
+        .client(&format!("token={bob}&channel=chat%23ada,bob"))
+        .await;
     // A user channel needs no grant for its users, and refuses others even granted.
     assert_eq!(a.sub("dm:x#bob,carol", 1).await["code"], "forbidden");
     assert_eq!(a.sub("dm:x#carol,ada", 2).await["op"], "ack");
@@ -582,17 +619,29 @@ async fn user_limited_and_personal_channels() {
     assert_eq!(reply["op"], "ack", "{reply}");
     assert_eq!(next_op(&mut a, "msg").await["data"], "hi ada");
     let reply = b
-        .request(json!({"op":"pub","ch":"#ada","data":"x"}), 4, &mut Vec::new())
+        .request(
+            json!({"op":"pub","ch":"#ada","data":"x"}),
+            4,
+            &mut Vec::new(),
+        )
         .await;
     assert_eq!(reply["code"], "forbidden");
     // The personal channel reaches Ada through the API.
-    api(&n2, "POST", "/api/publish", json!({"ch":"user:#ada","data":"for you"})).await;
+    api(
+        &n2,
+        "POST",
+        "/api/publish",
+        json!({"ch":"user:#ada","data":"for you"}),
+    )
+    .await;
     assert_eq!(next_op(&mut a, "msg").await["data"], "for you");
     // Someone not listed cannot even connect to it.
     let carol = token(json!({"sub":"carol","exp": now() + 600, "channels":["*"]}));
-    let refused =
-        common::connect_with_headers(&n1.ws_url(&format!("channel=chat%23ada,bob&token={carol}")), &[])
-            .await;
+    let refused = common::connect_with_headers(
+        &n1.ws_url(&format!("channel=chat%23ada,bob&token={carol}")),
+        &[],
+    )
+    .await;
     let Err((status, body)) = refused else {
         panic!("carol connected to a channel of ada and bob");
     };
@@ -609,7 +658,13 @@ async fn the_user_api_reaches_a_users_connections_on_every_node() {
     let mut b = n1.client(&format!("token={bob}")).await;
 
     // Subscribed now, on both nodes, to a channel the token does not grant.
-    let (status, body) = api(&n1, "POST", "/api/subscribe", json!({"user":"ada","ch":"news"})).await;
+    let (status, body) = api(
+        &n1,
+        "POST",
+        "/api/subscribe",
+        json!({"user":"ada","ch":"news"}),
+    )
+    .await;
     assert_eq!((status, body["nodes"].clone()), (200, json!(2)), "{body}");
     for a in [&mut a1, &mut a2] {
         let frame = next_op(a, "subscribed").await;
@@ -626,7 +681,12 @@ async fn the_user_api_reaches_a_users_connections_on_every_node() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["node"].as_str().unwrap().to_owned(), c["channels"].clone()))
+        .map(|c| {
+            (
+                c["node"].as_str().unwrap().to_owned(),
+                c["channels"].clone(),
+            )
+        })
         .collect();
     seen.sort_by(|x, y| x.0.cmp(&y.0));
     assert_eq!(
@@ -638,7 +698,13 @@ async fn the_user_api_reaches_a_users_connections_on_every_node() {
         "{body}"
     );
 
-    api(&n2, "POST", "/api/unsubscribe", json!({"user":"ada","ch":"news"})).await;
+    api(
+        &n2,
+        "POST",
+        "/api/unsubscribe",
+        json!({"user":"ada","ch":"news"}),
+    )
+    .await;
     for a in [&mut a1, &mut a2] {
         assert_eq!(next_op(a, "unsubscribed").await["ch"], "news");
     }
@@ -648,14 +714,29 @@ async fn the_user_api_reaches_a_users_connections_on_every_node() {
 
     // One connection only, by its name.
     let one = format!("n2/{}", a2.welcome["conn"].as_str().unwrap());
-    api(&n1, "POST", "/api/disconnect", json!({"user":"ada","conn":one,"code":4100,"reason":"one"})).await;
+    api(
+        &n1,
+        "POST",
+        "/api/disconnect",
+        json!({"user":"ada","conn":one,"code":4100,"reason":"one"}),
+    )
+    .await;
     let (frames, code) = until_close(&mut a2.ws).await;
     assert_eq!(code, Some(4100));
-    assert_eq!(frames.last().unwrap(), &json!({"op":"disconnect","code":4100,"reason":"one"}));
+    assert_eq!(
+        frames.last().unwrap(),
+        &json!({"op":"disconnect","code":4100,"reason":"one"})
+    );
     let mut a2 = n2.client(&format!("token={ada}")).await;
 
     // Every connection, by default with 4001.
-    let (status, _) = api(&n2, "POST", "/api/disconnect", json!({"user":"ada","reason":"kicked"})).await;
+    let (status, _) = api(
+        &n2,
+        "POST",
+        "/api/disconnect",
+        json!({"user":"ada","reason":"kicked"}),
+    )
+    .await;
     assert_eq!(status, 200);
     for a in [&mut a1, &mut a2] {
         let (frames, code) = until_close(&mut a.ws).await;
@@ -668,7 +749,13 @@ async fn the_user_api_reaches_a_users_connections_on_every_node() {
 
     // A refresh through the API sets the expiry of each connection.
     let mut a1 = n1.client(&format!("token={ada}")).await;
-    api(&n2, "POST", "/api/refresh", json!({"user":"ada","expire_at": now() + 1})).await;
+    api(
+        &n2,
+        "POST",
+        "/api/refresh",
+        json!({"user":"ada","expire_at": now() + 1}),
+    )
+    .await;
     let (_, code) = until_close(&mut a1.ws).await;
     assert_eq!(code, Some(1008), "expired at the time the API set");
 
@@ -689,8 +776,12 @@ async fn the_user_api_reaches_a_users_connections_on_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_tokens_are_refused_and_their_connections_closed() {
     let (_redis, n1, n2) = cluster(&["--jwt-secret", SECRET, "--token-revocation"]).await;
-    let t1 = token(json!({"sub":"ada","exp": now() + 600, "jti":"t1", "iat": now() - 100, "channels":["global"]}));
-    let t2 = token(json!({"sub":"ada","exp": now() + 600, "jti":"t2", "iat": now(), "channels":["global"]}));
+    let t1 = token(
+        json!({"sub":"ada","exp": now() + 600, "jti":"t1", "iat": now() - 100, "channels":["global"]}),
+    );
+    let t2 = token(
+        json!({"sub":"ada","exp": now() + 600, "jti":"t2", "iat": now(), "channels":["global"]}),
+    );
     let mut on1 = n1.client(&format!("token={t1}")).await;
     let mut on2 = n2.client(&format!("token={t1}")).await;
     let mut other = n2.client(&format!("token={t2}")).await;
@@ -709,20 +800,35 @@ async fn revoked_tokens_are_refused_and_their_connections_closed() {
         assert_eq!(frames.last().unwrap()["op"], "disconnect");
     }
     other.send(json!({"op":"ping","id":1})).await;
-    assert_eq!(other.recv().await["op"], "pong", "another token of the user stands");
+    assert_eq!(
+        other.recv().await["op"],
+        "pong",
+        "another token of the user stands"
+    );
     // The revoked token is refused at connect, on any node.
     let mut ws = connect_raw(&n1.ws_url(&format!("token={t1}")), &[]).await;
     let (frames, code) = until_close(&mut ws).await;
     assert_eq!(code, Some(1008));
-    assert!(frames[0]["message"].as_str().unwrap().contains("revoked"), "{frames:?}");
+    assert!(
+        frames[0]["message"].as_str().unwrap().contains("revoked"),
+        "{frames:?}"
+    );
 
     // Every token issued before a time.
-    api(&n1, "POST", "/api/revoke", json!({"user":"ada","issued_before": now() + 1})).await;
+    api(
+        &n1,
+        "POST",
+        "/api/revoke",
+        json!({"user":"ada","issued_before": now() + 1}),
+    )
+    .await;
     let (_, code) = until_close(&mut other.ws).await;
     assert_eq!(code, Some(1008));
     let mut ws = connect_raw(&n2.ws_url(&format!("token={t2}")), &[]).await;
     assert_eq!(until_close(&mut ws).await.1, Some(1008));
-    let t3 = token(json!({"sub":"ada","exp": now() + 600, "jti":"t3", "iat": now() + 5, "channels":["global"]}));
+    let t3 = token(
+        json!({"sub":"ada","exp": now() + 600, "jti":"t3", "iat": now() + 5, "channels":["global"]}),
+    );
     n2.client(&format!("token={t3}")).await;
 }
 
@@ -753,9 +859,50 @@ async fn a_users_connections_are_limited_across_the_cluster() {
         if frame["op"] == "welcome" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no room after a close: {frame}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a close: {frame}"
+        );
         // The entry of the closed connection is removed as its session ends:
         // nothing to await from here, so look again shortly.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_from_redis_during_a_revocation_closes_the_token_once_back() {
+    let redis = RedisServer::start().await;
+    let deaf = common::DeafProxy::start(redis.port).await;
+    let args = [
+        "--api-key",
+        API_KEY,
+        "--jwt-secret",
+        SECRET,
+        "--token-revocation",
+        "--broker-timeout",
+        "500ms",
+    ];
+    let n1 = TestNode::with_redis(&redis, "n1", &args).await;
+    let url = deaf.url();
+    let mut n2_args = vec!["--redis-url", url.as_str(), "--node-id", "n2"];
+    n2_args.extend_from_slice(&args);
+    let n2 = TestNode::start(&n2_args).await;
+    n2.wait_ready().await;
+    let t1 = token(json!({"sub":"ada","exp": now() + 600, "jti":"t1", "channels":["global"]}));
+    let mut ada = n2.client(&format!("token={t1}")).await;
+
+    // n2 hears nothing from Redis while the revocation is sent.
+    deaf.set_deaf(true);
+    let (status, _) = api(&n1, "POST", "/api/revoke", json!({"user":"ada","jti":"t1"})).await;
+    assert_eq!(status, 200);
+    common::wait_until("n2 notices it is deaf", || !n2.handle.all_shards_usable()).await;
+    assert!(
+        ada.try_recv(Duration::from_millis(100)).await.is_none(),
+        "the command did not reach n2"
+    );
+    // Back: n2 subscribes its control channels again and checks its tokens.
+    deaf.set_deaf(false);
+    let (frames, code) = until_close(&mut ada.ws).await;
+    assert_eq!(code, Some(1008), "{frames:?}");
+    assert_eq!(frames.last().unwrap()["op"], "disconnect");
 }

@@ -89,6 +89,15 @@ impl Cluster {
             }
             None => Vec::new(),
         };
+        let mut proxy_args = Vec::new();
+        if target.publish_backend {
+            let backend = start_publish_backend().await?;
+            proxy_args = vec![
+                "--proxy-publish-url".to_owned(),
+                format!("http://{backend}/publish"),
+                "--proxy-publish".to_owned(),
+            ];
+        }
         for i in 0..n {
             let port = free_port()?;
             let child = pinned(node_binary.to_str().expect("UTF-8 path"))
@@ -99,6 +108,7 @@ impl Cluster {
                 // (100/s); --node-arg flags come later and win.
                 .args(["--publish-rate", "100000000", "--publish-burst", "10000000"])
                 .args(["--history-size", &target.history.to_string()])
+                .args(&proxy_args)
                 .args(&target.node_args)
                 .env("RUST_LOG", "warn")
                 .envs(otel_env.iter().map(|(k, v)| (k, v)))
@@ -182,6 +192,25 @@ async fn start_otlp_sink() -> anyhow::Result<std::net::SocketAddr> {
                 [("content-type", "application/x-protobuf")],
                 Vec::<u8>::new(),
             )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
+/// An application backend whose publish proxy allows every message as sent (it
+/// reads the call's body, as a real one would), so a run with `--publish-backend`
+/// measures what the proxy costs the relay and adds to a message's latency.
+async fn start_publish_backend() -> anyhow::Result<std::net::SocketAddr> {
+    let app = axum::Router::new().route(
+        "/publish",
+        axum::routing::post(|body: axum::body::Bytes| async move {
+            let _ = std::hint::black_box(body);
+            ([("content-type", "application/json")], r#"{"result":{}}"#)
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -81,6 +81,11 @@ pub(crate) struct Target {
     /// (`--history-size`): every message is then stored with an offset. 0: off.
     #[arg(long, global = true, default_value_t = 0)]
     history: usize,
+    /// Spawned nodes send every client publication through a publish proxy (the
+    /// application backend, `--proxy-publish-url`) to an HTTP backend in this
+    /// process that allows each as sent: what a publish proxy costs per message.
+    #[arg(long, global = true)]
+    publish_backend: bool,
     /// Clients offer permessage-deflate (`permessage-deflate; client_max_window_bits`,
     /// as browsers do); nodes started with `--compression off` decline it.
     #[arg(long, global = true)]

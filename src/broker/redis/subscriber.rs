@@ -420,10 +420,17 @@ async fn serve(
 /// subscriptions: its slot's master may be the one failing over on a Redis Cluster,
 /// and that must not keep every other channel of the node unsubscribed. Tried
 /// again every round (at least every health tick) until it took.
-async fn subscribe_control(inner: &Inner, conn: &mut SubConn) {
+async fn subscribe_control(inner: &Arc<Inner>, conn: &mut SubConn) {
     let control = [inner.control.clone(), inner.users_control.clone()];
     match tokio::time::timeout(inner.timeout, conn.subscribe(&control)).await {
-        Ok(Ok(())) => inner.control_live.store(true, Ordering::Relaxed),
+        Ok(Ok(())) => {
+            inner.control_live.store(true, Ordering::Relaxed);
+            // Revocations sent while the control channel was not subscribed did
+            // not reach this node: its connections' tokens are checked now.
+            if inner.config.users.token_revocation {
+                tokio::spawn(super::users::sweep_revoked(inner.clone()));
+            }
+        }
         Ok(Err(e)) => tracing::debug!(error = %e, "control channel not subscribed yet"),
         Err(_) => tracing::debug!("control channel not subscribed yet: no answer in time"),
     }

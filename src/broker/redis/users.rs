@@ -220,3 +220,30 @@ pub(super) async fn is_revoked(
         .await?;
     Ok(jti.is_some() || crate::users::revokes(Some(token), None, before))
 }
+
+/// Checks every local connection's token against the stored revocations and closes
+/// the revoked ones: run when this node's control channel is subscribed again
+/// after a loss, since the revocation commands sent meanwhile did not reach it.
+pub(super) async fn sweep_revoked(inner: Arc<Inner>) {
+    let users = &inner.delivery.users;
+    let mut closed = 0;
+    for (user, conn, token) in users.tokens() {
+        match is_revoked(&inner, Some(&user), &token).await {
+            Ok(true) => {
+                users.revoked(&user, conn);
+                closed += 1;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "revocation check after a reconnect failed; tokens are checked again at refresh");
+                return;
+            }
+        }
+    }
+    if closed > 0 {
+        tracing::info!(
+            closed,
+            "closed connections whose token was revoked while this node was cut from Redis"
+        );
+    }
+}
