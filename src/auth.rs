@@ -86,6 +86,15 @@ struct Claims {
     /// non-object): `Option`'s own deserializer would take `null` for absent.
     #[serde(default, deserialize_with = "present")]
     info: Option<Box<serde_json::value::RawValue>>,
+    /// Channels the connection is subscribed to at connect, server-side.
+    #[serde(default)]
+    subscribe: Vec<String>,
+    /// The token's id, for revocation.
+    #[serde(default)]
+    jti: Option<String>,
+    /// When the token was issued (Unix seconds), for revoking a user's older tokens.
+    #[serde(default)]
+    iat: Option<u64>,
 }
 
 fn present<'de, D: serde::Deserializer<'de>>(
@@ -165,11 +174,25 @@ impl Verifier {
                 )));
             }
         }
+        if let Some(bad) = claims
+            .subscribe
+            .iter()
+            .find(|c| crate::protocol::validate_channel(c).is_err())
+        {
+            return Err(AuthError::Invalid(format!(
+                "the subscribe claim names {bad:?}, which is not a channel name"
+            )));
+        }
         Ok(Grants {
             user: claims.sub,
             info: claims.info.map(|i| Arc::from(i.get())),
             subscribe: claims.channels.iter().map(|p| Pattern::parse(p)).collect(),
             publish: claims.publish.iter().map(|p| Pattern::parse(p)).collect(),
+            server_channels: claims.subscribe,
+            token: Some(TokenId {
+                jti: claims.jti,
+                issued_at: claims.iat,
+            }),
             // An `exp` beyond what the clock can represent (up to 2^64 - 1 is
             // valid JSON) is simply a token that does not expire in practice:
             // checked arithmetic, never a panic on a correctly signed token.
@@ -215,6 +238,37 @@ pub struct Grants {
     /// When the token stops being valid (its `exp` plus the leeway); `None`: never
     /// (no auth, or an `exp` past what the clock can represent).
     expires: Option<SystemTime>,
+    /// Channels to subscribe the connection to at connect, server-side (a token's
+    /// `subscribe` claim, the connect proxy's `subscribe`).
+    pub server_channels: Vec<String>,
+    /// What identifies the connection's token, when it came with one.
+    pub token: Option<TokenId>,
+}
+
+/// What revocation knows of a token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenId {
+    /// Its `jti`.
+    pub jti: Option<String>,
+    /// Its `iat` (Unix seconds).
+    pub issued_at: Option<u64>,
+}
+
+/// The connect proxy's `result` (docs/proxy.md): who the user is and what it may do.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectResult {
+    user: String,
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
+    #[serde(default)]
+    expire_at: Option<u64>,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+    #[serde(default)]
+    subscribe: Vec<String>,
 }
 
 impl Grants {
@@ -226,17 +280,93 @@ impl Grants {
             subscribe: vec![Pattern::Prefix(String::new())],
             publish: vec![Pattern::Prefix(String::new())],
             expires: None,
+            server_channels: Vec::new(),
+            token: None,
         }
     }
 
-    /// Whether the connection may subscribe to `channel`.
-    pub fn may_subscribe(&self, channel: &str) -> bool {
-        self.subscribe.iter().any(|p| p.matches(channel))
+    /// Nothing at all: a connection whose grants the connect proxy has not given yet.
+    pub fn nobody() -> Grants {
+        Grants {
+            user: None,
+            info: None,
+            subscribe: Vec::new(),
+            publish: Vec::new(),
+            expires: None,
+            server_channels: Vec::new(),
+            token: None,
+        }
     }
 
-    /// Whether the connection may publish to `channel`.
+    /// The grants a connect proxy's answer gives, or why they cannot be used.
+    pub fn from_connect(result: ConnectResult) -> Result<Grants, String> {
+        if let Some(info) = &result.info {
+            let text = info.get();
+            if !text.starts_with('{') || text.len() > MAX_INFO_BYTES {
+                return Err(format!(
+                    "info must be a JSON object of at most {MAX_INFO_BYTES} bytes"
+                ));
+            }
+        }
+        if let Some(bad) = result
+            .subscribe
+            .iter()
+            .find(|c| crate::protocol::validate_channel(c).is_err())
+        {
+            return Err(format!("subscribe names {bad:?}, which is not a channel"));
+        }
+        Ok(Grants {
+            user: (!result.user.is_empty()).then_some(result.user),
+            info: result.info.map(|i| Arc::from(i.get())),
+            subscribe: result.channels.iter().map(|p| Pattern::parse(p)).collect(),
+            publish: result.publish.iter().map(|p| Pattern::parse(p)).collect(),
+            expires: result
+                .expire_at
+                .and_then(|at| UNIX_EPOCH.checked_add(Duration::from_secs(at))),
+            server_channels: result.subscribe,
+            token: None,
+        })
+    }
+
+    /// The same grants, expiring at `at` (Unix seconds; `None`: never).
+    pub fn expiring(&self, at: Option<u64>) -> Grants {
+        Grants {
+            expires: at.and_then(|at| UNIX_EPOCH.checked_add(Duration::from_secs(at))),
+            ..self.clone()
+        }
+    }
+
+    /// Whether the grants expire at all.
+    pub fn expires(&self) -> bool {
+        self.expires.is_some()
+    }
+
+    /// Whether the connection may subscribe to `channel`. A user-limited channel
+    /// (`dm#alice,bob`) takes its listed users, and only them, whatever the grants.
+    pub fn may_subscribe(&self, channel: &str) -> bool {
+        match self.listed(channel) {
+            Some(listed) => listed,
+            None => self.subscribe.iter().any(|p| p.matches(channel)),
+        }
+    }
+
+    /// Whether the connection may publish to `channel` (user-limited channels as
+    /// for [`may_subscribe`](Self::may_subscribe)).
     pub fn may_publish(&self, channel: &str) -> bool {
-        self.publish.iter().any(|p| p.matches(channel))
+        match self.listed(channel) {
+            Some(listed) => listed,
+            None => self.publish.iter().any(|p| p.matches(channel)),
+        }
+    }
+
+    /// For a user-limited channel, whether this connection's user is listed.
+    fn listed(&self, channel: &str) -> Option<bool> {
+        let mut users = crate::protocol::channel_users(channel)?;
+        Some(
+            self.user
+                .as_deref()
+                .is_some_and(|me| users.any(|u| u == me)),
+        )
     }
 
     /// The instant the token expires, if it does within what the monotonic clock
@@ -365,6 +495,8 @@ mod tests {
                 .collect(),
             publish: vec![Pattern::parse("room:42")],
             expires: None,
+            server_channels: Vec::new(),
+            token: None,
         };
         assert!(
             grants.may_subscribe("room:1")
@@ -374,6 +506,18 @@ mod tests {
         assert!(!grants.may_subscribe("lobby2") && !grants.may_subscribe("roomx"));
         assert!(grants.may_publish("room:42") && !grants.may_publish("room:4"));
         assert!(Grants::anyone().may_publish("anything") && Grants::anyone().may_subscribe("x"));
+        // A user-limited channel: its users without a grant, nobody else even with one.
+        let ada = Grants {
+            user: Some("ada".into()),
+            ..grants.clone()
+        };
+        assert!(ada.may_subscribe("dm#ada,bob") && ada.may_publish("dm#bob,ada"));
+        assert!(!ada.may_subscribe("room:x#bob") && !ada.may_publish("#bob"));
+        assert!(ada.may_subscribe("#ada"), "a personal channel");
+        assert!(
+            !Grants::anyone().may_subscribe("#ada"),
+            "anonymous: no user channel"
+        );
     }
 
     #[test]

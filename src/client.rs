@@ -61,6 +61,17 @@ pub enum CloseReason {
     /// More messages arrived while a subscription was recovering than its hold-back
     /// buffer takes (`--client-queue`); the client recovers again from its position.
     HoldBackOverflow,
+    /// The application closed the connection (the connect proxy refused it, or
+    /// `POST /api/disconnect`), with its code (4000 to 4999).
+    Application(u16),
+    /// The connection's token was revoked (`POST /api/revoke`).
+    TokenRevoked,
+    /// The application backend could not be asked (connect proxy unavailable).
+    BackendUnavailable,
+    /// The application backend's answer to the connect proxy was not understood.
+    BackendError,
+    /// Refused at connect: a channel it may not use, its user's connection limit.
+    Refused,
 }
 
 impl CloseReason {
@@ -70,13 +81,19 @@ impl CloseReason {
             CloseReason::PeerClosed | CloseReason::PeerGone | CloseReason::WriteTimeout => None,
             CloseReason::Shutdown => Some(1001),
             CloseReason::ProtocolError => Some(1002),
-            CloseReason::TokenExpired | CloseReason::RateLimited => Some(1008),
+            CloseReason::TokenExpired
+            | CloseReason::RateLimited
+            | CloseReason::TokenRevoked
+            | CloseReason::Refused => Some(1008),
+            CloseReason::Application(code) => Some(code),
+            CloseReason::BackendError => Some(1011),
             CloseReason::Binary => Some(1003),
             CloseReason::InvalidUtf8 => Some(1007),
             CloseReason::TooLarge => Some(1009),
             CloseReason::PingTimeout => Some(1011),
             CloseReason::SlowConsumer
             | CloseReason::BrokerUnavailable
+            | CloseReason::BackendUnavailable
             | CloseReason::HoldBackOverflow => Some(1013),
         }
     }
@@ -98,6 +115,11 @@ impl CloseReason {
             CloseReason::TokenExpired => "token_expired",
             CloseReason::RateLimited => "rate_limited",
             CloseReason::HoldBackOverflow => "holdback_overflow",
+            CloseReason::Application(_) => "application",
+            CloseReason::TokenRevoked => "token_revoked",
+            CloseReason::BackendUnavailable => "backend_unavailable",
+            CloseReason::BackendError => "backend_error",
+            CloseReason::Refused => "refused",
         }
     }
 
@@ -118,6 +140,11 @@ impl CloseReason {
             CloseReason::TokenExpired => "token expired",
             CloseReason::RateLimited => "rate limit exceeded",
             CloseReason::HoldBackOverflow => "too many messages during recovery",
+            CloseReason::Application(_) => "closed by the application",
+            CloseReason::TokenRevoked => "token revoked",
+            CloseReason::BackendUnavailable => "application backend unavailable",
+            CloseReason::BackendError => "application backend error",
+            CloseReason::Refused => "refused",
         }
     }
 }

@@ -9,7 +9,8 @@
 //! and every other one writes the same bytes. The
 //! broker only carries publications: it calls [`Delivery::deliver`] and
 //! [`Delivery::gap`] and never builds a frame itself. Requests that other nodes
-//! forward to this node's streaming sessions arrive beside them (`streams`).
+//! forward to this node's streaming sessions arrive beside them (`streams`), and
+//! the server API's commands on users (`users`).
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ use crate::publication::{Kind, Position, Publication};
 use crate::registry::Registry;
 use crate::streams::Streams;
 use crate::telemetry::Tracing;
+use crate::users::Users;
 
 /// The frame clients get for one publication of `channel`: a message, or a presence
 /// `join`/`leave`.
@@ -45,6 +47,8 @@ pub struct Delivery {
     pub tracing: Tracing,
     /// This node's streaming sessions, where requests forwarded from other nodes go.
     pub streams: Streams,
+    /// This node's connections by user, where the server API's commands go.
+    pub users: Arc<Users>,
 }
 
 impl Delivery {

@@ -26,9 +26,12 @@ use crate::auth::{self, AuthError, Grants, OriginPolicy, Verifier};
 use crate::broker::BrokerError;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
+use crate::proxy;
 use crate::readiness::Readiness;
+use crate::session::Identity;
 use crate::streams::{self, Handed, Streams};
 use crate::transport::{self, ConnSlot, stream::Format};
+use crate::users::{self, Command};
 
 /// What the HTTP handlers share: the hub, and what only the HTTP surface needs.
 #[derive(Debug)]
@@ -72,6 +75,12 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/api/history", get(api_history))
         .route("/api/presence", get(api_presence))
         .route("/api/presence_stats", get(api_presence_stats))
+        .route("/api/disconnect", post(api_disconnect))
+        .route("/api/subscribe", post(api_subscribe))
+        .route("/api/unsubscribe", post(api_unsubscribe))
+        .route("/api/refresh", post(api_refresh))
+        .route("/api/revoke", post(api_revoke))
+        .route("/api/connections", get(api_connections))
         .with_state(state)
 }
 
@@ -217,10 +226,10 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// A connection about to open: its channels, with the positions to recover from,
-/// and its grants.
+/// and who it is.
 struct Admitted {
     channels: Vec<(String, Option<Since>)>,
-    grants: Arc<Grants>,
+    identity: Identity,
 }
 
 /// Everything checked before a connection opens, whatever its transport: the node
@@ -232,6 +241,7 @@ fn admit(
     headers: &HeaderMap,
     query: Option<&str>,
     default_channel: Option<&str>,
+    transport: &'static str,
 ) -> Result<Admitted, Box<Response>> {
     let hub = &state.hub;
     if hub.is_draining() {
@@ -263,24 +273,28 @@ fn admit(
     }
     let params = ConnectParams::parse(query, default_channel)
         .map_err(|(code, message)| Box::new(http_error(StatusCode::BAD_REQUEST, code, message)))?;
-    let grants = match &state.verifier {
-        None => state.anyone.clone(),
-        Some(verifier) => {
-            let token = bearer(headers).or(params.token.as_deref());
-            match token
-                .ok_or(AuthError::Missing)
-                .and_then(|t| verifier.verify(t))
-            {
-                Ok(grants) => Arc::new(grants),
-                Err(e) => {
-                    return Err(Box::new(http_error(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        e.to_string(),
-                    )));
-                }
+    // A token is verified here; without one, the connect proxy (when configured)
+    // is asked once the connection is open, so that its refusal reaches the
+    // client as a frame and a close code, which a browser can read.
+    let token = bearer(headers).or(params.token.as_deref());
+    let connect_proxy = hub.proxy.url(proxy::Kind::Connect).is_some();
+    let grants = match (&state.verifier, token) {
+        (None, _) if connect_proxy => None,
+        (None, _) => Some(state.anyone.clone()),
+        (Some(_), None) if connect_proxy => None,
+        (Some(verifier), token) => match token
+            .ok_or(AuthError::Missing)
+            .and_then(|t| verifier.verify(t))
+        {
+            Ok(grants) => Some(Arc::new(grants)),
+            Err(e) => {
+                return Err(Box::new(http_error(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    e.to_string(),
+                )));
             }
-        }
+        },
     };
     let mut channels = params.channels;
     // A reconnecting `EventSource` names where it was in `Last-Event-ID`: that
@@ -303,16 +317,23 @@ fn admit(
             }
         }
     }
-    let names = channels.iter().map(|(c, _)| c.as_str());
-    hub.check_subscribe(&grants, None, names)
-        .and_then(|()| {
-            channels
-                .iter()
-                .filter(|(_, since)| since.is_some())
-                .try_for_each(|(c, _)| hub.check_since(c))
-        })
-        .map_err(|refusal| Box::new(refusal_response(&refusal)))?;
-    Ok(Admitted { channels, grants })
+    if let Some(grants) = &grants {
+        let names = channels.iter().map(|(c, _)| c.as_str());
+        hub.check_subscribe(grants, None, names, false)
+            .and_then(|()| {
+                channels
+                    .iter()
+                    .filter(|(_, since)| since.is_some())
+                    .try_for_each(|(c, _)| hub.check_since(c))
+            })
+            .map_err(|refusal| Box::new(refusal_response(&refusal)))?;
+    }
+    let identity = Identity {
+        grants,
+        forwarded: hub.proxy.forwarded(headers),
+        transport,
+    };
+    Ok(Admitted { channels, identity })
 }
 
 async fn websocket(
@@ -327,12 +348,22 @@ async fn websocket(
         true => None,
         false => Some(state.hub.config.default_channel.as_str()),
     };
-    let Admitted { channels, grants } =
-        match admit(&state, &headers, query.as_deref(), default_channel) {
-            Ok(admitted) => admitted,
-            Err(response) => return *response,
-        };
-    upgrade.serve(state.hub.clone(), channels, grants, state.sessions.clone())
+    let Admitted { channels, identity } = match admit(
+        &state,
+        &headers,
+        query.as_deref(),
+        default_channel,
+        "websocket",
+    ) {
+        Ok(admitted) => admitted,
+        Err(response) => return *response,
+    };
+    upgrade.serve(
+        state.hub.clone(),
+        channels,
+        identity,
+        state.sessions.clone(),
+    )
 }
 
 /// `GET /sse`: a session as Server-Sent Events (see `transport::stream`), with
@@ -369,7 +400,11 @@ fn open_stream(
     query: Option<&str>,
     format: Format,
 ) -> Response {
-    let Admitted { channels, grants } = match admit(state, headers, query, None) {
+    let transport = match format {
+        Format::EventStream => "sse",
+        Format::NdJson => "stream",
+    };
+    let Admitted { channels, identity } = match admit(state, headers, query, None, transport) {
         Ok(admitted) => admitted,
         Err(response) => return *response,
     };
@@ -379,7 +414,7 @@ fn open_stream(
         &state.sessions,
         slot.map(|Extension(slot)| slot),
         channels,
-        grants,
+        identity,
         format,
     );
     // The origin passed `admit`.
@@ -945,6 +980,322 @@ async fn api_presence_stats(
         Ok(Json(json!({"ch": ch, "clients": clients, "users": users})).into_response())
     })
     .await
+}
+
+/// Reads the JSON body of a server API call, after its key: bounded like
+/// `/api/publish`; the parse error as a 400 naming what was expected.
+async fn api_body<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    expected: &str,
+) -> Result<T, Response> {
+    if let Some(refused) = api_key_refusal(state, headers) {
+        return Err(refused);
+    }
+    let limits = &state.hub.config.limits;
+    let body = read_body(
+        headers,
+        body,
+        limits.max_api_body_bytes,
+        limits.handshake_timeout,
+    )
+    .await
+    .map_err(IntoResponse::into_response)?;
+    serde_json::from_slice(&body).map_err(|e| {
+        http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest.as_str(),
+            format!("expected {expected}: {e}"),
+        )
+    })
+}
+
+/// Sends a command to every node; answers how many nodes received it.
+async fn send_command(state: &AppState, command: Command) -> Response {
+    let user = command.user();
+    if user.is_empty() || user.len() > 256 {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest.as_str(),
+            "user must be 1 to 256 bytes",
+        );
+    }
+    match state.hub.broker.command(&command).await {
+        Ok(nodes) => Json(json!({"sent": true, "nodes": nodes})).into_response(),
+        Err(e) => refusal_response(&Refusal::from(e)),
+    }
+}
+
+/// The refusal of a command's channel, if its name is not one.
+fn command_channel(ch: &str) -> Option<Response> {
+    protocol::validate_channel(ch).err().map(|e| {
+        http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidChannel.as_str(),
+            format!("channel {ch:?}: {e}"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    user: String,
+    #[serde(default)]
+    conn: Option<String>,
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// `POST /api/disconnect` `{"user":..[,"conn":"<node>/<conn>"][,"code":4000..4999][,"reason":..]}`:
+/// closes the user's connections (or one), on every node.
+async fn api_disconnect(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request: DisconnectBody = match api_body(
+        &state,
+        &headers,
+        body,
+        r#"{"user":..,"conn"?:..,"code"?:4000..4999,"reason"?:..}"#,
+    )
+    .await
+    {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    let code = request.code.unwrap_or(users::DEFAULT_DISCONNECT_CODE);
+    if !(4000..=4999).contains(&code) {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest.as_str(),
+            "code must be from 4000 to 4999 (4500 and up: the client may reconnect)",
+        );
+    }
+    let reason = request.reason.unwrap_or_else(|| "disconnected".into());
+    if reason.len() > 120 {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest.as_str(),
+            "reason must be at most 120 bytes (it goes in a close frame)",
+        );
+    }
+    send_command(
+        &state,
+        Command::Disconnect {
+            user: request.user,
+            conn: request.conn,
+            code,
+            reason,
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChannelBody {
+    user: String,
+    ch: String,
+}
+
+/// `POST /api/subscribe` `{"user":..,"ch":..}`: subscribes every connection of the
+/// user, on every node, now.
+async fn api_subscribe(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request: UserChannelBody =
+        match api_body(&state, &headers, body, r#"{"user":..,"ch":..}"#).await {
+            Ok(request) => request,
+            Err(response) => return response,
+        };
+    if let Some(response) = command_channel(&request.ch) {
+        return response;
+    }
+    send_command(
+        &state,
+        Command::Subscribe {
+            user: request.user,
+            ch: request.ch,
+        },
+    )
+    .await
+}
+
+/// `POST /api/unsubscribe` `{"user":..,"ch":..}`.
+async fn api_unsubscribe(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request: UserChannelBody =
+        match api_body(&state, &headers, body, r#"{"user":..,"ch":..}"#).await {
+            Ok(request) => request,
+            Err(response) => return response,
+        };
+    if let Some(response) = command_channel(&request.ch) {
+        return response;
+    }
+    send_command(
+        &state,
+        Command::Unsubscribe {
+            user: request.user,
+            ch: request.ch,
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshBody {
+    user: String,
+    expire_at: u64,
+}
+
+/// `POST /api/refresh` `{"user":..,"expire_at":<unix seconds>}`.
+async fn api_refresh(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let request: RefreshBody = match api_body(
+        &state,
+        &headers,
+        body,
+        r#"{"user":..,"expire_at":<unix seconds>}"#,
+    )
+    .await
+    {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    send_command(
+        &state,
+        Command::Refresh {
+            user: request.user,
+            expire_at: request.expire_at,
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    user: String,
+    #[serde(default)]
+    jti: Option<String>,
+    #[serde(default)]
+    expire_at: Option<u64>,
+    #[serde(default)]
+    issued_before: Option<u64>,
+}
+
+/// `POST /api/revoke` `{"user":..,"jti":..[,"expire_at":..]}` or
+/// `{"user":..,"issued_before":..}`: stored (so the token is refused at connect and
+/// refresh), and the live connections using it are closed on every node.
+async fn api_revoke(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let expected = r#"{"user":..,"jti":..,"expire_at"?:..} or {"user":..,"issued_before":..}"#;
+    let request: RevokeBody = match api_body(&state, &headers, body, expected).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    let config = &state.hub.config.users;
+    if !config.token_revocation {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest.as_str(),
+            "token revocation is off on this node: start it with --token-revocation",
+        );
+    }
+    if request.jti.is_none() == request.issued_before.is_none()
+        || request
+            .jti
+            .as_ref()
+            .is_some_and(|j| j.is_empty() || j.len() > 256)
+    {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest.as_str(),
+            format!("expected {expected}"),
+        );
+    }
+    // A token's revocation is kept until it would have expired anyway.
+    let ttl = match request.expire_at {
+        Some(at) => std::time::UNIX_EPOCH
+            .checked_add(std::time::Duration::from_secs(at))
+            .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+            .map(|left| left + state.hub.config.auth.jwt_leeway)
+            .unwrap_or(std::time::Duration::from_secs(1))
+            .min(config.revocation_ttl),
+        None => config.revocation_ttl,
+    };
+    if let Err(e) = state
+        .hub
+        .broker
+        .revoke(
+            &request.user,
+            request.jti.as_deref(),
+            request.issued_before,
+            ttl,
+        )
+        .await
+    {
+        return refusal_response(&Refusal::from(e));
+    }
+    send_command(
+        &state,
+        Command::Revoke {
+            user: request.user,
+            jti: request.jti,
+            issued_before: request.issued_before,
+        },
+    )
+    .await
+}
+
+/// `GET /api/connections?user=..`: every connection of the user, cluster-wide, with
+/// its node, transport and channels.
+async fn api_connections(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Some(refused) = api_key_refusal(&state, &headers) {
+        return refused;
+    }
+    let user = match query_params(query.as_deref(), ["user"]) {
+        Ok([Some(user)]) if !user.is_empty() => user,
+        Ok(_) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest.as_str(),
+                "missing query parameter user",
+            );
+        }
+        Err(refusal) => return refusal_response(&refusal),
+    };
+    match state.hub.broker.user_connections(&user).await {
+        Ok(entries) => {
+            let list: Vec<&serde_json::value::RawValue> = entries
+                .iter()
+                .filter_map(|e| serde_json::from_slice(e).ok())
+                .collect();
+            Json(json!({"user": user, "connections": list})).into_response()
+        }
+        Err(e) => refusal_response(&Refusal::from(e)),
+    }
 }
 
 #[cfg(test)]

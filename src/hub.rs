@@ -34,10 +34,12 @@ use crate::delivery;
 use crate::envelope;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Since};
+use crate::proxy::{Proxy, ProxyError};
 use crate::publication::{Kind, Position, Publication};
 use crate::reads::{Admitted, HistoryReads};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
+use crate::users::Users;
 
 /// Why a request was refused, as a client reads it in an `error` frame (or a
 /// backend in an HTTP error body).
@@ -49,6 +51,8 @@ pub(crate) struct Refusal {
     /// A limit of this node rather than of the request: another node may serve it
     /// (HTTP 503 rather than 400 before an upgrade).
     pub(crate) node_full: bool,
+    /// The application backend's own code, when it refused (4000 to 4999).
+    pub(crate) app_code: Option<u16>,
 }
 
 impl Refusal {
@@ -57,6 +61,28 @@ impl Refusal {
             code,
             message: message.into(),
             node_full: false,
+            app_code: None,
+        }
+    }
+
+    /// The `error` frame a client gets for it.
+    pub(crate) fn frame(&self, id: Option<protocol::RequestId<'_>>) -> Frame {
+        match self.app_code {
+            Some(app_code) => protocol::encode_refused(id, app_code, &self.message),
+            None => protocol::encode_error(id, self.code, &self.message),
+        }
+    }
+}
+
+impl From<ProxyError> for Refusal {
+    fn from(e: ProxyError) -> Self {
+        match e {
+            ProxyError::Refused { code, message } => Refusal {
+                app_code: Some(code),
+                ..Refusal::new(ErrorCode::Refused, message)
+            },
+            ProxyError::Unavailable(_) => Refusal::new(ErrorCode::Unavailable, e.to_string()),
+            ProxyError::BadAnswer => Refusal::new(ErrorCode::Internal, e.to_string()),
         }
     }
 }
@@ -115,6 +141,10 @@ pub(crate) struct Hub {
     pub(crate) shutdown: CancellationToken,
     /// Clients' history reads running at once (`--max-history-reads`).
     pub(crate) reads: HistoryReads,
+    /// The application backend's proxies.
+    pub(crate) proxy: Proxy,
+    /// This node's connections by user (the server API's commands reach them here).
+    pub(crate) users: Arc<Users>,
 }
 
 impl Hub {
@@ -124,18 +154,20 @@ impl Hub {
     }
 
     /// Checks that a connection may add subscriptions to `channels` (which it does not
-    /// have yet): its token's grants, `--max-subscriptions`, `--max-channels`.
-    /// `conn` is `None` for a connection not yet opened.
+    /// have yet): its grants (unless `authorized`: the server or the application
+    /// decided), `--max-subscriptions`, `--max-channels`. `conn` is `None` for a
+    /// connection not yet opened.
     pub(crate) fn check_subscribe<'a>(
         &self,
         grants: &Grants,
         conn: Option<ConnId>,
         channels: impl IntoIterator<Item = &'a str> + Clone,
+        authorized: bool,
     ) -> Result<(), Refusal> {
         if let Some(channel) = channels
             .clone()
             .into_iter()
-            .find(|c| !grants.may_subscribe(c))
+            .find(|c| !authorized && !grants.may_subscribe(c))
         {
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
@@ -186,13 +218,15 @@ impl Hub {
 
     /// Subscribes a connection to `channel`, recovering from `since`. `None` when it
     /// already was subscribed (which changes nothing). The subscription is made but
-    /// delivers nothing until [`go_live`](Self::go_live).
+    /// delivers nothing until [`go_live`](Self::go_live). `authorized`: allowed
+    /// whatever the grants (a server-side subscription, the subscribe proxy).
     pub(crate) async fn subscribe(
         &self,
         client: &ClientHandle,
         grants: &Grants,
         channel: &str,
         since: Option<Since>,
+        authorized: bool,
     ) -> Result<Option<Subscribed>, Refusal> {
         if since.is_some() {
             self.check_since(channel)?;
@@ -201,7 +235,7 @@ impl Hub {
             // Already subscribed, and acknowledged as live: nothing changes.
             return Ok(None);
         }
-        self.check_subscribe(grants, Some(client.id()), [channel])?;
+        self.check_subscribe(grants, Some(client.id()), [channel], authorized)?;
         self.add(client, channel);
         if let Err(e) = self.broker.subscribe(channel).await {
             // Roll back, so the client's view (not subscribed) matches the node's.

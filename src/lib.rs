@@ -25,6 +25,7 @@ mod memory;
 pub mod metrics;
 mod node;
 pub mod protocol;
+mod proxy;
 pub mod publication;
 mod readiness;
 mod reads;
@@ -34,6 +35,7 @@ pub mod shutdown;
 pub mod streams;
 pub mod telemetry;
 mod transport;
+pub mod users;
 
 pub use config::Config;
 pub use node::{Node, NodeError, NodeHandle, bind, run};

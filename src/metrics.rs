@@ -17,6 +17,8 @@ use crate::client::CloseReason;
 use crate::registry::RegistryStats;
 
 type Labels = [(&'static str, &'static str); 1];
+/// Labels of a proxy call: the proxy and the call's result.
+type ProxyLabels = [(&'static str, &'static str); 2];
 /// Labels naming a broker shard (its address, known only at run time).
 type ShardLabels = [(&'static str, String); 1];
 
@@ -80,6 +82,18 @@ pub struct Metrics {
     pub compression_bytes_out: Counter,
     /// Bytes not written to clients thanks to compression, per delivery.
     pub compression_saved_bytes: Counter,
+    proxy_calls: Family<ProxyLabels, Counter>,
+    proxy_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Proxy calls in flight now (bounded by `--proxy-max-concurrency`).
+    pub proxy_in_flight: Gauge,
+    /// Commands of the server API (disconnect, subscribe, ...) this node applied to
+    /// its connections, from any node.
+    pub user_commands: Counter,
+}
+
+fn proxy_histogram() -> Histogram {
+    // 100 µs to ~6.5 s: a local backend to one past any sane timeout.
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 17))
 }
 
 impl Default for Metrics {
@@ -126,6 +140,10 @@ impl Metrics {
             compression_bytes_in: Counter::default(),
             compression_bytes_out: Counter::default(),
             compression_saved_bytes: Counter::default(),
+            proxy_calls: Family::default(),
+            proxy_duration: Family::new_with_constructor(proxy_histogram as fn() -> Histogram),
+            proxy_in_flight: Gauge::default(),
+            user_commands: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -291,6 +309,26 @@ impl Metrics {
             m.recoveries.clone(),
         );
         registry.register(
+            "proxy_calls",
+            "Calls of the application backend's proxies, by proxy and result (ok, refused, unavailable, bad_answer)",
+            m.proxy_calls.clone(),
+        );
+        registry.register(
+            "proxy_duration_seconds",
+            "Time from a proxy call to the backend's answer, by proxy",
+            m.proxy_duration.clone(),
+        );
+        registry.register(
+            "proxy_in_flight",
+            "Proxy calls in flight (bounded by --proxy-max-concurrency)",
+            m.proxy_in_flight.clone(),
+        );
+        registry.register(
+            "user_commands",
+            "Server API commands (disconnect, subscribe, unsubscribe, refresh, revoke) applied to this node's connections",
+            m.user_commands.clone(),
+        );
+        registry.register(
             "build",
             "Version and git commit of this binary",
             Info::new([
@@ -312,6 +350,17 @@ impl Metrics {
         self.stream_requests
             .get_or_create(&[("route", route)])
             .inc();
+    }
+
+    /// Counts a proxy call and its latency: `proxy` is its name, `result` one of
+    /// `ok`, `refused`, `unavailable`, `bad_answer`.
+    pub fn proxy_call(&self, proxy: &'static str, result: &'static str, seconds: f64) {
+        self.proxy_calls
+            .get_or_create(&[("proxy", proxy), ("result", result)])
+            .inc();
+        self.proxy_duration
+            .get_or_create(&[("proxy", proxy)])
+            .observe(seconds);
     }
 
     /// Counts a gap in the delivery of a history channel (`repaired` or `lost`).

@@ -26,12 +26,14 @@ use crate::handshake_io::HandshakeIo;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::proxy::Proxy;
 use crate::readiness::Readiness;
 use crate::reads::HistoryReads;
 use crate::registry::{Registry, RegistryStats};
 use crate::streams::Streams;
 use crate::telemetry::Tracing;
 use crate::transport::ConnSlot;
+use crate::users::Users;
 
 /// Why a node could not start or serve.
 #[derive(Debug, thiserror::Error)]
@@ -80,14 +82,17 @@ impl Node {
         let shutdown = CancellationToken::new();
         let registry = Registry::new();
         let streams = Streams::new();
+        let node_id = config.resolved_node_id();
+        let users = Arc::new(Users::new(node_id.clone()));
         let delivery = Delivery {
             registry: registry.clone(),
             metrics: metrics.clone(),
             tracing: tracing.clone(),
             streams: streams.clone(),
+            users: users.clone(),
         };
         let broker = Broker::start(config.clone(), delivery, shutdown.clone())?;
-        let node_id = config.resolved_node_id();
+        let proxy = Proxy::new(&config.proxy, metrics.clone(), tracing.clone());
         let origins = OriginPolicy::from_list(&config.auth.allowed_origins);
         if matches!(origins, OriginPolicy::Any) {
             tracing::warn!(
@@ -114,6 +119,8 @@ impl Node {
             tracing,
             shutdown,
             reads,
+            proxy,
+            users,
         });
         Ok(Node {
             state: Arc::new(AppState {

@@ -29,11 +29,18 @@ pub enum ChannelError {
     #[error("channel name is longer than {MAX_CHANNEL_LEN} bytes")]
     TooLong,
     /// A character outside the alphabet.
-    #[error("channel name may only contain A-Z a-z 0-9 _ . : @ -")]
+    #[error(
+        "channel name may only contain A-Z a-z 0-9 _ . : @ -, and end in # and a comma-separated list of users"
+    )]
     BadCharacter,
+    /// A user-limited channel whose list of users is empty or has an empty name.
+    #[error("a channel's user list (after #) must name users, separated by commas")]
+    BadUserList,
 }
 
-/// Checks a channel name: 1 to 128 bytes of `[A-Za-z0-9_.:@-]`.
+/// Checks a channel name: 1 to 128 bytes of `[A-Za-z0-9_.:@-]`, optionally ending in
+/// `#` and a comma-separated list of user ids of the same alphabet (a user-limited
+/// channel, see [`channel_users`]).
 ///
 /// The alphabet is deliberately narrow: names never need JSON escaping, are safe in
 /// Redis channel names, URLs and log lines.
@@ -44,14 +51,35 @@ pub fn validate_channel(name: &str) -> Result<(), ChannelError> {
     if name.len() > MAX_CHANNEL_LEN {
         return Err(ChannelError::TooLong);
     }
-    let ok = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ChannelError::BadCharacter)
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
+    };
+    let (base, users) = match name.split_once('#') {
+        Some((base, users)) => (base, Some(users)),
+        None => (name, None),
+    };
+    if !plain(base) {
+        return Err(ChannelError::BadCharacter);
     }
+    if let Some(users) = users {
+        for user in users.split(',') {
+            if user.is_empty() {
+                return Err(ChannelError::BadUserList);
+            }
+            if !plain(user) {
+                return Err(ChannelError::BadCharacter);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The users a user-limited channel (`dm:chat#alice,bob`, `#alice`) is limited to,
+/// or `None` for any other channel. Only they may subscribe and publish to it, and
+/// they need no grant for it.
+pub fn channel_users(name: &str) -> Option<std::str::Split<'_, char>> {
+    name.split_once('#').map(|(_, users)| users.split(','))
 }
 
 /// Error codes of `error` frames.
@@ -71,8 +99,12 @@ pub enum ErrorCode {
     RateLimited,
     /// A limit of the node (subscriptions per connection, channels per node).
     LimitExceeded,
-    /// Anything else that went wrong on the node.
+    /// Anything else that went wrong on the node, or an answer of the application
+    /// backend that is not the documented JSON.
     Internal,
+    /// The application backend refused the request (the frame carries its
+    /// `app_code`, 4000 to 4999).
+    Refused,
     /// A publish to a channel with history was stored on the Redis master and
     /// delivered, but not confirmed by the replicas `publish-durability` asks for in
     /// time: it may or may not survive a failover.
@@ -91,6 +123,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Internal => "internal",
+            ErrorCode::Refused => "refused",
             ErrorCode::NotDurable => "not_durable",
         }
     }
@@ -156,6 +189,15 @@ pub enum Request<'a> {
         /// Request id, echoed in the reply.
         id: Option<RequestId<'a>>,
     },
+    /// `rpc`: a call of the application backend (the rpc proxy) over the connection.
+    Rpc {
+        /// What the client calls (1 to 128 bytes).
+        method: Cow<'a, str>,
+        /// Its argument, as the raw JSON text the client sent (absent: `null`).
+        data: Option<&'a RawValue>,
+        /// Request id, echoed in the reply.
+        id: Option<RequestId<'a>>,
+    },
     /// `history`: read what the channel's history holds.
     History {
         /// Channel (validated).
@@ -205,6 +247,7 @@ impl<'a> Request<'a> {
             | Request::Ping { id }
             | Request::Presence { id, .. }
             | Request::PresenceStats { id, .. }
+            | Request::Rpc { id, .. }
             | Request::History { id, .. } => *id,
         }
     }
@@ -266,6 +309,8 @@ struct RawRequest<'a> {
     since: Field<'a>,
     #[serde(borrow, default)]
     limit: Field<'a>,
+    #[serde(borrow, default)]
+    method: Field<'a>,
 }
 
 /// `since` as sent: an object with `epoch` and `offset` (other fields are ignored,
@@ -395,6 +440,32 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
                 }
             })
         }
+        "rpc" => {
+            let method: Cow<'_, str> = match raw.method.0 {
+                None => {
+                    return Err(RequestError::new(
+                        id,
+                        ErrorCode::BadRequest,
+                        "missing field method",
+                    ));
+                }
+                Some(v) => serde_json::from_str(v.get()).map_err(|_| {
+                    RequestError::new(id, ErrorCode::BadRequest, "method must be a string")
+                })?,
+            };
+            if method.is_empty() || method.len() > MAX_CHANNEL_LEN {
+                return Err(RequestError::new(
+                    id,
+                    ErrorCode::BadRequest,
+                    format!("method must be 1 to {MAX_CHANNEL_LEN} bytes"),
+                ));
+            }
+            Ok(Request::Rpc {
+                method,
+                data: raw.data.0,
+                id,
+            })
+        }
         "pub" => {
             let data = raw.data.0.ok_or_else(|| {
                 RequestError::new(id, ErrorCode::BadRequest, "missing field data")
@@ -425,7 +496,7 @@ pub fn parse_request(text: &str) -> Result<Request<'_>, RequestError<'_>> {
                 id,
                 ErrorCode::UnknownOp,
                 format!(
-                    "unknown op {shown:?} (expected sub, unsub, pub, history, presence, presence_stats or ping)"
+                    "unknown op {shown:?} (expected sub, unsub, pub, history, presence, presence_stats, rpc or ping)"
                 ),
             ))
         }
@@ -685,6 +756,61 @@ pub fn encode_error(id: Option<RequestId<'_>>, code: ErrorCode, message: &str) -
         serde_json::Value::from(message)
     );
     out.into()
+}
+
+/// `{"op":"error","code":"refused","app_code":N,"message":..}`: the application
+/// backend refused a request (or the connection) with its own code.
+pub fn encode_refused(id: Option<RequestId<'_>>, app_code: u16, message: &str) -> Frame {
+    let mut out = String::with_capacity(80 + message.len());
+    out.push_str(r#"{"op":"error","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{},"#, id.as_json());
+    }
+    let _ = write!(
+        out,
+        r#""code":"refused","app_code":{app_code},"message":{}}}"#,
+        serde_json::Value::from(message)
+    );
+    out.into()
+}
+
+/// `{"op":"rpc","id":..,"data":..}`: the application backend's answer to an `rpc`.
+pub fn encode_rpc(id: Option<RequestId<'_>>, data: &RawValue) -> Frame {
+    let mut out = String::with_capacity(32 + data.get().len());
+    out.push_str(r#"{"op":"rpc","#);
+    if let Some(id) = id {
+        let _ = write!(out, r#""id":{},"#, id.as_json());
+    }
+    let _ = write!(out, r#""data":{}}}"#, data.get());
+    out.into()
+}
+
+/// `{"op":"subscribed","ch":..[,"epoch":..,"offset":..]}`: the server subscribed the
+/// connection to `ch` (`POST /api/subscribe`); its messages follow.
+pub fn encode_subscribed(ch: &str, position: Option<&Position>) -> Frame {
+    match position {
+        Some(p) => format!(
+            r#"{{"op":"subscribed","ch":"{ch}","epoch":"{}","offset":{}}}"#,
+            p.epoch, p.offset
+        ),
+        None => format!(r#"{{"op":"subscribed","ch":"{ch}"}}"#),
+    }
+    .into()
+}
+
+/// `{"op":"unsubscribed","ch":..}`: the server ended the connection's subscription.
+pub fn encode_unsubscribed(ch: &str) -> Frame {
+    format!(r#"{{"op":"unsubscribed","ch":"{ch}"}}"#).into()
+}
+
+/// `{"op":"disconnect","code":N,"reason":..}`: the server is closing the connection
+/// (`POST /api/disconnect`, a revoked token); the close follows with the same code.
+pub fn encode_disconnect(code: u16, reason: &str) -> Frame {
+    format!(
+        r#"{{"op":"disconnect","code":{code},"reason":{}}}"#,
+        serde_json::Value::from(reason)
+    )
+    .into()
 }
 
 /// Where a connect-time channel with history stands, for `welcome`.

@@ -13,19 +13,72 @@
 //! (the first one wins); the transport's writer turns it into its own goodbye (a
 //! close frame), and the session removes the connection from the registry.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tungstenite::Utf8Bytes;
 
-use crate::auth::{Grants, RateLimiter};
+use crate::auth::{ConnectResult, Grants, RateLimiter};
+use crate::broker::PresenceEntry;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, QueueBounds};
 use crate::frame::Frame;
 use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ChannelPosition, ErrorCode, Request, RequestId, Since};
+use crate::proxy::{self, Forwarded, ProxyError};
 use crate::publication::Position;
+use crate::users::Command;
+
+/// How often a failed refresh proxy call is tried again, until the expiry itself.
+const REFRESH_RETRY: Duration = Duration::from_secs(1);
+
+/// Who a connection is, as its transport hands it over.
+#[derive(Debug)]
+pub(crate) struct Identity {
+    /// The grants known before the connection opened (its token, or the node's
+    /// "anyone" without auth); `None`: the connect proxy is asked once it is open.
+    pub(crate) grants: Option<Arc<Grants>>,
+    /// What of the client's request its proxy calls carry.
+    pub(crate) forwarded: Forwarded,
+    /// `websocket`, `sse` or `stream`, as the backend is told.
+    pub(crate) transport: &'static str,
+}
+
+/// The refresh proxy's `result`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshResult {
+    #[serde(default)]
+    expire_at: Option<u64>,
+    #[serde(default)]
+    expired: bool,
+}
+
+/// The publish proxy's `result`: the data to publish instead, if any.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishResult {
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
+
+/// The subscribe proxy's `result`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscribeResult {}
+
+/// The rpc proxy's `result`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RpcResult {
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
 
 /// What a transport read from its client.
 #[derive(Debug)]
@@ -42,8 +95,15 @@ pub(crate) enum Inbound {
 pub(crate) struct Session {
     hub: Arc<Hub>,
     client: ClientHandle,
-    /// What the connection's token allows (without auth, one shared "anyone").
-    grants: Arc<Grants>,
+    /// What the connection may do (without auth, one shared "anyone"): set at
+    /// connect by its token or the connect proxy; its expiry moves on a refresh.
+    /// Why a lock: written only by the session itself, read on every request.
+    grants: RwLock<Arc<Grants>>,
+    /// Whether `grants` are still to come from the connect proxy.
+    ask: bool,
+    /// What of the client's request its proxy calls carry.
+    forwarded: Forwarded,
+    transport: &'static str,
     /// Why a mutex: only the reader takes from it, but the session is shared by
     /// reference across `.await`s, which requires `Sync`.
     limiter: Mutex<RateLimiter>,
@@ -54,7 +114,7 @@ pub(crate) struct Session {
 impl Session {
     /// Registers a new connection with the node: the session, and the receiving end
     /// of its outbound queue for the transport's writer.
-    pub(crate) fn open(hub: Arc<Hub>, grants: Arc<Grants>) -> (Session, ClientQueue) {
+    pub(crate) fn open(hub: Arc<Hub>, identity: Identity) -> (Session, ClientQueue) {
         let limits = &hub.config.limits;
         let (client, queue) = hub.registry.register(QueueBounds {
             frames: limits.client_queue,
@@ -66,10 +126,18 @@ impl Session {
             limits.subscribe_rate,
             limits.subscribe_burst,
         ));
+        let ask = identity.grants.is_none();
         let session = Session {
             hub,
             client,
-            grants,
+            grants: RwLock::new(
+                identity
+                    .grants
+                    .unwrap_or_else(|| Arc::new(Grants::nobody())),
+            ),
+            ask,
+            forwarded: identity.forwarded,
+            transport: identity.transport,
             limiter,
             sub_limiter,
         };
@@ -121,14 +189,35 @@ impl Session {
             channels = ?channels.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
             "connection opened"
         );
-        // Takes the channel list: nothing needs it after `welcome`.
-        if Box::pin(self.subscribe_at_connect(channels, stream_id)).await {
-            self.read_loop(&mut inbound).await;
+        // Who the connection is, and every channel it starts with.
+        let connected = Box::pin(self.connect(channels)).await;
+        let mut mailbox = None;
+        if let Some(channels) = connected {
+            let grants = self.grants();
+            if let Some(user) = &grants.user {
+                mailbox = Some(
+                    self.hub
+                        .users
+                        .register(user, &self.client, grants.token.clone()),
+                );
+            }
+            // Takes the channel list: nothing needs it after `welcome`.
+            if Box::pin(self.subscribe_at_connect(channels, stream_id)).await {
+                self.read_loop(&mut inbound, mailbox.as_mut()).await;
+            }
         }
 
         // Leave the registry first (so no fan-out queues to a connection that is
         // going), then presence, with a `leave` where channels send them.
-        self.hub.disconnect(self.client.id(), &self.grants).await;
+        let grants = self.grants();
+        self.hub.disconnect(self.client.id(), &grants).await;
+        if let Some(user) = &grants.user {
+            self.hub.users.deregister(user, self.client.id());
+            let member = self.member();
+            if let Err(e) = self.hub.broker.user_remove(user, &member).await {
+                tracing::debug!(error = %e, "could not remove a user's connection entry; it expires");
+            }
+        }
         let _ = writer.await;
         let reason = self.client.close_reason().unwrap_or(CloseReason::PeerGone);
         self.hub.metrics.client_closed(reason);
@@ -143,6 +232,196 @@ impl Session {
         (reason, inbound)
     }
 
+    /// The connect step, before anything is subscribed: who the connection is
+    /// (asking the connect proxy when it came without a token), whether it may open
+    /// (a revoked token, its user's connection limit), and every channel it starts
+    /// with: the client's and the server-side ones (a token's `subscribe` claim, the
+    /// connect proxy's, the personal channel). `None`: refused, the client told, the
+    /// connection closing.
+    async fn connect(
+        &self,
+        mut channels: Vec<(String, Option<Since>)>,
+    ) -> Option<Vec<(String, Option<Since>)>> {
+        let hub = &self.hub;
+        if self.ask {
+            let names: Vec<&str> = channels.iter().map(|(c, _)| c.as_str()).collect();
+            let body = serde_json::json!({
+                "client": self.member(),
+                "transport": self.transport,
+                "channels": names,
+            });
+            let (answer, _) = hub
+                .proxy
+                .call::<ConnectResult>(
+                    proxy::Kind::Connect,
+                    body.to_string().into_bytes(),
+                    &self.forwarded,
+                    None,
+                )
+                .await;
+            let grants = match answer {
+                Ok(result) => Grants::from_connect(result).map_err(|e| {
+                    tracing::warn!(proxy = "connect", error = %e, "the backend's result is not what the proxy contract says");
+                    ProxyError::BadAnswer
+                }),
+                Err(e) => Err(e),
+            };
+            match grants {
+                Ok(grants) => {
+                    *self.grants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(grants)
+                }
+                Err(e) => {
+                    let reason = match &e {
+                        ProxyError::Refused { code, .. } => CloseReason::Application(*code),
+                        ProxyError::Unavailable(_) => CloseReason::BackendUnavailable,
+                        ProxyError::BadAnswer => CloseReason::BackendError,
+                    };
+                    self.refuse(Refusal::from(e), reason);
+                    return None;
+                }
+            }
+            // The client's channels could only be checked once the grants were known.
+            let grants = self.grants();
+            let checked = hub
+                .check_subscribe(
+                    &grants,
+                    None,
+                    channels.iter().map(|(c, _)| c.as_str()),
+                    false,
+                )
+                .and_then(|()| {
+                    channels
+                        .iter()
+                        .filter(|(_, since)| since.is_some())
+                        .try_for_each(|(c, _)| hub.check_since(c))
+                });
+            if let Err(refusal) = checked {
+                self.refuse(refusal, CloseReason::Refused);
+                return None;
+            }
+        }
+        let grants = self.grants();
+        if hub.config.users.token_revocation
+            && let Some(token) = &grants.token
+        {
+            match hub.broker.is_revoked(grants.user.as_deref(), token).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    self.refuse(
+                        Refusal::new(ErrorCode::Forbidden, "this token was revoked"),
+                        CloseReason::TokenRevoked,
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    self.refuse(Refusal::from(e), CloseReason::BrokerUnavailable);
+                    return None;
+                }
+            }
+        }
+        // Server-side subscriptions: granted by whoever named them, bounded like any.
+        let mut server_side: Vec<String> = grants.server_channels.clone();
+        if let (Some(ns), Some(user)) = (&hub.config.users.personal_channel_namespace, &grants.user)
+        {
+            let personal = match ns.as_str() {
+                "" => format!("#{user}"),
+                ns => format!("{ns}:#{user}"),
+            };
+            if protocol::validate_channel(&personal).is_ok() {
+                server_side.push(personal);
+            }
+        }
+        server_side.retain(|c| !channels.iter().any(|(have, _)| have == c));
+        server_side.dedup();
+        if !server_side.is_empty() {
+            let all = channels
+                .iter()
+                .map(|(c, _)| c.as_str())
+                .chain(server_side.iter().map(String::as_str));
+            if let Err(refusal) = hub.check_subscribe(&grants, None, all, true) {
+                self.refuse(refusal, CloseReason::Refused);
+                return None;
+            }
+            channels.extend(server_side.into_iter().map(|c| (c, None)));
+        }
+        if let Some(user) = &grants.user {
+            let names: Vec<&str> = channels.iter().map(|(c, _)| c.as_str()).collect();
+            let max = hub.config.users.max_connections_per_user;
+            match hub
+                .broker
+                .user_add(user, self.user_entry(&names), max)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.refuse(
+                        Refusal::new(
+                            ErrorCode::LimitExceeded,
+                            format!("user {user} has {max} connections already (--max-connections-per-user)"),
+                        ),
+                        CloseReason::Refused,
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    self.refuse(Refusal::from(e), CloseReason::BrokerUnavailable);
+                    return None;
+                }
+            }
+        }
+        Some(channels)
+    }
+
+    /// Tells the client why it is refused, and closes the connection.
+    fn refuse(&self, refusal: Refusal, reason: CloseReason) {
+        self.send(refusal.frame(None));
+        self.client.close(reason);
+    }
+
+    /// The connection's name in the cluster, `<node>/<conn>`: its presence member,
+    /// its entry among its user's connections, and `client` for the backend.
+    fn member(&self) -> String {
+        format!("{}/{}", self.hub.node_id, self.client.id())
+    }
+
+    /// The connection's entry among its user's connections (`GET /api/connections`).
+    fn user_entry(&self, channels: &[&str]) -> PresenceEntry {
+        let grants = self.grants();
+        let json = serde_json::json!({
+            "client": self.member(),
+            "node": self.hub.node_id,
+            "conn": self.client.id().to_string(),
+            "user": grants.user,
+            "transport": self.transport,
+            "channels": channels,
+        });
+        PresenceEntry {
+            member: self.member(),
+            json: json.to_string().into(),
+            user: grants.user.clone(),
+        }
+    }
+
+    /// Writes the connection's entry again after its channels changed.
+    async fn update_user_entry(&self) {
+        let grants = self.grants();
+        let Some(user) = &grants.user else { return };
+        let channels = self.hub.registry.channels_of(self.client.id());
+        let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+        let entry = self.user_entry(&names);
+        if let Err(e) = self.hub.broker.user_add(user, entry, 0).await {
+            tracing::debug!(error = %e, "could not update a user's connection entry; the next refresh will");
+        }
+    }
+
+    /// The connection's grants now.
+    fn grants(&self) -> Arc<Grants> {
+        self.grants
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Subscribes the channels named at connect, sends `welcome` once they are live
     /// (with the position of each history channel), then what each recovered.
     /// Returns `false` (and closes the connection) if the broker cannot serve them.
@@ -151,9 +430,10 @@ impl Session {
         channels: Vec<(String, Option<Since>)>,
         stream_id: Option<&str>,
     ) -> bool {
+        let grants = self.grants();
         let subscribed = match self
             .hub
-            .subscribe_at_connect(&self.client, &self.grants, &channels)
+            .subscribe_at_connect(&self.client, &grants, &channels)
             .await
         {
             Ok(subscribed) => subscribed,
@@ -215,24 +495,26 @@ impl Session {
             self.hub.go_live(&self.client, subscribed, None);
         }
         for channel in &names {
-            self.hub
-                .joined(self.client.id(), &self.grants, channel)
-                .await;
+            self.hub.joined(self.client.id(), &grants, channel).await;
         }
         true
     }
 
-    async fn read_loop(&self, inbound: &mut (impl Stream<Item = Inbound> + Unpin)) {
+    async fn read_loop(
+        &self,
+        inbound: &mut (impl Stream<Item = Inbound> + Unpin),
+        mut mailbox: Option<&mut mpsc::Receiver<Command>>,
+    ) {
         // Created once: re-creating them on every request would re-register wakers.
         let mut closing = std::pin::pin!(self.client.closing());
         let mut shutdown = std::pin::pin!(self.hub.shutdown.cancelled());
-        // Boxed, and only when the token expires: an unauthenticated connection
-        // carries no timer.
-        let mut expired: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> =
-            match self.grants.expires_at() {
-                Some(at) => Box::pin(tokio::time::sleep_until(at)),
-                None => Box::pin(std::future::pending()),
-            };
+        // Boxed, and only when the connection expires: an unauthenticated connection
+        // carries no timer. It fires at the expiry, or before it for the refresh
+        // proxy; a refresh moves it.
+        let mut retry_at = None;
+        let mut deadline = self
+            .deadline(retry_at)
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
         loop {
             let next = tokio::select! {
                 biased;
@@ -241,9 +523,32 @@ impl Session {
                     self.client.close(CloseReason::Shutdown);
                     return;
                 }
-                _ = &mut expired => {
-                    self.client.close(CloseReason::TokenExpired);
-                    return;
+                _ = async {
+                    match deadline.as_mut() {
+                        Some(timer) => timer.await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match Box::pin(self.expiring()).await {
+                        Expiry::Closed => return,
+                        Expiry::Extended => retry_at = None,
+                        Expiry::Retry => retry_at = Some(Instant::now() + REFRESH_RETRY),
+                    }
+                    deadline = self.deadline(retry_at).map(|at| Box::pin(tokio::time::sleep_until(at)));
+                    continue;
+                }
+                Some(command) = async {
+                    match mailbox.as_mut() {
+                        Some(mailbox) => mailbox.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !Box::pin(self.command(command)).await {
+                        return;
+                    }
+                    // A refresh through the API may have moved the expiry.
+                    deadline = self.deadline(retry_at).map(|at| Box::pin(tokio::time::sleep_until(at)));
+                    continue;
                 }
                 // The next request is read once the replies to the earlier ones
                 // left room in the queue: a client pipelining requests is slowed
@@ -270,6 +575,149 @@ impl Session {
         }
     }
 
+    /// When the expiry timer should fire next: at the expiry, or `--proxy-refresh-
+    /// before` ahead of it when the refresh proxy is configured (and at `retry_at`
+    /// after a failed call, never past the expiry). `None`: no expiry.
+    fn deadline(&self, retry_at: Option<Instant>) -> Option<Instant> {
+        let expires = self.grants().expires_at()?;
+        if self.hub.proxy.url(proxy::Kind::Refresh).is_none() {
+            return Some(expires);
+        }
+        if let Some(retry) = retry_at {
+            return Some(retry.min(expires));
+        }
+        let before = self.hub.config.proxy.proxy_refresh_before;
+        let ask_at = expires.checked_sub(before).unwrap_or(expires);
+        // A refresh that did not move the expiry past `before` is not asked again:
+        // the connection simply expires.
+        Some(if ask_at > Instant::now() {
+            ask_at
+        } else {
+            expires
+        })
+    }
+
+    /// The expiry timer fired: the connection expires, or the refresh proxy
+    /// extends it (or failed, and is asked again soon).
+    async fn expiring(&self) -> Expiry {
+        let Some(expires) = self.grants().expires_at() else {
+            return Expiry::Extended;
+        };
+        let refresh = self.hub.proxy.url(proxy::Kind::Refresh).is_some();
+        if Instant::now() >= expires || !refresh {
+            if Instant::now() + Duration::from_millis(1) >= expires {
+                self.client.close(CloseReason::TokenExpired);
+                return Expiry::Closed;
+            }
+            return Expiry::Extended;
+        }
+        let grants = self.grants();
+        let body = serde_json::json!({
+            "client": self.member(),
+            "transport": self.transport,
+            "user": grants.user.as_deref().unwrap_or(""),
+        });
+        let (answer, _) = self
+            .hub
+            .proxy
+            .call::<RefreshResult>(
+                proxy::Kind::Refresh,
+                body.to_string().into_bytes(),
+                &self.forwarded,
+                None,
+            )
+            .await;
+        match answer {
+            Ok(RefreshResult {
+                expire_at: Some(at),
+                expired: false,
+            }) => {
+                if self.hub.config.users.token_revocation
+                    && let Some(token) = &grants.token
+                    && let Ok(true) = self
+                        .hub
+                        .broker
+                        .is_revoked(grants.user.as_deref(), token)
+                        .await
+                {
+                    self.send(protocol::encode_disconnect(1008, "token revoked"));
+                    self.client.close(CloseReason::TokenRevoked);
+                    return Expiry::Closed;
+                }
+                *self.grants.write().unwrap_or_else(|e| e.into_inner()) =
+                    Arc::new(grants.expiring(Some(at)));
+                Expiry::Extended
+            }
+            Ok(_) | Err(ProxyError::Refused { .. }) => {
+                self.client.close(CloseReason::TokenExpired);
+                Expiry::Closed
+            }
+            Err(_) => Expiry::Retry,
+        }
+    }
+
+    /// Applies a command of the server API; returns whether the connection goes on.
+    async fn command(&self, command: Command) -> bool {
+        self.hub.metrics.user_commands.inc();
+        match command {
+            Command::Disconnect { code, reason, .. } => {
+                self.send(protocol::encode_disconnect(code, &reason));
+                self.client.close(CloseReason::Application(code));
+                false
+            }
+            Command::Revoke { .. } => {
+                self.send(protocol::encode_disconnect(1008, "token revoked"));
+                self.client.close(CloseReason::TokenRevoked);
+                false
+            }
+            Command::Subscribe { ch, .. } => {
+                let grants = self.grants();
+                match self
+                    .hub
+                    .subscribe(&self.client, &grants, &ch, None, true)
+                    .await
+                {
+                    Ok(Some(subscribed)) => {
+                        let position = subscribed.position().cloned();
+                        let mut frame = protocol::encode_subscribed(&ch, position.as_ref());
+                        if let Some(position) = position {
+                            frame = frame.with_positions(vec![(ch.clone(), position)]);
+                        }
+                        self.hub.go_live(&self.client, subscribed, Some(frame));
+                        self.hub.joined(self.client.id(), &grants, &ch).await;
+                        self.update_user_entry().await;
+                    }
+                    Ok(None) => {}
+                    Err(refusal) => {
+                        tracing::info!(conn = self.client.id(), ch, error = %refusal, "a server-side subscription failed");
+                        self.send(protocol::encode_error(
+                            None,
+                            refusal.code,
+                            &format!("the server could not subscribe you to {ch}: {refusal}"),
+                        ));
+                    }
+                }
+                true
+            }
+            Command::Unsubscribe { ch, .. } => {
+                if self.hub.registry.is_subscribed(self.client.id(), &ch) {
+                    self.hub
+                        .unsubscribe(self.client.id(), &self.grants(), &ch)
+                        .await;
+                    self.send(protocol::encode_unsubscribed(&ch));
+                    self.update_user_entry().await;
+                }
+                true
+            }
+            Command::Refresh { expire_at, .. } => {
+                let grants = self.grants();
+                *self.grants.write().unwrap_or_else(|e| e.into_inner()) =
+                    Arc::new(grants.expiring(Some(expire_at)));
+                true
+            }
+        }
+    }
+
     async fn handle_text(&self, text: &str) {
         let request = match protocol::parse_request(text) {
             Ok(request) => request,
@@ -292,20 +740,25 @@ impl Session {
                     })
             }
             Request::Unsubscribe { ch, .. } => {
+                let was = self.hub.registry.is_subscribed(self.client.id(), &ch);
                 self.hub
-                    .unsubscribe(self.client.id(), &self.grants, &ch)
+                    .unsubscribe(self.client.id(), &self.grants(), &ch)
                     .await;
+                if was {
+                    self.update_user_entry().await;
+                }
                 Ok(id.map(protocol::encode_ack))
             }
+            Request::Rpc { method, data, .. } => self.rpc(&method, data, id).await,
             Request::Ping { .. } => Ok(Some(protocol::encode_pong(id))),
             Request::Presence { ch, .. } => self
                 .hub
-                .presence(&self.grants, &ch)
+                .presence(&self.grants(), &ch)
                 .await
                 .map(|entries| Some(protocol::encode_presence(id, &ch, &entries))),
             Request::PresenceStats { ch, .. } => self
                 .hub
-                .presence_stats(&self.grants, &ch)
+                .presence_stats(&self.grants(), &ch)
                 .await
                 .map(|(clients, users)| {
                     Some(protocol::encode_presence_stats(id, &ch, clients, users))
@@ -314,7 +767,7 @@ impl Session {
                 ch, since, limit, ..
             } => self
                 .hub
-                .history(&self.grants, &ch, since, limit)
+                .history(&self.grants(), &ch, since, limit)
                 .await
                 .map(|h| {
                     let frame =
@@ -325,7 +778,7 @@ impl Session {
         match result {
             Ok(Some(reply)) => self.send(reply),
             Ok(None) => {}
-            Err(refusal) => self.send(protocol::encode_error(id, refusal.code, &refusal.message)),
+            Err(refusal) => self.send(refusal.frame(id)),
         }
     }
 
@@ -347,9 +800,34 @@ impl Session {
                 )
             })?;
         }
+        let grants = self.grants();
+        // Beyond the grants, the application may allow it (the subscribe proxy).
+        let authorized = !grants.may_subscribe(channel)
+            && self.hub.config.channel_options(channel).proxy_subscribe
+            && !self.hub.registry.is_subscribed(self.client.id(), channel)
+            && {
+                let body = serde_json::json!({
+                    "client": self.member(),
+                    "transport": self.transport,
+                    "user": grants.user.as_deref().unwrap_or(""),
+                    "ch": channel,
+                });
+                let (answer, _) = self
+                    .hub
+                    .proxy
+                    .call::<SubscribeResult>(
+                        proxy::Kind::Subscribe,
+                        body.to_string().into_bytes(),
+                        &self.forwarded,
+                        None,
+                    )
+                    .await;
+                answer.map_err(Refusal::from)?;
+                true
+            };
         let Some(subscribed) = self
             .hub
-            .subscribe(&self.client, &self.grants, channel, since)
+            .subscribe(&self.client, &grants, channel, since, authorized)
             .await?
         else {
             // Already subscribed, and that subscription was acknowledged as live.
@@ -369,9 +847,8 @@ impl Session {
             (None, _) => None,
         };
         self.hub.go_live(&self.client, subscribed, reply);
-        self.hub
-            .joined(self.client.id(), &self.grants, channel)
-            .await;
+        self.hub.joined(self.client.id(), &grants, channel).await;
+        self.update_user_entry().await;
         Ok(None)
     }
 
@@ -382,28 +859,107 @@ impl Session {
         tp: Option<&str>,
     ) -> Result<Option<u64>, Refusal> {
         let hub = &self.hub;
-        if !self.grants.may_publish(channel) {
+        let grants = self.grants();
+        // With a publish proxy the application alone decides, and sees every
+        // message first; otherwise the grants do.
+        let proxied = hub.config.channel_options(channel).proxy_publish;
+        if !proxied && !grants.may_publish(channel) {
             hub.metrics.publish_error(ErrorCode::Forbidden.as_str());
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to publish to {channel}"),
             ));
         }
-        let limits = &hub.config.limits;
+        self.rate_limited()?;
+        let from = if hub.config.auth.expose_publisher {
+            grants.user.as_deref()
+        } else {
+            None
+        };
+        if !proxied {
+            return Ok(hub.publish(channel, data, from, tp).await?);
+        }
+        let body = format!(
+            r#"{{"client":{},"transport":"{}","user":{},"ch":"{channel}","data":{}}}"#,
+            serde_json::Value::from(self.member()),
+            self.transport,
+            serde_json::Value::from(grants.user.as_deref().unwrap_or("")),
+            data.get()
+        );
+        let (answer, tp) = hub
+            .proxy
+            .call::<PublishResult>(proxy::Kind::Publish, body.into_bytes(), &self.forwarded, tp)
+            .await;
+        let answer = answer.map_err(|e| {
+            let refusal = Refusal::from(e);
+            hub.metrics.publish_error(refusal.code.as_str());
+            refusal
+        })?;
+        let data = answer.data.as_deref().unwrap_or(data);
+        if data.get().len() > hub.config.limits.max_message_bytes {
+            hub.metrics.publish_error(ErrorCode::Internal.as_str());
+            tracing::warn!(
+                proxy = "publish",
+                channel,
+                "the backend replaced a message with data over --max-message-bytes"
+            );
+            return Err(Refusal::new(
+                ErrorCode::Internal,
+                "the application backend's data is over --max-message-bytes",
+            ));
+        }
+        Ok(hub.publish(channel, data, from, tp.as_deref()).await?)
+    }
+
+    /// `rpc`: asks the application backend, answers with its `data`.
+    async fn rpc(
+        &self,
+        method: &str,
+        data: Option<&RawValue>,
+        id: Option<RequestId<'_>>,
+    ) -> Result<Option<Frame>, Refusal> {
+        if self.hub.proxy.url(proxy::Kind::Rpc).is_none() {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "rpc is not configured on this relay (--proxy-rpc-url)",
+            ));
+        }
+        // Each rpc is a call of the backend: bounded like publishes.
+        self.rate_limited()?;
+        let grants = self.grants();
+        let body = format!(
+            r#"{{"client":{},"transport":"{}","user":{},"method":{},"data":{}}}"#,
+            serde_json::Value::from(self.member()),
+            self.transport,
+            serde_json::Value::from(grants.user.as_deref().unwrap_or("")),
+            serde_json::Value::from(method),
+            data.map_or("null", RawValue::get)
+        );
+        let (answer, _) = self
+            .hub
+            .proxy
+            .call::<RpcResult>(proxy::Kind::Rpc, body.into_bytes(), &self.forwarded, None)
+            .await;
+        let answer = answer.map_err(Refusal::from)?;
+        let null = RawValue::from_string("null".into()).expect("null is JSON");
+        let data = answer.data.as_deref().unwrap_or(&null);
+        Ok(Some(protocol::encode_rpc(id, data)))
+    }
+
+    /// Takes a publish (or rpc) token; refused past the connection's rate.
+    fn rate_limited(&self) -> Result<(), Refusal> {
+        let limits = &self.hub.config.limits;
         let (rate, burst) = (limits.publish_rate, limits.publish_burst);
         if self.take_token(&self.limiter, burst).is_err() {
-            hub.metrics.publish_error(ErrorCode::RateLimited.as_str());
+            self.hub
+                .metrics
+                .publish_error(ErrorCode::RateLimited.as_str());
             return Err(Refusal::new(
                 ErrorCode::RateLimited,
                 format!("publishing faster than {rate}/s (bursts of {burst})"),
             ));
         }
-        let from = if hub.config.auth.expose_publisher {
-            self.grants.user.as_deref()
-        } else {
-            None
-        };
-        Ok(hub.publish(channel, data, from, tp).await?)
+        Ok(())
     }
 
     /// Takes a token from `limiter`; a client refused more than `burst` times in a
@@ -427,4 +983,14 @@ impl Session {
             self.hub.metrics.bytes_sent.inc_by(len);
         }
     }
+}
+
+/// What the expiry timer's firing came to.
+enum Expiry {
+    /// The connection closed (expired, refresh refused, token revoked).
+    Closed,
+    /// It goes on, with its expiry where the grants now say.
+    Extended,
+    /// The refresh proxy failed: asked again soon, until the expiry.
+    Retry,
 }

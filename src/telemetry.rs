@@ -282,6 +282,35 @@ impl Tracing {
         Some(PublishSpan { cx, traceparent })
     }
 
+    /// Starts the span of a call to the application backend (`proxy` is its name):
+    /// a child of the client's `traceparent` when it gave one, a new trace
+    /// otherwise. Its `traceparent` goes to the backend in the call's header, and
+    /// on to the publish that may follow, so client, relay, backend and fan-out are
+    /// one trace. `None` when tracing is off.
+    pub fn proxy(
+        &self,
+        proxy: &'static str,
+        client_traceparent: Option<&str>,
+    ) -> Option<PublishSpan> {
+        let tracer = self.tracer.as_ref()?;
+        let parent = client_traceparent.map(extract).unwrap_or_default();
+        let span = tracer
+            .span_builder(format!("proxy {proxy}"))
+            .with_kind(SpanKind::Client)
+            .with_attributes([
+                KeyValue::new("wsrelay.proxy", proxy),
+                KeyValue::new("wsrelay.node", self.node_id.to_string()),
+            ])
+            .start_with_context(tracer, &parent);
+        let cx = parent.with_span(span);
+        let traceparent = if cx.span().span_context().is_sampled() {
+            inject(&cx)
+        } else {
+            String::new()
+        };
+        Some(PublishSpan { cx, traceparent })
+    }
+
     /// Runs a local delivery inside a span that continues the origin's publish span
     /// (its `traceparent` from the envelope). `deliver` returns the recipient count.
     pub fn deliver(

@@ -37,6 +37,7 @@ impl Side {
             metrics: Arc::new(Metrics::new()),
             tracing: Tracing::disabled(),
             streams: Default::default(),
+            users: Default::default(),
         };
         let broker = Broker::start(config.clone(), delivery, shutdown.clone()).unwrap();
         wait_until("broker ready", || broker.all_shards_usable()).await;

@@ -124,6 +124,12 @@ proptest! {
                 prop_assert!(protocol::validate_channel(&ch).is_ok());
             }
             Ok(Request::Ping { .. }) => {}
+            Ok(Request::Rpc { method, data, id }) => {
+                // The answer frame carries the id and the data as JSON.
+                prop_assert!(!method.is_empty());
+                let answer = protocol::encode_rpc(id, data.unwrap_or(&serde_json::value::RawValue::from_string("null".into()).unwrap()));
+                prop_assert!(serde_json::from_str::<Value>(answer.as_str()).is_ok());
+            }
             Err(e) => {
                 // The error frame itself is valid JSON, with the id when there was a readable one.
                 let error: Value = serde_json::from_str(protocol::encode_error(e.id, e.code, &e.message).as_str()).unwrap();

@@ -60,6 +60,7 @@ fn client_frames_decode() {
             Request::Presence { .. } => "presence",
             Request::PresenceStats { .. } => "presence_stats",
             Request::Ping { .. } => "ping",
+            Request::Rpc { .. } => "rpc",
         };
         assert_eq!(frame["op"], op, "{}", example["name"]);
         assert_eq!(
@@ -125,6 +126,27 @@ fn server_frames_are_what_the_encoders_write() {
                     (None, None) => protocol::encode_ack(id),
                 }
             }),
+            "error" if frame["code"] == "refused" => with_id(frame, |id| {
+                protocol::encode_refused(
+                    id,
+                    frame["app_code"].as_u64().unwrap() as u16,
+                    frame["message"].as_str().unwrap(),
+                )
+            }),
+            "rpc" => with_id(frame, |id| {
+                let data = serde_json::value::RawValue::from_string(frame["data"].to_string())
+                    .unwrap();
+                protocol::encode_rpc(id, &data)
+            }),
+            "subscribed" => protocol::encode_subscribed(
+                ch,
+                frame.get("epoch").map(|_| position(frame)).as_ref(),
+            ),
+            "unsubscribed" => protocol::encode_unsubscribed(ch),
+            "disconnect" => protocol::encode_disconnect(
+                frame["code"].as_u64().unwrap() as u16,
+                frame["reason"].as_str().unwrap(),
+            ),
             "error" => with_id(frame, |id| {
                 let code = match frame["code"].as_str().unwrap() {
                     "forbidden" => protocol::ErrorCode::Forbidden,

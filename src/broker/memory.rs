@@ -33,6 +33,11 @@ pub struct MemoryBroker {
     /// This node's last announcement: the cluster view of a one-node cluster. Why a
     /// mutex: written every few seconds, read by the API.
     pub(super) announcement: std::sync::Arc<std::sync::Mutex<Option<crate::cluster::Announcement>>>,
+    /// Connections by user: this node's are the cluster's.
+    pub(super) users: std::sync::Arc<super::presence::Table>,
+    /// Revocations (`POST /api/revoke`), by key (`jti:<id>`, `user:<id>`): the
+    /// value (the user's `issued_before`, or 1) and when it expires.
+    pub(super) revoked: std::sync::Arc<DashMap<String, (u64, Instant)>>,
 }
 
 #[derive(Debug)]
@@ -111,7 +116,75 @@ impl MemoryBroker {
             inner,
             presence: Default::default(),
             announcement: Default::default(),
+            users: Default::default(),
+            revoked: Default::default(),
         }
+    }
+
+    /// Adds (or updates) a connection among its user's, unless the user has `max`
+    /// (0: no limit) already.
+    pub(super) fn user_add(&self, user: &str, entry: super::presence::Entry, max: usize) -> bool {
+        let (_, count) = self.users.list(user, 0);
+        let known = self
+            .users
+            .snapshot_of(user)
+            .iter()
+            .any(|e| e.member == entry.member);
+        if max > 0 && !known && count >= max {
+            return false;
+        }
+        self.users.add(user, entry);
+        true
+    }
+
+    /// The server API's commands: this node is every node.
+    pub(super) fn command(&self, command: &crate::users::Command) -> usize {
+        let reached = self.inner.delivery.users.apply(command.clone());
+        self.inner
+            .delivery
+            .metrics
+            .user_commands
+            .inc_by(reached as u64);
+        1
+    }
+
+    /// Stores a revocation (kept `ttl`; a user's later time wins).
+    pub(super) fn revoke(
+        &self,
+        user: &str,
+        jti: Option<&str>,
+        issued_before: Option<u64>,
+        ttl: Duration,
+    ) {
+        let until = Instant::now() + ttl;
+        self.revoked
+            .retain(|_, (_, expires)| *expires > Instant::now());
+        if let Some(jti) = jti {
+            self.revoked.insert(format!("jti:{jti}"), (1, until));
+        }
+        if let Some(before) = issued_before {
+            let mut entry = self
+                .revoked
+                .entry(format!("user:{user}"))
+                .or_insert((0, until));
+            *entry = (entry.0.max(before), until);
+        }
+    }
+
+    /// Whether a revocation covers this token of `user`.
+    pub(super) fn is_revoked(&self, user: Option<&str>, token: &crate::auth::TokenId) -> bool {
+        let live = |key: String| {
+            self.revoked
+                .get(&key)
+                .filter(|e| e.1 > Instant::now())
+                .map(|e| e.0)
+        };
+        let by_id = token
+            .jti
+            .as_deref()
+            .is_some_and(|jti| live(format!("jti:{jti}")).is_some());
+        let before = user.and_then(|u| live(format!("user:{u}")));
+        by_id || crate::users::revokes(Some(token), None, before)
     }
 
     /// Delivers the publication to the channel's local subscribers; with history,
@@ -241,6 +314,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
             streams: Default::default(),
+            users: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let broker =
@@ -251,6 +325,8 @@ mod tests {
             presence: false,
             join_leave: false,
             durability: crate::config::Durability::Leader,
+            proxy_subscribe: false,
+            proxy_publish: false,
         };
         let publication = Publication {
             kind: Kind::Message,

@@ -324,6 +324,78 @@ impl Broker {
         }
     }
 
+    /// Adds (or updates) a local connection among its user's connections,
+    /// cluster-wide; `false` when the user has `max` (0: no limit) already.
+    pub async fn user_add(
+        &self,
+        user: &str,
+        entry: PresenceEntry,
+        max: usize,
+    ) -> Result<bool, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.user_add(user, entry, max)),
+            Broker::Redis(b) => b.user_add(user, entry, max).await,
+        }
+    }
+
+    /// Removes a local connection from its user's.
+    pub async fn user_remove(&self, user: &str, member: &str) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(b) => {
+                b.users.remove(user, member);
+                Ok(())
+            }
+            Broker::Redis(b) => b.user_remove(user, member).await,
+        }
+    }
+
+    /// Every live connection of `user`, cluster-wide (entries as JSON).
+    pub async fn user_connections(&self, user: &str) -> Result<Vec<bytes::Bytes>, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.users.list(user, usize::MAX).0),
+            Broker::Redis(b) => b.user_connections(user).await,
+        }
+    }
+
+    /// Sends a command of the server API to every node (through Redis: one
+    /// publish, not a call per node); how many nodes received it.
+    pub async fn command(&self, command: &crate::users::Command) -> Result<usize, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.command(command)),
+            Broker::Redis(b) => b.command(command).await,
+        }
+    }
+
+    /// Stores a revocation: one token by `jti`, or every token of `user` issued
+    /// before `issued_before`; kept `ttl`.
+    pub async fn revoke(
+        &self,
+        user: &str,
+        jti: Option<&str>,
+        issued_before: Option<u64>,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Broker::Memory(b) => {
+                b.revoke(user, jti, issued_before, ttl);
+                Ok(())
+            }
+            Broker::Redis(b) => b.revoke(user, jti, issued_before, ttl).await,
+        }
+    }
+
+    /// Whether a revocation covers this token of `user`.
+    pub async fn is_revoked(
+        &self,
+        user: Option<&str>,
+        token: &crate::auth::TokenId,
+    ) -> Result<bool, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.is_revoked(user, token)),
+            Broker::Redis(b) => b.is_revoked(user, token).await,
+        }
+    }
+
     /// The state of each Redis shard, in `--redis-url` order (none for the memory
     /// broker, which is always usable): what readiness is decided from.
     pub fn shards(&self) -> Vec<ShardState> {

@@ -4,7 +4,8 @@
 //! how entries come back after Redis lost them.
 //!
 //! Bounded by the node's subscriptions to presence channels: an entry is removed
-//! with its subscription.
+//! with its subscription. The same table keeps this node's connections by user
+//! (keyed by user rather than channel), which the users' keys are made of.
 
 use std::collections::HashMap;
 
@@ -70,6 +71,14 @@ impl Table {
             entries.len(),
             count_users(entries.values().map(|e| e.user.as_deref())),
         )
+    }
+
+    /// The entries of one channel.
+    pub(super) fn snapshot_of(&self, channel: &str) -> Vec<Entry> {
+        self.channels
+            .get(channel)
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every entry, per channel, for a bulk refresh.

@@ -503,6 +503,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
             streams: Default::default(),
+            users: Default::default(),
         };
         (Tracker::new(delivery, max_buffer, 100), queue)
     }

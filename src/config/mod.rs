@@ -14,9 +14,11 @@
 //! file override them for one namespace ([`Config::channel_options`]).
 
 pub mod compression;
+pub mod proxy;
 pub mod topology;
 
 pub use compression::CompressionConfig;
+pub use proxy::{ProxyConfig, UsersConfig};
 pub use topology::{ShardAddress, Topology};
 
 use std::collections::HashMap;
@@ -97,6 +99,14 @@ pub struct Config {
     /// permessage-deflate on WebSocket connections.
     #[command(flatten)]
     pub compression: CompressionConfig,
+
+    /// The application backend's proxies (docs/proxy.md).
+    #[command(flatten)]
+    pub proxy: ProxyConfig,
+
+    /// Users across the cluster: limits, revocation, personal channels.
+    #[command(flatten)]
+    pub users: UsersConfig,
 
     /// Per-namespace overrides of the channel options, from the config file.
     #[arg(skip)]
@@ -495,6 +505,10 @@ pub struct ChannelOptions {
     pub join_leave: bool,
     /// When a publish counts as done (channels with history only).
     pub durability: Durability,
+    /// A `sub` the grants do not cover asks the subscribe proxy.
+    pub proxy_subscribe: bool,
+    /// Every client `pub` goes through the publish proxy first.
+    pub proxy_publish: bool,
 }
 
 impl ChannelOptions {
@@ -520,6 +534,10 @@ pub struct NamespaceOptions {
     /// Overrides `publish-durability` (`"leader"` or `"replicas:N"`).
     #[serde(default, deserialize_with = "deserialize_durability")]
     pub publish_durability: Option<Durability>,
+    /// Overrides `proxy-subscribe`.
+    pub proxy_subscribe: Option<bool>,
+    /// Overrides `proxy-publish`.
+    pub proxy_publish: Option<bool>,
 }
 
 /// Subcommands of the binary.
@@ -645,6 +663,8 @@ impl Config {
             presence: self.presence.presence,
             join_leave: self.presence.join_leave,
             durability: self.history.publish_durability,
+            proxy_subscribe: self.proxy.proxy_subscribe,
+            proxy_publish: self.proxy.proxy_publish,
         };
         match section {
             None => defaults,
@@ -654,6 +674,8 @@ impl Config {
                 presence: ns.presence.unwrap_or(defaults.presence),
                 join_leave: ns.join_leave.unwrap_or(defaults.join_leave),
                 durability: ns.publish_durability.unwrap_or(defaults.durability),
+                proxy_subscribe: ns.proxy_subscribe.unwrap_or(defaults.proxy_subscribe),
+                proxy_publish: ns.proxy_publish.unwrap_or(defaults.proxy_publish),
             },
         }
     }
@@ -692,6 +714,9 @@ impl Config {
             ),
             ("presence-ttl", self.presence.presence_ttl),
             ("node-ttl", self.presence.node_ttl),
+            ("proxy-timeout", self.proxy.proxy_timeout),
+            ("proxy-refresh-before", self.proxy.proxy_refresh_before),
+            ("revocation-ttl", self.users.revocation_ttl),
         ] {
             check_duration(flag, value)?;
         }
@@ -758,6 +783,29 @@ impl Config {
         }
         self.validate_durability()?;
         self.compression.validate()?;
+        self.proxy.validate()?;
+        self.users.validate()?;
+        for (name, section) in &self.namespaces {
+            for (key, on, url) in [
+                (
+                    "proxy-subscribe",
+                    section.proxy_subscribe,
+                    &self.proxy.proxy_subscribe_url,
+                ),
+                (
+                    "proxy-publish",
+                    section.proxy_publish,
+                    &self.proxy.proxy_publish_url,
+                ),
+            ] {
+                if on == Some(true) && url.is_none() {
+                    return Err(ConfigError::new(
+                        format!("config: namespaces.{name}.{key}"),
+                        format!("needs --{key}-url"),
+                    ));
+                }
+            }
+        }
         if let Some(id) = &self.node_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
         {
@@ -896,6 +944,9 @@ fn duration_range(flag: &str) -> (Duration, Duration) {
         "unpublished-position-ttl" | "presence-ttl" => (S, DAY),
         "position-check-interval" => (100 * MS, DAY),
         "node-ttl" => (S, HOUR),
+        "proxy-timeout" => (10 * MS, 5 * 60 * S),
+        "proxy-refresh-before" => (Duration::ZERO, DAY),
+        "revocation-ttl" => (S, 3650 * DAY),
         other => unreachable!("no range for {other}"),
     }
 }

@@ -36,13 +36,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::ConnSlot;
-use crate::auth::Grants;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
 use crate::frame::Frame;
 use crate::hub::Hub;
 use crate::protocol::{self, Since};
 use crate::publication::Position;
-use crate::session::{Inbound, Session};
+use crate::session::{Identity, Inbound, Session};
 use crate::streams::Streams;
 
 /// Requests of one streaming session waiting to be handled: the session takes one
@@ -66,18 +65,19 @@ pub(crate) enum Format {
 }
 
 /// Opens a streaming session and returns the response that carries it. The
-/// channels (with the positions to recover from) and grants were checked by the
-/// caller; `slot` is the HTTP connection's place among the pending ones.
+/// channels (with the positions to recover from) were checked by the caller
+/// against the grants of `identity` (when known yet); `slot` is the HTTP
+/// connection's place among the pending ones.
 pub(crate) fn open(
     hub: Arc<Hub>,
     streams: &Streams,
     sessions: &TaskTracker,
     slot: Option<ConnSlot>,
     channels: Vec<(String, Option<Since>)>,
-    grants: Arc<Grants>,
+    identity: Identity,
     format: Format,
 ) -> Response {
-    let (session, queue) = Session::open(hub, grants);
+    let (session, queue) = Session::open(hub, identity);
     let span = session.span();
     let (id, requests) = streams.open(session.client().clone(), REQUEST_QUEUE);
     // The connection is a session now: it counts against `--max-connections`, no
@@ -208,14 +208,19 @@ async fn write_loop(
 
 /// Whether a client closed for `reason` should connect again (to any node).
 fn reconnects(reason: CloseReason) -> bool {
-    matches!(
-        reason,
-        CloseReason::Shutdown
-            | CloseReason::SlowConsumer
-            | CloseReason::HoldBackOverflow
-            | CloseReason::BrokerUnavailable
-            | CloseReason::PingTimeout
-    )
+    match reason {
+        // The application's own range: its upper half says "reconnect".
+        CloseReason::Application(code) => code >= 4500,
+        _ => matches!(
+            reason,
+            CloseReason::Shutdown
+                | CloseReason::SlowConsumer
+                | CloseReason::HoldBackOverflow
+                | CloseReason::BrokerUnavailable
+                | CloseReason::BackendUnavailable
+                | CloseReason::PingTimeout
+        ),
+    }
 }
 
 /// Hands one chunk to the response body within the write timeout; records why the
@@ -305,7 +310,14 @@ impl EventIds {
             if i > 0 {
                 out.put_u8(b',');
             }
-            out.put_slice(channel.as_bytes());
+            // A user-limited channel's name has commas, which separate the
+            // positions: written as `%2C` (`%` is in no channel name).
+            for (j, part) in channel.split(',').enumerate() {
+                if j > 0 {
+                    out.put_slice(b"%2C");
+                }
+                out.put_slice(part.as_bytes());
+            }
             out.put_u8(b':');
             out.put_slice(position.epoch.as_str().as_bytes());
             out.put_u8(b':');
@@ -324,9 +336,10 @@ pub(crate) fn parse_event_id(id: &str) -> Result<Vec<(String, Since)>, String> {
         else {
             return Err(format!("{item:?} is not <channel>:<epoch>:<offset>"));
         };
-        protocol::validate_channel(channel).map_err(|e| format!("{channel:?}: {e}"))?;
+        let channel = channel.replace("%2C", ",");
+        protocol::validate_channel(&channel).map_err(|e| format!("{channel:?}: {e}"))?;
         let since = Since::parse_pair(epoch, offset).map_err(|e| format!("{item:?}: {e}"))?;
-        out.push((channel.to_owned(), since));
+        out.push((channel, since));
     }
     Ok(out)
 }
@@ -371,6 +384,16 @@ mod tests {
              id: a:b:e1:3,c:e2:9\ndata: {\"op\":\"pub\",\"ch\":\"c\",\"offset\":9}\n\n\
              data: {\"op\":\"pong\"}\n\n"
         );
+        let mut ids = EventIds::default();
+        ids.update(&[("dm:x#ada,bo".into(), position("e3", 4))]);
+        let mut written = BytesMut::new();
+        ids.write(&mut written);
+        let written = std::str::from_utf8(&written).unwrap();
+        assert_eq!(
+            written, "dm:x#ada%2Cbo:e3:4",
+            "commas of a user list escaped"
+        );
+        assert_eq!(parse_event_id(written).unwrap()[0].0, "dm:x#ada,bo");
         let parsed = parse_event_id("a:b:e1:3,c:e2:9").unwrap();
         assert_eq!(parsed.len(), 2);
         assert_eq!((parsed[0].0.as_str(), parsed[0].1.offset), ("a:b", 3));

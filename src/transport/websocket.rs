@@ -24,11 +24,10 @@ use tracing::Instrument;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
 
-use crate::auth::Grants;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, Next};
 use crate::hub::Hub;
 use crate::protocol::Since;
-use crate::session::{Inbound, Session};
+use crate::session::{Identity, Inbound, Session};
 use crate::transport::deflate::{Compressor, InflateError};
 
 /// How long to wait for the client's close frame after sending ours: a well-behaved
@@ -50,13 +49,13 @@ fn run<S>(
     socket: WebSocketStream<S>,
     hub: Arc<Hub>,
     channels: Vec<(String, Option<Since>)>,
-    grants: Arc<Grants>,
+    identity: Identity,
     compressor: Option<Compressor>,
 ) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (session, queue) = Session::open(hub, grants);
+    let (session, queue) = Session::open(hub, identity);
     let span = session.span();
     let (sink, stream) = socket.split();
     let write_timeout = session.hub().config.limits.write_timeout;

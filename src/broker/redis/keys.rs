@@ -69,4 +69,21 @@ impl Keys {
     pub(super) fn control(&self, route: &str) -> String {
         format!("{}{{{route}}}:control", self.prefix)
     }
+
+    /// The cluster-wide control channel, where the server API's commands on users
+    /// reach every node: `<prefix>{users}:control`.
+    pub(super) fn users_control(&self) -> String {
+        format!("{}{{users}}:control", self.prefix)
+    }
+
+    /// A user's keys: `<prefix>{user:<id>}:<suffix>` (its connections, its
+    /// revocation time), together in one slot.
+    pub(super) fn user(&self, user: &str, suffix: &str) -> String {
+        format!("{}{{user:{user}}}:{suffix}", self.prefix)
+    }
+
+    /// The revocation of one token: `<prefix>{jti:<jti>}:revoked`.
+    pub(super) fn revoked_jti(&self, jti: &str) -> String {
+        format!("{}{{jti:{jti}}}:revoked", self.prefix)
+    }
 }

@@ -54,6 +54,7 @@ mod ring;
 mod scripts;
 mod shard;
 mod subscriber;
+mod users;
 
 pub use endpoint::Endpoint;
 
@@ -101,8 +102,11 @@ struct Inner {
     keys: Keys,
     /// This node's control channel (see `keys::control`), on the first shard.
     control: String,
-    /// Whether the first shard's current subscriber connection has it subscribed
-    /// (the subscriber task retries until it has).
+    /// The cluster-wide control channel of the server API's commands on users
+    /// (see `keys::users_control`), on the first shard beside `control`.
+    users_control: String,
+    /// Whether the first shard's current subscriber connection has both control
+    /// channels subscribed (the subscriber task retries until it has).
     control_live: std::sync::atomic::AtomicBool,
     timeout: Duration,
     config: Arc<Config>,
@@ -111,6 +115,9 @@ struct Inner {
     tracker: Tracker,
     /// This node's presence entries, registered in Redis and refreshed there.
     presence: super::presence::Table,
+    /// This node's connections with a user, by user, registered in Redis and
+    /// refreshed there (with the presence entries).
+    users: super::presence::Table,
     /// Ends repair tasks with the node.
     shutdown: CancellationToken,
 }
@@ -170,12 +177,14 @@ impl RedisBroker {
             shards,
             pubsub,
             control: keys.control(delivery.streams.route()),
+            users_control: keys.users_control(),
             keys,
             control_live: Default::default(),
             timeout,
             delivery,
             tracker,
             presence: Default::default(),
+            users: Default::default(),
             shutdown: shutdown.clone(),
             config,
         });
@@ -209,11 +218,16 @@ impl RedisBroker {
                 repair::keep_unpublished,
             ));
         }
-        if inner.config.any_presence() {
-            let period = inner.config.presence.presence_ttl / 3;
-            let weak = Arc::downgrade(&inner);
-            tokio::spawn(every(weak, period, shutdown, presence::refresh_presence));
-        }
+        // Presence entries and the users' connection entries expire alike, and are
+        // refreshed in one round.
+        let period = inner.config.presence.presence_ttl / 3;
+        let weak = Arc::downgrade(&inner);
+        tokio::spawn(every(weak, period, shutdown, |inner| async move {
+            if inner.config.any_presence() {
+                presence::refresh_presence(inner.clone()).await;
+            }
+            users::refresh_users(&inner).await;
+        }));
         Ok(Self { inner })
     }
 
@@ -274,6 +288,52 @@ impl RedisBroker {
     /// shard); whether a node received it.
     pub async fn forward(&self, route: &str, payload: Vec<u8>) -> Result<bool, BrokerError> {
         publish::forward(&self.inner, route, payload).await
+    }
+
+    /// Adds (or updates) a local connection among its user's; `false` when the
+    /// user has `max` (0: no limit) already.
+    pub async fn user_add(
+        &self,
+        user: &str,
+        entry: super::presence::Entry,
+        max: usize,
+    ) -> Result<bool, BrokerError> {
+        users::user_add(&self.inner, user, entry, max).await
+    }
+
+    /// Removes a local connection from its user's.
+    pub async fn user_remove(&self, user: &str, member: &str) -> Result<(), BrokerError> {
+        users::user_remove(&self.inner, user, member).await
+    }
+
+    /// Every live connection of `user`, cluster-wide.
+    pub async fn user_connections(&self, user: &str) -> Result<Vec<bytes::Bytes>, BrokerError> {
+        users::user_connections(&self.inner, user).await
+    }
+
+    /// Sends a command of the server API to every node; how many received it.
+    pub async fn command(&self, command: &crate::users::Command) -> Result<usize, BrokerError> {
+        users::command(&self.inner, command).await
+    }
+
+    /// Stores a revocation (see `users::revoke`).
+    pub async fn revoke(
+        &self,
+        user: &str,
+        jti: Option<&str>,
+        issued_before: Option<u64>,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        users::revoke(&self.inner, user, jti, issued_before, ttl).await
+    }
+
+    /// Whether a revocation covers this token of `user`.
+    pub async fn is_revoked(
+        &self,
+        user: Option<&str>,
+        token: &crate::auth::TokenId,
+    ) -> Result<bool, BrokerError> {
+        users::is_revoked(&self.inner, user, token).await
     }
 
     /// The live nodes' announcements, by id.
@@ -403,6 +463,7 @@ mod tests {
             metrics: Arc::new(crate::metrics::Metrics::new()),
             tracing: crate::telemetry::Tracing::disabled(),
             streams: Default::default(),
+            users: Default::default(),
         };
         let shutdown = CancellationToken::new();
         let url = format!("redis://127.0.0.1:{port}");

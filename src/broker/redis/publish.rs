@@ -151,10 +151,20 @@ pub(super) async fn forward(
     route: &str,
     payload: Vec<u8>,
 ) -> Result<bool, BrokerError> {
+    Ok(broadcast(inner, &inner.keys.control(route), payload).await? > 0)
+}
+
+/// Publishes `payload` once on a control channel of the first shard; how many
+/// nodes received it.
+pub(super) async fn broadcast(
+    inner: &Inner,
+    channel: &str,
+    payload: Vec<u8>,
+) -> Result<usize, BrokerError> {
     let shard = inner.home();
     let mut conn = shard.publisher_once()?;
     let mut publish = redis::cmd(inner.pubsub.publish());
-    publish.arg(inner.keys.control(route)).arg(payload);
+    publish.arg(channel).arg(payload);
     let send = async {
         run_once(&mut conn, None, |mut conn| {
             let publish = &publish;
@@ -164,7 +174,7 @@ pub(super) async fn forward(
         .map_err(|e| shard.failed(e))
     };
     match tokio::time::timeout(inner.timeout, send).await {
-        Ok(receivers) => Ok(receivers? > 0),
+        Ok(receivers) => Ok(receivers?.max(0) as usize),
         Err(_) => Err(BrokerError::Timeout(inner.timeout)),
     }
 }

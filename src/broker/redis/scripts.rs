@@ -150,3 +150,27 @@ return {epoch, top, entries, truncated}
 pub(super) const KEEP_UNPUBLISHED_LUA: &str = r#"
 if redis.call('HGET', KEYS[1], 's') == '0' then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 "#;
+
+/// Adds (or updates) a connection's entry among its user's connections, unless the
+/// user already has `max` live ones (0: no limit); an update never counts against
+/// the limit. Prunes expired entries first ([`PRUNE_LUA`]).
+///
+/// KEYS: entries hash, expiry sorted set. ARGV: now (ms), expiry (ms), member,
+/// entry, max, key TTL (ms). Returns 1 when added, 0 when refused.
+pub(super) static USER_ADD_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{PRUNE_LUA}{}",
+        r#"
+local max = tonumber(ARGV[5])
+if max > 0 and redis.call('HEXISTS', KEYS[1], ARGV[3]) == 0
+   and redis.call('HLEN', KEYS[1]) >= max then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return 1
+"#
+    ))
+});

@@ -421,7 +421,7 @@ async fn serve(
 /// and that must not keep every other channel of the node unsubscribed. Tried
 /// again every round (at least every health tick) until it took.
 async fn subscribe_control(inner: &Inner, conn: &mut SubConn) {
-    let control = [inner.control.clone()];
+    let control = [inner.control.clone(), inner.users_control.clone()];
     match tokio::time::timeout(inner.timeout, conn.subscribe(&control)).await {
         Ok(Ok(())) => inner.control_live.store(true, Ordering::Relaxed),
         Ok(Err(e)) => tracing::debug!(error = %e, "control channel not subscribed yet"),
@@ -504,6 +504,11 @@ fn on_push(inner: &Arc<Inner>, shard: &Shard, info: PushInfo, disconnected: &Not
                 }
                 return;
             }
+            if shard.index == 0 && key == inner.users_control.as_bytes() {
+                let reached = inner.delivery.users.apply_json(&payload);
+                inner.delivery.metrics.user_commands.inc_by(reached as u64);
+                return;
+            }
             if shard.index == 0 && key == inner.control.as_bytes() {
                 let known = inner.delivery.streams.forwarded(Bytes::from(payload));
                 if !known {
@@ -544,7 +549,9 @@ fn on_push(inner: &Arc<Inner>, shard: &Shard, info: PushInfo, disconnected: &Not
             let Some(Value::BulkString(key)) = info.data.first() else {
                 return;
             };
-            if shard.index == 0 && key == inner.control.as_bytes() {
+            if shard.index == 0
+                && (key == inner.control.as_bytes() || key == inner.users_control.as_bytes())
+            {
                 // Its slot moved: subscribe it again on the next round.
                 inner.control_live.store(false, Ordering::Relaxed);
                 shard.wake.notify_one();

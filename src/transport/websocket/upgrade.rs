@@ -21,9 +21,9 @@ use tokio_util::task::TaskTracker;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::auth::Grants;
 use crate::hub::Hub;
 use crate::protocol::Since;
+use crate::session::Identity;
 use crate::transport::deflate::{self, Compressor, InflatingIo};
 
 /// tungstenite reads into a buffer of this size per connection, allocated and
@@ -140,7 +140,7 @@ impl Upgrade {
         self,
         hub: Arc<Hub>,
         channels: Vec<(String, Option<Since>)>,
-        grants: Arc<Grants>,
+        identity: Identity,
         sessions: TaskTracker,
     ) -> Response {
         let deflate = hub.config.compression.compression && self.deflate_offered;
@@ -195,12 +195,12 @@ impl Upgrade {
                     Some(config),
                 ))
                 .await;
-                let session = super::run(socket, hub, channels, grants, Some(compressor));
+                let session = super::run(socket, hub, channels, identity, Some(compressor));
                 sessions.track_future(session).await;
             } else {
                 let socket =
                     WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
-                let session = super::run(socket, hub, channels, grants, None);
+                let session = super::run(socket, hub, channels, identity, None);
                 sessions.track_future(session).await;
             }
         });
