@@ -30,11 +30,13 @@ fi
 # Debian installs nginx in /usr/sbin, which is not on every user's PATH.
 export PATH="$PATH:/usr/sbin"
 
-# The Python example client's test needs `websockets` (from PyPI), in a venv of its own.
-if [ ! -x .cache/pyenv/bin/python ] || ! .cache/pyenv/bin/python -c "import websockets" 2>/dev/null; then
-  echo "test.sh: installing websockets (PyPI) into .cache/pyenv" >&2
+# The Python example client's test needs `websockets`, and the example backend's
+# (tests/backend.rs) Flask as its requirements.txt pins it, from PyPI, in a venv of
+# their own.
+if [ ! -x .cache/pyenv/bin/python ] || ! .cache/pyenv/bin/python -c "import websockets, flask" 2>/dev/null; then
+  echo "test.sh: installing websockets and Flask (PyPI) into .cache/pyenv" >&2
   python3 -m venv .cache/pyenv
-  .cache/pyenv/bin/pip install --quiet 'websockets==15.0.1'
+  .cache/pyenv/bin/pip install --quiet 'websockets==15.0.1' -r examples/backend/requirements.txt
 fi
 export WSRELAY_PYTHON="$PWD/.cache/pyenv/bin/python"
 

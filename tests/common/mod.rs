@@ -796,6 +796,19 @@ pub async fn http_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
+    let (status, _head, body) = http_exchange(addr, method, path, headers, body).await;
+    (status, body)
+}
+
+/// [`http_request`], also returning the response's head (status line and
+/// headers, e.g. to read a `Set-Cookie`): (status, head, body).
+pub async fn http_exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = timeout(WAIT, TcpStream::connect(addr))
         .await
@@ -822,12 +835,8 @@ pub async fn http_request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("HTTP status line in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or("")
-        .to_owned();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_owned(), body.to_owned())
 }
 
 /// Opens a WebSocket with extra request headers; returns the HTTP status when the

@@ -5,11 +5,14 @@ export const SUBPROTOCOL: string;
 
 /** An error of a request: the relay's code (`bad_request`, `invalid_channel`,
  *  `forbidden`, `rate_limited`, `limit_exceeded`, `unavailable`, `not_durable`
- *  (a publish stored and delivered but not confirmed by the replicas), …) or
- *  `disconnected` / `timeout` / `token` / `connect`. */
+ *  (a publish stored and delivered but not confirmed by the replicas), `refused`
+ *  (by the application's backend), …) or `disconnected` / `timeout` / `token` /
+ *  `connect`. */
 export class RelayError extends Error {
   readonly code: string;
-  constructor(code: string, message?: string);
+  /** The backend's own code (4000–4999) of a `refused`, else null. */
+  readonly appCode: number | null;
+  constructor(code: string, message?: string, appCode?: number | null);
 }
 
 /** A position in a channel's history. */
@@ -108,6 +111,9 @@ export class Relay extends Emitter<RelayEvents> {
   subscribe(channel: string, options?: { since?: Position }): Subscription;
   unsubscribe(channel: string): Promise<void>;
   publish(channel: string, data: unknown): Promise<{ offset: number | null }>;
+  /** Calls a method of the application's backend (the relay's rpc proxy); resolves
+   *  with the answer's `data`. */
+  rpc<T = unknown>(method: string, data?: unknown): Promise<T>;
   request(frame: Record<string, unknown>): Promise<Record<string, unknown>>;
   /** Handles one frame as if it came from the relay (for tests of the wire format). */
   handleFrame(frame: Record<string, unknown>): void;

@@ -15,12 +15,15 @@
 export const SUBPROTOCOL = "wsrelay.v1";
 
 /** An error of a request, with the protocol's error code (`forbidden`,
- *  `unavailable`, `rate_limited`, …) or `disconnected` / `timeout`. */
+ *  `unavailable`, `rate_limited`, …) or `disconnected` / `timeout`. `refused` is
+ *  the application backend's answer (docs/proxy.md): its own code is `appCode`. */
 export class RelayError extends Error {
-  constructor(code, message) {
+  constructor(code, message, appCode) {
     super(message || code);
     this.name = "RelayError";
     this.code = code;
+    /** The backend's code (4000–4999) of a `refused`, else null. */
+    this.appCode = appCode ?? null;
   }
 }
 
@@ -57,6 +60,9 @@ const GOING_AWAY = 1001;
 const POLICY = 1008;
 // The client sent something the relay refuses: retrying cannot help.
 const FATAL = new Set([1003, 1007, 1009]);
+// The application's backend refused the connection, or ended it (docs/proxy.md):
+// 4000–4499 say that reconnecting cannot help, 4500–4999 that it may.
+const isFinalAppCode = (code) => code >= 4000 && code <= 4499;
 // Closes of our own making.
 const CLOSE_NORMAL = 1000;
 const CLOSE_DEAD = 4000;
@@ -425,6 +431,17 @@ export class Relay extends Emitter {
     return { offset: ack.offset ?? null };
   }
 
+  /** Calls `method` of the application's backend through the relay (its rpc
+   *  proxy): resolves with the answer's `data`. Rejects with a RelayError:
+   *  `refused` with the backend's `appCode`, `unavailable` when it did not answer,
+   *  `disconnected`, `timeout`, …
+   *  @param {string} method
+   *  @param {unknown} [data] any JSON value (default null) */
+  async rpc(method, data = null) {
+    const reply = await this.request({ op: "rpc", method, data });
+    return reply.data;
+  }
+
   /** Sends a request and resolves with its reply (an `ack` or the op's own reply). */
   request(frame) {
     if (this.#state !== "connected") {
@@ -527,7 +544,7 @@ export class Relay extends Emitter {
       }
       case "error": {
         const pending = this.#pending.get(frame.id);
-        const error = new RelayError(frame.code, frame.message);
+        const error = new RelayError(frame.code, frame.message, frame.app_code);
         if (pending) {
           this.#pending.delete(frame.id);
           clearTimeout(pending.timer);
@@ -538,7 +555,7 @@ export class Relay extends Emitter {
         return;
       }
       default: {
-        // `ack`, `history`, `presence`, `presence_stats`, `pong`: replies.
+        // `ack`, `history`, `presence`, `presence_stats`, `rpc`, `pong`: replies.
         const pending = this.#pending.get(frame.id);
         if (pending) {
           this.#pending.delete(frame.id);
@@ -593,7 +610,7 @@ export class Relay extends Emitter {
         // Half-open: nothing at all, not even an answer to our ping.
         const ws = this.#ws;
         this.#ws = null;
-        this.#closed({ code: CLOSE_DEAD, reason: "no answer to ping" }, true);
+        this.#closed({ code: CLOSE_DEAD, reason: "no answer to ping" }, true, true);
         ws?.close(CLOSE_DEAD, "no answer to ping");
       } else if (quiet > pingInterval && !this.#pingSent) {
         this.#pingSent = true;
@@ -602,8 +619,9 @@ export class Relay extends Emitter {
     }, every);
   }
 
-  /** The connection ended: fail what was pending, tell, and reconnect if it helps. */
-  #closed({ code, reason }, fromSocket) {
+  /** The connection ended: fail what was pending, tell, and reconnect if it helps.
+   *  `ours`: the client closed it itself (its code is not the relay's). */
+  #closed({ code, reason }, fromSocket, ours = false) {
     clearInterval(this.#heartbeatTimer);
     this.#state = "disconnected";
     this.node = null;
@@ -614,7 +632,7 @@ export class Relay extends Emitter {
     this.#pending.clear();
     for (const sub of this.#subs.values()) sub.state = "subscribing";
     let reconnect = this.#wanted && fromSocket;
-    if (FATAL.has(code)) reconnect = false;
+    if (FATAL.has(code) || (!ours && isFinalAppCode(code))) reconnect = false;
     if (code === POLICY) {
       // An expired token (or abuse): only a fresh token can help.
       if (this.#options.getToken) this.#needsToken = true;

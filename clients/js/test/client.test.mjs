@@ -64,7 +64,7 @@ test("the golden frames are understood", () => {
   assert.deepEqual(seen[2][1], { epoch: "p2m4", offset: 57 });
   assert.equal(seen[3][1].user, "user-42");
   // Every client frame is one the client can send.
-  for (const { frame } of examples.client) assert.ok(["sub", "unsub", "pub", "history", "presence", "presence_stats", "ping"].includes(frame.op));
+  for (const { frame } of examples.client) assert.ok(["sub", "unsub", "pub", "history", "presence", "presence_stats", "ping", "rpc"].includes(frame.op));
 });
 
 test("publish, subscribe, acks, history, presence and typed errors", async (t) => {

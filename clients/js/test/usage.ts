@@ -29,6 +29,12 @@ async function example(): Promise<void> {
   const history = await room.history({ limit: 50 });
   const last: number = history.offset;
   const people = await room.presence();
+  try {
+    const lines = await relay.rpc<{ lines: unknown[] }>("history", { room: "chat:1" });
+    console.log(lines.lines.length);
+  } catch (e) {
+    if (e instanceof RelayError && e.code === "refused") console.log(e.appCode, e.message);
+  }
   const { clients, users } = await room.presenceStats();
   console.log(last, people.length, clients, users);
   await room.unsubscribe();
