@@ -889,7 +889,11 @@ async fn api_history(
             );
         }
     };
-    match state.hub.history(&state.anyone, &ch, since, limit).await {
+    match state
+        .hub
+        .history(&state.anyone, &ch, since, limit, false)
+        .await
+    {
         Ok(history) => json_fields(protocol::history_body(
             &ch,
             &history.top,
@@ -961,7 +965,7 @@ async fn api_presence(
     let hub = &state.hub;
     let anyone = &state.anyone;
     channel_api(&state, &headers, query.as_deref(), |ch| async move {
-        let entries = hub.presence(anyone, &ch).await?;
+        let entries = hub.presence(anyone, &ch, false).await?;
         Ok(json_fields(protocol::presence_body(&ch, &entries)))
     })
     .await
@@ -976,7 +980,7 @@ async fn api_presence_stats(
     let hub = &state.hub;
     let anyone = &state.anyone;
     channel_api(&state, &headers, query.as_deref(), |ch| async move {
-        let (clients, users) = hub.presence_stats(anyone, &ch).await?;
+        let (clients, users) = hub.presence_stats(anyone, &ch, false).await?;
         Ok(Json(json!({"ch": ch, "clients": clients, "users": users})).into_response())
     })
     .await

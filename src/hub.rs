@@ -495,30 +495,38 @@ impl Hub {
     }
 
     /// Up to `--max-presence` entries of a channel's presence, cluster-wide, and how
-    /// many there are. Needs the permission to subscribe.
+    /// many there are. Needs the permission to subscribe, or a subscription
+    /// (`subscribed`: one the server or the subscribe proxy allowed counts).
     pub(crate) async fn presence(
         &self,
         grants: &Grants,
         channel: &str,
+        subscribed: bool,
     ) -> Result<Vec<Bytes>, Refusal> {
-        self.check_presence(grants, channel)?;
+        self.check_presence(grants, channel, subscribed)?;
         let max = self.config.presence.max_presence;
         Ok(self.broker.presence(channel, max).await?.0)
     }
 
     /// Clients and distinct users of a channel's presence. Needs the permission to
-    /// subscribe.
+    /// subscribe, or a subscription.
     pub(crate) async fn presence_stats(
         &self,
         grants: &Grants,
         channel: &str,
+        subscribed: bool,
     ) -> Result<(usize, usize), Refusal> {
-        self.check_presence(grants, channel)?;
+        self.check_presence(grants, channel, subscribed)?;
         Ok(self.broker.presence_stats(channel).await?)
     }
 
-    fn check_presence(&self, grants: &Grants, channel: &str) -> Result<(), Refusal> {
-        if !grants.may_subscribe(channel) {
+    fn check_presence(
+        &self,
+        grants: &Grants,
+        channel: &str,
+        subscribed: bool,
+    ) -> Result<(), Refusal> {
+        if !subscribed && !grants.may_subscribe(channel) {
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to see who is in {channel}"),
@@ -580,15 +588,16 @@ impl Hub {
     }
 
     /// Reads a channel's history: up to `limit` messages after `since`, or the latest
-    /// ones. Needs the permission to subscribe.
+    /// ones. Needs the permission to subscribe, or a subscription (`subscribed`).
     pub(crate) async fn history(
         &self,
         grants: &Grants,
         channel: &str,
         since: Option<Since>,
         limit: Option<u64>,
+        subscribed: bool,
     ) -> Result<History, Refusal> {
-        if !grants.may_subscribe(channel) {
+        if !subscribed && !grants.may_subscribe(channel) {
             return Err(Refusal::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to read the history of {channel}"),

@@ -102,8 +102,21 @@ impl Node {
         if let Some(warning) = config.durability_warning() {
             tracing::warn!("{warning}");
         }
-        if verifier.is_none() {
-            tracing::info!("no JWT key configured: clients connect without authentication");
+        match (&verifier, &config.proxy.proxy_connect_url) {
+            (None, None) => {
+                tracing::info!("no JWT key configured: clients connect without authentication")
+            }
+            (None, Some(url)) => {
+                tracing::info!(
+                    url,
+                    "no JWT key configured: the connect proxy decides who connects"
+                )
+            }
+            (Some(_), Some(url)) => tracing::info!(
+                url,
+                "connections with a token are checked here, those without one by the connect proxy"
+            ),
+            (Some(_), None) => {}
         }
         let reads = HistoryReads::new(
             config.history.max_history_reads,

@@ -414,6 +414,13 @@ impl Session {
         }
     }
 
+    /// Whether the connection is subscribed to `channel` (however it was allowed:
+    /// its grants, the subscribe proxy, the server), which lets it read the
+    /// channel's presence and history.
+    fn subscribed(&self, channel: &str) -> bool {
+        self.hub.registry.is_subscribed(self.client.id(), channel)
+    }
+
     /// The connection's grants now.
     fn grants(&self) -> Arc<Grants> {
         self.grants
@@ -753,12 +760,12 @@ impl Session {
             Request::Ping { .. } => Ok(Some(protocol::encode_pong(id))),
             Request::Presence { ch, .. } => self
                 .hub
-                .presence(&self.grants(), &ch)
+                .presence(&self.grants(), &ch, self.subscribed(&ch))
                 .await
                 .map(|entries| Some(protocol::encode_presence(id, &ch, &entries))),
             Request::PresenceStats { ch, .. } => self
                 .hub
-                .presence_stats(&self.grants(), &ch)
+                .presence_stats(&self.grants(), &ch, self.subscribed(&ch))
                 .await
                 .map(|(clients, users)| {
                     Some(protocol::encode_presence_stats(id, &ch, clients, users))
@@ -767,7 +774,7 @@ impl Session {
                 ch, since, limit, ..
             } => self
                 .hub
-                .history(&self.grants(), &ch, since, limit)
+                .history(&self.grants(), &ch, since, limit, self.subscribed(&ch))
                 .await
                 .map(|h| {
                     let frame =

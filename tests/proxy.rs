@@ -503,6 +503,7 @@ async fn the_subscribe_proxy_and_rpc_answer_over_the_connection() {
         "--proxy-subscribe",
         "--proxy-rpc-url",
         &backend.url("rpc"),
+        "--presence",
     ])
     .await;
     let jwt = token(json!({"sub":"ada","exp": now() + 600, "channels":["chat:*"]}));
@@ -519,6 +520,16 @@ async fn the_subscribe_proxy_and_rpc_answer_over_the_connection() {
         (json!("refused"), json!(4403)),
         "{reply}"
     );
+    // A subscription the backend allowed lets the client see who else is there;
+    // a channel it is not in stays closed to it.
+    let reply = ada
+        .request(json!({"op":"presence","ch":"room:1"}), 20, &mut Vec::new())
+        .await;
+    assert_eq!(reply["op"], "presence", "{reply}");
+    let reply = ada
+        .request(json!({"op":"presence","ch":"room:2"}), 21, &mut Vec::new())
+        .await;
+    assert_eq!(reply["code"], "forbidden", "{reply}");
     let calls = backend.calls("subscribe");
     assert_eq!(calls.len(), 2);
     assert_eq!(
