@@ -50,7 +50,14 @@ export type Transport = "websocket" | "sse" | "stream";
 
 interface RelayEvents {
   connecting: Record<string, never>;
-  connected: { node: string; conn: string; transport: Transport };
+  /** `channels`: those the server subscribed the connection to at connect. */
+  connected: { node: string; conn: string; transport: Transport; channels: string[] };
+  /** A message of a channel the server subscribed the connection to. */
+  message: { channel: string; data: unknown; offset: number | null; from: string | null };
+  /** The server subscribed the connection to a channel (POST /api/subscribe). */
+  subscribed: { channel: string; epoch: string | null; offset: number | null };
+  /** The server ended a subscription (POST /api/unsubscribe). */
+  unsubscribed: { channel: string };
   disconnected: { code: number; reason: string; reconnect: boolean; transport: Transport };
   error: RelayError;
 }

@@ -500,6 +500,10 @@ export class Relay extends Emitter {
   }
 
   #needsToken = false;
+  /** Channels the server subscribed this connection to (not through `subscribe`). */
+  #serverChannels = new Set();
+  /** The reason of a `disconnect` frame, for the close that follows it. */
+  #serverReason = null;
 
   /** Handles one frame from the relay (exported for tests of the wire format). */
   handleFrame(frame) {
@@ -512,12 +516,23 @@ export class Relay extends Emitter {
         this.node = frame.node;
         this.#lastFrameAt = Date.now();
         this.#startHeartbeat();
-        this.emit("connected", { node: frame.node, conn: frame.conn, transport: this.transport });
+        // Channels of `welcome` the page did not ask for: the server's (a token's
+        // or the backend's `subscribe`, the personal channel).
+        this.#serverChannels = new Set((frame.channels ?? []).filter((c) => !this.#subs.has(c)));
+        this.emit("connected", { node: frame.node, conn: frame.conn, transport: this.transport, channels: [...this.#serverChannels] });
         for (const sub of this.#subs.values()) this.#sendSubscribe(sub);
         return;
       case "msg": {
         const sub = this.#subs.get(frame.ch);
-        if (!sub || sub.state === "unsubscribed") return;
+        if (!sub) {
+          // A channel the server subscribed this connection to (at connect, or
+          // through the server API): its messages go to the relay's `message`.
+          if (this.#serverChannels.has(frame.ch)) {
+            this.emit("message", { channel: frame.ch, data: frame.data, offset: frame.offset ?? null, from: frame.from ?? null });
+          }
+          return;
+        }
+        if (sub.state === "unsubscribed") return;
         if (typeof frame.offset === "number") {
           // Delivered offsets only grow; an older one is a duplicate.
           if (sub.offset !== null && frame.offset <= sub.offset) return;
@@ -542,6 +557,26 @@ export class Relay extends Emitter {
         sub.emit(frame.op, { conn, node, user, info });
         return;
       }
+      case "subscribed":
+        // The server subscribed this connection (POST /api/subscribe).
+        if (!this.#subs.has(frame.ch)) this.#serverChannels.add(frame.ch);
+        this.emit("subscribed", { channel: frame.ch, epoch: frame.epoch ?? null, offset: frame.offset ?? null });
+        return;
+      case "unsubscribed": {
+        this.#serverChannels.delete(frame.ch);
+        const sub = this.#subs.get(frame.ch);
+        if (sub) {
+          this.#subs.delete(frame.ch);
+          sub.state = "unsubscribed";
+          sub.emit("unsubscribed", {});
+        }
+        this.emit("unsubscribed", { channel: frame.ch });
+        return;
+      }
+      case "disconnect":
+        // The close follows with the same code; its reason is the server's words.
+        this.#serverReason = frame.reason ?? null;
+        return;
       case "error": {
         const pending = this.#pending.get(frame.id);
         const error = new RelayError(frame.code, frame.message, frame.app_code);
@@ -623,6 +658,10 @@ export class Relay extends Emitter {
    *  `ours`: the client closed it itself (its code is not the relay's). */
   #closed({ code, reason }, fromSocket, ours = false) {
     clearInterval(this.#heartbeatTimer);
+    if (this.#serverReason !== null) {
+      reason = this.#serverReason;
+      this.#serverReason = null;
+    }
     this.#state = "disconnected";
     this.node = null;
     for (const { reject, timer } of this.#pending.values()) {

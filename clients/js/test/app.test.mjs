@@ -90,3 +90,32 @@ test("a connection the backend refused or ended with 4000-4499 is not reconnecte
     assert.equal(relay.state, "disconnected");
   }
 });
+
+test("server-side subscriptions: welcome's, the API's, their messages, and the server's words at a close", (t) => {
+  const { relay } = connected(t);
+  const messages = [];
+  const events = [];
+  relay.on("message", (m) => messages.push(m));
+  relay.on("subscribed", (e) => events.push(["subscribed", e.channel]));
+  relay.on("unsubscribed", (e) => events.push(["unsubscribed", e.channel]));
+  const room = relay.subscribe("chat:lobby");
+  const roomMessages = [];
+  room.on("message", (m) => roomMessages.push(m.data));
+  // `#alice` came in welcome: its messages reach the relay's `message`.
+  relay.handleFrame({ op: "msg", ch: "#alice", data: "for you" });
+  relay.handleFrame({ op: "msg", ch: "chat:lobby", data: "hi room" });
+  relay.handleFrame({ op: "msg", ch: "elsewhere", data: "not ours" });
+  relay.handleFrame({ op: "subscribed", ch: "news", epoch: "e1", offset: 3 });
+  relay.handleFrame({ op: "msg", ch: "news", data: "extra", offset: 4 });
+  relay.handleFrame({ op: "unsubscribed", ch: "news" });
+  relay.handleFrame({ op: "msg", ch: "news", data: "late" });
+  assert.deepEqual(messages.map((m) => [m.channel, m.data]), [["#alice", "for you"], ["news", "extra"]]);
+  assert.deepEqual(roomMessages, ["hi room"]);
+  assert.deepEqual(events, [["subscribed", "news"], ["unsubscribed", "news"]]);
+  // The server ends the connection: its reason, and no reconnect (4001).
+  const closes = [];
+  relay.on("disconnected", (e) => closes.push(e));
+  relay.handleFrame({ op: "disconnect", code: 4001, reason: "kicked by a moderator" });
+  FakeSocket.last.onclose({ code: 4001, reason: "closed by the application" });
+  assert.deepEqual(closes.map((c) => [c.code, c.reason, c.reconnect]), [[4001, "kicked by a moderator", false]]);
+});
