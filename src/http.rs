@@ -28,7 +28,7 @@ use crate::hub::{Hub, Refusal};
 use crate::protocol::{self, ErrorCode, Field, Since};
 use crate::proxy;
 use crate::readiness::Readiness;
-use crate::session::Identity;
+use crate::session::{Identity, Transport};
 use crate::streams::{self, Handed, Streams};
 use crate::transport::{self, ConnSlot, stream::Format};
 use crate::users::{self, Command};
@@ -241,7 +241,7 @@ fn admit(
     headers: &HeaderMap,
     query: Option<&str>,
     default_channel: Option<&str>,
-    transport: &'static str,
+    transport: Transport,
 ) -> Result<Admitted, Box<Response>> {
     let hub = &state.hub;
     if hub.is_draining() {
@@ -353,7 +353,7 @@ async fn websocket(
         &headers,
         query.as_deref(),
         default_channel,
-        "websocket",
+        Transport::WebSocket,
     ) {
         Ok(admitted) => admitted,
         Err(response) => return *response,
@@ -401,8 +401,8 @@ fn open_stream(
     format: Format,
 ) -> Response {
     let transport = match format {
-        Format::EventStream => "sse",
-        Format::NdJson => "stream",
+        Format::EventStream => Transport::Sse,
+        Format::NdJson => Transport::Stream,
     };
     let Admitted { channels, identity } = match admit(state, headers, query, None, transport) {
         Ok(admitted) => admitted,

@@ -71,8 +71,11 @@ pub(crate) enum ProxyError {
 /// What of a client's HTTP request travels with every proxy call of its
 /// connection: the allowlisted headers, and a `Cookie` header with the
 /// allowlisted cookies only.
+///
+/// One pointer when there is nothing to forward (the usual case): every connection
+/// keeps it for its life.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Forwarded(Vec<(HeaderName, HeaderValue)>);
+pub(crate) struct Forwarded(Option<Box<[(HeaderName, HeaderValue)]>>);
 
 /// The node's proxies to the application backend.
 #[derive(Debug)]
@@ -169,7 +172,7 @@ impl Proxy {
                 out.push((header::COOKIE, value));
             }
         }
-        Forwarded(out)
+        Forwarded((!out.is_empty()).then(|| out.into_boxed_slice()))
     }
 
     /// Calls `kind` with `body` (a JSON object) and parses the `result` as `T`.
@@ -252,7 +255,7 @@ impl Proxy {
             .post(url)
             .header(header::CONTENT_TYPE, "application/json")
             .body(body);
-        for (name, value) in &forwarded.0 {
+        for (name, value) in forwarded.0.iter().flatten() {
             request = request.header(name, value);
         }
         if let Some(tp) = traceparent {
@@ -373,6 +376,7 @@ mod tests {
         let pairs: Vec<(String, String)> = forwarded
             .0
             .iter()
+            .flatten()
             .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_owned()))
             .collect();
         assert_eq!(

@@ -13,7 +13,7 @@
 //! (the first one wins); the transport's writer turns it into its own goodbye (a
 //! close frame), and the session removes the connection from the registry.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
@@ -45,8 +45,28 @@ pub(crate) struct Identity {
     pub(crate) grants: Option<Arc<Grants>>,
     /// What of the client's request its proxy calls carry.
     pub(crate) forwarded: Forwarded,
-    /// `websocket`, `sse` or `stream`, as the backend is told.
-    pub(crate) transport: &'static str,
+    /// What carries the connection, as the backend is told.
+    pub(crate) transport: Transport,
+}
+
+/// The transport of a connection, as the backend is told (`transport` of every
+/// proxy call). A byte rather than a string: every connection keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    WebSocket,
+    Sse,
+    Stream,
+}
+
+impl Transport {
+    /// `websocket`, `sse` or `stream`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+            Transport::Stream => "stream",
+        }
+    }
 }
 
 /// The refresh proxy's `result`.
@@ -97,13 +117,14 @@ pub(crate) struct Session {
     client: ClientHandle,
     /// What the connection may do (without auth, one shared "anyone"): set at
     /// connect by its token or the connect proxy; its expiry moves on a refresh.
-    /// Why a lock: written only by the session itself, read on every request.
-    grants: RwLock<Arc<Grants>>,
+    /// Why a mutex: written only by the session itself, read (an `Arc` cloned) by
+    /// its requests; smaller than a `RwLock`, and never contended.
+    grants: Mutex<Arc<Grants>>,
     /// Whether `grants` are still to come from the connect proxy.
     ask: bool,
     /// What of the client's request its proxy calls carry.
     forwarded: Forwarded,
-    transport: &'static str,
+    transport: Transport,
     /// Why a mutex: only the reader takes from it, but the session is shared by
     /// reference across `.await`s, which requires `Sync`.
     limiter: Mutex<RateLimiter>,
@@ -130,7 +151,7 @@ impl Session {
         let session = Session {
             hub,
             client,
-            grants: RwLock::new(
+            grants: Mutex::new(
                 identity
                     .grants
                     .unwrap_or_else(|| Arc::new(Grants::nobody())),
@@ -190,34 +211,19 @@ impl Session {
             "connection opened"
         );
         // Who the connection is, and every channel it starts with.
-        let connected = Box::pin(self.connect(channels)).await;
-        let mut mailbox = None;
-        if let Some(channels) = connected {
-            let grants = self.grants();
-            if let Some(user) = &grants.user {
-                mailbox = Some(
-                    self.hub
-                        .users
-                        .register(user, &self.client, grants.token.clone()),
-                );
-            }
-            // Takes the channel list: nothing needs it after `welcome`.
-            if Box::pin(self.subscribe_at_connect(channels, stream_id)).await {
-                self.read_loop(&mut inbound, mailbox.as_mut()).await;
-            }
+        // The channel list ends in this block: a local that lived on (even moved
+        // from) would keep its space in every connection's task.
+        let live = match Box::pin(self.connect(channels)).await {
+            Some(channels) => Box::pin(self.subscribe_at_connect(channels, stream_id)).await,
+            None => false,
+        };
+        if live {
+            let mut mailbox = self.mailbox();
+            self.read_loop(&mut inbound, mailbox.as_mut()).await;
         }
 
-        // Leave the registry first (so no fan-out queues to a connection that is
-        // going), then presence, with a `leave` where channels send them.
-        let grants = self.grants();
-        self.hub.disconnect(self.client.id(), &grants).await;
-        if let Some(user) = &grants.user {
-            self.hub.users.deregister(user, self.client.id());
-            let member = self.member();
-            if let Err(e) = self.hub.broker.user_remove(user, &member).await {
-                tracing::debug!(error = %e, "could not remove a user's connection entry; it expires");
-            }
-        }
+        // Boxed: only a closing connection needs the space of these broker futures.
+        Box::pin(self.leave()).await;
         let _ = writer.await;
         let reason = self.client.close_reason().unwrap_or(CloseReason::PeerGone);
         self.hub.metrics.client_closed(reason);
@@ -230,6 +236,21 @@ impl Session {
             "connection closed"
         );
         (reason, inbound)
+    }
+
+    /// Leaves the registry first (so no fan-out queues to a connection that is
+    /// going), then presence, with a `leave` where channels send them, then its
+    /// user's connections.
+    async fn leave(&self) {
+        let grants = self.grants();
+        self.hub.disconnect(self.client.id(), &grants).await;
+        if let Some(user) = &grants.user {
+            self.hub.users.deregister(user, self.client.id());
+            let member = self.member();
+            if let Err(e) = self.hub.broker.user_remove(user, &member).await {
+                tracing::debug!(error = %e, "could not remove a user's connection entry; it expires");
+            }
+        }
     }
 
     /// The connect step, before anything is subscribed: who the connection is
@@ -247,7 +268,7 @@ impl Session {
             let names: Vec<&str> = channels.iter().map(|(c, _)| c.as_str()).collect();
             let body = serde_json::json!({
                 "client": self.member(),
-                "transport": self.transport,
+                "transport": self.transport.as_str(),
                 "channels": names,
             });
             let (answer, _) = hub
@@ -268,7 +289,7 @@ impl Session {
             };
             match grants {
                 Ok(grants) => {
-                    *self.grants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(grants)
+                    *self.grants.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(grants)
                 }
                 Err(e) => {
                     let reason = match &e {
@@ -372,6 +393,17 @@ impl Session {
         Some(channels)
     }
 
+    /// A connection with a user gets a mailbox for the server API's commands.
+    fn mailbox(&self) -> Option<mpsc::Receiver<Box<Command>>> {
+        let grants = self.grants();
+        let user = grants.user.as_deref()?;
+        Some(
+            self.hub
+                .users
+                .register(user, &self.client, grants.token.clone()),
+        )
+    }
+
     /// Tells the client why it is refused, and closes the connection.
     fn refuse(&self, refusal: Refusal, reason: CloseReason) {
         self.send(refusal.frame(None));
@@ -392,7 +424,7 @@ impl Session {
             "node": self.hub.node_id,
             "conn": self.client.id().to_string(),
             "user": grants.user,
-            "transport": self.transport,
+            "transport": self.transport.as_str(),
             "channels": channels,
         });
         PresenceEntry {
@@ -424,7 +456,7 @@ impl Session {
     /// The connection's grants now.
     fn grants(&self) -> Arc<Grants> {
         self.grants
-            .read()
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
@@ -510,7 +542,7 @@ impl Session {
     async fn read_loop(
         &self,
         inbound: &mut (impl Stream<Item = Inbound> + Unpin),
-        mut mailbox: Option<&mut mpsc::Receiver<Command>>,
+        mut mailbox: Option<&mut mpsc::Receiver<Box<Command>>>,
     ) {
         // Created once: re-creating them on every request would re-register wakers.
         let mut closing = std::pin::pin!(self.client.closing());
@@ -518,68 +550,104 @@ impl Session {
         // Boxed, and only when the connection expires: an unauthenticated connection
         // carries no timer. It fires at the expiry, or before it for the refresh
         // proxy; a refresh moves it.
-        let mut retry_at = None;
-        let mut deadline = self
-            .deadline(retry_at)
-            .map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let mut timer = self.timer(None);
         loop {
-            let next = tokio::select! {
+            // The arms only say what happened; what it calls for is done below, so
+            // that no arm's value is kept across an `.await` in every connection's
+            // task.
+            let woke = tokio::select! {
                 biased;
                 _ = &mut closing => return,
                 _ = &mut shutdown => {
                     self.client.close(CloseReason::Shutdown);
                     return;
                 }
-                _ = async {
-                    match deadline.as_mut() {
-                        Some(timer) => timer.await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    match Box::pin(self.expiring()).await {
-                        Expiry::Closed => return,
-                        Expiry::Extended => retry_at = None,
-                        Expiry::Retry => retry_at = Some(Instant::now() + REFRESH_RETRY),
-                    }
-                    deadline = self.deadline(retry_at).map(|at| Box::pin(tokio::time::sleep_until(at)));
-                    continue;
-                }
-                Some(command) = async {
-                    match mailbox.as_mut() {
-                        Some(mailbox) => mailbox.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    if !Box::pin(self.command(command)).await {
-                        return;
-                    }
-                    // A refresh through the API may have moved the expiry.
-                    deadline = self.deadline(retry_at).map(|at| Box::pin(tokio::time::sleep_until(at)));
-                    continue;
-                }
+                // Polled in place rather than in `async` blocks, which would take
+                // the space of a timer and of a receive in every connection's task.
+                _ = std::future::poll_fn(|cx| match timer.as_mut() {
+                    Some(timer) => timer.sleep.as_mut().poll(cx),
+                    None => std::task::Poll::Pending,
+                }) => Err(None),
+                Some(command) = std::future::poll_fn(|cx| match mailbox.as_mut() {
+                    Some(mailbox) => mailbox.poll_recv(cx),
+                    None => std::task::Poll::Pending,
+                }) => Err(Some(command)),
                 // The next request is read once the replies to the earlier ones
                 // left room in the queue: a client pipelining requests is slowed
                 // down by its own unread socket, not closed as slow.
                 next = async {
                     self.client.room().await;
                     inbound.next().await
-                } => next,
+                } => Ok(next),
             };
-            // Anything from the peer proves it is alive, not only a pong.
-            self.client.alive();
-            match next {
-                Some(Inbound::Request(text)) => {
-                    self.hub.metrics.frames_received.inc();
-                    self.hub.metrics.bytes_received.inc_by(text.len() as u64);
-                    // Boxed: a request's broker futures are large, and an idle
-                    // connection should not carry their space in its task.
-                    Box::pin(self.handle_text(&text)).await
+            // What the event calls for, as one boxed future that owns what it needs:
+            // its space is taken only while it runs, and only one `.await` point
+            // (one pointer) stays in every connection's task.
+            let work: std::pin::Pin<Box<dyn Future<Output = Flow> + Send + '_>> = match woke {
+                Ok(next) => {
+                    // Anything from the peer proves it is alive, not only a pong.
+                    self.client.alive();
+                    match next {
+                        Some(Inbound::Request(text)) => {
+                            self.hub.metrics.frames_received.inc();
+                            self.hub.metrics.bytes_received.inc_by(text.len() as u64);
+                            Box::pin(async move {
+                                self.handle_text(&text).await;
+                                Flow::Go
+                            })
+                        }
+                        Some(Inbound::Alive) => continue,
+                        Some(Inbound::End(reason)) => return self.client.close(reason),
+                        None => return self.client.close(CloseReason::PeerGone),
+                    }
                 }
-                Some(Inbound::Alive) => {}
-                Some(Inbound::End(reason)) => return self.client.close(reason),
-                None => return self.client.close(CloseReason::PeerGone),
+                Err(command) => {
+                    let retry_at = timer.as_ref().and_then(|t| t.retry_at);
+                    Box::pin(async move {
+                        let mut retry_at = retry_at;
+                        match self.woke(command, &mut retry_at).await {
+                            true => Flow::Rearm(retry_at),
+                            false => Flow::Stop,
+                        }
+                    })
+                }
+            };
+            match work.await {
+                Flow::Go => {}
+                Flow::Stop => return,
+                // A refresh (the proxy's, the API's) moved the expiry.
+                Flow::Rearm(retry_at) => timer = self.timer(retry_at),
             }
         }
+    }
+
+    /// The expiry timer fired (`None`) or a command of the server API arrived;
+    /// returns whether the connection goes on.
+    async fn woke(&self, command: Option<Box<Command>>, retry_at: &mut Option<Instant>) -> bool {
+        match command {
+            Some(command) => self.command(*command).await,
+            None => match self.expiring().await {
+                Expiry::Closed => false,
+                Expiry::Extended => {
+                    *retry_at = None;
+                    true
+                }
+                Expiry::Retry => {
+                    *retry_at = Some(Instant::now() + REFRESH_RETRY);
+                    true
+                }
+            },
+        }
+    }
+
+    /// The expiry timer for the connection's grants now (none when they do not
+    /// expire), after a failed refresh call at `retry_at`.
+    fn timer(&self, retry_at: Option<Instant>) -> Option<Box<Timer>> {
+        let at = self.deadline(retry_at)?;
+        Some(Box::new(Timer {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            retry_at,
+        }))
     }
 
     /// When the expiry timer should fire next: at the expiry, or `--proxy-refresh-
@@ -621,7 +689,7 @@ impl Session {
         let grants = self.grants();
         let body = serde_json::json!({
             "client": self.member(),
-            "transport": self.transport,
+            "transport": self.transport.as_str(),
             "user": grants.user.as_deref().unwrap_or(""),
         });
         let (answer, _) = self
@@ -651,7 +719,7 @@ impl Session {
                     self.client.close(CloseReason::TokenRevoked);
                     return Expiry::Closed;
                 }
-                *self.grants.write().unwrap_or_else(|e| e.into_inner()) =
+                *self.grants.lock().unwrap_or_else(|e| e.into_inner()) =
                     Arc::new(grants.expiring(Some(at)));
                 Expiry::Extended
             }
@@ -718,7 +786,7 @@ impl Session {
             }
             Command::Refresh { expire_at, .. } => {
                 let grants = self.grants();
-                *self.grants.write().unwrap_or_else(|e| e.into_inner()) =
+                *self.grants.lock().unwrap_or_else(|e| e.into_inner()) =
                     Arc::new(grants.expiring(Some(expire_at)));
                 true
             }
@@ -815,7 +883,7 @@ impl Session {
             && {
                 let body = serde_json::json!({
                     "client": self.member(),
-                    "transport": self.transport,
+                    "transport": self.transport.as_str(),
                     "user": grants.user.as_deref().unwrap_or(""),
                     "ch": channel,
                 });
@@ -889,7 +957,7 @@ impl Session {
         let body = format!(
             r#"{{"client":{},"transport":"{}","user":{},"ch":"{channel}","data":{}}}"#,
             serde_json::Value::from(self.member()),
-            self.transport,
+            self.transport.as_str(),
             serde_json::Value::from(grants.user.as_deref().unwrap_or("")),
             data.get()
         );
@@ -937,7 +1005,7 @@ impl Session {
         let body = format!(
             r#"{{"client":{},"transport":"{}","user":{},"method":{},"data":{}}}"#,
             serde_json::Value::from(self.member()),
-            self.transport,
+            self.transport.as_str(),
             serde_json::Value::from(grants.user.as_deref().unwrap_or("")),
             serde_json::Value::from(method),
             data.map_or("null", RawValue::get)
@@ -990,6 +1058,22 @@ impl Session {
             self.hub.metrics.bytes_sent.inc_by(len);
         }
     }
+}
+
+/// What the read loop does after an event.
+enum Flow {
+    /// Read the next request.
+    Go,
+    /// The connection ends.
+    Stop,
+    /// Set the expiry timer again (after a failed refresh call, to retry then).
+    Rearm(Option<Instant>),
+}
+
+/// A connection's expiry timer, and when a failed refresh call is tried again.
+struct Timer {
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    retry_at: Option<Instant>,
 }
 
 /// What the expiry timer's firing came to.

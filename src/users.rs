@@ -104,7 +104,8 @@ pub fn revokes(token: Option<&TokenId>, jti: Option<&str>, issued_before: Option
 struct Conn {
     id: ConnId,
     client: ClientHandle,
-    mailbox: mpsc::Sender<Command>,
+    /// Boxed: the session's task keeps room for one received command.
+    mailbox: mpsc::Sender<Box<Command>>,
     token: Option<TokenId>,
 }
 
@@ -139,7 +140,7 @@ impl Users {
         user: &str,
         client: &ClientHandle,
         token: Option<TokenId>,
-    ) -> mpsc::Receiver<Command> {
+    ) -> mpsc::Receiver<Box<Command>> {
         let (tx, rx) = mpsc::channel(MAILBOX);
         self.by_user.entry(user.to_owned()).or_default().push(Conn {
             id: client.id(),
@@ -189,7 +190,7 @@ impl Users {
                 _ => false,
             };
             reached += 1;
-            if conn.mailbox.try_send(command.clone()).is_err() {
+            if conn.mailbox.try_send(Box::new(command.clone())).is_err() {
                 if close {
                     // The session is stuck in a request: the close reaches it anyway.
                     conn.client.close(match &command {
@@ -236,7 +237,7 @@ impl Users {
                 jti: None,
                 issued_before: None,
             };
-            if c.mailbox.try_send(revoke).is_err() {
+            if c.mailbox.try_send(Box::new(revoke)).is_err() {
                 c.client.close(CloseReason::TokenRevoked);
             }
         }
@@ -275,8 +276,8 @@ mod tests {
             ch: "news".into(),
         };
         assert_eq!(users.apply(subscribe.clone()), 2);
-        assert_eq!(ra.try_recv().unwrap(), subscribe);
-        assert_eq!(rb.try_recv().unwrap(), subscribe);
+        assert_eq!(*ra.try_recv().unwrap(), subscribe);
+        assert_eq!(*rb.try_recv().unwrap(), subscribe);
         let one = Command::Disconnect {
             user: "ada".into(),
             conn: Some("n1/2".into()),
