@@ -135,11 +135,24 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn traced_cluster(collector: &Collector, redis: &RedisServer) -> (NodeProcess, NodeProcess) {
+    traced_cluster_with(collector, redis, &[]).await
+}
+
+async fn traced_cluster_with(
+    collector: &Collector,
+    redis: &RedisServer,
+    extra: &[&str],
+) -> (NodeProcess, NodeProcess) {
     let env = collector.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let url = redis.url();
-    let n1 = NodeProcess::spawn_with_env(&["--redis-url", &url, "--node-id", "n1"], &env);
-    let n2 = NodeProcess::spawn_with_env(&["--redis-url", &url, "--node-id", "n2"], &env);
+    let args = |id| {
+        let mut args = vec!["--redis-url", url.as_str(), "--node-id", id];
+        args.extend_from_slice(extra);
+        args
+    };
+    let n1 = NodeProcess::spawn_with_env(&args("n1"), &env);
+    let n2 = NodeProcess::spawn_with_env(&args("n2"), &env);
     n1.wait_ready().await;
     n2.wait_ready().await;
     (n1, n2)
@@ -231,6 +244,77 @@ async fn a_client_traceparent_is_continued() {
         )
         .await;
     assert_eq!(reply["code"], "bad_request", "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_runs_from_the_client_through_the_backend_to_the_fan_out() {
+    // A publish proxy that records the traceparent each call carries.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/publish",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let record = record.clone();
+            async move {
+                let tp = headers
+                    .get("traceparent")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                record.lock().unwrap().push(tp);
+                axum::Json(json!({"result": {}}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = format!("http://{backend}/publish");
+
+    let collector = Collector::start().await;
+    let redis = RedisServer::start().await;
+    let (n1, n2) = traced_cluster_with(
+        &collector,
+        &redis,
+        &["--proxy-publish-url", &url, "--proxy-publish"],
+    )
+    .await;
+    let mut listener = n2.client("channel=traced").await;
+    let mut publisher = n1.client("channel=elsewhere").await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let tp = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let ack = publisher
+        .request(
+            json!({"op":"pub","ch":"traced","data":1,"tp":tp}),
+            1,
+            &mut Vec::new(),
+        )
+        .await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(listener.recv().await["data"], 1);
+
+    // The relay's span of the call, in the client's trace; the backend got its
+    // context; the publish and the delivery on the other node follow it.
+    let call = collector
+        .wait_for("proxy publish", |s| {
+            s.name == "proxy publish" && s.trace_id == trace_id
+        })
+        .await;
+    assert_eq!(call.parent, "00f067aa0ba902b7");
+    assert_eq!(call.attributes["wsrelay.proxy"], "publish");
+    let sent = seen.lock().unwrap().clone();
+    assert_eq!(sent, [format!("00-{trace_id}-{}-01", call.span_id)]);
+    let publish = collector
+        .wait_for("publish", |s| s.name == "publish" && s.trace_id == trace_id)
+        .await;
+    assert_eq!(publish.parent, call.span_id);
+    let deliver = collector
+        .wait_for("deliver", |s| s.name == "deliver" && s.trace_id == trace_id)
+        .await;
+    assert_eq!(
+        (deliver.node.as_str(), deliver.parent.as_str()),
+        ("n2", publish.span_id.as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1327,6 +1327,50 @@ mod tests {
     }
 
     #[test]
+    fn proxy_settings_are_checked() {
+        let url = "http://app:8000/relay";
+        let c = parse(&["--proxy-publish-url", url, "--proxy-publish"]).unwrap();
+        assert!(c.channel_options("chat:1").proxy_publish);
+        for (args, flag) in [
+            (
+                vec!["--proxy-connect-url", "https://app/x"],
+                "proxy-connect-url",
+            ),
+            (vec!["--proxy-rpc-url", "app:8000"], "proxy-rpc-url"),
+            (vec!["--proxy-subscribe"], "proxy-subscribe"),
+            (vec!["--proxy-publish"], "proxy-publish"),
+            (
+                vec!["--proxy-max-concurrency", "0"],
+                "proxy-max-concurrency",
+            ),
+            (vec!["--proxy-timeout", "0s"], "proxy-timeout"),
+            (
+                vec!["--proxy-forward-cookies", "a=b"],
+                "proxy-forward-headers",
+            ),
+            (
+                vec!["--personal-channel-namespace", "a b"],
+                "personal-channel-namespace",
+            ),
+            (vec!["--revocation-ttl", "0s"], "revocation-ttl"),
+        ] {
+            let e = parse(&args).unwrap_err();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+        // Per namespace: on where asked, and only with the proxy's URL.
+        let file = "[namespaces.chat]\nproxy-subscribe = true\nproxy-publish = true\n";
+        let c = with_file(
+            file,
+            &["--proxy-subscribe-url", url, "--proxy-publish-url", url],
+        )
+        .unwrap();
+        assert!(c.channel_options("chat:1").proxy_subscribe);
+        assert!(!c.channel_options("news:1").proxy_publish);
+        let e = with_file(file, &["--proxy-publish-url", url]).unwrap_err();
+        assert!(e.contains("namespaces.chat.proxy-subscribe"), "{e}");
+    }
+
+    #[test]
     fn publish_durability_per_namespace() {
         let text = r#"
 redis-url = "redis://a:1"
