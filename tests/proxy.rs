@@ -917,3 +917,59 @@ async fn a_node_cut_from_redis_during_a_revocation_closes_the_token_once_back() 
     assert_eq!(code, Some(1008), "{frames:?}");
     assert_eq!(frames.last().unwrap()["op"], "disconnect");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_user_api_and_the_limit_on_one_node_without_redis() {
+    // The zero-setup node: the memory broker is every node at once.
+    let node = TestNode::start(&[
+        "--api-key",
+        API_KEY,
+        "--jwt-secret",
+        SECRET,
+        "--max-connections-per-user",
+        "1",
+        "--token-revocation",
+    ])
+    .await;
+    let ada = token(json!({"sub":"ada","exp": now() + 600, "jti":"m1", "channels":["global"]}));
+    let mut a = node.client(&format!("token={ada}")).await;
+    let mut ws = connect_raw(&node.ws_url(&format!("token={ada}")), &[]).await;
+    let (frames, code) = until_close(&mut ws).await;
+    assert_eq!(
+        (code, frames[0]["code"].clone()),
+        (Some(1008), json!("limit_exceeded"))
+    );
+
+    let (status, body) = api(
+        &node,
+        "POST",
+        "/api/subscribe",
+        json!({"user":"ada","ch":"news"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(next_op(&mut a, "subscribed").await["ch"], "news");
+    let (_, body) = api(&node, "GET", "/api/connections?user=ada", json!({})).await;
+    assert_eq!(
+        body["connections"][0]["channels"],
+        json!(["global", "news"]),
+        "{body}"
+    );
+    let (status, _) = api(
+        &node,
+        "POST",
+        "/api/revoke",
+        json!({"user":"ada","jti":"m1"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (frames, code) = until_close(&mut a.ws).await;
+    assert_eq!(code, Some(1008));
+    assert_eq!(frames.last().unwrap()["op"], "disconnect");
+    let mut ws = connect_raw(&node.ws_url(&format!("token={ada}")), &[]).await;
+    assert_eq!(
+        until_close(&mut ws).await.1,
+        Some(1008),
+        "revoked at connect too"
+    );
+}
