@@ -115,6 +115,8 @@ struct Inner {
     tracker: Tracker,
     /// This node's presence entries, registered in Redis and refreshed there.
     presence: super::presence::Table,
+    /// Presence entries waiting for their shard's writer (`presence::writer`).
+    presence_writes: presence::Writes,
     /// This node's connections with a user, by user, registered in Redis and
     /// refreshed there (with the presence entries).
     users: super::presence::Table,
@@ -173,6 +175,7 @@ impl RedisBroker {
             delivery.metrics.broker_shard_up(&shard.label, false);
         }
         let keys = Keys::new(prefix, pubsub);
+        let shard_count = shards.len();
         let inner = Arc::new(Inner {
             shards,
             pubsub,
@@ -184,6 +187,7 @@ impl RedisBroker {
             delivery,
             tracker,
             presence: Default::default(),
+            presence_writes: presence::Writes::new(shard_count),
             users: Default::default(),
             shutdown: shutdown.clone(),
             config,
@@ -217,6 +221,15 @@ impl RedisBroker {
                 shutdown.clone(),
                 repair::keep_unpublished,
             ));
+        }
+        if inner.config.any_presence() {
+            for shard in 0..inner.shards.len() {
+                tokio::spawn(presence::writer(
+                    Arc::downgrade(&inner),
+                    shard,
+                    shutdown.clone(),
+                ));
+            }
         }
         // Presence entries and the users' connection entries expire alike, and are
         // refreshed in one round.

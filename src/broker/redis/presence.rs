@@ -2,9 +2,12 @@
 //! sorted set of their expiries, per channel), written on subscribe, removed on
 //! unsubscribe, read cluster-wide, and refreshed every third of `--presence-ttl`.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::conn::PubSub;
 use super::scripts::{PRESENCE_SCRIPT, PRUNE_LUA};
@@ -18,22 +21,154 @@ use crate::envelope;
 /// node nor sends one huge pipeline.
 const REFRESH_BATCH: usize = 500;
 
-/// Registers a local subscriber's presence entry in Redis.
+/// Registers a local subscriber's presence entry in Redis; resolves once Redis has
+/// it (so a `welcome` or ack sent after it finds the subscriber in presence).
+///
+/// Entries added at the same moment (a burst of connections, a reconnect storm)
+/// are written together: the shard's writer task takes every entry waiting when
+/// it is free and writes them in one transaction per shard (per channel on a
+/// Redis Cluster, whose transactions stay in one slot), with one `HSET` and one
+/// `ZADD` per channel, and answers each waiter. An entry alone waits for nothing:
+/// the writer is idle and takes it at once.
 pub(super) async fn presence_add(
     inner: &Inner,
     channel: &str,
     entry: Entry,
 ) -> Result<(), BrokerError> {
     let member = entry.member.clone();
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    add_presence_commands(inner, &mut pipe, channel, std::slice::from_ref(&entry));
-    inner.presence.add(channel, entry);
-    let result = inner.shard(channel).run(&pipe).await;
+    inner.presence.add(channel, entry.clone());
+    let shard = inner.shard(channel);
+    let (done, written) = oneshot::channel();
+    inner.presence_writes.queue(
+        shard.index,
+        Write {
+            channel: channel.to_owned(),
+            entry,
+            done,
+        },
+    );
+    let result = match tokio::time::timeout(inner.timeout, written).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(BrokerError::Unavailable("the node is stopping".into())),
+        Err(_) => Err(BrokerError::Timeout(inner.timeout)),
+    };
     if result.is_err() {
         inner.presence.remove(channel, &member);
     }
     result
+}
+
+/// One entry waiting for its shard's presence writer.
+pub(super) struct Write {
+    channel: String,
+    entry: Entry,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// The entries waiting to be written, per shard, and the wake-up of each shard's
+/// writer. Bounded by the subscriptions being made (each waits for its own).
+#[derive(Default)]
+pub(super) struct Writes {
+    shards: Vec<(Mutex<Vec<Write>>, Arc<Notify>)>,
+}
+
+impl Writes {
+    pub(super) fn new(shards: usize) -> Writes {
+        Writes {
+            shards: (0..shards).map(|_| Default::default()).collect(),
+        }
+    }
+
+    fn queue(&self, shard: usize, write: Write) {
+        let (waiting, wake) = &self.shards[shard];
+        waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(write);
+        wake.notify_one();
+    }
+
+    fn take(&self, shard: usize) -> Vec<Write> {
+        std::mem::take(
+            &mut *self.shards[shard]
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+}
+
+/// A shard's presence writer: writes what is waiting, one batch at a time, until
+/// the node stops.
+pub(super) async fn writer(inner: Weak<Inner>, shard: usize, shutdown: CancellationToken) {
+    let Some(wake) = inner
+        .upgrade()
+        .map(|i| i.presence_writes.shards[shard].1.clone())
+    else {
+        return;
+    };
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let batch = strong.presence_writes.take(shard);
+        if batch.is_empty() {
+            // Not kept while idle: the broker may go away.
+            drop(strong);
+            // A queue between the take and this wait left a permit: not missed.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = wake.notified() => continue,
+            }
+        }
+        write_batch(&strong, shard, batch).await;
+    }
+}
+
+/// Writes a batch of entries of one shard and answers their waiters.
+async fn write_batch(inner: &Inner, shard: usize, batch: Vec<Write>) {
+    let mut by_channel: HashMap<String, Vec<Write>> = HashMap::new();
+    for write in batch {
+        by_channel
+            .entry(write.channel.clone())
+            .or_default()
+            .push(write);
+    }
+    let shard = &inner.shards[shard];
+    let pipeline = |channels: &[(&String, &Vec<Write>)]| {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (channel, writes) in channels {
+            let entries: Vec<&Entry> = writes.iter().map(|w| &w.entry).collect();
+            add_presence_commands(inner, &mut pipe, channel, &entries);
+        }
+        pipe
+    };
+    let answer = |writes: Vec<Write>, result: &Result<(), BrokerError>| {
+        for write in writes {
+            let _ = write.done.send(match result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(BrokerError::Unavailable(e.to_string())),
+            });
+        }
+    };
+    if inner.pubsub == PubSub::Sharded {
+        // A transaction stays in one slot: one per channel, all at once.
+        let runs = by_channel.iter().map(|(channel, writes)| {
+            let pipe = pipeline(&[(channel, writes)]);
+            async move { shard.run(&pipe).await }
+        });
+        let results = futures_util::future::join_all(runs).await;
+        for ((_, writes), result) in by_channel.into_iter().zip(results) {
+            answer(writes, &result);
+        }
+    } else {
+        let channels: Vec<(&String, &Vec<Write>)> = by_channel.iter().collect();
+        let result = shard.run(&pipeline(&channels)).await;
+        for (_, writes) in by_channel {
+            answer(writes, &result);
+        }
+    }
 }
 
 /// Removes a local subscriber's presence entry from Redis (if the removal fails,
@@ -99,33 +234,36 @@ pub(super) async fn presence_stats(
     Ok((total, users))
 }
 
-/// Adds to `pipe` what registers (or refreshes) `entries` of `channel`: each in
-/// the hash with its expiry in the sorted set, and both keys kept alive for two
-/// TTLs (so a channel whose nodes all died leaves nothing behind).
-pub(super) fn add_presence_commands(
+/// Adds to `pipe` what registers (or refreshes) `entries` of `channel`: all in the
+/// hash (one `HSET`) with their expiry in the sorted set (one `ZADD`), and both
+/// keys kept alive for two TTLs (so a channel whose nodes all died leaves nothing
+/// behind).
+pub(super) fn add_presence_commands<E: std::borrow::Borrow<Entry>>(
     inner: &Inner,
     pipe: &mut redis::Pipeline,
     channel: &str,
-    entries: &[Entry],
+    entries: &[E],
 ) {
+    if entries.is_empty() {
+        return;
+    }
     let ttl = inner.config.presence.presence_ttl;
     let expires = envelope::now_us() / 1000 + millis(ttl);
     let (hash, zset) = (
         inner.keys.presence(channel, "presence"),
         inner.keys.presence(channel, "presence-exp"),
     );
+    let hset = pipe.cmd("HSET").arg(&hash);
     for entry in entries {
-        pipe.cmd("HSET")
-            .arg(&hash)
-            .arg(&entry.member)
-            .arg(&entry.json[..])
-            .ignore()
-            .cmd("ZADD")
-            .arg(&zset)
-            .arg(expires)
-            .arg(&entry.member)
-            .ignore();
+        let entry = entry.borrow();
+        hset.arg(&entry.member).arg(&entry.json[..]);
     }
+    hset.ignore();
+    let zadd = pipe.cmd("ZADD").arg(&zset);
+    for entry in entries {
+        zadd.arg(expires).arg(&entry.borrow().member);
+    }
+    zadd.ignore();
     for key in [&hash, &zset] {
         pipe.cmd("PEXPIRE").arg(key).arg(2 * millis(ttl)).ignore();
     }
