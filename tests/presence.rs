@@ -426,3 +426,35 @@ async fn churn_leaves_no_presence_behind_and_an_outage_is_reported() {
         started.elapsed()
     );
 }
+
+async fn many_at_once_each_find_itself(t: Topology) {
+    // Connections opening at the same moment have their entries written together;
+    // each one's welcome still means it is listed.
+    let opens = (0..120).map(|i| {
+        let node = t.node(i % 2);
+        let url = node.ws_url("channel=crowd:1");
+        async move {
+            let mut c = Client::connect(&url).await;
+            let me = format!(
+                "{}/{}",
+                c.welcome["node"].as_str().unwrap(),
+                c.welcome["conn"].as_str().unwrap()
+            );
+            let listed = members(&presence(&mut c, "crowd:1", 1).await);
+            assert!(listed.contains(&me), "{me} not in presence at its welcome");
+            c
+        }
+    });
+    let clients = futures_util::future::join_all(opens).await;
+    assert_eq!(clients.len(), 120);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_at_once_are_each_in_presence_at_welcome_redis() {
+    many_at_once_each_find_itself(Topology::redis(2, FLAGS).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_at_once_are_each_in_presence_at_welcome_cluster() {
+    many_at_once_each_find_itself(Topology::cluster(2, FLAGS).await).await;
+}
