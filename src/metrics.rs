@@ -82,6 +82,8 @@ pub struct Metrics {
     pub compression_bytes_out: Counter,
     /// Bytes not written to clients thanks to compression, per delivery.
     pub compression_saved_bytes: Counter,
+    /// Writes to WebSocket clients (one per batch of frames, however many).
+    pub client_writes: Counter,
     proxy_calls: Family<ProxyLabels, Counter>,
     proxy_duration: Family<Labels, Histogram, fn() -> Histogram>,
     /// Proxy calls in flight now (bounded by `--proxy-max-concurrency`).
@@ -140,6 +142,7 @@ impl Metrics {
             compression_bytes_in: Counter::default(),
             compression_bytes_out: Counter::default(),
             compression_saved_bytes: Counter::default(),
+            client_writes: Counter::default(),
             proxy_calls: Family::default(),
             proxy_duration: Family::new_with_constructor(proxy_histogram as fn() -> Histogram),
             proxy_in_flight: Gauge::default(),
@@ -307,6 +310,11 @@ impl Metrics {
             "recoveries",
             "Subscriptions that asked to recover, by result (recovered or not)",
             m.recoveries.clone(),
+        );
+        registry.register(
+            "client_writes",
+            "Writes to WebSocket clients: one per batch of frames (see --write-pacing)",
+            m.client_writes.clone(),
         );
         registry.register(
             "proxy_calls",

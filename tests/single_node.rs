@@ -349,3 +349,43 @@ async fn the_served_client_is_the_one_in_the_repository() {
         "the chat page uses it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_that_keep_coming_are_written_together_and_an_idle_connection_at_once() {
+    let node = TestNode::start(&["--write-pacing", "200ms", "--publish-rate", "1000"]).await;
+    let mut reader = node.client("channel=burst").await;
+    let mut writer = node.client("channel=elsewhere").await;
+    let writes = |text: &str| common::metric(text, "wsrelay_client_writes_total");
+    // An idle connection's message goes out at once, not after the pacing interval.
+    // Idle means nothing written for longer than the interval (its welcome was):
+    // time has to pass, there is no event to wait for.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let before = writes(&common::scrape(node.addr).await);
+    let started = std::time::Instant::now();
+    writer
+        .send(serde_json::json!({"op":"pub","ch":"burst","data":0}))
+        .await;
+    assert_eq!(reader.recv().await["data"], 0);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(150),
+        "the first message waited: {:?}",
+        started.elapsed()
+    );
+    // A burst right after it: coalesced into a write or two, every message in order.
+    for i in 1..=30 {
+        writer
+            .send(serde_json::json!({"op":"pub","ch":"burst","data":i}))
+            .await;
+    }
+    for i in 1..=30 {
+        assert_eq!(reader.recv().await["data"], i);
+    }
+    let after = writes(&common::scrape(node.addr).await);
+    // The reader's writes: the first message, then the burst in at most two (the
+    // writer's own acks for the publisher count too, none here: no ids).
+    assert!(
+        after - before <= 4.0,
+        "{} writes for 31 messages to one client",
+        after - before
+    );
+}

@@ -58,16 +58,15 @@ where
     let (session, queue) = Session::open(hub, identity);
     let span = session.span();
     let (sink, stream) = socket.split();
-    let write_timeout = session.hub().config.limits.write_timeout;
+    let limits = &session.hub().config.limits;
+    let timing = Timing {
+        limit: limits.write_timeout,
+        pacing: limits.write_pacing,
+        writes: session.hub().metrics.client_writes.clone(),
+    };
     let writer = tokio::spawn(
-        write_loop(
-            sink,
-            queue,
-            session.client().clone(),
-            write_timeout,
-            compressor,
-        )
-        .instrument(span.clone()),
+        write_loop(sink, queue, session.client().clone(), timing, compressor)
+            .instrument(span.clone()),
     );
     // Chained, not an `async` block around `serve`: a block would keep the
     // session's arguments, moved into `serve`, as dead copies for the life of the
@@ -138,11 +137,14 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
     mut queue: ClientQueue,
     client: ClientHandle,
-    limit: Duration,
+    timing: Timing,
     compressor: Option<Compressor>,
 ) {
+    let limit = timing.limit;
     // Swapped with the queue on every batch, so a busy connection allocates nothing.
     let mut batch = VecDeque::new();
+    // When the last batch was written (`--write-pacing`).
+    let mut last_write: Option<tokio::time::Instant> = None;
     loop {
         let written = match queue.next(&mut batch).await {
             Next::Close => break,
@@ -150,7 +152,15 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 write_within(limit, &client, sink.send(Message::Ping(Default::default()))).await
             }
             Next::Frames => {
-                if batch.len() > 1 {
+                if let Some(due) = last_write.map(|at| at + timing.pacing)
+                    && due > tokio::time::Instant::now()
+                {
+                    // Messages keep coming: wait out the pacing interval and write
+                    // everything queued meanwhile at once. Boxed: only a paced
+                    // connection needs the timer's space, and only while it waits.
+                    Box::pin(tokio::time::sleep_until(due)).await;
+                    queue.append_to(&mut batch);
+                } else if batch.len() > 1 {
                     // Frames piled up while we were away: the node is behind. Let
                     // the fan-out run once more and take what it adds, so that a
                     // behind node writes fewer, larger batches (each write costs
@@ -180,6 +190,10 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let written = write_within(limit, &client, write).await;
                 queue.written(bytes);
+                timing.writes.inc();
+                if !timing.pacing.is_zero() {
+                    last_write = Some(tokio::time::Instant::now());
+                }
                 if saved > 0
                     && let Some(compressor) = &compressor
                 {
@@ -223,6 +237,18 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Boxed: only a closing connection needs the space of this future.
     let _ = Box::pin(tokio::time::timeout(limit, goodbye)).await;
+}
+
+/// How a connection's writer times its writes.
+#[derive(Debug, Clone)]
+struct Timing {
+    /// `--write-timeout`: longest one write may take.
+    limit: Duration,
+    /// `--write-pacing`: shortest interval between two writes while messages keep
+    /// coming (zero: none).
+    pacing: Duration,
+    /// Counts the writes (`wsrelay_client_writes_total`).
+    writes: prometheus_client::metrics::counter::Counter,
 }
 
 /// Runs one write, bounded by the write timeout; records why the connection must
