@@ -133,7 +133,9 @@ fn main() -> anyhow::Result<()> {
             None => cli.target.urls.clone(),
         };
         let result = match &cli.mode {
-            Mode::Fanout(args) => fanout::run(args, &cli.target, &urls, cluster.as_ref()).await,
+            Mode::Fanout(args) => fanout::run(args, &cli.target, &urls, cluster.as_ref())
+                .await
+                .map(|report| println!("{report}")),
             Mode::Idle(args) => idle::run(args, &cli.target, &urls, cluster.as_ref()).await,
         };
         if let Some(cluster) = cluster {
