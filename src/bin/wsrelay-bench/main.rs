@@ -19,6 +19,7 @@
 //! deliveries and RSS per idle connection, and stops everything it started.
 //! Output: a readable table on stderr and one JSON line on stdout.
 
+mod chart;
 mod cluster;
 mod conn;
 mod fanout;
