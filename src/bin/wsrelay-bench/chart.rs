@@ -101,12 +101,12 @@ pub(crate) fn render(title: &str, subtitle: &str, series: &[Series]) -> String {
         svg,
         "\n<line class=\"identity\" x1=\"{l0}\" y1=\"{BOTTOM}\" x2=\"{l1}\" y2=\"{TOP}\" stroke=\"#888888\" stroke-width=\"1.2\" stroke-dasharray=\"5 4\"/>"
     );
-    // Its label above the line, where a relay that falls behind draws nothing.
+    // Its label above the line's top end: a relay that falls behind draws below it.
     let angle = -((BOTTOM - TOP) / (l1 - l0)).atan().to_degrees();
-    let (lx, ly) = (x_rate(0.58 * rate_top) - 4.0, y_rate(0.58 * rate_top) - 7.0);
+    let (lx, ly) = (x_rate(0.97 * rate_top) - 4.0, y_rate(0.97 * rate_top) - 7.0);
     let _ = write!(
         svg,
-        "\n<text x=\"{x}\" y=\"{y}\" font-size=\"11\" fill=\"#666666\" transform=\"rotate({a} {x} {y})\">y = x: all delivered</text>",
+        "\n<text x=\"{x}\" y=\"{y}\" font-size=\"11\" fill=\"#666666\" text-anchor=\"end\" transform=\"rotate({a} {x} {y})\">y = x: all delivered</text>",
         x = f(lx),
         y = f(ly),
         a = f(angle)
