@@ -10,6 +10,10 @@
 //! each rate (rate 1: A, B; rate 2: A, B; …), as runs compared on this shared
 //! machine always are, so a slow spell of the machine falls on all of them alike.
 //!
+//! The machine may be shared: each point also records the CPU that processes other
+//! than the cluster and the load generator used meanwhile (from /proc/stat), and a
+//! point where that was more than a trace is flagged as suspect.
+//!
 //! The files are written again after every point: a sweep cut short keeps what it
 //! measured, and the chart fills in while it runs.
 
@@ -20,10 +24,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::Target;
 use crate::chart;
 use crate::cluster::Cluster;
 use crate::fanout::{self, FanoutArgs, Shape};
+use crate::{Target, procstat};
 
 #[derive(Debug, Args)]
 pub(crate) struct SweepArgs {
@@ -110,6 +114,11 @@ struct SweepPoint {
     /// The load generator's own CPU: near one core (1 s a second), it is the
     /// bottleneck rather than the servers.
     loadgen_cpu_s: f64,
+    /// CPU the machine spent on processes other than the cluster and the load
+    /// generator during the point, in cores (0 to the number of CPUs): a machine
+    /// shared with other work distorts the point. Not in files of older sweeps.
+    #[serde(default)]
+    other_cores: Option<f64>,
     /// The whole JSON line `fanout` printed for this point.
     report: serde_json::Value,
 }
@@ -188,11 +197,14 @@ pub(crate) async fn run(args: &SweepArgs, configs: Vec<(Config, Target)>) -> any
             };
             let n = target.spawn_cluster.expect("checked above");
             let cluster = Cluster::start(n, target).await?;
+            let busy_before = Busy::now(&cluster);
             let report = fanout::run(&fanout_args, target, &cluster.urls(), Some(&cluster)).await;
+            let other_cores = Busy::now(&cluster).others_since(&busy_before);
             cluster.stop().await;
-            let point = SweepPoint::read(&config.name, rate, offered, report?)?;
+            let mut point = SweepPoint::read(&config.name, rate, offered, report?)?;
+            point.other_cores = Some(other_cores);
             eprintln!(
-                "sweep {}/{total}: {} at {}: {} delivered/s, {} lost or late, p50 {} ms, p99 {} ms, {} server CPU-s per million",
+                "sweep {}/{total}: {} at {}: {} delivered/s, {} lost or late, p50 {} ms, p99 {} ms, {} server CPU-s per million; other processes {other_cores:.2} cores{}",
                 sweep.points.len() + 1,
                 config.name,
                 chart::si(offered),
@@ -203,6 +215,11 @@ pub(crate) async fn run(args: &SweepArgs, configs: Vec<(Config, Target)>) -> any
                 point
                     .server_cpu_s_per_million_deliveries
                     .map_or("-".to_owned(), |c| format!("{c:.2}")),
+                if other_cores > BUSY_ELSEWHERE {
+                    " (busy machine: this point is suspect)"
+                } else {
+                    ""
+                },
             );
             sweep.points.push(point);
             std::fs::write(&json_path, serde_json::to_string_pretty(&sweep)? + "\n")?;
@@ -283,8 +300,39 @@ impl SweepPoint {
             server_cpu_s_per_million_deliveries: report["server_cpu_s_per_million_deliveries"]
                 .as_f64(),
             loadgen_cpu_s: number(&report["loadgen_cpu_s"], "loadgen_cpu_s")?,
+            other_cores: None,
             report,
         })
+    }
+}
+
+/// Cores of other work above which a point is flagged: more than the small
+/// change /proc/stat's tick-based counts leave between the machine's busy time and
+/// that of our own processes.
+const BUSY_ELSEWHERE: f64 = 0.1;
+
+/// CPU time used so far by the machine and by the processes of a point.
+struct Busy {
+    at: Instant,
+    machine: Duration,
+    ours: Duration,
+}
+
+impl Busy {
+    fn now(cluster: &Cluster) -> Busy {
+        Busy {
+            at: Instant::now(),
+            machine: procstat::machine_cpu_time(),
+            ours: cluster.cpu_time() + procstat::own_cpu_time(),
+        }
+    }
+
+    /// Cores the rest of the machine kept busy between `before` and now.
+    fn others_since(&self, before: &Busy) -> f64 {
+        let machine = self.machine.saturating_sub(before.machine);
+        let ours = self.ours.saturating_sub(before.ours);
+        machine.saturating_sub(ours).as_secs_f64()
+            / self.at.duration_since(before.at).as_secs_f64().max(1e-3)
     }
 }
 
