@@ -19,35 +19,51 @@ use crate::{Target, ms, procstat};
 
 #[derive(Debug, Args)]
 pub(crate) struct FanoutArgs {
-    /// Subscriber connections.
-    #[arg(short = 'c', long, default_value_t = 1000)]
-    subscribers: usize,
-    /// Publisher connections.
-    #[arg(short = 'p', long, default_value_t = 1)]
-    publishers: usize,
+    #[command(flatten)]
+    pub(crate) shape: Shape,
     /// Total published messages per second (deliveries/s = rate × subscribers per channel).
     #[arg(short = 'r', long, default_value_t = 100)]
-    rate: u64,
-    /// Seconds of publishing.
-    #[arg(short = 'd', long, default_value_t = 10)]
-    duration: u64,
-    /// Payload (`data`) size in bytes.
-    #[arg(short = 's', long, default_value_t = 100)]
-    size: usize,
-    /// What fills the payload: `x` (one letter repeated) or `ticker` (market data
-    /// JSON, which compresses as real payloads do).
-    #[arg(long, value_enum, default_value = "x")]
-    payload: Kind,
-    /// Channels; subscriber i listens to channel i mod K, publishers go round-robin.
-    #[arg(short = 'k', long, default_value_t = 1)]
-    channels: usize,
-    /// Longest wait after publishing for deliveries still in flight.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
-    drain: Duration,
+    pub(crate) rate: u64,
     /// After the run, time recoveries of this many missed messages (needs history
     /// on the nodes, at least this deep). 0: none.
     #[arg(long, default_value_t = 0)]
-    recover: u64,
+    pub(crate) recover: u64,
+}
+
+/// What a run looks like apart from its rate: shared by `fanout` and `sweep`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct Shape {
+    /// Subscriber connections.
+    #[arg(short = 'c', long, default_value_t = 1000)]
+    pub(crate) subscribers: usize,
+    /// Publisher connections.
+    #[arg(short = 'p', long, default_value_t = 1)]
+    pub(crate) publishers: usize,
+    /// Seconds of publishing.
+    #[arg(short = 'd', long, default_value_t = 10)]
+    pub(crate) duration: u64,
+    /// Payload (`data`) size in bytes.
+    #[arg(short = 's', long, default_value_t = 100)]
+    pub(crate) size: usize,
+    /// What fills the payload: `x` (one letter repeated) or `ticker` (market data
+    /// JSON, which compresses as real payloads do).
+    #[arg(long, value_enum, default_value = "x")]
+    pub(crate) payload: Kind,
+    /// Channels; subscriber i listens to channel i mod K, publishers go round-robin.
+    #[arg(short = 'k', long, default_value_t = 1)]
+    pub(crate) channels: usize,
+    /// Longest wait after publishing for deliveries still in flight.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) drain: Duration,
+}
+
+impl Shape {
+    /// Subscribers of channel `k`: subscriber i listens to channel i mod K.
+    pub(crate) fn subscribers_of(&self, k: usize) -> u64 {
+        (0..self.subscribers)
+            .filter(|i| i % self.channels == k)
+            .count() as u64
+    }
 }
 
 /// What one subscriber saw: the latency of each delivery, in microseconds. A plain
@@ -64,17 +80,17 @@ pub(crate) async fn run(
     target: &Target,
     urls: &[String],
     cluster: Option<&Cluster>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(
-        args.channels >= 1 && args.publishers >= 1,
+        args.shape.channels >= 1 && args.shape.publishers >= 1,
         "need at least one channel and one publisher"
     );
-    let channel = |i: usize| format!("bench-{}", i % args.channels);
+    let channel = |i: usize| format!("bench-{}", i % args.shape.channels);
     let epoch = Instant::now();
 
     eprintln!(
         "connecting {} subscribers to {} node(s)…",
-        args.subscribers,
+        args.shape.subscribers,
         urls.len()
     );
     let connect_started = Instant::now();
@@ -82,7 +98,7 @@ pub(crate) async fn run(
     let wire = Arc::new(AtomicU64::new(0));
     let subscribers = conn::connect_many(
         urls,
-        args.subscribers,
+        args.shape.subscribers,
         target.connect_concurrency,
         &target.conn_options(wire.clone()),
         |i| format!("channel={}", channel(i)),
@@ -91,7 +107,7 @@ pub(crate) async fn run(
     let connect_time = connect_started.elapsed();
     let publishers = conn::connect_many(
         urls,
-        args.publishers,
+        args.shape.publishers,
         target.connect_concurrency,
         &target.conn_options(Default::default()),
         |j| format!("channel=bench-publisher-{j}"),
@@ -110,14 +126,14 @@ pub(crate) async fn run(
     let own_cpu_before = procstat::own_cpu_time();
     let wire_before = wire.load(Ordering::Relaxed);
     let started = Instant::now();
-    let per_publisher = args.rate as f64 / args.publishers as f64;
-    let duration = Duration::from_secs(args.duration);
+    let per_publisher = args.rate as f64 / args.shape.publishers as f64;
+    let duration = Duration::from_secs(args.shape.duration);
     let senders: Vec<_> = publishers
         .into_iter()
         .enumerate()
         .map(|(j, ws)| {
-            let payload = (args.payload, args.size);
-            let channels = args.channels;
+            let payload = (args.shape.payload, args.shape.size);
+            let channels = args.shape.channels;
             tokio::spawn(publish(
                 ws,
                 j,
@@ -129,7 +145,7 @@ pub(crate) async fn run(
             ))
         })
         .collect();
-    let mut published_per_channel = vec![0u64; args.channels];
+    let mut published_per_channel = vec![0u64; args.shape.channels];
     for sender in senders {
         for (k, n) in sender.await??.into_iter().enumerate() {
             published_per_channel[k] += n;
@@ -137,19 +153,15 @@ pub(crate) async fn run(
     }
     let publish_time = started.elapsed();
 
-    let subs_per_channel: Vec<u64> = (0..args.channels)
-        .map(|k| {
-            (0..args.subscribers)
-                .filter(|i| i % args.channels == k)
-                .count() as u64
-        })
+    let subs_per_channel: Vec<u64> = (0..args.shape.channels)
+        .map(|k| args.shape.subscribers_of(k))
         .collect();
     let expected: u64 = published_per_channel
         .iter()
         .zip(&subs_per_channel)
         .map(|(m, s)| m * s)
         .sum();
-    let drain_deadline = Instant::now() + args.drain;
+    let drain_deadline = Instant::now() + args.shape.drain;
     while received.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -193,13 +205,13 @@ pub(crate) async fn run(
     eprintln!();
     eprintln!(
         "fanout: {} subscribers, {} publisher(s), {} channel(s), {} msgs/s for {:?}, {} B {:?} payload, compression {}",
-        args.subscribers,
-        args.publishers,
-        args.channels,
+        args.shape.subscribers,
+        args.shape.publishers,
+        args.shape.channels,
         args.rate,
         duration,
-        args.size,
-        args.payload,
+        args.shape.size,
+        args.shape.payload,
         if target.compression {
             "offered"
         } else {
@@ -274,13 +286,13 @@ pub(crate) async fn run(
     }
     let report = json!({
         "mode": "fanout",
-        "subscribers": args.subscribers,
-        "publishers": args.publishers,
-        "channels": args.channels,
+        "subscribers": args.shape.subscribers,
+        "publishers": args.shape.publishers,
+        "channels": args.shape.channels,
         "rate_msgs_per_s": args.rate,
-        "duration_s": args.duration,
-        "payload_bytes": args.size,
-        "payload": format!("{:?}", args.payload).to_lowercase(),
+        "duration_s": args.shape.duration,
+        "payload_bytes": args.shape.size,
+        "payload": format!("{:?}", args.shape.payload).to_lowercase(),
         "compression": target.compression,
         "wire_bytes_per_delivery": wire_per_delivery,
         "nodes": urls.len(),
@@ -311,8 +323,7 @@ pub(crate) async fn run(
             "max": t[t.len() - 1].as_secs_f64() * 1e3,
         })),
     });
-    println!("{report}");
-    Ok(())
+    Ok(report)
 }
 
 /// Times recoveries of `missed` messages on `bench-0`: a new client subscribes with

@@ -6,6 +6,9 @@
 //!   channels. Reports loss, deliveries/s, end-to-end latency percentiles, time to
 //!   connect, and its own CPU use.
 //! - `idle`: opens C connections and holds them, to measure memory per connection.
+//! - `sweep`: `fanout` at a list of offered rates for one or more configurations
+//!   (sets of the global flags below), each point on a fresh `--spawn-cluster`;
+//!   writes every point as JSON and a chart of them as SVG.
 //!
 //! With `--history N` spawned nodes keep history, and `fanout` also times recoveries
 //! (`--recover M`: a client that missed M messages subscribes with `since`).
@@ -19,14 +22,17 @@
 //! deliveries and RSS per idle connection, and stops everything it started.
 //! Output: a readable table on stderr and one JSON line on stdout.
 
+mod chart;
 mod cluster;
 mod conn;
 mod fanout;
 mod idle;
 mod payload;
 mod procstat;
+mod sweep;
 mod wire;
 
+use std::ffi::OsString;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -109,10 +115,18 @@ enum Mode {
     Fanout(fanout::FanoutArgs),
     /// Opens connections and holds them; measures memory per connection.
     Idle(idle::IdleArgs),
+    /// `fanout` at several offered rates for one or more configurations; writes the
+    /// points (JSON) and a chart (SVG) of delivered rate and p99 latency.
+    Sweep(sweep::SweepArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Checked before anything starts: a configuration's flags may not parse.
+    let sweep_targets = match &cli.mode {
+        Mode::Sweep(args) => sweep_targets(&args.configs())?,
+        _ => Vec::new(),
+    };
     raise_open_file_limit();
     if let Some(cpus) = &cli.target.pin_client {
         procstat::pin_self(cpus)?;
@@ -124,17 +138,21 @@ fn main() -> anyhow::Result<()> {
     // The body runs as a task on a worker: inside `block_on` it would run on the
     // main thread, and every socket event would cross from a worker to it.
     let body = runtime.spawn(async move {
-        let cluster = match cli.target.spawn_cluster {
-            Some(n) => Some(cluster::Cluster::start(n, &cli.target).await?),
-            None => None,
+        let cluster = match (&cli.mode, cli.target.spawn_cluster) {
+            // A sweep starts a cluster for each of its points.
+            (Mode::Sweep(_), _) | (_, None) => None,
+            (_, Some(n)) => Some(cluster::Cluster::start(n, &cli.target).await?),
         };
         let urls = match &cluster {
             Some(c) => c.urls(),
             None => cli.target.urls.clone(),
         };
         let result = match &cli.mode {
-            Mode::Fanout(args) => fanout::run(args, &cli.target, &urls, cluster.as_ref()).await,
+            Mode::Fanout(args) => fanout::run(args, &cli.target, &urls, cluster.as_ref())
+                .await
+                .map(|report| println!("{report}")),
             Mode::Idle(args) => idle::run(args, &cli.target, &urls, cluster.as_ref()).await,
+            Mode::Sweep(args) => sweep::run(args, sweep_targets).await,
         };
         if let Some(cluster) = cluster {
             cluster.stop().await;
@@ -142,6 +160,22 @@ fn main() -> anyhow::Result<()> {
         result
     });
     runtime.block_on(body)?
+}
+
+/// What each configuration of a sweep runs against: this command line with the
+/// configuration's flags added before it, parsed again, so that they can be any of
+/// the global flags and a wrong one is reported as clap reports any other.
+fn sweep_targets(configs: &[sweep::Config]) -> anyhow::Result<Vec<(sweep::Config, Target)>> {
+    configs
+        .iter()
+        .map(|config| {
+            let mut argv: Vec<OsString> = std::env::args_os().collect();
+            argv.splice(1..1, config.flags.iter().map(OsString::from));
+            let cli = Cli::try_parse_from(argv)
+                .map_err(|e| anyhow::anyhow!("--config {}: {}", config.name, e.render()))?;
+            Ok((config.clone(), cli.target))
+        })
+        .collect()
 }
 
 /// 10,000 connections need more descriptors than the usual soft limit of 1024.

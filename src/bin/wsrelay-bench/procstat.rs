@@ -84,3 +84,26 @@ fn parse_cpu_list(cpus: &str) -> anyhow::Result<Vec<usize>> {
     }
     Ok(out)
 }
+
+/// CPU time the whole machine has spent busy so far: every CPU's user, nice,
+/// system, irq and softirq time from /proc/stat (not idle, I/O wait or steal).
+pub(crate) fn machine_cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("cpu "))
+        .map(|l| {
+            let fields: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal …
+            [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum()
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64(ticks as f64 / hz)
+}
