@@ -290,13 +290,18 @@ impl ClientHandle {
             self.close(CloseReason::SlowConsumer);
             return false;
         }
-        self.shared.bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        let len = frame.len();
+        self.shared.bytes.fetch_add(len, Ordering::Relaxed);
         queue.frames.push_back(frame);
-        let first = queue.frames.len() == 1;
+        let frames = queue.frames.len();
         drop(queue);
         // A writer that found the queue non-empty takes everything; only the first
-        // frame after a drain needs to wake it.
-        if first {
+        // frame after a drain needs to wake it, and one that passes half of a
+        // bound (a writer pacing its writes then stops waiting, see
+        // `ClientQueue::filling`).
+        let half_frames = frames == bounds.frames / 2 + 1;
+        let half_bytes = held <= bounds.bytes / 2 && held.saturating_add(len) > bounds.bytes / 2;
+        if frames == 1 || half_frames || half_bytes {
             self.shared.writer.wake();
         }
         true
@@ -434,6 +439,28 @@ impl ClientQueue {
         .await
     }
 
+    /// Resolves once the queue holds more than half of either bound, or the
+    /// connection is closing: a writer pacing its writes (`--write-pacing`) waits
+    /// for this or its interval, whichever comes first, so pacing never fills the
+    /// queue of a client that keeps up.
+    pub async fn filling(&mut self) {
+        std::future::poll_fn(|cx| {
+            self.shared.writer.register(cx.waker());
+            let bounds = self.shared.bounds;
+            let frames = self.shared.queue().frames.len();
+            let bytes = self.shared.bytes.load(Ordering::Relaxed);
+            if self.shared.reason.get().is_some()
+                || frames > bounds.frames / 2
+                || bytes > bounds.bytes / 2
+            {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
     /// Moves whatever is queued to the end of `batch`, without waiting. The queue
     /// keeps its buffer (it is refilled at once when the node is behind).
     pub fn append_to(&mut self, batch: &mut VecDeque<Frame>) {
@@ -497,6 +524,30 @@ mod tests {
             "closing wins over queued frames"
         );
         assert_eq!(q.take_all(), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_queue_past_half_a_bound_ends_a_pacing_wait() {
+        let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(8));
+        let mut batch = VecDeque::new();
+        assert!(h.send("1".into()));
+        assert_eq!(q.next(&mut batch).await, Next::Frames);
+        let pacing = tokio::spawn(async move {
+            q.filling().await;
+            q
+        });
+        for f in ["2", "3", "4", "5"] {
+            assert!(h.send(f.into()));
+            tokio::task::yield_now().await;
+            assert!(!pacing.is_finished(), "at most half: the writer paces on");
+        }
+        assert!(h.send("6".into()));
+        let mut q = tokio::time::timeout(Duration::from_secs(1), pacing)
+            .await
+            .expect("past half: the wait ends")
+            .unwrap();
+        q.append_to(&mut batch);
+        assert_eq!(batch, ["1", "2", "3", "4", "5", "6"]);
     }
 
     #[tokio::test]

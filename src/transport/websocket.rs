@@ -155,10 +155,17 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 if let Some(due) = last_write.map(|at| at + timing.pacing)
                     && due > tokio::time::Instant::now()
                 {
-                    // Messages keep coming: wait out the pacing interval and write
-                    // everything queued meanwhile at once. Boxed: only a paced
-                    // connection needs the timer's space, and only while it waits.
-                    Box::pin(tokio::time::sleep_until(due)).await;
+                    // Messages keep coming: wait out the pacing interval (or until
+                    // the queue is half full, or closing) and write everything
+                    // queued meanwhile at once. Boxed: only a paced connection
+                    // needs the timer's space, and only while it waits.
+                    Box::pin(async {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(due) => {}
+                            _ = queue.filling() => {}
+                        }
+                    })
+                    .await;
                     queue.append_to(&mut batch);
                 } else if batch.len() > 1 {
                     // Frames piled up while we were away: the node is behind. Let
