@@ -58,15 +58,15 @@ where
     let (session, queue) = Session::open(hub, identity);
     let span = session.span();
     let (sink, stream) = socket.split();
-    let limits = &session.hub().config.limits;
-    let timing = Timing {
-        limit: limits.write_timeout,
-        pacing: limits.write_pacing,
-        writes: session.hub().metrics.client_writes.clone(),
-    };
     let writer = tokio::spawn(
-        write_loop(sink, queue, session.client().clone(), timing, compressor)
-            .instrument(span.clone()),
+        write_loop(
+            sink,
+            queue,
+            session.client().clone(),
+            session.hub().clone(),
+            compressor,
+        )
+        .instrument(span.clone()),
     );
     // Chained, not an `async` block around `serve`: a block would keep the
     // session's arguments, moved into `serve`, as dead copies for the life of the
@@ -137,10 +137,13 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
     mut queue: ClientQueue,
     client: ClientHandle,
-    timing: Timing,
+    // The node, for its write timeout, pacing and write counter: one pointer in
+    // every connection's writer rather than copies of each.
+    hub: Arc<Hub>,
     compressor: Option<Compressor>,
 ) {
-    let limit = timing.limit;
+    let limits = &hub.config.limits;
+    let limit = limits.write_timeout;
     // Swapped with the queue on every batch, so a busy connection allocates nothing.
     let mut batch = VecDeque::new();
     // When the last batch was written (`--write-pacing`).
@@ -152,7 +155,7 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 write_within(limit, &client, sink.send(Message::Ping(Default::default()))).await
             }
             Next::Frames => {
-                if let Some(due) = last_write.map(|at| at + timing.pacing)
+                if let Some(due) = last_write.map(|at| at + limits.write_pacing)
                     && due > tokio::time::Instant::now()
                 {
                     // Messages keep coming: wait out the pacing interval (or until
@@ -197,8 +200,8 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 };
                 let written = write_within(limit, &client, write).await;
                 queue.written(bytes);
-                timing.writes.inc();
-                if !timing.pacing.is_zero() {
+                hub.metrics.client_writes.inc();
+                if !limits.write_pacing.is_zero() {
                     last_write = Some(tokio::time::Instant::now());
                 }
                 if saved > 0
@@ -244,18 +247,6 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Boxed: only a closing connection needs the space of this future.
     let _ = Box::pin(tokio::time::timeout(limit, goodbye)).await;
-}
-
-/// How a connection's writer times its writes.
-#[derive(Debug, Clone)]
-struct Timing {
-    /// `--write-timeout`: longest one write may take.
-    limit: Duration,
-    /// `--write-pacing`: shortest interval between two writes while messages keep
-    /// coming (zero: none).
-    pacing: Duration,
-    /// Counts the writes (`wsrelay_client_writes_total`).
-    writes: prometheus_client::metrics::counter::Counter,
 }
 
 /// Runs one write, bounded by the write timeout; records why the connection must
