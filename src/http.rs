@@ -1114,21 +1114,10 @@ async fn api_subscribe(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let request: UserChannelBody =
-        match api_body(&state, &headers, body, r#"{"user":..,"ch":..}"#).await {
-            Ok(request) => request,
-            Err(response) => return response,
-        };
-    if let Some(response) = command_channel(&request.ch) {
-        return response;
-    }
-    send_command(
-        &state,
-        Command::Subscribe {
-            user: request.user,
-            ch: request.ch,
-        },
-    )
+    user_channel_command(&state, &headers, body, |user, ch| Command::Subscribe {
+        user,
+        ch,
+    })
     .await
 }
 
@@ -1138,22 +1127,30 @@ async fn api_unsubscribe(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    user_channel_command(&state, &headers, body, |user, ch| Command::Unsubscribe {
+        user,
+        ch,
+    })
+    .await
+}
+
+/// A command about one user and one channel (`{"user":..,"ch":..}`), checked and
+/// sent to every node.
+async fn user_channel_command(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    command: fn(String, String) -> Command,
+) -> Response {
     let request: UserChannelBody =
-        match api_body(&state, &headers, body, r#"{"user":..,"ch":..}"#).await {
+        match api_body(state, headers, body, r#"{"user":..,"ch":..}"#).await {
             Ok(request) => request,
             Err(response) => return response,
         };
     if let Some(response) = command_channel(&request.ch) {
         return response;
     }
-    send_command(
-        &state,
-        Command::Unsubscribe {
-            user: request.user,
-            ch: request.ch,
-        },
-    )
-    .await
+    send_command(state, command(request.user, request.ch)).await
 }
 
 #[derive(Deserialize)]

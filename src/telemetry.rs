@@ -261,25 +261,15 @@ impl Tracing {
         payload_bytes: usize,
         client_traceparent: Option<&str>,
     ) -> Option<PublishSpan> {
-        let tracer = self.tracer.as_ref()?;
-        let parent = client_traceparent.map(extract).unwrap_or_default();
-        let span = tracer
-            .span_builder("publish")
-            .with_kind(SpanKind::Producer)
-            .with_attributes([
+        self.start(SpanKind::Producer, client_traceparent, || {
+            let attributes = vec![
                 KeyValue::new("messaging.system", "wsrelay"),
                 KeyValue::new("messaging.destination.name", channel.to_owned()),
                 KeyValue::new("messaging.message.body.size", payload_bytes as i64),
                 KeyValue::new("wsrelay.node", self.node_id.to_string()),
-            ])
-            .start_with_context(tracer, &parent);
-        let cx = parent.with_span(span);
-        let traceparent = if cx.span().span_context().is_sampled() {
-            inject(&cx)
-        } else {
-            String::new()
-        };
-        Some(PublishSpan { cx, traceparent })
+            ];
+            ("publish".into(), attributes)
+        })
     }
 
     /// Starts the span of a call to the application backend (`proxy` is its name):
@@ -292,15 +282,31 @@ impl Tracing {
         proxy: &'static str,
         client_traceparent: Option<&str>,
     ) -> Option<PublishSpan> {
-        let tracer = self.tracer.as_ref()?;
-        let parent = client_traceparent.map(extract).unwrap_or_default();
-        let span = tracer
-            .span_builder(format!("proxy {proxy}"))
-            .with_kind(SpanKind::Client)
-            .with_attributes([
+        self.start(SpanKind::Client, client_traceparent, || {
+            let attributes = vec![
                 KeyValue::new("wsrelay.proxy", proxy),
                 KeyValue::new("wsrelay.node", self.node_id.to_string()),
-            ])
+            ];
+            (format!("proxy {proxy}").into(), attributes)
+        })
+    }
+
+    /// Starts a span that continues `client_traceparent` (a new trace without
+    /// one), with the `traceparent` to hand on (empty when not sampled). Its name
+    /// and attributes are only made when traces are exported.
+    fn start(
+        &self,
+        kind: SpanKind,
+        client_traceparent: Option<&str>,
+        describe: impl FnOnce() -> (std::borrow::Cow<'static, str>, Vec<KeyValue>),
+    ) -> Option<PublishSpan> {
+        let tracer = self.tracer.as_ref()?;
+        let (name, attributes) = describe();
+        let parent = client_traceparent.map(extract).unwrap_or_default();
+        let span = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attributes)
             .start_with_context(tracer, &parent);
         let cx = parent.with_span(span);
         let traceparent = if cx.span().span_context().is_sampled() {
