@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn::PubSub;
 use super::scripts::{PRESENCE_SCRIPT, PRUNE_LUA};
+use super::shard::Shard;
 use super::{Inner, millis};
 use crate::broker::BrokerError;
 use crate::broker::presence::{Entry, count_users};
@@ -181,31 +182,46 @@ pub(super) async fn presence_remove(
     if !inner.presence.remove(channel, member) {
         return Ok(());
     }
+    let keys = presence_keys(inner, channel);
+    inner.shard(channel).run(&remove_entry(&keys, member)).await
+}
+
+/// A channel's presence keys: the hash of entries and the sorted set of expiries.
+fn presence_keys(inner: &Inner, channel: &str) -> (String, String) {
+    (
+        inner.keys.presence(channel, "presence"),
+        inner.keys.presence(channel, "presence-exp"),
+    )
+}
+
+/// What removes one entry from a set of entries (`(hash, expiries)`): presence
+/// keeps a channel's this way, and a user's connections too.
+pub(super) fn remove_entry(keys: &(String, String), member: &str) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     pipe.cmd("HDEL")
-        .arg(inner.keys.presence(channel, "presence"))
+        .arg(&keys.0)
         .arg(member)
         .ignore()
         .cmd("ZREM")
-        .arg(inner.keys.presence(channel, "presence-exp"))
+        .arg(&keys.1)
         .arg(member)
         .ignore();
-    inner.shard(channel).run(&pipe).await
+    pipe
 }
 
-/// Up to `max` entries of a channel's presence (0: all), and how many there are.
-pub(super) async fn presence(
-    inner: &Inner,
-    channel: &str,
+/// Reads a set of entries (`(hash, expiries)`) on `shard`, pruned of the expired:
+/// up to `max` (0: all), and how many there are.
+pub(super) async fn read_entries(
+    shard: &Shard,
+    keys: &(String, String),
     max: usize,
 ) -> Result<(Vec<Bytes>, usize), BrokerError> {
-    let (total, entries) = inner
-        .shard(channel)
+    let (total, entries) = shard
         .idempotent(|mut conn| async move {
             let mut script = PRESENCE_SCRIPT.prepare_invoke();
             script
-                .key(inner.keys.presence(channel, "presence"))
-                .key(inner.keys.presence(channel, "presence-exp"))
+                .key(&keys.0)
+                .key(&keys.1)
                 .arg(envelope::now_us() / 1000)
                 .arg(max);
             script
@@ -214,6 +230,15 @@ pub(super) async fn presence(
         })
         .await?;
     Ok((entries.into_iter().map(Bytes::from).collect(), total))
+}
+
+/// Up to `max` entries of a channel's presence (0: all), and how many there are.
+pub(super) async fn presence(
+    inner: &Inner,
+    channel: &str,
+    max: usize,
+) -> Result<(Vec<Bytes>, usize), BrokerError> {
+    read_entries(inner.shard(channel), &presence_keys(inner, channel), max).await
 }
 
 /// Clients and distinct users of a channel's presence.
@@ -244,27 +269,36 @@ pub(super) fn add_presence_commands<E: std::borrow::Borrow<Entry>>(
     channel: &str,
     entries: &[E],
 ) {
+    let ttl = inner.config.presence.presence_ttl;
+    add_entries(pipe, &presence_keys(inner, channel), ttl, entries);
+}
+
+/// Adds to `pipe` what writes `entries` into a set of entries (`(hash,
+/// expiries)`) with an expiry `ttl` from now, and keeps both keys alive for two
+/// TTLs: presence keeps a channel's this way, and a user's connections too.
+pub(super) fn add_entries<E: std::borrow::Borrow<Entry>>(
+    pipe: &mut redis::Pipeline,
+    keys: &(String, String),
+    ttl: std::time::Duration,
+    entries: &[E],
+) {
     if entries.is_empty() {
         return;
     }
-    let ttl = inner.config.presence.presence_ttl;
     let expires = envelope::now_us() / 1000 + millis(ttl);
-    let (hash, zset) = (
-        inner.keys.presence(channel, "presence"),
-        inner.keys.presence(channel, "presence-exp"),
-    );
-    let hset = pipe.cmd("HSET").arg(&hash);
+    let (hash, zset) = keys;
+    let hset = pipe.cmd("HSET").arg(hash);
     for entry in entries {
         let entry = entry.borrow();
         hset.arg(&entry.member).arg(&entry.json[..]);
     }
     hset.ignore();
-    let zadd = pipe.cmd("ZADD").arg(&zset);
+    let zadd = pipe.cmd("ZADD").arg(zset);
     for entry in entries {
         zadd.arg(expires).arg(&entry.borrow().member);
     }
     zadd.ignore();
-    for key in [&hash, &zset] {
+    for key in [hash, zset] {
         pipe.cmd("PEXPIRE").arg(key).arg(2 * millis(ttl)).ignore();
     }
 }

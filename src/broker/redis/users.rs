@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use super::presence::{add_entries, read_entries, remove_entry};
 use super::publish::broadcast;
-use super::scripts::{PRESENCE_SCRIPT, PRUNE_LUA, USER_ADD_SCRIPT};
+use super::scripts::{PRUNE_LUA, USER_ADD_SCRIPT};
 use super::{Inner, millis};
 use crate::auth::TokenId;
 use crate::broker::BrokerError;
@@ -30,10 +31,7 @@ pub(super) async fn user_add(
     entry: Entry,
     max: usize,
 ) -> Result<bool, BrokerError> {
-    let (hash, zset) = (
-        inner.keys.user(user, "conns"),
-        inner.keys.user(user, "conns-exp"),
-    );
+    let (hash, zset) = user_keys(inner, user);
     let ttl = millis(inner.config.presence.presence_ttl);
     let now = envelope::now_us() / 1000;
     let (member, json) = (entry.member.clone(), entry.json.clone());
@@ -72,78 +70,42 @@ pub(super) async fn user_remove(
     if !inner.users.remove(user, member) {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
-    pipe.cmd("HDEL")
-        .arg(inner.keys.user(user, "conns"))
-        .arg(member)
-        .ignore()
-        .cmd("ZREM")
-        .arg(inner.keys.user(user, "conns-exp"))
-        .arg(member)
-        .ignore();
-    inner.home().run(&pipe).await
+    inner
+        .home()
+        .run(&remove_entry(&user_keys(inner, user), member))
+        .await
+}
+
+/// A user's connection keys: the hash of entries and the sorted set of expiries.
+fn user_keys(inner: &Inner, user: &str) -> (String, String) {
+    (
+        inner.keys.user(user, "conns"),
+        inner.keys.user(user, "conns-exp"),
+    )
 }
 
 /// Every live connection of a user, cluster-wide (entries as JSON).
 pub(super) async fn user_connections(inner: &Inner, user: &str) -> Result<Vec<Bytes>, BrokerError> {
-    let (hash, zset) = (
-        inner.keys.user(user, "conns"),
-        inner.keys.user(user, "conns-exp"),
-    );
-    let (_, entries) = inner
-        .home()
-        .idempotent(|mut conn| {
-            let (hash, zset) = (&hash, &zset);
-            async move {
-                let mut script = PRESENCE_SCRIPT.prepare_invoke();
-                script
-                    .key(hash)
-                    .key(zset)
-                    .arg(envelope::now_us() / 1000)
-                    .arg(0);
-                script
-                    .invoke_async::<(usize, Vec<Vec<u8>>)>(&mut conn)
-                    .await
-            }
-        })
-        .await?;
-    Ok(entries.into_iter().map(Bytes::from).collect())
+    let (entries, _) = read_entries(inner.home(), &user_keys(inner, user), 0).await?;
+    Ok(entries)
 }
 
 /// One refresh of this node's user entries (with the presence refresh): written
 /// again with a new expiry, so entries of a node that died expire and entries
 /// Redis lost come back.
 pub(super) async fn refresh_users(inner: &Arc<Inner>) {
-    let ttl = millis(inner.config.presence.presence_ttl);
-    let expires = envelope::now_us() / 1000 + ttl;
+    let ttl = inner.config.presence.presence_ttl;
     for (user, entries) in inner.users.snapshot() {
-        let (hash, zset) = (
-            inner.keys.user(&user, "conns"),
-            inner.keys.user(&user, "conns-exp"),
-        );
+        let keys = user_keys(inner, &user);
         let mut pipe = redis::pipe();
         pipe.cmd("EVAL")
             .arg(PRUNE_LUA)
             .arg(2)
-            .arg(&hash)
-            .arg(&zset)
+            .arg(&keys.0)
+            .arg(&keys.1)
             .arg(envelope::now_us() / 1000)
             .ignore();
-        for entry in &entries {
-            pipe.cmd("HSET")
-                .arg(&hash)
-                .arg(&entry.member)
-                .arg(&entry.json[..])
-                .ignore()
-                .cmd("ZADD")
-                .arg(&zset)
-                .arg(expires)
-                .arg(&entry.member)
-                .ignore();
-        }
-        for key in [&hash, &zset] {
-            pipe.cmd("PEXPIRE").arg(key).arg(2 * ttl).ignore();
-        }
+        add_entries(&mut pipe, &keys, ttl, &entries);
         if let Err(e) = inner.home().run(&pipe).await {
             tracing::warn!(error = %e, "user connections refresh failed");
             return;
