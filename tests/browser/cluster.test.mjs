@@ -105,6 +105,9 @@ async function drainUnderAPage(t, { noWebSocket }) {
   const port = nodes[Number(node.slice(4)) - 1];
   process.kill(nodePid(port), "SIGTERM");
   for (const text of ["three", "four", "five"]) await say(second, text);
+  // Bob's lines are published (his page shows them back) before Ada's next one:
+  // the order asserted below is the order they were published in.
+  await waitFor("the second page's lines published", async () => (await lines(second)).includes("bob: five"));
   await waitFor("the first page on another node", async () => {
     const now = await onNode(first);
     return now !== undefined && now !== node && !(await status(first)).includes("disconnected");
