@@ -71,6 +71,18 @@ return {offset, epoch}
     )
 });
 
+/// Publishes a delivery probe the way [`PUBLISH_SCRIPT`] publishes a publication:
+/// from a script. Redis runs a script on the master only (a replica answers
+/// `MOVED`), whereas a bare `SPUBLISH` is run by a replica too; so a subscription
+/// that landed on a replica, which the master does not forward to yet (a Redis
+/// Cluster failover seen through a stale slot map), fails the probe as it fails
+/// the channels' publications.
+///
+/// KEYS: the probe's pub/sub channel (it names the slot). ARGV: nonce, publish
+/// command (`PUBLISH`, or `SPUBLISH` on a cluster).
+pub(super) static PROBE_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new("return redis.call(ARGV[2], KEYS[1], ARGV[1])"));
+
 /// Reads a channel's position and, optionally, stored envelopes: the latest `limit`
 /// (since epoch empty), or up to `limit` after the since offset when the since epoch
 /// is current (none when all-or-nothing and more than `limit` follow it).

@@ -34,6 +34,7 @@ use super::endpoint::Resends;
 use super::history::read_history;
 use super::probe::Step;
 use super::repair::spawn_repair;
+use super::scripts::PROBE_SCRIPT;
 use super::shard::Shard;
 use super::{Backoff, HEALTH_INTERVAL, Inner, SUBSCRIBE_BATCH};
 use crate::broker::HistoryRequest;
@@ -468,17 +469,19 @@ async fn health_check(inner: &Inner, shard: &Shard, conn: &mut SubConn) -> Resul
         }
     };
     for (channel, nonce) in send {
-        // Through the publishing connection, as publications travel. A failure
+        // Through the publishing connection and a script, as publications with
+        // history travel (see `PROBE_SCRIPT`). A failure
         // here is the publisher's (it reconnects by itself); the probe is sent
         // again next tick.
         let sent = shard
             .idempotent(|mut publisher| {
                 let channel = channel.clone();
                 async move {
-                    redis::cmd(shard.pubsub.publish())
-                        .arg(channel)
+                    PROBE_SCRIPT
+                        .key(channel)
                         .arg(nonce.to_string())
-                        .query_async::<i64>(&mut publisher)
+                        .arg(shard.pubsub.publish())
+                        .invoke_async::<i64>(&mut publisher)
                         .await
                 }
             })
