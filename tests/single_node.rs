@@ -389,3 +389,104 @@ async fn messages_that_keep_coming_are_written_together_and_an_idle_connection_a
         after - before
     );
 }
+
+/// The writer frames data itself while tungstenite answers the client's pings and
+/// close on the same socket: every pong comes back with its payload, no frame is
+/// torn, and the client's close is echoed after the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_and_a_close_from_the_client_are_answered_between_data_frames() {
+    // Large messages: a batch is several times what the socket takes at once, so
+    // it is written in parts, and the pongs must wait for its end.
+    const N: usize = 1000;
+    let filler = "x".repeat(30_000);
+    let node = TestNode::start(&[
+        "--publish-rate",
+        "100000",
+        "--publish-burst",
+        "100000",
+        "--client-queue",
+        "10000",
+        "--client-queue-bytes",
+        "100000000",
+    ])
+    .await;
+    // A small receive buffer: the node's socket is full most of the time, so its
+    // batches go out in parts while the pings come in.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(node.ws_url("channel=flow"), stream)
+        .await
+        .unwrap();
+    let mut publisher = node.client("channel=side").await;
+    // How many messages the publisher has sent.
+    let (progress, mut published) = tokio::sync::watch::channel(0);
+    let publishing = tokio::spawn(async move {
+        for seq in 0..N {
+            publisher
+                .send(json!({"op":"pub","ch":"flow","data":[seq, filler]}))
+                .await;
+            progress.send_replace(seq + 1);
+        }
+        publisher
+    });
+    let mut next = 0;
+    let mut pongs = Vec::new();
+    let mut sent = 0u32;
+    while next < N || pongs.len() < 20 {
+        // A ping every 50 messages, while the node is writing batches.
+        if next / 50 > sent as usize && sent < 20 {
+            sent += 1;
+            let payload = format!("ping {sent}").into_bytes();
+            timeout(WAIT, ws.send(Message::Ping(payload.into())))
+                .await
+                .unwrap()
+                .unwrap();
+            // Stop reading until 300 more messages (9 MB) are on their way: the
+            // node's socket fills up in the middle of a batch, while it has the
+            // ping to answer.
+            let ahead = (next + 300).min(N);
+            timeout(WAIT, published.wait_for(|sent| *sent >= ahead))
+                .await
+                .expect("published in time")
+                .unwrap();
+        }
+        if next == N && sent < 20 {
+            sent += 1;
+            let payload = format!("ping {sent}").into_bytes();
+            ws.send(Message::Ping(payload.into())).await.unwrap();
+        }
+        match timeout(WAIT, ws.next()).await.expect("a frame in time") {
+            Some(Ok(Message::Text(text))) => {
+                let frame: serde_json::Value = serde_json::from_str(&text).expect("whole frames");
+                if frame["ch"] == "flow" {
+                    assert_eq!(frame["data"][0], next, "in order, none lost");
+                    next += 1;
+                }
+            }
+            Some(Ok(Message::Pong(payload))) => {
+                pongs.push(String::from_utf8(payload.to_vec()).unwrap())
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected: Vec<String> = (1..=20).map(|i| format!("ping {i}")).collect();
+    assert_eq!(pongs, expected);
+    drop(publishing.await.unwrap());
+
+    ws.send(Message::Close(Some(tungstenite::protocol::CloseFrame {
+        code: 4321.into(),
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    let echoed = loop {
+        match timeout(WAIT, ws.next()).await.expect("the echo in time") {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(Message::Text(_))) => {}
+            other => panic!("expected the close echoed, got {other:?}"),
+        }
+    };
+    assert_eq!(echoed, Some(4321));
+    node.wait_registry_empty().await;
+}

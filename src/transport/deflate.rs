@@ -25,9 +25,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flate2::{Compress, Compression, FlushCompress};
-use tungstenite::Message;
-use tungstenite::protocol::frame::coding::{Data, OpCode};
-use tungstenite::protocol::frame::{Frame as WsFrame, FrameHeader};
 
 pub(crate) use inflate::{InflateError, InflatingIo};
 
@@ -118,20 +115,13 @@ impl Compressor {
         }
     }
 
-    /// The message to write for `frame`: its compressed payload in one frame with
-    /// RSV1 set, or its text when it is under the threshold or did not shrink.
-    /// Also returns the bytes this saved.
-    pub(crate) fn message(&self, frame: Frame) -> (Message, usize) {
+    /// `frame`'s text compressed, to go out in one frame with RSV1 set; `None`
+    /// when it is under the threshold or did not shrink (it goes plain).
+    pub(crate) fn compress(&self, frame: &Frame) -> Option<Bytes> {
         if frame.len() < self.min_bytes as usize {
-            return (Message::Text(frame.into_text()), 0);
+            return None;
         }
-        match frame.deflated(|text| self.deflate(text)) {
-            Some(payload) => {
-                let saved = frame.len().saturating_sub(payload.len());
-                (compressed_message(payload), saved)
-            }
-            None => (Message::Text(frame.into_text()), 0),
-        }
+        frame.deflated(|text| self.deflate(text))
     }
 
     /// Counts bytes that compression kept off the wire.
@@ -161,18 +151,6 @@ impl Drop for Compressor {
     fn drop(&mut self) {
         self.metrics.connections_deflate.dec();
     }
-}
-
-/// A text message of one frame, FIN and RSV1 set, carrying `payload` as it is:
-/// writing it to many connections copies nothing but the reference.
-pub(crate) fn compressed_message(payload: Bytes) -> Message {
-    let header = FrameHeader {
-        is_final: true,
-        rsv1: true,
-        opcode: OpCode::Data(Data::Text),
-        ..FrameHeader::default()
-    };
-    Message::Frame(WsFrame::from_payload(header, payload))
 }
 
 thread_local! {

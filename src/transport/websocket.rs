@@ -2,22 +2,24 @@
 //!
 //! [`Upgrade`] makes the connection (the handshake's checks, the `101` with the
 //! subprotocol and the compression agreed); then the reader turns messages into
-//! [`Inbound`] requests for the session, and the writer task owns the socket's sink
-//! and drains the connection's bounded queue into it, feeding every queued frame
-//! (compressed where the connection negotiated it, see `transport::deflate`) and
-//! flushing once, then sends the close frame the connection's [`CloseReason`]
-//! calls for.
+//! [`Inbound`] requests for the session, and the writer task drains the
+//! connection's bounded queue into the socket: every queued frame (compressed
+//! where the connection negotiated it, see `transport::deflate`) framed into one
+//! buffer (`wire`) and written at once (`socket`), then the close frame the
+//! connection's [`CloseReason`] calls for.
 
+mod socket;
 mod upgrade;
+mod wire;
 
+pub(crate) use socket::Gate;
 pub(crate) use upgrade::Upgrade;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
@@ -29,6 +31,7 @@ use crate::hub::Hub;
 use crate::protocol::Since;
 use crate::session::{Identity, Inbound, Session};
 use crate::transport::deflate::{Compressor, InflateError};
+use socket::{ReadHalf, WriteHalf};
 
 /// How long to wait for the client's close frame after sending ours: a well-behaved
 /// client answers at once; a dead one must not hold the session (or the drain).
@@ -46,7 +49,7 @@ const SPARE_BATCH_CAPACITY: usize = 64;
 /// future for hours, and an async wrapper (or the socket as an argument) would keep
 /// dead copies of the arguments in it.
 fn run<S>(
-    socket: WebSocketStream<S>,
+    socket: WebSocketStream<Gate<S>>,
     hub: Arc<Hub>,
     channels: Vec<(String, Option<Since>)>,
     identity: Identity,
@@ -57,7 +60,7 @@ where
 {
     let (session, queue) = Session::open(hub, identity);
     let span = session.span();
-    let (sink, stream) = socket.split();
+    let (stream, sink) = socket::split(socket);
     let writer = tokio::spawn(
         write_loop(
             sink,
@@ -80,7 +83,7 @@ where
 
 /// After our close frame, gives the client a moment to answer it, so the TCP
 /// connection ends cleanly after it has read everything we sent.
-async fn close_reply<S>(reason: CloseReason, mut stream: SplitStream<WebSocketStream<S>>)
+async fn close_reply<S>(reason: CloseReason, mut stream: ReadHalf<S>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -134,7 +137,7 @@ fn classify_read_error(error: tungstenite::Error) -> CloseReason {
 /// close (the reader turns it into `CloseReason::Shutdown`), pings as a request
 /// from the node's heartbeat.
 async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
+    mut sink: WriteHalf<S>,
     mut queue: ClientQueue,
     client: ClientHandle,
     // The node, for its write timeout, pacing and write counter: one pointer in
@@ -180,24 +183,11 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     tokio::task::yield_now().await;
                     queue.append_to(&mut batch);
                 }
-                // Everything queued goes out with one flush; its bytes count
+                // Everything queued goes out in one write; its bytes count
                 // against the connection's bound until then.
                 let bytes = batch.iter().map(|f| f.len()).sum();
-                let mut saved = 0;
-                let write = async {
-                    for frame in batch.drain(..) {
-                        let message = match &compressor {
-                            None => Message::Text(frame.into_text()),
-                            Some(compressor) => {
-                                let (message, fewer) = compressor.message(frame);
-                                saved += fewer;
-                                message
-                            }
-                        };
-                        sink.feed(message).await?;
-                    }
-                    sink.flush().await
-                };
+                let (out, saved) = frame_all(batch.drain(..), bytes, compressor.as_ref());
+                let write = sink.write_frames(&out);
                 let written = write_within(limit, &client, write).await;
                 queue.written(bytes);
                 hub.metrics.client_writes.inc();
@@ -227,12 +217,11 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
             Some(code) => {
                 // What was queued before the close goes out first (see
                 // `ClientQueue::last_frames`).
-                for frame in queue.last_frames(reason) {
-                    let message = match &compressor {
-                        None => Message::Text(frame.into_text()),
-                        Some(compressor) => compressor.message(frame).0,
-                    };
-                    sink.feed(message).await?;
+                let last = queue.last_frames(reason);
+                if !last.is_empty() {
+                    let bytes = last.iter().map(|f| f.len()).sum();
+                    let (out, _) = frame_all(last.into_iter(), bytes, compressor.as_ref());
+                    sink.write_frames(&out).await?;
                 }
                 let frame = CloseFrame {
                     code: code.into(),
@@ -247,6 +236,30 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     };
     // Boxed: only a closing connection needs the space of this future.
     let _ = Box::pin(tokio::time::timeout(limit, goodbye)).await;
+}
+
+/// Frames `frames` (of `bytes` bytes of text) one after the other into one buffer,
+/// each compressed when the connection negotiated it and it shrinks; also returns
+/// the bytes compression saved. The buffer is made for the batch and freed after
+/// it: an idle connection keeps none.
+fn frame_all(
+    frames: impl Iterator<Item = crate::frame::Frame>,
+    bytes: usize,
+    compressor: Option<&Compressor>,
+) -> (Vec<u8>, usize) {
+    let (count, _) = frames.size_hint();
+    let mut out = Vec::with_capacity(bytes + count * wire::MAX_HEADER);
+    let mut saved = 0;
+    for frame in frames {
+        match compressor.and_then(|c| c.compress(&frame)) {
+            Some(payload) => {
+                saved += frame.len().saturating_sub(payload.len());
+                wire::put_frame(&mut out, wire::TEXT_COMPRESSED, &payload);
+            }
+            None => wire::put_frame(&mut out, wire::TEXT, frame.as_str().as_bytes()),
+        }
+    }
+    (out, saved)
 }
 
 /// Runs one write, bounded by the write timeout; records why the connection must

@@ -162,8 +162,8 @@ fn a_payload_is_valid_for_any_fresh_inflater_and_only_if_it_shrinks() {
     assert!(fresh_inflate(&payload) == big.as_bytes());
 }
 
-#[tokio::test]
-async fn the_compressor_sends_rsv1_frames_above_the_threshold_only() {
+#[test]
+fn the_compressor_compresses_a_shared_frame_once_and_small_ones_not() {
     let metrics = Arc::new(Metrics::new());
     let config = CompressionConfig {
         compression: true,
@@ -171,42 +171,29 @@ async fn the_compressor_sends_rsv1_frames_above_the_threshold_only() {
         compression_level: 2,
     };
     let compressor = Compressor::new(&config, metrics.clone());
-    let (mut ws, mut client) = server().await;
     let big = Frame::from(ticker(7)).shared();
     assert!(big.len() >= 256);
-    // Three subscribers' writers: one compression.
-    for copy in [big.clone(), big.clone(), big.clone()] {
-        let (message, saved) = compressor.message(copy);
-        assert!(saved > 0);
-        ws.send(message).await.unwrap();
-    }
-    let (small, saved) = compressor.message(Frame::from("{\"op\":\"pong\"}"));
-    assert_eq!(saved, 0);
-    ws.send(small).await.unwrap();
+    // Three subscribers' writers: one compression, the same bytes for all.
+    let payloads: Vec<Bytes> = [big.clone(), big.clone(), big.clone()]
+        .iter()
+        .map(|copy| compressor.compress(copy).expect("compressed"))
+        .collect();
+    assert!(payloads[0].len() < big.len());
+    assert_eq!(fresh_inflate(&payloads[0]), big.as_str().as_bytes());
+    assert!(
+        payloads.iter().all(|p| p.as_ptr() == payloads[0].as_ptr()),
+        "one buffer"
+    );
     assert_eq!(metrics.compressions.get(), 1);
     assert_eq!(metrics.compression_bytes_in.get(), big.len() as u64);
+    assert_eq!(
+        metrics.compression_bytes_out.get(),
+        payloads[0].len() as u64
+    );
 
-    let mut payloads = Vec::new();
-    for _ in 0..3 {
-        let mut head = [0u8; 4];
-        client.read_exact(&mut head[..2]).await.unwrap();
-        assert_eq!(head[0], 0xc1, "FIN, RSV1, text");
-        let len = match head[1] {
-            126 => {
-                client.read_exact(&mut head[2..4]).await.unwrap();
-                u16::from_be_bytes([head[2], head[3]]) as usize
-            }
-            n => n as usize,
-        };
-        let mut payload = vec![0; len];
-        client.read_exact(&mut payload).await.unwrap();
-        assert_eq!(fresh_inflate(&payload), big.as_str().as_bytes());
-        payloads.push(payload);
-    }
-    assert!(payloads.iter().all(|p| *p == payloads[0]), "the same bytes");
-    let mut head = [0u8; 2];
-    client.read_exact(&mut head).await.unwrap();
-    assert_eq!(head, [0x81, 13], "a small frame goes plain");
+    // Under the threshold: plain, and not counted.
+    assert_eq!(compressor.compress(&Frame::from("{\"op\":\"pong\"}")), None);
+    assert_eq!(metrics.compressions.get(), 1);
 }
 
 #[tokio::test]

@@ -21,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
+use super::Gate;
 use crate::hub::Hub;
 use crate::protocol::Since;
 use crate::session::Identity;
@@ -190,7 +191,7 @@ impl Upgrade {
                 // Boxed: the larger socket would otherwise widen every connection's
                 // task, compressed or not, for as long as it lives.
                 let socket = Box::pin(WebSocketStream::from_raw_socket(
-                    inflating,
+                    Gate::new(inflating),
                     Role::Server,
                     Some(config),
                 ))
@@ -198,8 +199,12 @@ impl Upgrade {
                 let session = super::run(socket, hub, channels, identity, Some(compressor));
                 sessions.track_future(session).await;
             } else {
-                let socket =
-                    WebSocketStream::from_raw_socket(upgraded, Role::Server, Some(config)).await;
+                let socket = WebSocketStream::from_raw_socket(
+                    Gate::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
                 let session = super::run(socket, hub, channels, identity, None);
                 sessions.track_future(session).await;
             }

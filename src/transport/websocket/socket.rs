@@ -1,0 +1,193 @@
+//! One WebSocket shared by a connection's two tasks: the reader reads the client's
+//! messages through tungstenite; the writer writes the node's data frames as bytes
+//! it framed itself (`wire`), straight to the socket, and its control frames
+//! (ping, close) through tungstenite.
+//!
+//! **Why not tungstenite's sink for everything.** It frames every message again on
+//! every connection, with its state checks and a waker registration per message:
+//! ~10% of a saturated node's CPU in a flame graph at 1M deliveries/s, beside the
+//! kernel's send path. The writer instead frames a whole batch into one buffer and
+//! writes it.
+//!
+//! **Two writers, one byte stream.** tungstenite writes too: the pongs and the reply
+//! to a client's close, while the reader reads, and the writer's pings and close
+//! frame. A batch starts only once tungstenite's own buffer is flushed, and while a
+//! batch is partly written the [`Gate`] holds tungstenite's writes back (they would
+//! land inside a frame); it is opened, and a held-back write woken, once the batch
+//! is out. The stream sits behind a mutex held for one poll at a time, as the
+//! `BiLock` of `futures`' split held it; the writer is the only one to write
+//! batches, so the gate needs no more than a flag.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker, ready};
+
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::Message;
+
+/// The socket below tungstenite, whose writes wait while a batch is partly written.
+#[derive(Debug)]
+pub(crate) struct Gate<S> {
+    inner: S,
+    /// A batch is partly written: tungstenite must not write.
+    shut: bool,
+    /// tungstenite's write that found the gate shut.
+    held: Option<Waker>,
+}
+
+impl<S> Gate<S> {
+    pub(crate) fn new(inner: S) -> Gate<S> {
+        Gate {
+            inner,
+            shut: false,
+            held: None,
+        }
+    }
+
+    fn open(&mut self) {
+        self.shut = false;
+        if let Some(waker) = self.held.take() {
+            waker.wake();
+        }
+    }
+
+    /// `Pending` (and the caller woken when the gate opens) while it is shut.
+    fn wait_open(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.shut {
+            self.held = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gate<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.wait_open(cx));
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        ready!(self.wait_open(cx));
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.wait_open(cx));
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.wait_open(cx));
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+type Shared<S> = Arc<Mutex<WebSocketStream<Gate<S>>>>;
+
+fn lock<S>(shared: &Shared<S>) -> MutexGuard<'_, WebSocketStream<Gate<S>>> {
+    // Held for one poll, which cannot leave the stream torn: a panic there is a
+    // bug, and the connection ends with its task either way.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connection's reading side: tungstenite's messages.
+#[derive(Debug)]
+pub(crate) struct ReadHalf<S>(Shared<S>);
+
+/// The connection's writing side.
+#[derive(Debug)]
+pub(crate) struct WriteHalf<S>(Shared<S>);
+
+/// Shares `socket` between a reader and a writer.
+pub(crate) fn split<S>(socket: WebSocketStream<Gate<S>>) -> (ReadHalf<S>, WriteHalf<S>) {
+    let shared = Arc::new(Mutex::new(socket));
+    (ReadHalf(shared.clone()), WriteHalf(shared))
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Stream for ReadHalf<S> {
+    type Item = Result<Message, tungstenite::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        lock(&self.0).poll_next_unpin(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
+    /// Sends a control message (ping, close) through tungstenite, and flushes.
+    pub(crate) async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+        let mut message = Some(message);
+        std::future::poll_fn(|cx| {
+            let mut socket = lock(&self.0);
+            if message.is_some() {
+                ready!(socket.poll_ready_unpin(cx))?;
+                if let Some(message) = message.take() {
+                    socket.start_send_unpin(message)?;
+                }
+            }
+            socket.poll_flush_unpin(cx)
+        })
+        .await
+    }
+
+    /// Writes out what tungstenite holds (its reply to the client's close).
+    pub(crate) async fn flush(&mut self) -> Result<(), tungstenite::Error> {
+        std::future::poll_fn(|cx| lock(&self.0).poll_flush_unpin(cx)).await
+    }
+
+    /// Writes `frames`, whole frames framed by `wire`, after whatever tungstenite
+    /// has queued and before anything it writes next.
+    pub(crate) async fn write_frames(&mut self, frames: &[u8]) -> Result<(), tungstenite::Error> {
+        let mut written = 0;
+        let mut started = false;
+        std::future::poll_fn(|cx| {
+            let mut socket = lock(&self.0);
+            if !started {
+                ready!(socket.poll_flush_unpin(cx))?;
+                socket.get_mut().shut = true;
+                started = true;
+            }
+            let gate = socket.get_mut();
+            let result = loop {
+                if written == frames.len() {
+                    break ready!(Pin::new(&mut gate.inner).poll_flush(cx));
+                }
+                match ready!(Pin::new(&mut gate.inner).poll_write(cx, &frames[written..])) {
+                    Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => written += n,
+                    Err(e) => break Err(e),
+                }
+            };
+            // Out, or failed (the connection ends): tungstenite may write again.
+            gate.open();
+            Poll::Ready(result.map_err(tungstenite::Error::Io))
+        })
+        .await
+    }
+}
