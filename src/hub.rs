@@ -22,6 +22,7 @@
 use std::sync::Arc;
 
 use crate::frame::Frame;
+use crate::pacing::Pacing;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -145,6 +146,8 @@ pub(crate) struct Hub {
     pub(crate) proxy: Proxy,
     /// This node's connections by user (the server API's commands reach them here).
     pub(crate) users: Arc<Users>,
+    /// The interval WebSocket writers keep between writes, following the load.
+    pub(crate) pacing: Pacing,
 }
 
 impl Hub {

@@ -24,6 +24,7 @@ mod hub;
 mod memory;
 pub mod metrics;
 mod node;
+mod pacing;
 pub mod protocol;
 mod proxy;
 pub mod publication;

@@ -5,6 +5,8 @@
 //! Handles are atomics, so recording on the message path costs one atomic add;
 //! label families are only used for rare events (errors, closes, reconnects).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -84,6 +86,8 @@ pub struct Metrics {
     pub compression_saved_bytes: Counter,
     /// Writes to WebSocket clients (one per batch of frames, however many).
     pub client_writes: Counter,
+    /// The interval WebSocket writers keep between writes now (see `pacing`).
+    pub write_pacing: Gauge<f64, AtomicU64>,
     proxy_calls: Family<ProxyLabels, Counter>,
     proxy_duration: Family<Labels, Histogram, fn() -> Histogram>,
     /// Proxy calls in flight now (bounded by `--proxy-max-concurrency`).
@@ -143,6 +147,7 @@ impl Metrics {
             compression_bytes_out: Counter::default(),
             compression_saved_bytes: Counter::default(),
             client_writes: Counter::default(),
+            write_pacing: Gauge::default(),
             proxy_calls: Family::default(),
             proxy_duration: Family::new_with_constructor(proxy_histogram as fn() -> Histogram),
             proxy_in_flight: Gauge::default(),
@@ -315,6 +320,11 @@ impl Metrics {
             "client_writes",
             "Writes to WebSocket clients: one per batch of frames (see --write-pacing)",
             m.client_writes.clone(),
+        );
+        registry.register(
+            "write_pacing_seconds",
+            "The interval WebSocket writers keep between two writes while messages keep coming: --write-pacing, or --write-pacing-busy while the node is busy",
+            m.write_pacing.clone(),
         );
         registry.register(
             "proxy_calls",

@@ -26,6 +26,7 @@ use crate::handshake_io::HandshakeIo;
 use crate::http::{self, AppState};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::pacing::Pacing;
 use crate::proxy::Proxy;
 use crate::readiness::Readiness;
 use crate::reads::HistoryReads;
@@ -123,6 +124,10 @@ impl Node {
             config.broker.broker_timeout,
             metrics.clone(),
         );
+        let pacing = Pacing::new(
+            config.limits.write_pacing,
+            config.limits.write_pacing_busy(),
+        );
         let hub = Arc::new(Hub {
             config,
             node_id,
@@ -134,6 +139,7 @@ impl Node {
             reads,
             proxy,
             users,
+            pacing,
         });
         Ok(Node {
             state: Arc::new(AppState {
@@ -188,6 +194,15 @@ impl Node {
             token.clone(),
         ));
         tokio::spawn(announce(hub.clone(), addr));
+        {
+            let hub = hub.clone();
+            let token = token.clone();
+            tokio::spawn(async move {
+                hub.pacing
+                    .follow_load(tokio::runtime::Handle::current(), &hub.metrics, token)
+                    .await
+            });
+        }
         tokio::spawn(crate::memory::trim_after_churn(
             hub.registry.clone(),
             hub.metrics.clone(),

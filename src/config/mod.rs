@@ -255,6 +255,14 @@ pub struct LimitsConfig {
     #[arg(long, env = "WSRELAY_WRITE_PACING", default_value = "5ms", value_parser = parse_duration)]
     pub write_pacing: Duration,
 
+    /// The write pacing while the node is busy (its worker threads working 80% of
+    /// the time or more, until they are back under 50%): a saturated node delivers
+    /// more per CPU-second by writing less often, and its messages are late by then
+    /// anyway. At least `--write-pacing`; equal to it turns the adaptation off.
+    /// Default: twice `--write-pacing` (10 ms).
+    #[arg(long, env = "WSRELAY_WRITE_PACING_BUSY", value_parser = parse_duration)]
+    pub write_pacing_busy: Option<Duration>,
+
     /// Time allowed on SIGTERM/SIGINT to close every client with 1001 and exit.
     /// Kubernetes' default grace period is 30 s; 10 s leaves room for a preStop hook.
     #[arg(long, env = "WSRELAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -315,6 +323,14 @@ pub struct LimitsConfig {
     /// Largest `/api/publish` request body, in bytes (413 beyond).
     #[arg(long, env = "WSRELAY_MAX_API_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub max_api_body_bytes: usize,
+}
+
+impl LimitsConfig {
+    /// The write pacing while the node is busy (`--write-pacing-busy`, by default
+    /// twice `--write-pacing`).
+    pub fn write_pacing_busy(&self) -> Duration {
+        self.write_pacing_busy.unwrap_or(self.write_pacing * 2)
+    }
 }
 
 /// Authentication of clients and backends.
@@ -707,10 +723,23 @@ impl Config {
         if limits.client_queue == 0 {
             return Err(ConfigError::new("client-queue", "must be at least 1 frame"));
         }
+        if limits
+            .write_pacing_busy
+            .is_some_and(|busy| busy < limits.write_pacing)
+        {
+            return Err(ConfigError::new(
+                "write-pacing-busy",
+                "must be at least --write-pacing",
+            ));
+        }
         for (flag, value) in [
             ("ping-interval", limits.ping_interval),
             ("write-timeout", limits.write_timeout),
             ("write-pacing", limits.write_pacing),
+            (
+                "write-pacing-busy",
+                limits.write_pacing_busy.unwrap_or(limits.write_pacing),
+            ),
             ("drain-timeout", limits.drain_timeout),
             ("broker-timeout", self.broker.broker_timeout),
             ("handshake-timeout", limits.handshake_timeout),
@@ -950,7 +979,7 @@ fn duration_range(flag: &str) -> (Duration, Duration) {
             (100 * MS, HOUR)
         }
         "broker-timeout" => (10 * MS, 5 * 60 * S),
-        "write-pacing" => (Duration::ZERO, S),
+        "write-pacing" | "write-pacing-busy" => (Duration::ZERO, S),
         "jwt-leeway" => (Duration::ZERO, HOUR),
         "history-ttl" => (S, 365 * DAY),
         "history-meta-ttl" => (S, 3650 * DAY),
@@ -1286,6 +1315,25 @@ mod tests {
         assert!(parse(&["--ping-interval", "100ms", "--node-ttl", "1h"]).is_ok());
         assert!(parse(&["--jwt-leeway", "0s", "--broker-timeout", "10ms"]).is_ok());
         assert!(parse(&[]).is_ok());
+    }
+
+    #[test]
+    fn busy_write_pacing_defaults_to_twice_the_pacing_and_is_never_shorter() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(10));
+        let c = parse(&["--write-pacing", "200ms"]).unwrap();
+        assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(400));
+        let c = parse(&["--write-pacing", "0s"]).unwrap();
+        assert_eq!(c.limits.write_pacing_busy(), Duration::ZERO, "off is off");
+        let c = parse(&["--write-pacing-busy", "5ms"]).unwrap();
+        assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(5));
+        let e = parse(&["--write-pacing-busy", "2ms"]).unwrap_err();
+        assert!(
+            e.contains("write-pacing-busy") && e.contains("at least"),
+            "{e}"
+        );
+        let e = parse(&["--write-pacing-busy", "2s"]).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
     }
 
     #[test]

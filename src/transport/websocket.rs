@@ -158,7 +158,7 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 write_within(limit, &client, sink.send(Message::Ping(Default::default()))).await
             }
             Next::Frames => {
-                if let Some(due) = last_write.map(|at| at + limits.write_pacing)
+                if let Some(due) = last_write.map(|at| at + hub.pacing.current())
                     && due > tokio::time::Instant::now()
                 {
                     // Messages keep coming: wait out the pacing interval (or until
@@ -191,7 +191,7 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 let written = write_within(limit, &client, write).await;
                 queue.written(bytes);
                 hub.metrics.client_writes.inc();
-                if !limits.write_pacing.is_zero() {
+                if !limits.write_pacing_busy().is_zero() {
                     last_write = Some(tokio::time::Instant::now());
                 }
                 if saved > 0
