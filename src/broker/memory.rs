@@ -33,6 +33,9 @@ pub struct MemoryBroker {
     /// This node's last announcement: the cluster view of a one-node cluster. Why a
     /// mutex: written every few seconds, read by the API.
     pub(super) announcement: std::sync::Arc<std::sync::Mutex<Option<crate::cluster::Announcement>>>,
+    /// The samples of its last announcements, oldest first, for the charts
+    /// (bounded by [`crate::cluster::history_len`]).
+    samples: std::sync::Arc<std::sync::Mutex<VecDeque<crate::cluster::Sample>>>,
     /// Connections by user: this node's are the cluster's.
     pub(super) users: std::sync::Arc<super::presence::Table>,
     /// Revocations (`POST /api/revoke`), by key (`jti:<id>`, `user:<id>`): the
@@ -116,6 +119,7 @@ impl MemoryBroker {
             inner,
             presence: Default::default(),
             announcement: Default::default(),
+            samples: Default::default(),
             users: Default::default(),
             revoked: Default::default(),
         }
@@ -221,9 +225,36 @@ impl MemoryBroker {
         self.inner.delivery.streams.forwarded(payload.into())
     }
 
-    /// This node's channels and their subscribers: the whole cluster's.
-    pub(super) fn local_channels(&self) -> Vec<(String, usize)> {
-        self.inner.delivery.registry.channel_counts()
+    /// Keeps this node's announcement and a sample of it.
+    pub(super) fn announce(&self, announcement: crate::cluster::Announcement) {
+        let interval = std::time::Duration::from_millis(announcement.info.interval_ms);
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        samples.push_back((&announcement.info).into());
+        while samples.len() > crate::cluster::history_len(interval) {
+            samples.pop_front();
+        }
+        drop(samples);
+        *self.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(announcement);
+    }
+
+    /// This node's channels and their subscribers (exact, not as last announced):
+    /// the whole cluster's. None before the node announced itself.
+    pub(super) fn node_channels(&self) -> Vec<super::NodeChannels> {
+        let announcement = self.announcement.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = announcement.as_ref().map(|a| a.info.id.clone()) else {
+            return Vec::new();
+        };
+        vec![(id, self.inner.delivery.registry.channel_counts())]
+    }
+
+    /// The samples of this node's last announcements.
+    pub(super) fn node_history(&self) -> Vec<(String, Vec<crate::cluster::Sample>)> {
+        let announcement = self.announcement.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = announcement.as_ref().map(|a| a.info.id.clone()) else {
+            return Vec::new();
+        };
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        vec![(id, samples.iter().copied().collect())]
     }
 
     /// Reads a channel's position and stored publications.
