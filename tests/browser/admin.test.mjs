@@ -95,6 +95,10 @@ test("the admin page says a SIGKILLed node is silent and leaves it out of the to
   await waitFor("the channels without c's subscriber", async () =>
     (await page.$$eval("#channels tr", (rows) => rows.map((r) => r.textContent))).includes("global1"));
   assert.match(await page.textContent("#channels-note"), /left out: c/);
+  // The cluster's connections chart follows the same rule.
+  await waitFor("the cluster line without c", async () =>
+    (await series(page, "connections", "cluster")).last === 1);
+  assert.ok((await series(page, "connections", "c")).points >= 2, "c's own line stays, ended");
   assert.match(await rowText(page, "c", "heard"), /s ago$/);
 
   await waitFor("c gone", async () => (await nodeIds(page)).join() === "a,b");
