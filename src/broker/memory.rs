@@ -339,6 +339,40 @@ mod tests {
     use crate::registry::Registry;
 
     #[tokio::test]
+    async fn the_charts_samples_are_bounded() {
+        let delivery = Delivery {
+            registry: Registry::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            tracing: crate::telemetry::Tracing::disabled(),
+            streams: Default::default(),
+            users: Default::default(),
+        };
+        let broker = MemoryBroker::start(
+            delivery,
+            Duration::from_secs(3600),
+            100,
+            CancellationToken::new(),
+        );
+        // An hour's interval keeps one sample: the window holds no more.
+        for at in 1..=3 {
+            let info: crate::cluster::NodeInfo = serde_json::from_value(serde_json::json!({
+                "id": "n1", "version": "0", "started_at": 0, "address": "x", "broker": "memory",
+                "ready": true, "connections": at, "subscriptions": 0, "channels": 0,
+                "published_per_s": 0.0, "delivered_per_s": 0.0, "announced_at": at,
+                "interval_ms": 3_600_000,
+            }))
+            .unwrap();
+            broker.announce(crate::cluster::Announcement {
+                info,
+                channels: Vec::new(),
+            });
+        }
+        let history = broker.node_history();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].1, [crate::cluster::Sample(3, 3, 0.0, 0.0)]);
+    }
+
+    #[tokio::test]
     async fn positions_are_bounded_and_eviction_starts_a_new_epoch() {
         let delivery = Delivery {
             registry: Registry::new(),
