@@ -6,6 +6,8 @@
 //! here with an HTTP status and a JSON body, so a WebSocket is only opened when it
 //! can be served.
 
+mod cluster_api;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -70,8 +72,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         // The body is read by the handler, after the API key, bounded in bytes and
         // time (`read_body`).
         .route("/api/publish", post(api_publish))
-        .route("/api/channels", get(api_channels))
-        .route("/api/nodes", get(api_nodes))
+        .route("/api/channels", get(cluster_api::api_channels))
+        .route("/api/nodes", get(cluster_api::api_nodes))
+        .route("/api/nodes/history", get(cluster_api::api_nodes_history))
         .route("/api/history", get(api_history))
         .route("/api/presence", get(api_presence))
         .route("/api/presence_stats", get(api_presence_stats))
@@ -793,52 +796,6 @@ async fn api_publish(
         Json(json!({"published": published, "offsets": offsets})).into_response()
     } else {
         Json(json!({"published": published})).into_response()
-    }
-}
-
-/// `GET /api/channels`: channels with subscribers on this node.
-/// `GET /api/channels`: every channel with subscribers on a live node and their
-/// count across nodes (from the nodes' announcements, a few seconds old at most);
-/// `?node=local`: this node's channels, exact.
-async fn api_channels(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
-    if let Some(refused) = api_key_refusal(&state, &headers) {
-        return refused;
-    }
-    let node = &state.hub;
-    let local = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-        .any(|(k, v)| k == "node" && v == "local");
-    let counts = if local {
-        node.registry.channel_counts()
-    } else {
-        match node.broker.cluster_channels().await {
-            Ok(counts) => counts,
-            Err(e) => return refusal_response(&Refusal::from(e)),
-        }
-    };
-    let channels: Vec<_> = counts
-        .into_iter()
-        .map(|(ch, subscribers)| json!({"ch": ch, "subscribers": subscribers}))
-        .collect();
-    if local {
-        Json(json!({"node": node.node_id, "channels": channels})).into_response()
-    } else {
-        Json(json!({"channels": channels})).into_response()
-    }
-}
-
-/// `GET /api/nodes`: every live node's announcement (id, version, start, address,
-/// readiness, connections, subscriptions, channels, message rates).
-async fn api_nodes(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = api_key_refusal(&state, &headers) {
-        return refused;
-    }
-    match state.hub.broker.nodes().await {
-        Ok(nodes) => Json(json!({"nodes": nodes})).into_response(),
-        Err(e) => refusal_response(&Refusal::from(e)),
     }
 }
 

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{Grants, OriginPolicy, Verifier};
-use crate::broker::{Broker, BrokerError};
-use crate::cluster::{Announcement, NodeInfo};
+use crate::broker::{Broker, BrokerError, ShardState};
+use crate::cluster::{Announcement, NodeInfo, ShardHealth, ShardInfo};
 use crate::config::{Config, ConfigError};
 use crate::delivery::Delivery;
 use crate::envelope;
@@ -193,7 +193,10 @@ impl Node {
             hub.config.limits.ping_interval,
             token.clone(),
         ));
-        tokio::spawn(announce(hub.clone(), addr));
+        // Announcing goes on through the drain, and ends with this function.
+        let stop_announcing = CancellationToken::new();
+        let _announcing = stop_announcing.clone().drop_guard();
+        tokio::spawn(announce(hub.clone(), addr, stop_announcing));
         {
             let hub = hub.clone();
             let token = token.clone();
@@ -386,8 +389,10 @@ async fn heartbeat(registry: Registry, period: std::time::Duration, shutdown: Ca
     }
 }
 
-/// Announces this node until shutdown.
-async fn announce(hub: Arc<Hub>, address: SocketAddr) {
+/// Announces this node every announcement interval until `stop` (the end of
+/// [`Node::serve`]): once more as soon as it starts draining, so the view says so
+/// at once, and on through the drain.
+async fn announce(hub: Arc<Hub>, address: SocketAddr, stop: CancellationToken) {
     let started_at = envelope::now_us() / 1000;
     let period = crate::cluster::interval(hub.config.presence.node_ttl);
     let mut tick = tokio::time::interval(period);
@@ -397,9 +402,13 @@ async fn announce(hub: Arc<Hub>, address: SocketAddr) {
         hub.metrics.messages_published.get(),
         hub.metrics.messages_delivered.get(),
     );
+    let mut drain_said = false;
     loop {
         tokio::select! {
-            _ = hub.shutdown.cancelled() => return,
+            // The drain is said even when the node stopped at once.
+            biased;
+            _ = hub.shutdown.cancelled(), if !drain_said => drain_said = true,
+            _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
         let now = std::time::Instant::now();
@@ -409,6 +418,7 @@ async fn announce(hub: Arc<Hub>, address: SocketAddr) {
         );
         let elapsed = now.duration_since(last.0).as_secs_f64().max(1e-3);
         let stats = hub.registry.stats();
+        let readiness = Readiness::of(&hub);
         let announcement = Announcement {
             info: NodeInfo {
                 id: hub.node_id.clone(),
@@ -416,13 +426,16 @@ async fn announce(hub: Arc<Hub>, address: SocketAddr) {
                 started_at,
                 address: address.to_string(),
                 broker: hub.broker.kind().to_owned(),
-                ready: Readiness::of(&hub).is_ready(),
+                ready: readiness.is_ready(),
                 connections: stats.connections,
                 subscriptions: stats.subscriptions,
                 channels: stats.channels,
                 published_per_s: (published - last.1) as f64 / elapsed,
                 delivered_per_s: (delivered - last.2) as f64 / elapsed,
                 announced_at: envelope::now_us() / 1000,
+                draining: hub.is_draining(),
+                interval_ms: period.as_millis() as u64,
+                shards: hub.broker.shards().into_iter().map(shard_info).collect(),
             },
             channels: hub.registry.channel_counts(),
         };
@@ -430,6 +443,20 @@ async fn announce(hub: Arc<Hub>, address: SocketAddr) {
         if let Err(e) = hub.broker.announce(announcement).await {
             tracing::debug!(error = %e, "could not announce this node");
         }
+    }
+}
+
+/// A shard's state as the cluster view says it.
+fn shard_info(shard: ShardState) -> ShardInfo {
+    ShardInfo {
+        state: if shard.is_up() {
+            ShardHealth::Up
+        } else {
+            ShardHealth::Down
+        },
+        shard: shard.label,
+        reason: shard.problem,
+        probe_rtt_ms: shard.probe_rtt.map(|rtt| rtt.as_secs_f64() * 1000.0),
     }
 }
 

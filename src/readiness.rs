@@ -105,6 +105,7 @@ mod tests {
         ShardState {
             label: label.to_owned(),
             problem: problem.map(str::to_owned),
+            probe_rtt: None,
         }
     }
 

@@ -33,6 +33,9 @@ pub struct MemoryBroker {
     /// This node's last announcement: the cluster view of a one-node cluster. Why a
     /// mutex: written every few seconds, read by the API.
     pub(super) announcement: std::sync::Arc<std::sync::Mutex<Option<crate::cluster::Announcement>>>,
+    /// The samples of its last announcements, oldest first, for the charts
+    /// (bounded by [`crate::cluster::history_len`]).
+    samples: std::sync::Arc<std::sync::Mutex<VecDeque<crate::cluster::Sample>>>,
     /// Connections by user: this node's are the cluster's.
     pub(super) users: std::sync::Arc<super::presence::Table>,
     /// Revocations (`POST /api/revoke`), by key (`jti:<id>`, `user:<id>`): the
@@ -116,6 +119,7 @@ impl MemoryBroker {
             inner,
             presence: Default::default(),
             announcement: Default::default(),
+            samples: Default::default(),
             users: Default::default(),
             revoked: Default::default(),
         }
@@ -221,9 +225,36 @@ impl MemoryBroker {
         self.inner.delivery.streams.forwarded(payload.into())
     }
 
-    /// This node's channels and their subscribers: the whole cluster's.
-    pub(super) fn local_channels(&self) -> Vec<(String, usize)> {
-        self.inner.delivery.registry.channel_counts()
+    /// Keeps this node's announcement and a sample of it.
+    pub(super) fn announce(&self, announcement: crate::cluster::Announcement) {
+        let interval = std::time::Duration::from_millis(announcement.info.interval_ms);
+        let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        samples.push_back((&announcement.info).into());
+        while samples.len() > crate::cluster::history_len(interval) {
+            samples.pop_front();
+        }
+        drop(samples);
+        *self.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(announcement);
+    }
+
+    /// This node's channels and their subscribers (exact, not as last announced):
+    /// the whole cluster's. None before the node announced itself.
+    pub(super) fn node_channels(&self) -> Vec<super::NodeChannels> {
+        let announcement = self.announcement.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = announcement.as_ref().map(|a| a.info.id.clone()) else {
+            return Vec::new();
+        };
+        vec![(id, self.inner.delivery.registry.channel_counts())]
+    }
+
+    /// The samples of this node's last announcements.
+    pub(super) fn node_history(&self) -> Vec<(String, Vec<crate::cluster::Sample>)> {
+        let announcement = self.announcement.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = announcement.as_ref().map(|a| a.info.id.clone()) else {
+            return Vec::new();
+        };
+        let samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        vec![(id, samples.iter().copied().collect())]
     }
 
     /// Reads a channel's position and stored publications.
@@ -306,6 +337,40 @@ mod tests {
     use super::*;
     use crate::publication::Kind;
     use crate::registry::Registry;
+
+    #[tokio::test]
+    async fn the_charts_samples_are_bounded() {
+        let delivery = Delivery {
+            registry: Registry::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
+            tracing: crate::telemetry::Tracing::disabled(),
+            streams: Default::default(),
+            users: Default::default(),
+        };
+        let broker = MemoryBroker::start(
+            delivery,
+            Duration::from_secs(3600),
+            100,
+            CancellationToken::new(),
+        );
+        // An hour's interval keeps one sample: the window holds no more.
+        for at in 1..=3 {
+            let info: crate::cluster::NodeInfo = serde_json::from_value(serde_json::json!({
+                "id": "n1", "version": "0", "started_at": 0, "address": "x", "broker": "memory",
+                "ready": true, "connections": at, "subscriptions": 0, "channels": 0,
+                "published_per_s": 0.0, "delivered_per_s": 0.0, "announced_at": at,
+                "interval_ms": 3_600_000,
+            }))
+            .unwrap();
+            broker.announce(crate::cluster::Announcement {
+                info,
+                channels: Vec::new(),
+            });
+        }
+        let history = broker.node_history();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].1, [crate::cluster::Sample(3, 3, 0.0, 0.0)]);
+    }
 
     #[tokio::test]
     async fn positions_are_bounded_and_eviction_starts_a_new_epoch() {

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cluster::{Announcement, NodeInfo};
+use crate::cluster::{Announcement, NodeInfo, Sample};
 use crate::config::{ChannelOptions, Config, Topology};
 use crate::delivery::Delivery;
 use crate::publication::{Epoch, Position, Publication};
@@ -129,6 +129,9 @@ pub struct History {
     pub truncated: bool,
 }
 
+/// A node's id and its channels with their local subscriber counts.
+pub type NodeChannels = (String, Vec<(String, usize)>);
+
 /// One Redis shard as readiness reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardState {
@@ -137,6 +140,8 @@ pub struct ShardState {
     /// Why the shard is not usable (not connected, its delivery probe late);
     /// `None` while it is.
     pub problem: Option<String>,
+    /// The round trip of its last delivery probe that came back.
+    pub probe_rtt: Option<Duration>,
 }
 
 impl ShardState {
@@ -284,7 +289,7 @@ impl Broker {
     pub async fn announce(&self, announcement: Announcement) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(b) => {
-                *b.announcement.lock().unwrap_or_else(|e| e.into_inner()) = Some(announcement);
+                b.announce(announcement);
                 Ok(())
             }
             Broker::Redis(b) => b.announce(announcement).await,
@@ -305,11 +310,21 @@ impl Broker {
         }
     }
 
-    /// Every channel with subscribers on a live node, and how many across nodes.
-    pub async fn cluster_channels(&self) -> Result<Vec<(String, usize)>, BrokerError> {
+    /// Each live node's channels with their local subscriber counts, by node id
+    /// (summed by [`crate::cluster::channel_totals`]).
+    pub async fn node_channels(&self) -> Result<Vec<NodeChannels>, BrokerError> {
         match self {
-            Broker::Memory(b) => Ok(b.local_channels()),
-            Broker::Redis(b) => b.cluster_channels().await,
+            Broker::Memory(b) => Ok(b.node_channels()),
+            Broker::Redis(b) => b.node_channels().await,
+        }
+    }
+
+    /// The samples of each live node's last announcements, oldest first, by node
+    /// id: the admin page's charts.
+    pub async fn node_history(&self) -> Result<Vec<(String, Vec<Sample>)>, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.node_history()),
+            Broker::Redis(b) => b.node_history().await,
         }
     }
 

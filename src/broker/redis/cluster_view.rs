@@ -1,26 +1,46 @@
 //! The cluster view in Redis: this node's announcement (its info, listed in a
-//! sorted set by expiry, and its channel counts, written in one transaction on the
-//! first shard) and the reads of every live node's.
+//! sorted set by expiry, its channel counts and the samples for the charts, written
+//! in one transaction on the first shard) and the reads of every live node's.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use super::{Inner, millis};
-use crate::broker::BrokerError;
-use crate::cluster::{Announcement, NodeInfo};
+use crate::broker::{BrokerError, NodeChannels};
+use crate::cluster::{self, Announcement, NodeInfo, Sample};
 use crate::envelope;
 
 /// Writes this node's announcement: its info (expiring after `--node-ttl`, and
-/// listed in the nodes sorted set with that expiry) and its channel counts, in
-/// one transaction, so readers never see half of it.
+/// listed in the nodes sorted set with that expiry), its channel counts and a
+/// sample for the charts (a list capped at [`cluster::history_len`]), in one
+/// transaction, so readers never see half of it.
 pub(super) async fn announce(inner: &Inner, announcement: Announcement) -> Result<(), BrokerError> {
     let ttl = millis(inner.config.presence.node_ttl);
     let id = &announcement.info.id;
     let info = serde_json::to_vec(&announcement.info)
         .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+    let sample = serde_json::to_vec(&Sample::from(&announcement.info))
+        .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+    let keep = cluster::history_len(Duration::from_millis(announcement.info.interval_ms));
     let channels_key = inner.keys.node(&format!("node-channels:{id}"));
+    let history_key = inner.keys.node(&format!("node-history:{id}"));
     let mut pipe = redis::pipe();
+    // Newest first: LTRIM keeps the last `keep`.
     pipe.atomic()
-        .cmd("SET")
+        .cmd("LPUSH")
+        .arg(&history_key)
+        .arg(sample)
+        .ignore()
+        .cmd("LTRIM")
+        .arg(&history_key)
+        .arg(0)
+        .arg(keep - 1)
+        .ignore()
+        .cmd("PEXPIRE")
+        .arg(&history_key)
+        .arg(ttl)
+        .ignore();
+    pipe.cmd("SET")
         .arg(inner.keys.node(&format!("node:{id}")))
         .arg(info)
         .arg("PX")
@@ -95,9 +115,10 @@ pub(super) async fn nodes(inner: &Inner) -> Result<Vec<NodeInfo>, BrokerError> {
     Ok(nodes)
 }
 
-/// Channels with subscribers on any live node, with the sum of their counts.
-pub(super) async fn cluster_channels(inner: &Inner) -> Result<Vec<(String, usize)>, BrokerError> {
-    let ids = live_nodes(inner).await?;
+/// Each live node's channels with their local subscriber counts, by node id.
+pub(super) async fn node_channels(inner: &Inner) -> Result<Vec<NodeChannels>, BrokerError> {
+    let mut ids = live_nodes(inner).await?;
+    ids.sort();
     let mut pipe = redis::pipe();
     for id in &ids {
         pipe.cmd("HGETALL")
@@ -111,13 +132,46 @@ pub(super) async fn cluster_channels(inner: &Inner) -> Result<Vec<(String, usize
                 .await
         })
         .await?;
-    let mut total: HashMap<String, usize> = HashMap::new();
-    for channels in per_node {
-        for (channel, count) in channels {
-            *total.entry(channel).or_default() += count;
-        }
+    Ok(ids
+        .into_iter()
+        .zip(per_node)
+        .map(|(id, channels)| {
+            let mut channels: Vec<(String, usize)> = channels.into_iter().collect();
+            channels.sort();
+            (id, channels)
+        })
+        .collect())
+}
+
+/// The samples of each live node's last announcements, oldest first, by node id.
+pub(super) async fn node_history(inner: &Inner) -> Result<Vec<(String, Vec<Sample>)>, BrokerError> {
+    let mut ids = live_nodes(inner).await?;
+    ids.sort();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        pipe.cmd("LRANGE")
+            .arg(inner.keys.node(&format!("node-history:{id}")))
+            .arg(0)
+            .arg(-1);
     }
-    let mut channels: Vec<(String, usize)> = total.into_iter().collect();
-    channels.sort();
-    Ok(channels)
+    let pipe = &pipe;
+    let per_node = inner
+        .home()
+        .idempotent(
+            |mut conn| async move { pipe.query_async::<Vec<Vec<Vec<u8>>>>(&mut conn).await },
+        )
+        .await?;
+    Ok(ids
+        .into_iter()
+        .zip(per_node)
+        .map(|(id, samples)| {
+            // A sample that does not parse (another version's) is skipped.
+            let samples = samples
+                .iter()
+                .rev()
+                .filter_map(|json| serde_json::from_slice(json).ok())
+                .collect();
+            (id, samples)
+        })
+        .collect())
 }

@@ -69,7 +69,7 @@ use self::keys::Keys;
 use self::shard::Shard;
 use super::tracker::Tracker;
 use super::{BrokerError, Delivery, History, HistoryRequest, every};
-use crate::cluster::{Announcement, NodeInfo};
+use crate::cluster::{Announcement, NodeInfo, Sample};
 use crate::config::{ChannelOptions, Config};
 use crate::publication::{Position, Publication};
 
@@ -354,9 +354,14 @@ impl RedisBroker {
         cluster_view::nodes(&self.inner).await
     }
 
-    /// Channels with subscribers on any live node, with the sum of their counts.
-    pub async fn cluster_channels(&self) -> Result<Vec<(String, usize)>, BrokerError> {
-        cluster_view::cluster_channels(&self.inner).await
+    /// Each live node's channels with their local subscriber counts.
+    pub async fn node_channels(&self) -> Result<Vec<super::NodeChannels>, BrokerError> {
+        cluster_view::node_channels(&self.inner).await
+    }
+
+    /// The samples of each live node's last announcements, oldest first.
+    pub async fn node_history(&self) -> Result<Vec<(String, Vec<Sample>)>, BrokerError> {
+        cluster_view::node_history(&self.inner).await
     }
 
     /// Resolves once `channel` is subscribed on the node's Redis connection. The
@@ -416,6 +421,7 @@ impl RedisBroker {
             .map(|s| super::ShardState {
                 label: s.label.clone(),
                 problem: s.problem(),
+                probe_rtt: s.probes.last_rtt(),
             })
             .collect()
     }

@@ -35,6 +35,8 @@ struct Probe {
     target: String,
     /// The nonce in flight and when it was sent.
     in_flight: Option<(u64, Instant)>,
+    /// The round trip of the last nonce that came back, for the cluster view.
+    last_rtt: Option<Duration>,
 }
 
 /// What the health tick does about the probes.
@@ -67,6 +69,7 @@ impl Probes {
             channel,
             target: target.to_owned(),
             in_flight: None,
+            last_rtt: None,
         }];
         probes
     }
@@ -111,6 +114,7 @@ impl Probes {
                         channel,
                         target: format!("cluster master {master}"),
                         in_flight: None,
+                        last_rtt: None,
                     });
                     break;
                 }
@@ -169,8 +173,15 @@ impl Probes {
         if expected.as_deref().map(str::as_bytes) != Some(payload) {
             return Some(false);
         }
-        probe.in_flight = None;
+        probe.last_rtt = probe.in_flight.take().map(|(_, sent)| sent.elapsed());
         Some(true)
+    }
+
+    /// The round trip of the last probe that came back: the slowest of them when
+    /// there are several (a Redis Cluster's masters), since that is the path a
+    /// message may take. `None` before any came back.
+    pub(super) fn last_rtt(&self) -> Option<Duration> {
+        self.lock().iter().filter_map(|p| p.last_rtt).max()
     }
 }
 
@@ -241,10 +252,12 @@ mod tests {
         let (channel, nonce) = &sent[0];
         assert_eq!(probes.returned(b"other", b"1"), None);
         assert_eq!(probes.returned(channel.as_bytes(), b"wrong"), Some(false));
+        assert_eq!(probes.last_rtt(), None, "no probe came back yet");
         assert_eq!(
             probes.returned(channel.as_bytes(), nonce.to_string().as_bytes()),
             Some(true)
         );
+        assert!(probes.last_rtt().is_some(), "its round trip is kept");
         let Step::Send(_) = probes.step() else {
             panic!("the returned probe is not late")
         };
