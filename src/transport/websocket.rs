@@ -36,6 +36,11 @@ use socket::{ReadHalf, WriteHalf};
 /// How long to wait for the client's close frame after sending ours: a well-behaved
 /// client answers at once; a dead one must not hold the session (or the drain).
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
+/// A connection whose queue holds fewer frames than this is not paced: pacing keeps
+/// what arrives during an interval in the queue, and a small queue has no room for
+/// that and for a writer that is late on a busy machine (it would be closed as a
+/// slow consumer for the node's own delay).
+const PACED_QUEUE_FRAMES: usize = 16;
 /// A writer keeps its batch buffer between batches unless a burst grew it past
 /// this many frames.
 const SPARE_BATCH_CAPACITY: usize = 64;
@@ -149,7 +154,9 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     let limit = limits.write_timeout;
     // Swapped with the queue on every batch, so a busy connection allocates nothing.
     let mut batch = VecDeque::new();
-    // When the last batch was written (`--write-pacing`).
+    // When the last batch was written (`--write-pacing`), if this connection is paced.
+    let paced =
+        !limits.write_pacing_busy().is_zero() && client.bounds().frames >= PACED_QUEUE_FRAMES;
     let mut last_write: Option<tokio::time::Instant> = None;
     loop {
         let written = match queue.next(&mut batch).await {
@@ -191,7 +198,7 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 let written = write_within(limit, &client, write).await;
                 queue.written(bytes);
                 hub.metrics.client_writes.inc();
-                if !limits.write_pacing_busy().is_zero() {
+                if paced {
                     last_write = Some(tokio::time::Instant::now());
                 }
                 if saved > 0
