@@ -140,6 +140,8 @@ pub(crate) struct Hub {
     pub(crate) tracing: Tracing,
     /// The node's one shutdown signal; cancelled means draining.
     pub(crate) shutdown: CancellationToken,
+    /// Stops the broker's tasks once the drain is over (see `node`).
+    pub(crate) broker_stop: CancellationToken,
     /// Clients' history reads running at once (`--max-history-reads`).
     pub(crate) reads: HistoryReads,
     /// The application backend's proxies.

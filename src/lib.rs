@@ -15,6 +15,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+mod drain;
 pub mod envelope;
 pub mod frame;
 mod handshake_io;

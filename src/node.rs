@@ -3,10 +3,13 @@
 //! [`Node::new`] builds the node's state once — the [`Hub`] (channels and clients)
 //! and the HTTP [`AppState`] around it — and shares it (`Arc`) with the HTTP handlers
 //! and every session. One [`CancellationToken`] is the node's shutdown signal,
-//! threaded through every task: the HTTP server, each session's reader and writer,
-//! the broker's subscriber, repair and check tasks. Sessions live outside axum's graceful shutdown (an upgraded
-//! connection is no longer an HTTP request), so a [`TaskTracker`] tracks them and
-//! the drain waits for it, bounded by `--drain-timeout`.
+//! threaded through every task: the HTTP server, each session's reader and writer.
+//! Sessions live outside axum's graceful shutdown (an upgraded connection is no
+//! longer an HTTP request), so a [`TaskTracker`] tracks them and the drain waits for
+//! it, bounded by `--drain-timeout`, closing them at once or over `--drain-spread`
+//! (`drain`). The broker's subscriber, repair and check tasks follow a second token,
+//! cancelled when the drain is over, so the connections still open keep receiving
+//! and the sessions' cleanup reaches Redis.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -81,6 +84,10 @@ impl Node {
         let verifier = Verifier::from_config(&config.auth).map_err(ConfigError::from)?;
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
+        // The broker stops once the drain is over, not when it begins: the
+        // connections still open meanwhile (`--drain-spread`) keep receiving, and
+        // every session's cleanup (presence, its user's connections) reaches Redis.
+        let broker_stop = CancellationToken::new();
         let registry = Registry::new();
         let streams = Streams::new();
         let node_id = config.resolved_node_id();
@@ -92,7 +99,7 @@ impl Node {
             streams: streams.clone(),
             users: users.clone(),
         };
-        let broker = Broker::start(config.clone(), delivery, shutdown.clone())?;
+        let broker = Broker::start(config.clone(), delivery, broker_stop.clone())?;
         let proxy = Proxy::new(&config.proxy, metrics.clone(), tracing.clone());
         let origins = OriginPolicy::from_list(&config.auth.allowed_origins);
         if matches!(origins, OriginPolicy::Any) {
@@ -136,6 +143,7 @@ impl Node {
             metrics,
             tracing,
             shutdown,
+            broker_stop,
             reads,
             proxy,
             users,
@@ -174,6 +182,8 @@ impl Node {
         tracing::info!(%addr, node = %hub.node_id, broker = hub.broker.kind(), "listening");
 
         let token = hub.shutdown.clone();
+        // However `serve` ends (or is dropped), the broker stops with it.
+        let _broker = hub.broker_stop.clone().drop_guard();
         let trigger = {
             let hub = hub.clone();
             async move {
@@ -221,11 +231,15 @@ impl Node {
         }
 
         state.sessions.close();
-        let drain_timeout = hub.config.limits.drain_timeout;
-        if tokio::time::timeout(drain_timeout, state.sessions.wait())
-            .await
-            .is_err()
-        {
+        let limits = &hub.config.limits;
+        let drain_timeout = limits.drain_timeout;
+        let drained = async {
+            if !limits.drain_spread.is_zero() {
+                crate::drain::spread_closes(&hub.registry, limits.drain_spread).await;
+            }
+            state.sessions.wait().await;
+        };
+        if tokio::time::timeout(drain_timeout, drained).await.is_err() {
             tracing::warn!(
                 remaining = hub.registry.stats().connections,
                 ?drain_timeout,

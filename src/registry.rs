@@ -363,6 +363,16 @@ impl Registry {
         counts
     }
 
+    /// The connections not closing yet (a draining node closes them in turn).
+    pub fn open_connections(&self) -> Vec<ClientHandle> {
+        self.shared
+            .connections
+            .iter()
+            .filter(|c| c.handle.close_reason().is_none())
+            .map(|c| c.handle.clone())
+            .collect()
+    }
+
     /// Runs one heartbeat on every connection (see [`ClientHandle::heartbeat`]).
     pub fn heartbeat(&self) {
         for conn in self.shared.connections.iter() {

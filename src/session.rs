@@ -558,7 +558,8 @@ impl Session {
             let woke = tokio::select! {
                 biased;
                 _ = &mut closing => return,
-                _ = &mut shutdown => {
+                // With `--drain-spread` the drain closes the connection in its turn.
+                _ = &mut shutdown, if self.hub.config.limits.drain_spread.is_zero() => {
                     self.client.close(CloseReason::Shutdown);
                     return;
                 }

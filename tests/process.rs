@@ -36,6 +36,118 @@ async fn sigterm_closes_every_client_with_1001_and_exits_in_time() {
     redis.wait_numsub("c0", 0).await;
 }
 
+/// `--drain-spread`: the clients of a drained node are closed with 1001 over the
+/// window, not at once, and those still open keep receiving what another node's
+/// clients publish until their turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spread_drain_closes_clients_over_the_window_and_they_keep_receiving() {
+    use futures_util::StreamExt;
+    use serde_json::json;
+    use tokio_tungstenite::tungstenite::Message;
+
+    const CLIENTS: usize = 20;
+    let redis = RedisServer::start().await;
+    let args = ["--redis-url", &redis.url()];
+    let mut drained = NodeProcess::spawn(
+        &[
+            &args[..],
+            &["--drain-spread", "2s", "--drain-timeout", "6s"],
+        ]
+        .concat(),
+    );
+    let other = NodeProcess::spawn(&args);
+    drained.wait_ready().await;
+    other.wait_ready().await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(drained.client("channel=room").await);
+    }
+    let mut publisher = other.client("channel=side").await;
+    redis.wait_numsub("room", 1).await;
+
+    let started = Instant::now();
+    drained.signal("TERM");
+    // Each client reads until its close: when it came, with which code, and the
+    // last message it received before it.
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            tokio::spawn(async move {
+                let mut last = None;
+                loop {
+                    match tokio::time::timeout(WAIT, client.ws.next())
+                        .await
+                        .expect("a frame in time")
+                    {
+                        Some(Ok(Message::Text(text))) => {
+                            let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                            if frame["ch"] == "room" {
+                                last = frame["data"].as_u64();
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let code = frame.map(|f| u16::from(f.code));
+                            return (started.elapsed(), code, last);
+                        }
+                        Some(Ok(_)) => {}
+                        other => panic!("expected a close frame, got {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    // Published from the other node every 50 ms through the drain.
+    let mut seq = 0u64;
+    let mut published_at = Vec::new();
+    while started.elapsed() < Duration::from_millis(2500) {
+        publisher
+            .send(json!({"op":"pub","ch":"room","data":seq}))
+            .await;
+        published_at.push(started.elapsed());
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut closes = Vec::new();
+    for reader in readers {
+        closes.push(reader.await.unwrap());
+    }
+    closes.sort_by_key(|c| c.0);
+    assert!(closes.iter().all(|c| c.1 == Some(1001)), "{closes:?}");
+    let first = closes.first().unwrap().0;
+    let last = closes.last().unwrap();
+    assert!(
+        first < Duration::from_millis(700),
+        "the first share at once: {closes:?}"
+    );
+    assert!(
+        last.0 > Duration::from_millis(1500),
+        "the last at the end: {closes:?}"
+    );
+    let early = closes
+        .iter()
+        .filter(|c| c.0 < Duration::from_secs(1))
+        .count();
+    assert!(early <= CLIENTS * 3 / 4, "not all at once: {closes:?}");
+    // The last client closed still received what was published 1 s into the drain.
+    let seq_at_1s = published_at
+        .iter()
+        .position(|t| *t > Duration::from_secs(1))
+        .unwrap() as u64;
+    assert!(
+        last.2.is_some_and(|s| s >= seq_at_1s),
+        "{last:?}, {seq_at_1s}"
+    );
+
+    let status = tokio::task::spawn_blocking(move || drained.wait_exit(WAIT))
+        .await
+        .unwrap();
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "within the drain timeout"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_ignores_the_close_does_not_hold_the_drain_past_its_timeout() {
     let mut node = NodeProcess::spawn(&["--drain-timeout", "1s"]);

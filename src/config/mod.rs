@@ -263,6 +263,13 @@ pub struct LimitsConfig {
     #[arg(long, env = "WSRELAY_WRITE_PACING_BUSY", value_parser = parse_duration)]
     pub write_pacing_busy: Option<Duration>,
 
+    /// Closes a draining node's connections over this window, a share every 100 ms,
+    /// rather than all at once: the clients reconnect to the other nodes (and
+    /// recover from Redis) as a ramp instead of a storm. Connections keep working
+    /// until their turn. Less than `--drain-timeout`; 0: all at once.
+    #[arg(long, env = "WSRELAY_DRAIN_SPREAD", default_value = "0s", value_parser = parse_duration)]
+    pub drain_spread: Duration,
+
     /// Time allowed on SIGTERM/SIGINT to close every client with 1001 and exit.
     /// Kubernetes' default grace period is 30 s; 10 s leaves room for a preStop hook.
     #[arg(long, env = "WSRELAY_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -723,6 +730,12 @@ impl Config {
         if limits.client_queue == 0 {
             return Err(ConfigError::new("client-queue", "must be at least 1 frame"));
         }
+        if limits.drain_spread >= limits.drain_timeout {
+            return Err(ConfigError::new(
+                "drain-spread",
+                "must be less than --drain-timeout (the drain ends within it)",
+            ));
+        }
         if limits
             .write_pacing_busy
             .is_some_and(|busy| busy < limits.write_pacing)
@@ -741,6 +754,7 @@ impl Config {
                 limits.write_pacing_busy.unwrap_or(limits.write_pacing),
             ),
             ("drain-timeout", limits.drain_timeout),
+            ("drain-spread", limits.drain_spread),
             ("broker-timeout", self.broker.broker_timeout),
             ("handshake-timeout", limits.handshake_timeout),
             ("jwt-leeway", self.auth.jwt_leeway),
@@ -979,6 +993,7 @@ fn duration_range(flag: &str) -> (Duration, Duration) {
             (100 * MS, HOUR)
         }
         "broker-timeout" => (10 * MS, 5 * 60 * S),
+        "drain-spread" => (Duration::ZERO, HOUR),
         "write-pacing" | "write-pacing-busy" => (Duration::ZERO, S),
         "jwt-leeway" => (Duration::ZERO, HOUR),
         "history-ttl" => (S, 365 * DAY),
@@ -1315,6 +1330,20 @@ mod tests {
         assert!(parse(&["--ping-interval", "100ms", "--node-ttl", "1h"]).is_ok());
         assert!(parse(&["--jwt-leeway", "0s", "--broker-timeout", "10ms"]).is_ok());
         assert!(parse(&[]).is_ok());
+    }
+
+    #[test]
+    fn the_drain_spread_fits_in_the_drain_timeout() {
+        assert_eq!(parse(&[]).unwrap().limits.drain_spread, Duration::ZERO);
+        assert!(parse(&["--drain-spread", "9s"]).is_ok());
+        for spread in ["10s", "30s"] {
+            let e = parse(&["--drain-spread", spread]).unwrap_err();
+            assert!(
+                e.contains("drain-spread") && e.contains("drain-timeout"),
+                "{e}"
+            );
+        }
+        assert!(parse(&["--drain-spread", "20s", "--drain-timeout", "30s"]).is_ok());
     }
 
     #[test]

@@ -1,0 +1,99 @@
+//! Closing a draining node's connections over a window (`--drain-spread`) rather
+//! than all at once.
+//!
+//! Why: every client of a drained node reconnects at once to the other nodes, and
+//! each recovers its channels from Redis; spread over the window, the other nodes
+//! and Redis see a ramp instead of a storm. Until its turn a connection works as
+//! before (the broker keeps running until the drain ends).
+//!
+//! Every 100 ms an equal share of the connections still open is closed with 1001,
+//! so the last share goes at the end of the window; connections that opened during
+//! the drain (accepted just before it began) are closed with the last share or
+//! right after it.
+
+use std::time::Duration;
+
+use crate::client::CloseReason;
+use crate::registry::Registry;
+
+/// How often a share of the connections is closed.
+const STEP: Duration = Duration::from_millis(100);
+
+/// Closes the connections of `registry` with 1001 over `spread`, then any that
+/// are still open every step after it. Returns once none is open.
+pub(crate) async fn spread_closes(registry: &Registry, spread: Duration) {
+    let steps = (spread.as_millis() / STEP.as_millis()).max(1) as usize;
+    let mut tick = tokio::time::interval(STEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for left in (1..=steps).rev() {
+        tick.tick().await;
+        let open = registry.open_connections();
+        let share = open.len().div_ceil(left);
+        for client in open.into_iter().take(share) {
+            client.close(CloseReason::Shutdown);
+        }
+    }
+    loop {
+        let open = registry.open_connections();
+        if open.is_empty() {
+            return;
+        }
+        for client in open {
+            client.close(CloseReason::Shutdown);
+        }
+        tick.tick().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::QueueBounds;
+
+    #[tokio::test(start_paused = true)]
+    async fn shares_are_closed_every_step_until_the_window_ends() {
+        let registry = Registry::new();
+        let mut clients = Vec::new();
+        for _ in 0..40 {
+            clients.push(registry.register(QueueBounds::frames(8)));
+        }
+        let start = tokio::time::Instant::now();
+        let drain = {
+            let registry = registry.clone();
+            tokio::spawn(async move { spread_closes(&registry, Duration::from_secs(1)).await })
+        };
+        let closed = || {
+            clients
+                .iter()
+                .filter(|(h, _)| h.close_reason().is_some())
+                .count()
+        };
+        let mut seen = Vec::new();
+        while closed() < 40 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            seen.push((start.elapsed(), closed()));
+        }
+        // 10 steps of 4: about 4 more every 100 ms, the last ones at the end.
+        let at = |ms: u64| {
+            seen.iter()
+                .rev()
+                .find(|(t, _)| *t <= Duration::from_millis(ms))
+                .map_or(0, |(_, n)| *n)
+        };
+        assert!((4..=8).contains(&at(150)), "{seen:?}");
+        assert!((16..=24).contains(&at(550)), "{seen:?}");
+        assert!(at(850) < 40, "the last share waits for the end: {seen:?}");
+        assert!(
+            seen.last().unwrap().0 >= Duration::from_millis(900),
+            "{seen:?}"
+        );
+        assert!(
+            clients
+                .iter()
+                .all(|(h, _)| h.close_reason() == Some(CloseReason::Shutdown))
+        );
+        // Nobody leaves the registry in this test: the drain keeps closing what is
+        // open, which is nothing now, and returns.
+        drain.await.unwrap();
+    }
+}
