@@ -37,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Since};
 use crate::proxy::{Proxy, ProxyError};
 use crate::publication::{Kind, Position, Publication};
-use crate::reads::{Admitted, HistoryReads};
+use crate::reads::HistoryReads;
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 use crate::users::Users;
@@ -414,12 +414,15 @@ impl Hub {
                 max_bytes: Some(budget),
             },
         };
-        // A position alone is a few bytes: only recoveries wait for a slot.
-        let _admitted = match since {
-            Some(_) => Some(self.admit_read().await?),
-            None => None,
-        };
-        let history = self.broker.history(channel, request).await?;
+        // A position alone is a few bytes: only recoveries wait for a slot. The
+        // client is held back on the channel already (step 2), so it may share an
+        // identical read still waiting for its turn (see `reads`).
+        let history = self
+            .reads
+            .read(channel, &request, since.is_some(), || {
+                self.broker.history(channel, request.clone())
+            })
+            .await?;
         if let Some(since) = since {
             let replay = recover(&since, &history);
             self.metrics.recovery(if replay.is_some() {
@@ -623,16 +626,8 @@ impl Hub {
             subscribing: false,
             max_bytes: Some(self.config.history.max_history_bytes),
         };
-        let _admitted = self.admit_read().await?;
-        Ok(self.broker.history(channel, request).await?)
-    }
-
-    /// Waits for one of the node's history-read slots.
-    async fn admit_read(&self) -> Result<Admitted<'_>, BrokerError> {
-        self.reads
-            .admit()
-            .await
-            .map_err(|busy| BrokerError::Unavailable(busy.to_string()))
+        let read = || self.broker.history(channel, request.clone());
+        Ok(self.reads.read(channel, &request, true, read).await?)
     }
 }
 

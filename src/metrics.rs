@@ -72,6 +72,9 @@ pub struct Metrics {
     pub history_reads_running: Gauge,
     /// Clients' history reads waiting for their turn.
     pub history_reads_waiting: Gauge,
+    /// Clients' history reads answered by an identical read another client of
+    /// this node was waiting for (see `reads`).
+    pub history_reads_coalesced: Counter,
     /// Open connections that negotiated permessage-deflate.
     pub connections_deflate: Gauge,
     /// Frames compressed: a fanned-out publication once per node, however many
@@ -141,6 +144,7 @@ impl Metrics {
             recoveries: Family::default(),
             history_reads_running: Gauge::default(),
             history_reads_waiting: Gauge::default(),
+            history_reads_coalesced: Counter::default(),
             connections_deflate: Gauge::default(),
             compressions: Counter::default(),
             compression_bytes_in: Counter::default(),
@@ -243,6 +247,11 @@ impl Metrics {
             "history_reads_waiting",
             "Clients' history reads waiting for one of the --max-history-reads slots",
             m.history_reads_waiting.clone(),
+        );
+        registry.register(
+            "history_reads_coalesced",
+            "Clients' history reads answered by an identical read that was waiting for its turn (a reconnect storm's recoveries of one channel share one read)",
+            m.history_reads_coalesced.clone(),
         );
         registry.register(
             "connections_deflate",

@@ -7,13 +7,42 @@
 //! (a reconnect storm, a hostile client on many connections) would take both. The
 //! node's own reads (position checks, repairs) do not come through here: they keep
 //! delivery exact and are bounded elsewhere.
+//!
+//! **Identical reads share one** ([`HistoryReads::read`]). When a drained node's
+//! clients come back, most of them recover the same channel from the same offset:
+//! a read that finds the same read (channel, position, limits) still waiting for
+//! its turn waits for that one's answer instead of taking a slot and Redis time of
+//! its own. Only a read not yet sent can be joined: every client that joins it is
+//! subscribed (held back, see `hub`) before the read runs in Redis, so the answer
+//! covers what each of them missed, and the live publications after it reach each
+//! of them; the hold-back drops what both carry, as for a read of its own.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
+use crate::broker::{BrokerError, History, HistoryRequest};
 use crate::metrics::Metrics;
+
+/// A read and the clients waiting for it.
+type Key = (String, HistoryRequest);
+
+/// One read that clients of this node wait for; joinable while it is in
+/// [`HistoryReads::flights`].
+#[derive(Debug, Default)]
+struct Flight {
+    answer: OnceCell<Result<History, Shared>>,
+}
+
+/// A failed read's error, as every client that waited for the read gets it.
+#[derive(Debug, Clone)]
+enum Shared {
+    Timeout(Duration),
+    Unavailable(String),
+}
 
 /// The node's history-read slots.
 #[derive(Debug)]
@@ -24,6 +53,10 @@ pub(crate) struct HistoryReads {
     /// How long a read waits for a slot before it is refused.
     wait: Duration,
     metrics: Arc<Metrics>,
+    /// The reads not sent yet, which an identical read joins. Bounded by the
+    /// reads waiting (each leaves when it is sent, or when its last client gives
+    /// up).
+    flights: Mutex<HashMap<Key, Arc<Flight>>>,
 }
 
 /// A slot taken: the read runs while it lives.
@@ -51,11 +84,90 @@ impl HistoryReads {
             size: slots,
             wait,
             metrics,
+            flights: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads `request` of `channel` with `read`, after waiting for a slot when
+    /// `admit` (a recovery, or a client's `history`; a position is a few bytes and
+    /// does not wait) — unless the same read is already waiting for its turn on
+    /// this node: then its answer is this one's too, and no slot is taken.
+    ///
+    /// The caller must have subscribed the client (held back) before: the read it
+    /// joins is sent to Redis after that.
+    pub(crate) async fn read<F, Fut>(
+        &self,
+        channel: &str,
+        request: &HistoryRequest,
+        admit: bool,
+        read: F,
+    ) -> Result<History, BrokerError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<History, BrokerError>>,
+    {
+        let key = (channel.to_owned(), request.clone());
+        let flight = {
+            let mut flights = self.flights();
+            match flights.get(&key) {
+                Some(flight) => {
+                    self.metrics.history_reads_coalesced.inc();
+                    flight.clone()
+                }
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    flights.insert(key.clone(), flight.clone());
+                    flight
+                }
+            }
+        };
+        // The first client runs the read; one that joined runs it only if every
+        // client before it gave up (its connection closed) before the answer.
+        let answer = flight
+            .answer
+            .get_or_init(|| async {
+                // Sealed however this ends: sent, refused, or given up.
+                let _sealed = Seal {
+                    reads: self,
+                    key: &key,
+                    flight: &flight,
+                };
+                let _admitted = match admit {
+                    true => match self.admit().await {
+                        Ok(admitted) => Some(admitted),
+                        Err(busy) => return Err(Shared::Unavailable(busy.to_string())),
+                    },
+                    false => None,
+                };
+                // Nobody joins from here on: the read is on its way to Redis.
+                self.seal(&key, &flight);
+                read().await.map_err(|e| match e {
+                    BrokerError::Timeout(after) => Shared::Timeout(after),
+                    other => Shared::Unavailable(other.to_string()),
+                })
+            })
+            .await;
+        answer.clone().map_err(|e| match e {
+            Shared::Timeout(after) => BrokerError::Timeout(after),
+            Shared::Unavailable(why) => BrokerError::Unavailable(why),
+        })
+    }
+
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
+        // Inserts and removes only: a panic elsewhere cannot leave it torn.
+        self.flights.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes `flight` out of the joinable reads (if it is still there).
+    fn seal(&self, key: &Key, flight: &Arc<Flight>) {
+        let mut flights = self.flights();
+        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(key);
         }
     }
 
     /// Waits for a slot (first come, first served).
-    pub(crate) async fn admit(&self) -> Result<Admitted<'_>, Busy> {
+    async fn admit(&self) -> Result<Admitted<'_>, Busy> {
         self.metrics.history_reads_waiting.inc();
         let permit = tokio::time::timeout(self.wait, self.slots.acquire()).await;
         self.metrics.history_reads_waiting.dec();
@@ -70,5 +182,146 @@ impl HistoryReads {
             // The semaphore is never closed.
             Ok(Err(_)) | Err(_) => Err(Busy(self.size, self.wait)),
         }
+    }
+}
+
+/// Seals a flight when its read's future ends, whichever way.
+struct Seal<'a> {
+    reads: &'a HistoryReads,
+    key: &'a Key,
+    flight: &'a Arc<Flight>,
+}
+
+impl Drop for Seal<'_> {
+    fn drop(&mut self) {
+        self.reads.seal(self.key, self.flight);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::publication::{Epoch, Position};
+
+    fn request(offset: u64) -> HistoryRequest {
+        HistoryRequest {
+            since: Some((Epoch::parse("e1").unwrap(), offset)),
+            limit: 10,
+            all_or_nothing: true,
+            subscribing: true,
+            max_bytes: Some(1000),
+        }
+    }
+
+    fn answer(top: u64) -> History {
+        History {
+            top: Position {
+                epoch: Epoch::parse("e1").unwrap(),
+                offset: top,
+            },
+            publications: Vec::new(),
+            truncated: false,
+        }
+    }
+
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !cond() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"));
+    }
+
+    #[tokio::test]
+    async fn identical_reads_waiting_for_a_slot_share_one() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            1,
+            Duration::from_secs(5),
+            metrics.clone(),
+        ));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let read = |reads: &Arc<HistoryReads>, offset: u64| {
+            let (reads, runs) = (reads.clone(), runs.clone());
+            tokio::spawn(async move {
+                reads
+                    .read("ch", &request(offset), true, || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok(answer(40 + offset))
+                    })
+                    .await
+            })
+        };
+        // The only slot is taken: the reads wait, and the same ones join the first.
+        let held = reads.admit().await.unwrap();
+        let same: Vec<_> = (0..5).map(|_| read(&reads, 7)).collect();
+        let other = read(&reads, 8);
+        until("four joined", || metrics.history_reads_coalesced.get() == 4).await;
+        drop(held);
+        for waiting in same {
+            assert_eq!(waiting.await.unwrap().unwrap().top.offset, 47);
+        }
+        assert_eq!(other.await.unwrap().unwrap().top.offset, 48);
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "one read each");
+        // A read sent is not joined: the next one reads again.
+        read(&reads, 7).await.unwrap().unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+        assert!(reads.flights().is_empty(), "nothing kept");
+    }
+
+    #[tokio::test]
+    async fn a_joined_read_whose_first_client_left_is_run_by_the_next() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            1,
+            Duration::from_secs(5),
+            metrics.clone(),
+        ));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let held = reads.admit().await.unwrap();
+        let spawn = || {
+            let (reads, runs) = (reads.clone(), runs.clone());
+            tokio::spawn(async move {
+                reads
+                    .read("ch", &request(7), true, || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok(answer(47))
+                    })
+                    .await
+            })
+        };
+        let first = spawn();
+        until("the first waits", || {
+            metrics.history_reads_waiting.get() == 1
+        })
+        .await;
+        let second = spawn();
+        until("the second joined", || {
+            metrics.history_reads_coalesced.get() == 1
+        })
+        .await;
+        // The first client's connection closed while it waited.
+        first.abort();
+        let _ = first.await;
+        drop(held);
+        assert_eq!(second.await.unwrap().unwrap().top.offset, 47);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(reads.flights().is_empty(), "nothing kept");
+
+        // Refused for want of a slot: every client waiting for it hears so.
+        let reads = Arc::new(HistoryReads::new(1, Duration::from_millis(50), metrics));
+        let _held = reads.admit().await.unwrap();
+        let refused = reads
+            .read("ch", &request(7), true, || async { Ok(answer(47)) })
+            .await;
+        assert!(
+            matches!(refused, Err(BrokerError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert!(reads.flights().is_empty(), "nothing kept");
     }
 }

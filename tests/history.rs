@@ -1089,3 +1089,74 @@ fn rand_suffix(c: usize, k: usize) -> u64 {
         .subsec_nanos() as u64;
     nanos ^ ((c as u64) << 32) ^ k as u64
 }
+
+/// Scripts Redis ran (`EVALSHA` and `EVAL`, `INFO commandstats`): history reads
+/// and publishes.
+async fn script_calls(server: &RedisServer) -> u64 {
+    let mut conn = server.connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    ["cmdstat_evalsha:calls=", "cmdstat_eval:calls="]
+        .iter()
+        .filter_map(|stat| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(stat))
+                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// A reconnect storm: 40 clients recover the same channel from the same offset at
+/// once. Reads that find the same read waiting for its turn share it, so Redis runs
+/// a few history reads instead of 40, and every client still gets exactly what it
+/// missed, then the live messages, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_recoveries_at_once_share_their_reads() {
+    const CLIENTS: usize = 40;
+    let redis = RedisServer::start().await;
+    // One read at a time: the storm's reads queue up behind it.
+    let flags = flags(1000, &["--max-history-reads", "1"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let node = TestNode::with_redis(&redis, "n1", &flags).await;
+    let ch = "chat:storm";
+    let mut publisher = node.client("channel=other").await;
+    publish_range(&mut publisher, ch, 1..=60).await;
+    let first = node.client(&format!("channel={ch}")).await;
+    let epoch = epoch_of(&welcome_position(&first, ch));
+
+    let before = script_calls(&redis).await;
+    let url = node.ws_url(&format!("channel={ch}&since={ch}:{epoch}:20"));
+    let mut clients =
+        futures_util::future::join_all((0..CLIENTS).map(|_| Client::connect(&url))).await;
+    let reads = script_calls(&redis).await - before;
+    let coalesced = metric(
+        &node.handle.metrics_text(),
+        "wsrelay_history_reads_coalesced_total",
+    );
+    println!("{reads} history reads for {CLIENTS} identical recoveries ({coalesced} shared)");
+    assert!(
+        reads <= 10,
+        "{reads} history reads for {CLIENTS} identical recoveries ({coalesced} shared)"
+    );
+    assert_eq!(
+        coalesced as u64 + reads,
+        CLIENTS as u64,
+        "each read or shared"
+    );
+
+    publish_range(&mut publisher, ch, 61..=61).await;
+    for client in &mut clients {
+        assert_eq!(
+            client.welcome["positions"],
+            json!([{"ch":ch,"epoch":epoch,"offset":60,"recovered":true}])
+        );
+        assert_eq!(
+            offsets(&client.recv_msgs(41).await),
+            (21..=61).collect::<Vec<_>>()
+        );
+        assert!(client.try_recv(Duration::from_millis(20)).await.is_none());
+    }
+}

@@ -76,7 +76,7 @@ pub enum BrokerError {
 }
 
 /// What to read from a channel's history.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HistoryRequest {
     /// Publications after this position (only when its epoch is current); `None`:
     /// the latest ones.
