@@ -6,10 +6,10 @@
 //! and Redis see a ramp instead of a storm. Until its turn a connection works as
 //! before (the broker keeps running until the drain ends).
 //!
-//! Every 100 ms an equal share of the connections still open is closed with 1001,
-//! so the last share goes at the end of the window; connections that opened during
-//! the drain (accepted just before it began) are closed with the last share or
-//! right after it.
+//! Every 100 ms, from the drain's start, an equal share of the connections still
+//! open is closed with 1001, the last share 100 ms before the end of the window;
+//! after it, whatever is still open (a connection whose upgrade was under way when
+//! the drain began) is closed every 100 ms until the node stops this.
 
 use std::time::Duration;
 
@@ -20,8 +20,9 @@ use crate::registry::Registry;
 const STEP: Duration = Duration::from_millis(100);
 
 /// Closes the connections of `registry` with 1001 over `spread`, then any that
-/// are still open every step after it. Returns once none is open.
-pub(crate) async fn spread_closes(registry: &Registry, spread: Duration) {
+/// are still open every step after it; never returns (the node drops it once every
+/// session ended).
+pub(crate) async fn spread_closes(registry: &Registry, spread: Duration) -> ! {
     let steps = (spread.as_millis() / STEP.as_millis()).max(1) as usize;
     let mut tick = tokio::time::interval(STEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -34,14 +35,10 @@ pub(crate) async fn spread_closes(registry: &Registry, spread: Duration) {
         }
     }
     loop {
-        let open = registry.open_connections();
-        if open.is_empty() {
-            return;
-        }
-        for client in open {
+        tick.tick().await;
+        for client in registry.open_connections() {
             client.close(CloseReason::Shutdown);
         }
-        tick.tick().await;
     }
 }
 
@@ -92,8 +89,10 @@ mod tests {
                 .iter()
                 .all(|(h, _)| h.close_reason() == Some(CloseReason::Shutdown))
         );
-        // Nobody leaves the registry in this test: the drain keeps closing what is
-        // open, which is nothing now, and returns.
-        drain.await.unwrap();
+        // A connection registered after the window is closed within a step.
+        let (late, _queue) = registry.register(QueueBounds::frames(8));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(late.close_reason(), Some(CloseReason::Shutdown));
+        drain.abort();
     }
 }

@@ -198,10 +198,12 @@ impl Node {
             }
         };
         tokio::spawn(trigger);
+        // Pings and pacing go on until the drain is over: with `--drain-spread`
+        // connections stay open for a while after it began.
         tokio::spawn(heartbeat(
             hub.registry.clone(),
             hub.config.limits.ping_interval,
-            token.clone(),
+            hub.broker_stop.clone(),
         ));
         // Announcing goes on through the drain, and ends with this function.
         let stop_announcing = CancellationToken::new();
@@ -209,10 +211,10 @@ impl Node {
         tokio::spawn(announce(hub.clone(), addr, stop_announcing));
         {
             let hub = hub.clone();
-            let token = token.clone();
             tokio::spawn(async move {
+                let until = hub.broker_stop.clone();
                 hub.pacing
-                    .follow_load(tokio::runtime::Handle::current(), &hub.metrics, token)
+                    .follow_load(tokio::runtime::Handle::current(), &hub.metrics, until)
                     .await
             });
         }
@@ -221,6 +223,19 @@ impl Node {
             hub.metrics.clone(),
             token.clone(),
         ));
+
+        // With `--drain-spread`, the closes start with the drain, beside the accept
+        // loop (which waits for open HTTP connections, streams among them, to end),
+        // and go on until every session ended.
+        let spread = hub.config.limits.drain_spread;
+        let spreading = (!spread.is_zero()).then(|| {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                hub.shutdown.cancelled().await;
+                crate::drain::spread_closes(&hub.registry, spread).await
+            })
+        });
+        let _spreading = spreading.map(|task| task.abort_handle()).map(AbortOnDrop);
 
         // On a worker thread, not the caller's: `main` awaits `serve` inside
         // `block_on`, and an accept loop there would hand every new connection over
@@ -231,15 +246,11 @@ impl Node {
         }
 
         state.sessions.close();
-        let limits = &hub.config.limits;
-        let drain_timeout = limits.drain_timeout;
-        let drained = async {
-            if !limits.drain_spread.is_zero() {
-                crate::drain::spread_closes(&hub.registry, limits.drain_spread).await;
-            }
-            state.sessions.wait().await;
-        };
-        if tokio::time::timeout(drain_timeout, drained).await.is_err() {
+        let drain_timeout = hub.config.limits.drain_timeout;
+        if tokio::time::timeout(drain_timeout, state.sessions.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 remaining = hub.registry.stats().connections,
                 ?drain_timeout,
@@ -495,4 +506,13 @@ pub fn bind(config: &Config) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(config.listen)?;
     socket.listen(config.listen_backlog)
+}
+
+/// Aborts a task when dropped (the spread closes end with `serve`).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

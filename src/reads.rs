@@ -34,14 +34,7 @@ type Key = (String, HistoryRequest);
 /// [`HistoryReads::flights`].
 #[derive(Debug, Default)]
 struct Flight {
-    answer: OnceCell<Result<History, Shared>>,
-}
-
-/// A failed read's error, as every client that waited for the read gets it.
-#[derive(Debug, Clone)]
-enum Shared {
-    Timeout(Duration),
-    Unavailable(String),
+    answer: OnceCell<Result<History, BrokerError>>,
 }
 
 /// The node's history-read slots.
@@ -106,6 +99,10 @@ impl HistoryReads {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<History, BrokerError>>,
     {
+        if !admit {
+            // Sent at once: nobody could join it.
+            return read().await;
+        }
         let key = (channel.to_owned(), request.clone());
         let flight = {
             let mut flights = self.flights();
@@ -132,25 +129,16 @@ impl HistoryReads {
                     key: &key,
                     flight: &flight,
                 };
-                let _admitted = match admit {
-                    true => match self.admit().await {
-                        Ok(admitted) => Some(admitted),
-                        Err(busy) => return Err(Shared::Unavailable(busy.to_string())),
-                    },
-                    false => None,
+                let _admitted = match self.admit().await {
+                    Ok(admitted) => admitted,
+                    Err(busy) => return Err(BrokerError::Unavailable(busy.to_string())),
                 };
                 // Nobody joins from here on: the read is on its way to Redis.
                 self.seal(&key, &flight);
-                read().await.map_err(|e| match e {
-                    BrokerError::Timeout(after) => Shared::Timeout(after),
-                    other => Shared::Unavailable(other.to_string()),
-                })
+                read().await
             })
             .await;
-        answer.clone().map_err(|e| match e {
-            Shared::Timeout(after) => BrokerError::Timeout(after),
-            Shared::Unavailable(why) => BrokerError::Unavailable(why),
-        })
+        answer.clone()
     }
 
     fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Flight>>> {

@@ -63,6 +63,8 @@ async fn a_spread_drain_closes_clients_over_the_window_and_they_keep_receiving()
         clients.push(drained.client("channel=room").await);
     }
     let mut publisher = other.client("channel=side").await;
+    // An SSE stream too: its HTTP connection must not hold the drain up.
+    let mut stream = common::StreamClient::sse(drained.addr, "channel=room", &[]).await;
     redis.wait_numsub("room", 1).await;
 
     let started = Instant::now();
@@ -111,6 +113,14 @@ async fn a_spread_drain_closes_clients_over_the_window_and_they_keep_receiving()
     for reader in readers {
         closes.push(reader.await.unwrap());
     }
+    // The stream ended with the close event (the others' closes are 1001 frames).
+    let mut stream_closed = None;
+    while let Some(event) = stream.next().await {
+        if event.data["op"] == "close" {
+            stream_closed = Some(event.data["code"].clone());
+        }
+    }
+    assert_eq!(stream_closed, Some(json!(1001)));
     closes.sort_by_key(|c| c.0);
     assert!(closes.iter().all(|c| c.1 == Some(1001)), "{closes:?}");
     let first = closes.first().unwrap().0;

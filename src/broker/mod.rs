@@ -49,7 +49,7 @@ use crate::publication::{Epoch, Position, Publication};
 /// no effect that the client can rely on"; clients see them as `unavailable`.
 /// `NotDurable` is a publish that did take effect, without the durability asked for;
 /// clients see it as `not_durable`.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     /// No answer within `--broker-timeout`.
     #[error("broker did not answer within {0:?}")]

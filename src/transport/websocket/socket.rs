@@ -17,6 +17,15 @@
 //! is out. The stream sits behind a mutex held for one poll at a time, as the
 //! `BiLock` of `futures`' split held it; the writer is the only one to write
 //! batches, so the gate needs no more than a flag.
+//!
+//! **No data after a close.** tungstenite refuses to send after the close
+//! handshake began; batches do not go through it, so the gate also remembers that
+//! the reader saw the client's close (or the end of the stream), under the same
+//! lock as tungstenite queued its reply, and a batch is refused from then on. A
+//! batch cut off by the write timeout leaves the stream torn inside a frame if any
+//! of it went out: nothing may be written after it (the close frame included), so
+//! the connection just ends; one cut off before any byte went out leaves the
+//! stream as it was.
 
 use std::io;
 use std::pin::Pin;
@@ -34,6 +43,10 @@ pub(crate) struct Gate<S> {
     inner: S,
     /// A batch is partly written: tungstenite must not write.
     shut: bool,
+    /// A batch was cut off inside a frame: nothing may be written any more.
+    torn: bool,
+    /// The reader saw the client's close, or the stream's end: no batch may follow.
+    closed: bool,
     /// tungstenite's write that found the gate shut.
     held: Option<Waker>,
 }
@@ -43,6 +56,8 @@ impl<S> Gate<S> {
         Gate {
             inner,
             shut: false,
+            torn: false,
+            closed: false,
             held: None,
         }
     }
@@ -54,13 +69,16 @@ impl<S> Gate<S> {
         }
     }
 
-    /// `Pending` (and the caller woken when the gate opens) while it is shut.
-    fn wait_open(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.shut {
+    /// `Pending` (and the caller woken when the gate opens) while it is shut; an
+    /// error once the stream is torn.
+    fn wait_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.torn {
+            Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+        } else if self.shut {
             self.held = Some(cx.waker().clone());
             Poll::Pending
         } else {
-            Poll::Ready(())
+            Poll::Ready(Ok(()))
         }
     }
 }
@@ -81,7 +99,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.wait_open(cx));
+        ready!(self.wait_open(cx))?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -90,7 +108,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        ready!(self.wait_open(cx));
+        ready!(self.wait_open(cx))?;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -99,12 +117,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.wait_open(cx));
+        ready!(self.wait_open(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.wait_open(cx));
+        ready!(self.wait_open(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -135,7 +153,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for ReadHalf<S> {
     type Item = Result<Message, tungstenite::Error>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        lock(&self.0).poll_next_unpin(cx)
+        let mut socket = lock(&self.0);
+        let next = ready!(socket.poll_next_unpin(cx));
+        if !matches!(&next, Some(Ok(message)) if !message.is_close()) {
+            // tungstenite queued its reply to the close under this lock.
+            socket.get_mut().closed = true;
+        }
+        Poll::Ready(next)
     }
 }
 
@@ -162,32 +186,96 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
     }
 
     /// Writes `frames`, whole frames framed by `wire`, after whatever tungstenite
-    /// has queued and before anything it writes next.
+    /// has queued and before anything it writes next; refused once the client's
+    /// close was read.
     pub(crate) async fn write_frames(&mut self, frames: &[u8]) -> Result<(), tungstenite::Error> {
-        let mut written = 0;
-        let mut started = false;
+        let mut batch = Batch {
+            shared: &self.0,
+            written: 0,
+            started: false,
+            done: false,
+        };
         std::future::poll_fn(|cx| {
-            let mut socket = lock(&self.0);
-            if !started {
+            let mut socket = lock(batch.shared);
+            if !batch.started {
+                if socket.get_ref().closed {
+                    return Poll::Ready(Err(tungstenite::Error::AlreadyClosed));
+                }
                 ready!(socket.poll_flush_unpin(cx))?;
                 socket.get_mut().shut = true;
-                started = true;
+                batch.started = true;
             }
             let gate = socket.get_mut();
             let result = loop {
-                if written == frames.len() {
+                if batch.written == frames.len() {
                     break ready!(Pin::new(&mut gate.inner).poll_flush(cx));
                 }
-                match ready!(Pin::new(&mut gate.inner).poll_write(cx, &frames[written..])) {
+                match ready!(Pin::new(&mut gate.inner).poll_write(cx, &frames[batch.written..])) {
                     Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => written += n,
+                    Ok(n) => batch.written += n,
                     Err(e) => break Err(e),
                 }
             };
             // Out, or failed (the connection ends): tungstenite may write again.
             gate.open();
+            batch.done = true;
             Poll::Ready(result.map_err(tungstenite::Error::Io))
         })
         .await
+    }
+}
+
+/// A batch being written; if its future is dropped before the end (the write
+/// timeout), the gate opens again when none of it went out, and the stream is
+/// torn otherwise.
+struct Batch<'a, S: AsyncRead + AsyncWrite + Unpin> {
+    shared: &'a Shared<S>,
+    written: usize,
+    started: bool,
+    done: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Drop for Batch<'_, S> {
+    fn drop(&mut self) {
+        if self.started && !self.done {
+            let mut socket = lock(self.shared);
+            let gate = socket.get_mut();
+            gate.torn = self.written > 0;
+            gate.open();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tungstenite::protocol::Role;
+
+    #[tokio::test]
+    async fn no_batch_goes_out_after_the_clients_close_was_read() {
+        let (node, mut client) = tokio::io::duplex(4096);
+        let socket = WebSocketStream::from_raw_socket(Gate::new(node), Role::Server, None).await;
+        let (mut reader, mut writer) = split(socket);
+        let mut frame = Vec::new();
+        crate::transport::websocket::wire::put_frame(&mut frame, 0x81, b"before");
+        writer.write_frames(&frame).await.unwrap();
+        // The client's close: code 1000, masked with a zero key.
+        client
+            .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
+            .await
+            .unwrap();
+        assert!(matches!(reader.next().await, Some(Ok(Message::Close(_)))));
+        let refused = writer.write_frames(&frame).await;
+        assert!(
+            matches!(refused, Err(tungstenite::Error::AlreadyClosed)),
+            "{refused:?}"
+        );
+        // What the client reads: the frame from before, then the reply to its close.
+        writer.flush().await.unwrap();
+        drop((reader, writer));
+        let mut seen = Vec::new();
+        client.read_to_end(&mut seen).await.unwrap();
+        assert_eq!(seen, b"\x81\x06before\x88\x02\x03\xe8");
     }
 }
