@@ -1090,23 +1090,9 @@ fn rand_suffix(c: usize, k: usize) -> u64 {
     nanos ^ ((c as u64) << 32) ^ k as u64
 }
 
-/// Scripts Redis ran (`EVALSHA` and `EVAL`, `INFO commandstats`): history reads
-/// and publishes.
+/// Scripts Redis ran: history reads and publishes.
 async fn script_calls(server: &RedisServer) -> u64 {
-    let mut conn = server.connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    ["cmdstat_evalsha:calls=", "cmdstat_eval:calls="]
-        .iter()
-        .filter_map(|stat| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(stat))
-                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
-        })
-        .sum()
+    server.command_calls("evalsha").await + server.command_calls("eval").await
 }
 
 /// A reconnect storm: 40 clients recover the same channel from the same offset at

@@ -232,20 +232,6 @@ async fn a_busy_channel_keeps_every_offset_once_while_its_slot_migrates() {
     }
 }
 
-/// How many times `server` ran `WAIT` (`INFO commandstats`).
-async fn wait_calls(server: &RedisServer) -> u64 {
-    let mut conn = server.connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
-        .and_then(|rest| rest.split(',').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_durable_publish_waits_on_the_master_of_its_slot_only() {
     let cluster = RedisCluster::start(3).await;
@@ -277,7 +263,7 @@ async fn a_durable_publish_waits_on_the_master_of_its_slot_only() {
     let masters: std::collections::BTreeSet<u16> =
         cluster.slots().await.into_iter().map(|r| r.2).collect();
     for port in masters {
-        let calls = wait_calls(cluster.server(port)).await;
+        let calls = cluster.server(port).command_calls("wait").await;
         // One more on the owner when the first publish found the script missing
         // (the WAIT pipelined with it ran, then both again).
         let expected = if port == owner { 5..=6 } else { 0..=0 };

@@ -118,7 +118,10 @@ pub(super) async fn api_channels(
     }
     let read = async {
         let (nodes, totals) = nodes_view(hub).await?;
-        let per_node = hub.broker.node_channels().await.map_err(Refusal::from)?;
+        let mut per_node = hub.broker.node_channels().await.map_err(Refusal::from)?;
+        // Two reads: a node whose announcement expired between them is gone, and
+        // only the nodes of the view are counted or listed.
+        per_node.retain(|(id, _)| nodes.iter().any(|n| n.info.id == *id));
         Ok::<_, Refusal>((nodes, totals.left_out, per_node))
     };
     let (nodes, left_out, per_node) = match read.await {
@@ -139,7 +142,7 @@ pub(super) async fn api_channels(
         .iter()
         .filter_map(|(id, channels)| {
             let (_, count) = channels.iter().find(|(c, _)| *c == ch)?;
-            let state = nodes.iter().find(|n| n.info.id == *id).map(|n| n.state);
+            let state = nodes.iter().find(|n| n.info.id == *id)?.state;
             if !left_out.contains(id) {
                 total += count;
             }

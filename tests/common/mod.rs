@@ -151,6 +151,21 @@ impl RedisServer {
         .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timeout")))?
     }
 
+    /// How many times the server ran `command` (lowercase, `INFO commandstats`).
+    pub async fn command_calls(&self, command: &str) -> u64 {
+        let mut conn = self.connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let stat = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(stat.as_str()))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Subscriber count of a relay channel in Redis (PUBSUB NUMSUB of the prefixed name).
     pub async fn numsub(&self, channel: &str) -> i64 {
         let mut conn = self.connection().await.unwrap();
