@@ -52,6 +52,19 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A node's delivery over `registry`, with fresh metrics and no traces: what
+    /// unit tests of the broker and the tracker deliver through.
+    #[cfg(test)]
+    pub(crate) fn for_tests(registry: Registry) -> Delivery {
+        Delivery {
+            registry,
+            metrics: Arc::new(Metrics::new()),
+            tracing: Tracing::disabled(),
+            streams: Default::default(),
+            users: Default::default(),
+        }
+    }
+
     /// Builds the frame of one publication (once for this node) and hands it to the
     /// local subscribers of `channel`, inside a delivery span when the publication
     /// is traced. Never waits. Returns how many subscribers got it queued.

@@ -330,7 +330,6 @@ async fn sweep(inner: std::sync::Arc<Inner>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use bytes::Bytes;
 
@@ -340,13 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_charts_samples_are_bounded() {
-        let delivery = Delivery {
-            registry: Registry::new(),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            tracing: crate::telemetry::Tracing::disabled(),
-            streams: Default::default(),
-            users: Default::default(),
-        };
+        let delivery = Delivery::for_tests(Registry::new());
         let broker = MemoryBroker::start(
             delivery,
             Duration::from_secs(3600),
@@ -374,13 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn positions_are_bounded_and_eviction_starts_a_new_epoch() {
-        let delivery = Delivery {
-            registry: Registry::new(),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            tracing: crate::telemetry::Tracing::disabled(),
-            streams: Default::default(),
-            users: Default::default(),
-        };
+        let delivery = Delivery::for_tests(Registry::new());
         let shutdown = CancellationToken::new();
         let broker =
             MemoryBroker::start(delivery, Duration::from_secs(3600), 100, shutdown.clone());

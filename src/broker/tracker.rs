@@ -455,7 +455,6 @@ impl Tracker {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use bytes::Bytes;
 
@@ -498,13 +497,7 @@ mod tests {
         let registry = Registry::new();
         let (client, queue) = registry.register(crate::client::QueueBounds::frames(1024));
         registry.subscribe(&client, "c");
-        let delivery = Delivery {
-            registry,
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            tracing: crate::telemetry::Tracing::disabled(),
-            streams: Default::default(),
-            users: Default::default(),
-        };
+        let delivery = Delivery::for_tests(registry);
         (Tracker::new(delivery, max_buffer, 100), queue)
     }
 

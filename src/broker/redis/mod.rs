@@ -477,13 +477,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let delivery = Delivery {
-            registry: Registry::new(),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
-            tracing: crate::telemetry::Tracing::disabled(),
-            streams: Default::default(),
-            users: Default::default(),
-        };
+        let delivery = Delivery::for_tests(Registry::new());
         let shutdown = CancellationToken::new();
         let url = format!("redis://127.0.0.1:{port}");
         let config = crate::Config::load_from([
