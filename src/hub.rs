@@ -18,6 +18,12 @@
 //!
 //! Every message published after step 2 is either in the history read in step 3 or
 //! held back with a higher offset, so the client gets each offset once, in order.
+//!
+//! A recovery's read (step 3) is answered, in this order of preference, by the
+//! node's cache of the channel's recent publications (`broker::recent`: no Redis at
+//! all), by one read of the channel's tail shared by every recovery of the channel
+//! waiting meanwhile (which fills the cache for the next ones), or by a read of its
+//! own range; each gives the client the same answer its own read would have.
 
 use std::sync::Arc;
 
@@ -28,6 +34,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grants;
+use crate::broker::recent::{self, Answer};
 use crate::broker::{Broker, BrokerError, History, HistoryRequest, PresenceEntry};
 use crate::client::{ClientHandle, ConnId};
 use crate::config::{ChannelOptions, Config};
@@ -404,25 +411,15 @@ impl Hub {
         if !self.config.channel_options(channel).has_history() {
             return Ok(subscribed);
         }
-        let request = match &since {
-            None => HistoryRequest::position(),
-            Some(since) => HistoryRequest {
-                since: Some((since.epoch.clone(), since.offset)),
-                limit: self.config.history.max_recovery,
-                all_or_nothing: true,
-                subscribing: true,
-                max_bytes: Some(budget),
-            },
+        let history = match &since {
+            // A position alone is a few bytes: it waits for no slot.
+            None => {
+                let request = HistoryRequest::position();
+                let read = || self.broker.history(channel, request.clone());
+                self.reads.read(channel, &request, false, read).await?
+            }
+            Some(since) => self.recovery_read(channel, since, budget).await?,
         };
-        // A position alone is a few bytes: only recoveries wait for a slot. The
-        // client is held back on the channel already (step 2), so it may share an
-        // identical read still waiting for its turn (see `reads`).
-        let history = self
-            .reads
-            .read(channel, &request, since.is_some(), || {
-                self.broker.history(channel, request.clone())
-            })
-            .await?;
         if let Some(since) = since {
             let replay = recover(&since, &history);
             self.metrics.recovery(if replay.is_some() {
@@ -435,6 +432,70 @@ impl Hub {
         }
         subscribed.position = Some(history.top);
         Ok(subscribed)
+    }
+
+    /// Reads what a client recovering `channel` from `since` missed (all or
+    /// nothing, at most `--max-recovery` messages and `budget` bytes). The client is
+    /// held back on the channel already (step 2), so it may be answered from
+    /// anything read after that: the node's cache, a read of the tail that another
+    /// recovery of the channel is still waiting for, or a read of its own (see
+    /// `reads` for how reads wait for their turn and are shared).
+    async fn recovery_read(
+        &self,
+        channel: &str,
+        since: &Since,
+        budget: usize,
+    ) -> Result<History, BrokerError> {
+        let limit = self.config.history.max_recovery;
+        let from = Position {
+            epoch: since.epoch.clone(),
+            offset: since.offset,
+        };
+        if let Some(run) = self.broker.cached(channel) {
+            match recent::answer(&from, &run, limit, budget) {
+                Answer::Recovered(history) | Answer::Lost(history) => {
+                    self.metrics.history_cache_hits.inc();
+                    return Ok(history);
+                }
+                Answer::Unknown => {}
+            }
+        }
+        if self.broker.caches(channel) {
+            // The newest messages a recovery could replay, for every recovery of
+            // the channel waiting for a read meanwhile; what it cannot answer, no
+            // read could: the client's read takes at most `limit` messages of at
+            // most --max-history-bytes (its `budget` is a share of that).
+            let tail = HistoryRequest {
+                since: None,
+                limit,
+                all_or_nothing: false,
+                subscribing: true,
+                max_bytes: Some(self.config.history.max_history_bytes),
+            };
+            let read = || async {
+                let run = self.broker.history(channel, tail.clone()).await?;
+                self.metrics.history_cache_fills.inc();
+                self.broker.backfill(channel, &run);
+                Ok(run)
+            };
+            let run = self.reads.read(channel, &tail, true, read).await?;
+            return Ok(match recent::answer(&from, &run, limit, budget) {
+                Answer::Recovered(history) | Answer::Lost(history) => history,
+                Answer::Unknown => History {
+                    publications: Vec::new(),
+                    ..run
+                },
+            });
+        }
+        let request = HistoryRequest {
+            since: Some((since.epoch.clone(), since.offset)),
+            limit,
+            all_or_nothing: true,
+            subscribing: true,
+            max_bytes: Some(budget),
+        };
+        let read = || self.broker.history(channel, request.clone());
+        self.reads.read(channel, &request, true, read).await
     }
 
     /// Step 4: queues what the client missed, then `ack` (if any), then the

@@ -75,6 +75,13 @@ pub struct Metrics {
     /// Clients' history reads answered by an identical read another client of
     /// this node was waiting for (see `reads`).
     pub history_reads_coalesced: Counter,
+    /// Recoveries answered by the node's cache of recent history (no Redis read).
+    pub history_cache_hits: Counter,
+    /// Reads of a channel's tail from Redis made to fill that cache for the
+    /// recoveries of a channel.
+    pub history_cache_fills: Counter,
+    /// Bytes the cache of recent history holds (bounded by --history-cache-bytes).
+    pub history_cache_bytes: Gauge,
     /// Open connections that negotiated permessage-deflate.
     pub connections_deflate: Gauge,
     /// Frames compressed: a fanned-out publication once per node, however many
@@ -145,6 +152,9 @@ impl Metrics {
             history_reads_running: Gauge::default(),
             history_reads_waiting: Gauge::default(),
             history_reads_coalesced: Counter::default(),
+            history_cache_hits: Counter::default(),
+            history_cache_fills: Counter::default(),
+            history_cache_bytes: Gauge::default(),
             connections_deflate: Gauge::default(),
             compressions: Counter::default(),
             compression_bytes_in: Counter::default(),
@@ -252,6 +262,21 @@ impl Metrics {
             "history_reads_coalesced",
             "Clients' history reads answered by an identical read that was waiting for its turn (a reconnect storm's recoveries of one channel share one read)",
             m.history_reads_coalesced.clone(),
+        );
+        registry.register(
+            "history_cache_hits",
+            "Recoveries answered from this node's cache of recent history, without reading Redis",
+            m.history_cache_hits.clone(),
+        );
+        registry.register(
+            "history_cache_fills",
+            "Reads of a channel's tail from Redis that filled this node's cache of recent history for the recoveries of that channel",
+            m.history_cache_fills.clone(),
+        );
+        registry.register(
+            "history_cache_bytes",
+            "Bytes held by this node's cache of recent history (at most --history-cache-bytes)",
+            m.history_cache_bytes.clone(),
         );
         registry.register(
             "connections_deflate",

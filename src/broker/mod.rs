@@ -30,6 +30,7 @@
 
 pub mod memory;
 mod presence;
+pub(crate) mod recent;
 pub mod redis;
 mod tracker;
 
@@ -221,6 +222,33 @@ impl Broker {
         match self {
             Broker::Memory(_) => {}
             Broker::Redis(b) => b.release(channel),
+        }
+    }
+
+    /// The run of `channel`'s recent publications this node keeps in memory, ending
+    /// at the last one it delivered (the Redis broker's cache, `recent`; the
+    /// in-process broker's history is in memory already and needs none).
+    pub fn cached(&self, channel: &str) -> Option<History> {
+        match self {
+            Broker::Memory(_) => None,
+            Broker::Redis(b) => b.cached(channel),
+        }
+    }
+
+    /// Whether a recovery of `channel` the cache cannot answer should read the
+    /// channel's tail (once for every recovery of the channel waiting meanwhile)
+    /// and fill the cache with it, rather than its own range.
+    pub fn caches(&self, channel: &str) -> bool {
+        match self {
+            Broker::Memory(_) => false,
+            Broker::Redis(b) => b.caches(channel),
+        }
+    }
+
+    /// Gives the cache of `channel` what a read of it returned.
+    pub fn backfill(&self, channel: &str, history: &History) {
+        if let Broker::Redis(b) = self {
+            b.backfill(channel, history);
         }
     }
 

@@ -30,9 +30,13 @@
 
 use std::collections::VecDeque;
 
+use std::sync::Arc;
+
 use dashmap::DashMap;
 
 use super::Delivery;
+use super::History;
+use super::recent::{Budget, Recent};
 use crate::publication::{Epoch, Position, Publication};
 
 /// A range of offsets the tracker needs read from the channel's history.
@@ -80,10 +84,13 @@ struct Track {
     /// Something was delivered since the last position check (so the channel is not
     /// quiet and needs no check).
     active: bool,
+    /// The publications delivered last: the node's cache of recent history
+    /// (`recent`), ending at `last` unless it was moved without a delivery.
+    recent: Recent,
 }
 
 impl Track {
-    fn new(epoch: Epoch, last: u64, provisional: bool) -> Track {
+    fn new(epoch: Epoch, last: u64, provisional: bool, recent: Recent) -> Track {
         Track {
             epoch,
             last,
@@ -93,7 +100,29 @@ impl Track {
             buffer: VecDeque::new(),
             overflow: 0,
             active: false,
+            recent,
         }
+    }
+
+    /// Whether what was delivered is settled: no repair nor position read pending,
+    /// and `last` confirmed by a position read.
+    fn steady(&self) -> bool {
+        self.waiting == Waiting::Nothing && !self.provisional
+    }
+
+    /// The last position delivered.
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            offset: self.last,
+        }
+    }
+
+    /// `last` moves without a delivery (a gap, a new epoch, a history gone back):
+    /// the cached run no longer ends there.
+    fn jump(&mut self, last: u64) {
+        self.last = last;
+        self.recent.clear();
     }
 }
 
@@ -109,15 +138,65 @@ pub(super) struct Tracker {
     /// Largest gap repaired (`--max-recovery`): subscribers that missed more reload
     /// their state, as a client would after a failed recovery.
     max_repair: u64,
+    /// The bytes the channels' caches of recent history share.
+    cache: Arc<Budget>,
 }
 
 impl Tracker {
-    pub(super) fn new(delivery: Delivery, max_buffer: usize, max_repair: u64) -> Self {
+    pub(super) fn new(
+        delivery: Delivery,
+        max_buffer: usize,
+        max_repair: u64,
+        cache: Arc<Budget>,
+    ) -> Self {
         Tracker {
             tracks: DashMap::new(),
             delivery,
             max_buffer,
             max_repair,
+            cache,
+        }
+    }
+
+    fn track(&self, epoch: Epoch, last: u64, provisional: bool) -> Track {
+        // A recovery replays at most --max-recovery, which is also the largest repair.
+        let recent = Recent::new(self.cache.clone(), self.max_repair as usize);
+        Track::new(epoch, last, provisional, recent)
+    }
+
+    /// Hands `publication`, the next one of `channel`, to the local subscribers and
+    /// to the channel's cache, under the track's lock (a recovery reading the cache
+    /// sees it there or the subscriber gets it live, never neither).
+    fn deliver(&self, channel: &str, track: &mut Track, publication: &Publication) {
+        self.delivery.deliver(channel, publication);
+        track.recent.push(publication);
+    }
+
+    /// The cached run of a channel's recent publications, ending at the last
+    /// offset delivered, while the channel is steady (nothing pending that could
+    /// move it otherwise than by a delivery).
+    pub(super) fn cached(&self, channel: &str) -> Option<History> {
+        let track = self.tracks.get(channel)?;
+        if !track.steady() {
+            return None;
+        }
+        track.recent.read(&track.position())
+    }
+
+    /// Whether recoveries of `channel` may fill its cache with a read of its tail:
+    /// the cache is on and the channel steady.
+    pub(super) fn caches(&self, channel: &str) -> bool {
+        self.cache.enabled() && self.tracks.get(channel).is_some_and(|t| t.steady())
+    }
+
+    /// Puts publications read from Redis in front of the channel's cached run,
+    /// where they meet it (see [`Recent::backfill`]).
+    pub(super) fn backfill(&self, channel: &str, history: &History) {
+        if let Some(mut track) = self.tracks.get_mut(channel)
+            && track.steady()
+        {
+            let last = track.position();
+            track.recent.backfill(history, &last);
         }
     }
 
@@ -130,7 +209,7 @@ impl Tracker {
                 offset: upto,
             };
             self.delivery.gap(channel, &position);
-            track.last = upto;
+            track.jump(upto);
             return None;
         }
         track.repairs += 1;
@@ -155,7 +234,7 @@ impl Tracker {
             .buffer
             .retain(|p| p.position.as_ref().map(|p| &p.epoch) == Some(&start.epoch));
         track.epoch = start.epoch;
-        track.last = 0;
+        track.jump(0);
         track.overflow = 0;
     }
 
@@ -171,7 +250,7 @@ impl Tracker {
             // here wants it, and a track made for it would outlive the channel.
             None if !self.delivery.registry.has_subscribers(channel) => return None,
             None => {
-                let first = Track::new(
+                let first = self.track(
                     position.epoch.clone(),
                     position.offset.saturating_sub(1),
                     true,
@@ -217,7 +296,7 @@ impl Tracker {
         if position.offset == track.last + 1 {
             track.last = position.offset;
             track.active = true;
-            self.delivery.deliver(channel, &publication);
+            self.deliver(channel, track, &publication);
             return None;
         }
         match self.repair_to(channel, track, position.offset - 1) {
@@ -229,7 +308,7 @@ impl Tracker {
                 // Too far behind to repair: reported, and delivery goes on from here.
                 track.last = position.offset;
                 track.active = true;
-                self.delivery.deliver(channel, &publication);
+                self.deliver(channel, track, &publication);
                 None
             }
         }
@@ -267,8 +346,8 @@ impl Tracker {
     fn judge(&self, channel: &str, track: &mut Track, top: Position) -> Option<Repair> {
         if track.provisional {
             track.provisional = false;
-            if track.epoch == top.epoch {
-                track.last = track.last.max(top.offset);
+            if track.epoch == top.epoch && top.offset > track.last {
+                track.jump(top.offset);
             }
             return None;
         }
@@ -315,7 +394,7 @@ impl Tracker {
         let mut track = self
             .tracks
             .entry(channel.to_owned())
-            .or_insert_with(|| Track::new(top.epoch.clone(), top.offset, false));
+            .or_insert_with(|| self.track(top.epoch.clone(), top.offset, false));
         if track.waiting != Waiting::Position {
             return self.judge(channel, &mut track, top);
         }
@@ -331,7 +410,7 @@ impl Tracker {
                 "the history is behind what was delivered (writes lost in a failover)"
             );
             self.delivery.gap(channel, &top);
-            track.last = top.offset;
+            track.jump(top.offset);
         } else if top.offset > track.last
             && let Some(repair) = self.repair_to(channel, &mut track, top.offset)
         {
@@ -384,7 +463,7 @@ impl Tracker {
                 }
                 track.last = offset;
                 track.active = true;
-                self.delivery.deliver(channel, &publication);
+                self.deliver(channel, &mut track, &publication);
                 self.delivery.metrics.history_repaired_messages.inc();
                 repaired = true;
             }
@@ -396,7 +475,7 @@ impl Tracker {
                         offset: repair.upto,
                     },
                 );
-                track.last = repair.upto;
+                track.jump(repair.upto);
             } else if repaired {
                 self.delivery.metrics.history_gap("repaired");
             }
@@ -424,10 +503,13 @@ impl Tracker {
     }
 
     /// Channels that delivered nothing since the last call (and wait for nothing),
-    /// with the last offset delivered; marks every channel quiet again.
+    /// with the last offset delivered; marks every channel quiet again. Trims each
+    /// channel's cache to its share of the budget on the way (shares shrink as
+    /// channels come, and a quiet channel's run does not trim itself).
     pub(super) fn quiet_channels(&self) -> Vec<(String, Epoch, u64)> {
         let mut quiet = Vec::new();
         for mut track in self.tracks.iter_mut() {
+            track.recent.trim();
             if !track.active && track.waiting == Waiting::Nothing && !track.provisional {
                 quiet.push((track.key().clone(), track.epoch.clone(), track.last));
             }
@@ -498,7 +580,8 @@ mod tests {
         let (client, queue) = registry.register(crate::client::QueueBounds::frames(1024));
         registry.subscribe(&client, "c");
         let delivery = Delivery::for_tests(registry);
-        (Tracker::new(delivery, max_buffer, 100), queue)
+        let cache = Budget::new(1 << 20, delivery.metrics.clone());
+        (Tracker::new(delivery, max_buffer, 100, cache), queue)
     }
 
     /// What the client got: offsets of messages, and `gap@N` for gaps.
@@ -514,6 +597,60 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// The offsets of the channel's cached run, if it may answer recoveries.
+    fn cached(t: &Tracker) -> Option<Vec<u64>> {
+        t.cached("c")
+            .map(|h| h.publications.iter().filter_map(|p| p.offset()).collect())
+    }
+
+    #[test]
+    fn the_cache_holds_what_was_delivered_without_a_hole() {
+        let (t, mut q) = setup();
+        t.on_resubscribed("c", pos("e", 3));
+        assert_eq!(cached(&t), None, "nothing delivered yet");
+        for o in [4, 5, 6] {
+            t.on_live("c", publication("e", o));
+        }
+        assert_eq!(cached(&t), Some(vec![4, 5, 6]));
+        // A repair pending: the run may not end where delivery will be.
+        let repair = t.on_live("c", publication("e", 9)).unwrap();
+        assert_eq!(cached(&t), None);
+        // The stream lost 7: the run starts again after the gap.
+        t.on_repaired(&repair, pos("e", 9), vec![publication("e", 8)]);
+        assert_eq!(received(&mut q), ["4", "5", "6", "gap@7", "8", "9"]);
+        assert_eq!(cached(&t), Some(vec![8, 9]));
+        // Too far behind to repair: reported, and the run starts again.
+        t.on_live("c", publication("e", 500));
+        assert_eq!(cached(&t), Some(vec![500]));
+        // A new epoch: its own run.
+        t.on_live("c", publication("f", 1));
+        assert_eq!(cached(&t), Some(vec![1]));
+        assert_eq!(t.cached("c").unwrap().top, pos("f", 1));
+        // The history went back (a failover lost writes): nothing cached.
+        t.on_subscribing("c");
+        t.on_resubscribed("c", pos("f", 0));
+        assert_eq!(cached(&t), None);
+    }
+
+    #[test]
+    fn a_read_of_the_tail_fills_the_cache_up_to_what_was_delivered() {
+        let (t, _q) = setup();
+        t.on_resubscribed("c", pos("e", 10));
+        let tail = |range: std::ops::RangeInclusive<u64>| History {
+            top: pos("e", *range.end()),
+            publications: range.map(|o| publication("e", o)).collect(),
+            truncated: false,
+        };
+        // Read before the node delivered 11 and 12: it ends right before the run.
+        t.on_live("c", publication("e", 11));
+        t.on_live("c", publication("e", 12));
+        t.backfill("c", &tail(1..=10));
+        assert_eq!(cached(&t), Some((1..=12).collect()));
+        // Untracked channels keep nothing.
+        t.backfill("other", &tail(1..=10));
+        assert!(t.cached("other").is_none());
     }
 
     #[test]

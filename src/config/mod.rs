@@ -439,6 +439,14 @@ pub struct HistoryConfig {
     #[arg(long, env = "WSRELAY_MAX_HISTORY_READS", default_value_t = 64)]
     pub max_history_reads: usize,
 
+    /// Bytes of recent history a node keeps in memory, over all the history channels
+    /// it has subscribers of, to answer recoveries without Redis (a reconnect storm
+    /// after a deploy costs Redis one read per channel and node, not one per client).
+    /// Filled by what the node delivers anyway; each channel keeps at most
+    /// `--max-recovery` messages and its share of this. 0 turns it off.
+    #[arg(long, env = "WSRELAY_HISTORY_CACHE_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub history_cache_bytes: usize,
+
     /// How often a node compares the last offset it delivered on each quiet history
     /// channel with Redis, to notice a pub/sub connection that stopped delivering
     /// without closing. One pipelined batch per check.
@@ -804,6 +812,12 @@ impl Config {
             return Err(ConfigError::new(
                 "max-history-bytes",
                 "must be at least 1024",
+            ));
+        }
+        if (1..64 * 1024).contains(&self.history.history_cache_bytes) {
+            return Err(ConfigError::new(
+                "history-cache-bytes",
+                "must be 0 (off) or at least 65536",
             ));
         }
         let least = 2 * limits.max_message_bytes.max(self.history.max_history_bytes);
@@ -1273,6 +1287,10 @@ mod tests {
             ),
             (&["--max-history-bytes", "10"][..], "--max-history-bytes"),
             (&["--max-history-reads", "0"][..], "--max-history-reads"),
+            (
+                &["--history-cache-bytes", "1000"][..],
+                "--history-cache-bytes",
+            ),
             (
                 &["--max-http-connections", "0"][..],
                 "--max-http-connections",

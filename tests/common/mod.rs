@@ -151,7 +151,9 @@ impl RedisServer {
         .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "connect timeout")))?
     }
 
-    /// How many times the server ran `command` (lowercase, `INFO commandstats`).
+    /// How many times the server ran `command` (lowercase, `INFO commandstats`)
+    /// without an error: an `EVALSHA` answered `NOSCRIPT`, which the client then
+    /// sends again, is not a read.
     pub async fn command_calls(&self, command: &str) -> u64 {
         let mut conn = self.connection().await.unwrap();
         let info: String = redis::cmd("INFO")
@@ -159,11 +161,17 @@ impl RedisServer {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let stat = format!("cmdstat_{command}:calls=");
-        info.lines()
-            .find_map(|l| l.strip_prefix(stat.as_str()))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
+        let prefix = format!("cmdstat_{command}:");
+        let Some(stats) = info.lines().find_map(|l| l.strip_prefix(prefix.as_str())) else {
+            return 0;
+        };
+        let field = |name: &str| -> u64 {
+            stats
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or(0)
+        };
+        field("calls") - field("failed_calls")
     }
 
     /// Subscriber count of a relay channel in Redis (PUBSUB NUMSUB of the prefixed name).

@@ -67,6 +67,7 @@ use tokio_util::sync::CancellationToken;
 use self::conn::PubSub;
 use self::keys::Keys;
 use self::shard::Shard;
+use super::recent::Budget;
 use super::tracker::Tracker;
 use super::{BrokerError, Delivery, History, HistoryRequest, every};
 use crate::cluster::{Announcement, NodeInfo, Sample};
@@ -169,6 +170,7 @@ impl RedisBroker {
             delivery.clone(),
             config.limits.client_queue,
             config.history.max_recovery as u64,
+            Budget::new(config.history.history_cache_bytes, delivery.metrics.clone()),
         );
         delivery.metrics.broker_up.set(0);
         for shard in &shards {
@@ -399,6 +401,23 @@ impl RedisBroker {
             }
         }
         result
+    }
+
+    /// The run of `channel`'s recent publications this node keeps, ending at the
+    /// last one it delivered (see `recent`).
+    pub fn cached(&self, channel: &str) -> Option<History> {
+        self.inner.tracker.cached(channel)
+    }
+
+    /// Whether `channel`'s recoveries may read its tail once to fill the cache.
+    pub fn caches(&self, channel: &str) -> bool {
+        self.inner.tracker.caches(channel)
+    }
+
+    /// Puts what a read of `channel` returned in front of its cached run, where it
+    /// meets it.
+    pub fn backfill(&self, channel: &str, history: &History) {
+        self.inner.tracker.backfill(channel, history);
     }
 
     /// Marks `channel` for re-checking: if it has no local subscribers left, the

@@ -1,0 +1,494 @@
+//! The node's cache of recent history: for each history channel this node
+//! subscribes to, the publications it delivered last, so that a client recovering
+//! on such a channel is answered without Redis (`--history-cache-bytes`).
+//!
+//! The cache is a [`Recent`] run per channel, owned by the channel's track in the
+//! tracker: publications of one epoch with consecutive offsets, ending at the last
+//! offset the node delivered. The tracker appends each publication it delivers,
+//! under the same lock as the delivery, so a recovery reads the run either before
+//! or after a publication reached the channel's subscribers, never between. A
+//! publication that does not follow the run (a gap, a new epoch, a history gone
+//! back after a failover) starts a new run: a run never has a hole, so whatever
+//! range it covers, it covers every offset of.
+//!
+//! Why answering from it is exact: the client is subscribed (held back) before the
+//! run is read, and the node delivers every later publication of the channel in
+//! offset order (the tracker's guarantee); so the client gets the run's part it
+//! missed, then everything after the run's end from the live path — exactly what a
+//! subscriber that had stayed on this node got.
+//!
+//! Bounded in bytes: one [`Budget`] per node. Each run holds at most its share of
+//! it (the budget over the channels cached), and at most `--max-recovery`
+//! publications (a recovery never replays more). A run that cannot grow within the
+//! budget gives up its oldest publications first.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::broker::{History, READ_OVERHEAD};
+use crate::envelope;
+use crate::metrics::Metrics;
+use crate::publication::{Position, Publication};
+
+/// The bytes every run of a node may hold together.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    max: usize,
+    used: AtomicUsize,
+    /// Runs alive (one per tracked channel): each may hold `max / runs`.
+    runs: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl Budget {
+    pub(crate) fn new(max: usize, metrics: Arc<Metrics>) -> Arc<Budget> {
+        Arc::new(Budget {
+            max,
+            used: AtomicUsize::new(0),
+            runs: AtomicUsize::new(0),
+            metrics,
+        })
+    }
+
+    /// Whether anything is cached at all (`--history-cache-bytes` above 0).
+    pub(crate) fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    /// What one run may hold now.
+    fn share(&self) -> usize {
+        self.max / self.runs.load(Ordering::Relaxed).max(1)
+    }
+
+    fn take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        self.metrics.history_cache_bytes.inc_by(bytes as i64);
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+        self.metrics.history_cache_bytes.dec_by(bytes as i64);
+    }
+
+    /// Whether `bytes` more fit the node's budget.
+    fn fits(&self, bytes: usize) -> bool {
+        self.used.load(Ordering::Relaxed) + bytes <= self.max
+    }
+}
+
+/// What one cached publication holds in memory: the struct and the bytes it
+/// points to (about its stored size).
+fn cost(publication: &Publication) -> usize {
+    std::mem::size_of::<Publication>() + envelope::encoded_len(publication)
+}
+
+/// One channel's run of recent publications: one epoch, consecutive offsets.
+#[derive(Debug)]
+pub(crate) struct Recent {
+    run: VecDeque<Publication>,
+    /// What `run` costs (see [`cost`]), taken from the budget.
+    bytes: usize,
+    /// Most publications kept (`--max-recovery`).
+    max_len: usize,
+    budget: Arc<Budget>,
+}
+
+impl Recent {
+    pub(crate) fn new(budget: Arc<Budget>, max_len: usize) -> Recent {
+        budget.runs.fetch_add(1, Ordering::Relaxed);
+        Recent {
+            run: VecDeque::new(),
+            bytes: 0,
+            max_len,
+            budget,
+        }
+    }
+
+    /// The position of the run's last publication.
+    fn last(&self) -> Option<&Position> {
+        self.run.back().and_then(|p| p.position.as_ref())
+    }
+
+    /// The offset of the run's first publication.
+    fn first_offset(&self) -> Option<u64> {
+        self.run.front().and_then(Publication::offset)
+    }
+
+    /// Appends a publication the node just delivered. One that does not follow the
+    /// run (another epoch, not the next offset) starts a new one.
+    pub(crate) fn push(&mut self, publication: &Publication) {
+        if !self.budget.enabled() {
+            return;
+        }
+        let Some(position) = &publication.position else {
+            return;
+        };
+        let follows = self
+            .last()
+            .is_some_and(|l| l.epoch == position.epoch && l.offset + 1 == position.offset);
+        if !follows {
+            self.clear();
+        }
+        let cost = cost(publication);
+        let share = self.budget.share();
+        while !self.run.is_empty()
+            && (self.run.len() >= self.max_len
+                || self.bytes + cost > share
+                || !self.budget.fits(cost))
+        {
+            self.pop_front();
+        }
+        if cost > share || !self.budget.fits(cost) || self.max_len == 0 {
+            // Other runs hold the budget: none here (a run always ends at the
+            // last offset delivered).
+            return;
+        }
+        self.bytes += cost;
+        self.budget.take(cost);
+        self.run.push_back(publication.clone());
+    }
+
+    /// Puts publications read from Redis in front of the run: `history`, read
+    /// after the run's channel was subscribed, ends where the run starts or inside
+    /// it (same epoch), or, when the run is empty, at the offset `last` the node
+    /// delivered last. An answer that does not meet the run (the run moved on to
+    /// another epoch, or past a gap) is left out. Keeps the newest that fit.
+    pub(crate) fn backfill(&mut self, history: &History, last: &Position) {
+        if !self.budget.enabled() {
+            return;
+        }
+        let top = &history.top;
+        let meets = match (self.last(), self.first_offset()) {
+            (Some(l), Some(first)) => {
+                l.epoch == top.epoch && top.offset + 1 >= first && top.offset <= l.offset
+            }
+            _ => last == top,
+        };
+        if !meets || !consecutive(&history.publications, top) {
+            return;
+        }
+        let before = self.first_offset().unwrap_or(u64::MAX);
+        let share = self.budget.share();
+        for publication in history.publications.iter().rev() {
+            if publication.offset().is_none_or(|o| o >= before) {
+                continue;
+            }
+            let cost = cost(publication);
+            if self.run.len() >= self.max_len
+                || self.bytes + cost > share
+                || !self.budget.fits(cost)
+            {
+                break;
+            }
+            self.bytes += cost;
+            self.budget.take(cost);
+            self.run.push_front(publication.clone());
+        }
+    }
+
+    /// The run as a history read's answer (oldest first, ending at `top`), if the
+    /// run ends at the last position delivered.
+    pub(crate) fn read(&self, top: &Position) -> Option<History> {
+        (self.last()? == top).then(|| History {
+            top: top.clone(),
+            publications: self.run.iter().cloned().collect(),
+            truncated: false,
+        })
+    }
+
+    /// Gives up its oldest publications until it holds its share of the budget
+    /// (which shrinks as more channels are cached).
+    pub(crate) fn trim(&mut self) {
+        let share = self.budget.share();
+        while self.bytes > share {
+            self.pop_front();
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.budget.give_back(self.bytes);
+        self.bytes = 0;
+        self.run.clear();
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(p) = self.run.pop_front() {
+            let cost = cost(&p);
+            self.bytes -= cost;
+            self.budget.give_back(cost);
+        }
+    }
+}
+
+impl Drop for Recent {
+    fn drop(&mut self) {
+        self.clear();
+        self.budget.runs.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether `publications` have consecutive offsets of `top`'s epoch ending at it.
+fn consecutive(publications: &[Publication], top: &Position) -> bool {
+    publications
+        .iter()
+        .rev()
+        .zip((0..=top.offset).rev())
+        .all(|(p, expected)| {
+            p.position
+                .as_ref()
+                .is_some_and(|q| q.epoch == top.epoch && q.offset == expected)
+        })
+}
+
+/// How a recovery from `since` is answered by a run of publications ending at
+/// `run.top` (a cached run, or the channel's tail read from Redis).
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// Everything after `since` (maybe nothing), within the read's bounds.
+    Recovered(History),
+    /// Not recoverable, whatever Redis holds: more than `limit` publications
+    /// follow `since`, or they need more than the read's bytes. The position stands.
+    Lost(History),
+    /// The run does not reach back to `since` (or is of another epoch, or behind
+    /// it): only Redis can say.
+    Unknown,
+}
+
+/// Answers a recovery of the publications after `since` (all or nothing, at most
+/// `limit`, at most `max_bytes` counted as a client read counts them) from a run of
+/// consecutive publications ending at `run.top` — as the history script would
+/// answer it from the stream.
+pub(crate) fn answer(since: &Position, run: &History, limit: usize, max_bytes: usize) -> Answer {
+    let top = &run.top;
+    // A tail read cut short by its bytes still ends at `top` without a hole.
+    if since.epoch != top.epoch || since.offset > top.offset {
+        return Answer::Unknown;
+    }
+    let nothing = || History {
+        top: top.clone(),
+        publications: Vec::new(),
+        truncated: false,
+    };
+    let missed = top.offset - since.offset;
+    if missed > limit as u64 {
+        return Answer::Lost(nothing());
+    }
+    if missed > run.publications.len() as u64 || !consecutive(&run.publications, top) {
+        return Answer::Unknown;
+    }
+    let replay = &run.publications[run.publications.len() - missed as usize..];
+    let bytes: usize = replay
+        .iter()
+        .map(|p| envelope::encoded_len(p) + READ_OVERHEAD)
+        .sum();
+    if bytes > max_bytes {
+        return Answer::Lost(History {
+            truncated: true,
+            ..nothing()
+        });
+    }
+    Answer::Recovered(History {
+        top: top.clone(),
+        publications: replay.to_vec(),
+        truncated: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::publication::{Epoch, Kind};
+
+    fn pos(e: &str, offset: u64) -> Position {
+        Position {
+            epoch: Epoch::parse(e).unwrap(),
+            offset,
+        }
+    }
+
+    fn publication(e: &str, offset: u64) -> Publication {
+        Publication {
+            kind: Kind::Message,
+            data: Bytes::from(format!("{e}-{offset:04}")),
+            from: None,
+            position: Some(pos(e, offset)),
+            traceparent: Bytes::new(),
+            published_at_us: 0,
+        }
+    }
+
+    fn offsets(history: &History) -> Vec<u64> {
+        history
+            .publications
+            .iter()
+            .filter_map(Publication::offset)
+            .collect()
+    }
+
+    fn run_of(budget: &Arc<Budget>, e: &str, range: std::ops::RangeInclusive<u64>) -> Recent {
+        let mut recent = Recent::new(budget.clone(), 1000);
+        for o in range {
+            recent.push(&publication(e, o));
+        }
+        recent
+    }
+
+    fn budget(max: usize) -> Arc<Budget> {
+        Budget::new(max, Arc::new(Metrics::new()))
+    }
+
+    #[test]
+    fn a_run_has_no_hole_and_one_epoch() {
+        let b = budget(1 << 20);
+        let mut r = run_of(&b, "e", 1..=5);
+        assert_eq!(offsets(&r.read(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
+        // A gap: the run starts again.
+        r.push(&publication("e", 8));
+        assert_eq!(offsets(&r.read(&pos("e", 8)).unwrap()), [8]);
+        // A new epoch: again.
+        r.push(&publication("f", 1));
+        assert_eq!(offsets(&r.read(&pos("f", 1)).unwrap()), [1]);
+        // The node delivered further without it (a gap reported): no answer.
+        assert!(r.read(&pos("f", 3)).is_none());
+        assert!(r.read(&pos("e", 1)).is_none());
+    }
+
+    #[test]
+    fn the_budget_bounds_every_run_together() {
+        let one = cost(&publication("e", 10));
+        let b = budget(10 * one);
+        let mut a = run_of(&b, "e", 10..=29);
+        assert_eq!(
+            offsets(&a.read(&pos("e", 29)).unwrap()),
+            (20..=29).collect::<Vec<_>>()
+        );
+        // A second run halves each one's share: while the first holds the whole
+        // budget, it keeps nothing; once the first is trimmed, half.
+        let mut c = run_of(&b, "e", 10..=29);
+        assert!(c.read(&pos("e", 29)).is_none());
+        assert!(b.used.load(Ordering::Relaxed) <= 10 * one);
+        a.trim();
+        assert_eq!(a.read(&pos("e", 29)).unwrap().publications.len(), 5);
+        for o in 30..=40 {
+            c.push(&publication("e", o));
+        }
+        assert_eq!(
+            offsets(&c.read(&pos("e", 40)).unwrap()),
+            (36..=40).collect::<Vec<_>>()
+        );
+        assert!(b.used.load(Ordering::Relaxed) <= 10 * one);
+        drop(a);
+        drop(c);
+        assert_eq!(b.used.load(Ordering::Relaxed), 0, "all given back");
+        assert_eq!(b.runs.load(Ordering::Relaxed), 0);
+        // No budget: nothing kept.
+        let off = budget(0);
+        assert!(run_of(&off, "e", 1..=3).read(&pos("e", 3)).is_none());
+    }
+
+    #[test]
+    fn a_run_keeps_at_most_a_recovery() {
+        let b = budget(1 << 20);
+        let mut r = Recent::new(b, 3);
+        for o in 1..=10 {
+            r.push(&publication("e", o));
+        }
+        assert_eq!(offsets(&r.read(&pos("e", 10)).unwrap()), [8, 9, 10]);
+    }
+
+    #[test]
+    fn a_read_from_redis_is_put_in_front_only_where_it_meets_the_run() {
+        let b = budget(1 << 20);
+        let read = |e: &str, range: std::ops::RangeInclusive<u64>| History {
+            top: pos(e, *range.end()),
+            publications: range.map(|o| publication(e, o)).collect(),
+            truncated: false,
+        };
+        // Empty run: only an answer at the last offset delivered.
+        let mut r = Recent::new(b.clone(), 1000);
+        r.backfill(&read("e", 1..=4), &pos("e", 5));
+        assert!(r.read(&pos("e", 5)).is_none());
+        r.backfill(&read("e", 1..=5), &pos("e", 5));
+        assert_eq!(offsets(&r.read(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
+
+        // A run 6..=9, read 2..=7 overlaps it: 2..=5 go in front.
+        let mut r = run_of(&b, "e", 6..=9);
+        r.backfill(&read("e", 2..=7), &pos("e", 9));
+        assert_eq!(
+            offsets(&r.read(&pos("e", 9)).unwrap()),
+            [2, 3, 4, 5, 6, 7, 8, 9]
+        );
+        // Ending right before it: too.
+        let mut r = run_of(&b, "e", 6..=9);
+        r.backfill(&read("e", 3..=5), &pos("e", 9));
+        assert_eq!(
+            offsets(&r.read(&pos("e", 9)).unwrap()),
+            [3, 4, 5, 6, 7, 8, 9]
+        );
+        // Not meeting it (a gap between), another epoch, or with a hole: left out.
+        let mut r = run_of(&b, "e", 6..=9);
+        r.backfill(&read("e", 1..=4), &pos("e", 9));
+        r.backfill(&read("f", 1..=7), &pos("e", 9));
+        let mut holed = read("e", 1..=7);
+        holed.publications.remove(2);
+        r.backfill(&holed, &pos("e", 9));
+        assert_eq!(offsets(&r.read(&pos("e", 9)).unwrap()), [6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn answers_are_those_of_the_history_script() {
+        let run = History {
+            top: pos("e", 10),
+            publications: (6..=10).map(|o| publication("e", o)).collect(),
+            truncated: false,
+        };
+        let recovered = |a: Answer| match a {
+            Answer::Recovered(h) => offsets(&h),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            recovered(answer(&pos("e", 7), &run, 100, 1 << 20)),
+            [8, 9, 10]
+        );
+        assert_eq!(
+            recovered(answer(&pos("e", 10), &run, 100, 1 << 20)),
+            Vec::<u64>::new()
+        );
+        assert_eq!(
+            recovered(answer(&pos("e", 5), &run, 100, 1 << 20)),
+            [6, 7, 8, 9, 10]
+        );
+        // Before the run: Redis may hold more.
+        assert!(matches!(
+            answer(&pos("e", 4), &run, 100, 1 << 20),
+            Answer::Unknown
+        ));
+        // Other epoch, or ahead of the run: Redis decides.
+        assert!(matches!(
+            answer(&pos("f", 7), &run, 100, 1 << 20),
+            Answer::Unknown
+        ));
+        assert!(matches!(
+            answer(&pos("e", 11), &run, 100, 1 << 20),
+            Answer::Unknown
+        ));
+        // More than the limit: lost whatever Redis holds.
+        match answer(&pos("e", 1), &run, 5, 1 << 20) {
+            Answer::Lost(h) => assert!(h.publications.is_empty() && !h.truncated),
+            other => panic!("{other:?}"),
+        }
+        // More bytes than the read may return: lost, truncated.
+        let two = [9, 10]
+            .map(|o| envelope::encoded_len(&publication("e", o)) + READ_OVERHEAD)
+            .iter()
+            .sum();
+        assert_eq!(recovered(answer(&pos("e", 8), &run, 100, two)), [9, 10]);
+        match answer(&pos("e", 7), &run, 100, two) {
+            Answer::Lost(h) => assert!(h.publications.is_empty() && h.truncated),
+            other => panic!("{other:?}"),
+        }
+    }
+}
