@@ -1148,3 +1148,125 @@ async fn identical_recoveries_at_once_share_their_reads() {
         assert!(client.try_recv(Duration::from_millis(20)).await.is_none());
     }
 }
+
+/// The data of recovered messages.
+fn data_of(frames: &[Value]) -> Vec<Value> {
+    frames.iter().map(|f| f["data"].clone()).collect()
+}
+
+/// Recoveries on a node that delivers the channel already are answered from its
+/// cache of recent history — and never across what the node did not deliver: a
+/// gap (messages the stream lost while the node was deaf) or an epoch change
+/// (Redis restarted empty). Each recovery is what a read of Redis would have given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_answers_recoveries_but_not_across_a_gap_or_an_epoch() {
+    let mut redis = RedisServer::start().await;
+    let proxy = DeafProxy::start(redis.port).await;
+    let url = proxy.url();
+    let flags = flags(5, &["--redis-url", &url, "--broker-timeout", "1s"]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let node = TestNode::start(&flags).await;
+    node.wait_ready().await;
+    let ch = "chat:cache";
+    let hits = || {
+        metric(
+            &node.handle.metrics_text(),
+            "wsrelay_history_cache_hits_total",
+        )
+    };
+    let mut stayer = node.client(&format!("channel={ch}")).await;
+    let epoch = epoch_of(&welcome_position(&stayer, ch));
+    let mut publisher = node.client("channel=other").await;
+    publish_range(&mut publisher, ch, 1..=4).await;
+    assert_eq!(offsets(&stayer.recv_msgs(4).await), [1, 2, 3, 4]);
+
+    // What the node delivered answers a recovery, without a read of Redis.
+    let reads = script_calls(&redis).await;
+    let mut a = node.client("channel=other").await;
+    let (replay, ack) = a.sub_since(ch, Some((&epoch, 1)), 1).await;
+    assert_eq!(
+        data_of(&replay),
+        [json!({"n":2}), json!({"n":3}), json!({"n":4})]
+    );
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":1,"epoch":epoch,"offset":4,"recovered":true})
+    );
+    assert_eq!(hits(), 1.0);
+    assert_eq!(script_calls(&redis).await, reads, "no read of Redis");
+
+    // Deaf while 5..=12 are published: when 13 shows the node what it missed,
+    // the stream keeps 9..=13, so the node's repair delivers a gap at 8, then 9 on.
+    proxy.set_deaf(true);
+    publish_range(&mut publisher, ch, 5..=12).await;
+    proxy.set_deaf(false);
+    publish_range(&mut publisher, ch, 13..=13).await;
+    let gap = stayer.recv().await;
+    assert_eq!(
+        (gap["op"].clone(), gap["offset"].clone()),
+        (json!("gap"), json!(8)),
+        "{gap}"
+    );
+    assert_eq!(
+        offsets(&stayer.recv_msgs(5).await),
+        (9..=13).collect::<Vec<_>>()
+    );
+
+    // Missed 5..=13 from before the gap: Redis no longer holds 5..=8.
+    let mut b = node.client("channel=other").await;
+    let (replay, ack) = b.sub_since(ch, Some((&epoch, 4)), 1).await;
+    assert!(replay.is_empty(), "{replay:?}");
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":1,"epoch":epoch,"offset":13,"recovered":false})
+    );
+    // After the gap: from the cache.
+    let before = hits();
+    let mut c = node.client("channel=other").await;
+    let (replay, ack) = c.sub_since(ch, Some((&epoch, 9)), 1).await;
+    assert_eq!(offsets(&replay), [10, 11, 12, 13]);
+    assert_eq!(data_of(&replay)[0], json!({"n":10}));
+    assert_eq!(ack["recovered"], true, "{ack}");
+    assert_eq!(hits(), before + 1.0);
+
+    // Redis restarted empty: a new epoch, whose offsets start again.
+    redis.restart().await;
+    let gap = stayer.recv().await;
+    assert_eq!(gap["op"], "gap", "{gap}");
+    let new = epoch_of(&gap);
+    assert_ne!(new, epoch);
+    node.wait_ready().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for n in 1..=3 {
+        // The first publish may find the publishing connection broken.
+        loop {
+            let reply = publisher.publish(ch, json!({"new": n}), n).await;
+            if reply["op"] == "ack" {
+                assert_eq!(reply["offset"], n, "{reply}");
+                break;
+            }
+            assert_eq!(reply["code"], "unavailable", "{reply}");
+            assert!(tokio::time::Instant::now() < deadline, "{reply}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(offsets(&stayer.recv_msgs(3).await), [1, 2, 3]);
+    // The new epoch's messages, from the cache.
+    let before = hits();
+    let mut d = node.client("channel=other").await;
+    let (replay, ack) = d.sub_since(ch, Some((&new, 1)), 1).await;
+    assert_eq!(data_of(&replay), [json!({"new":2}), json!({"new":3})]);
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":1,"epoch":new,"offset":3,"recovered":true})
+    );
+    assert_eq!(hits(), before + 1.0);
+    // An offset of the old epoch is not one of the new: nothing recovered.
+    let mut e = node.client("channel=other").await;
+    let (replay, ack) = e.sub_since(ch, Some((&epoch, 1)), 1).await;
+    assert!(replay.is_empty(), "{replay:?}");
+    assert_eq!(
+        ack,
+        json!({"op":"ack","id":1,"epoch":new,"offset":3,"recovered":false})
+    );
+}
