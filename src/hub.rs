@@ -44,7 +44,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Since};
 use crate::proxy::{Proxy, ProxyError};
 use crate::publication::{Kind, Position, Publication};
-use crate::reads::HistoryReads;
+use crate::reads::{Fill, HistoryReads};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 use crate::users::Users;
@@ -451,20 +451,22 @@ impl Hub {
             epoch: since.epoch.clone(),
             offset: since.offset,
         };
-        if let Some(run) = self.broker.cached(channel) {
+        let from_cache = || {
+            let run = self.broker.cached(channel)?;
             match recent::answer(&from, &run, limit, budget) {
-                Answer::Recovered(history) | Answer::Lost(history) => {
-                    self.metrics.history_cache_hits.inc();
-                    return Ok(history);
-                }
-                Answer::Unknown => {}
+                Answer::Recovered(history) | Answer::Lost(history) => Some(history),
+                Answer::Unknown => None,
             }
+        };
+        if let Some(history) = from_cache() {
+            self.metrics.history_cache_hits.inc();
+            return Ok(history);
         }
         if self.broker.caches(channel) {
-            // The newest messages a recovery could replay, for every recovery of
-            // the channel waiting for a read meanwhile; what it cannot answer, no
-            // read could: the client's read takes at most `limit` messages of at
-            // most --max-history-bytes (its `budget` is a share of that).
+            // The newest messages a recovery could replay, read once while the
+            // channel's other recoveries wait; what it cannot answer, no read could:
+            // the client's read takes at most `limit` messages of at most
+            // --max-history-bytes (its `budget` is a share of that).
             let tail = HistoryRequest {
                 since: None,
                 limit,
@@ -473,19 +475,39 @@ impl Hub {
                 max_bytes: Some(self.config.history.max_history_bytes),
             };
             let read = || async {
+                // Filled meanwhile (between the look above and this turn).
+                if let Some(run) = self.broker.cached(channel)
+                    && !matches!(recent::answer(&from, &run, limit, budget), Answer::Unknown)
+                {
+                    self.metrics.history_cache_hits.inc();
+                    return Ok(run);
+                }
                 let run = self.broker.history(channel, tail.clone()).await?;
                 self.metrics.history_cache_fills.inc();
                 self.broker.backfill(channel, &run);
                 Ok(run)
             };
-            let run = self.reads.read(channel, &tail, true, read).await?;
-            return Ok(match recent::answer(&from, &run, limit, budget) {
-                Answer::Recovered(history) | Answer::Lost(history) => history,
-                Answer::Unknown => History {
-                    publications: Vec::new(),
-                    ..run
-                },
-            });
+            match self.reads.fill(channel, read).await {
+                // Read after this client was held back: its answer stands.
+                Fill::Led(run) => {
+                    let run = run?;
+                    return Ok(match recent::answer(&from, &run, limit, budget) {
+                        Answer::Recovered(history) | Answer::Lost(history) => history,
+                        Answer::Unknown => History {
+                            publications: Vec::new(),
+                            ..run
+                        },
+                    });
+                }
+                // Maybe read before: the cache it filled answers, or a read of
+                // this client's own range.
+                Fill::Joined => {
+                    if let Some(history) = from_cache() {
+                        self.metrics.history_cache_hits.inc();
+                        return Ok(history);
+                    }
+                }
+            }
         }
         let request = HistoryRequest {
             since: Some((since.epoch.clone(), since.offset)),

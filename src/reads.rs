@@ -16,6 +16,13 @@
 //! subscribed (held back, see `hub`) before the read runs in Redis, so the answer
 //! covers what each of them missed, and the live publications after it reach each
 //! of them; the hold-back drops what both carry, as for a read of its own.
+//!
+//! **A channel's fill is waited for** ([`HistoryReads::fill`]). A recovery the
+//! node's cache of recent history could not answer reads the channel's tail to fill
+//! it; a recovery of the same channel arriving while that read is waiting *or on its
+//! way* waits for it to end, then asks the cache again. Its answer is the cache's,
+//! read after the client was held back, so it does not matter when the tail was
+//! read; only the client that ran the read uses its answer.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -50,6 +57,20 @@ pub(crate) struct HistoryReads {
     /// reads waiting (each leaves when it is sent, or when its last client gives
     /// up).
     flights: Mutex<HashMap<Key, Arc<Flight>>>,
+    /// The fills of channels' caches in progress, which recoveries of the same
+    /// channel wait for. One entry per channel being filled (it leaves when its
+    /// read ends, or when its last client gave up).
+    fills: Mutex<HashMap<String, Arc<Flight>>>,
+}
+
+/// How a recovery's wait for a channel's fill ended.
+#[derive(Debug)]
+pub(crate) enum Fill {
+    /// This client ran the read (read after it was held back): its answer.
+    Led(Result<History, BrokerError>),
+    /// Another client's read ended (it may have been read before this client was
+    /// held back: ask the cache again).
+    Joined,
 }
 
 /// A slot taken: the read runs while it lives.
@@ -78,6 +99,54 @@ impl HistoryReads {
             wait,
             metrics,
             flights: Mutex::new(HashMap::new()),
+            fills: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Fills `channel`'s cache with `read` (after waiting for a slot), unless a fill
+    /// of the channel is in progress: then waits for it to end instead, without a
+    /// slot (bounded by that read's own wait and `--broker-timeout`).
+    pub(crate) async fn fill<F, Fut>(&self, channel: &str, read: F) -> Fill
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<History, BrokerError>>,
+    {
+        let flight = {
+            let mut fills = lock(&self.fills);
+            match fills.get(channel) {
+                Some(flight) => {
+                    self.metrics.history_reads_coalesced.inc();
+                    flight.clone()
+                }
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    fills.insert(channel.to_owned(), flight.clone());
+                    flight
+                }
+            }
+        };
+        let led = std::sync::atomic::AtomicBool::new(false);
+        let answer = flight
+            .answer
+            .get_or_init(|| async {
+                // Runs in the first client, or in the next one if it gave up.
+                led.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ended = Ended {
+                    fills: &self.fills,
+                    channel,
+                    flight: &flight,
+                };
+                let _admitted = match self.admit().await {
+                    Ok(admitted) => admitted,
+                    Err(busy) => return Err(BrokerError::Unavailable(busy.to_string())),
+                };
+                read().await
+            })
+            .await;
+        if led.into_inner() {
+            Fill::Led(answer.clone())
+        } else {
+            Fill::Joined
         }
     }
 
@@ -142,8 +211,7 @@ impl HistoryReads {
     }
 
     fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
-        // Inserts and removes only: a panic elsewhere cannot leave it torn.
-        self.flights.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.flights)
     }
 
     /// Takes `flight` out of the joinable reads (if it is still there).
@@ -169,6 +237,34 @@ impl HistoryReads {
             }
             // The semaphore is never closed.
             Ok(Err(_)) | Err(_) => Err(Busy(self.size, self.wait)),
+        }
+    }
+}
+
+/// Locks a map of flights.
+fn lock<K>(
+    map: &Mutex<HashMap<K, Arc<Flight>>>,
+) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Flight>>> {
+    // Inserts and removes only: a panic elsewhere cannot leave it torn.
+    map.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes a fill out of the map when its read's future ends, whichever way: a
+/// recovery arriving later finds the cache filled, or fills it again.
+struct Ended<'a> {
+    fills: &'a Mutex<HashMap<String, Arc<Flight>>>,
+    channel: &'a str,
+    flight: &'a Arc<Flight>,
+}
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        let mut fills = lock(self.fills);
+        if fills
+            .get(self.channel)
+            .is_some_and(|f| Arc::ptr_eq(f, self.flight))
+        {
+            fills.remove(self.channel);
         }
     }
 }
@@ -259,6 +355,52 @@ mod tests {
         read(&reads, 7).await.unwrap().unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 3);
         assert!(reads.flights().is_empty(), "nothing kept");
+    }
+
+    #[tokio::test]
+    async fn recoveries_wait_for_a_fill_in_progress_even_once_it_was_sent() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            4,
+            Duration::from_secs(5),
+            metrics.clone(),
+        ));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let fill = |channel: &'static str| {
+            let (reads, runs, release) = (reads.clone(), runs.clone(), release.clone());
+            tokio::spawn(async move {
+                let filled = reads
+                    .fill(channel, || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        // On its way to Redis: slots are free, others still wait.
+                        let _go = release.acquire().await;
+                        Ok(answer(47))
+                    })
+                    .await;
+                matches!(filled, Fill::Led(Ok(_)))
+            })
+        };
+        let first = fill("ch");
+        until("the read is sent", || runs.load(Ordering::SeqCst) == 1).await;
+        let joined: Vec<_> = (0..3).map(|_| fill("ch")).collect();
+        let other = fill("other");
+        until("three joined", || {
+            metrics.history_reads_coalesced.get() == 3
+        })
+        .await;
+        until("the other channel reads", || {
+            runs.load(Ordering::SeqCst) == 2
+        })
+        .await;
+        release.add_permits(2);
+        assert!(first.await.unwrap(), "the first ran the read");
+        for j in joined {
+            assert!(!j.await.unwrap(), "the others joined it");
+        }
+        assert!(other.await.unwrap());
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "one read per channel");
+        assert!(lock(&reads.fills).is_empty(), "nothing kept");
     }
 
     #[tokio::test]

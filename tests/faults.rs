@@ -73,6 +73,9 @@ enum Fault {
     NodeDrained,
     /// Every client of the first node reconnects at once, with `since`.
     ReconnectStorm,
+    /// The same with a crowd: the first node has `CROWD` clients, all of which
+    /// reconnect at once (their recoveries share reads, then the node's cache).
+    CrowdStorm,
 }
 
 impl Fault {
@@ -94,6 +97,7 @@ impl Fault {
             Fault::NodeKilled => "a node SIGKILLed (its clients recover elsewhere)",
             Fault::NodeDrained => "a node drained (SIGTERM; its clients recover elsewhere)",
             Fault::ReconnectStorm => "a node's clients all reconnect at once with `since`",
+            Fault::CrowdStorm => "60 clients of a node reconnect at once with `since`",
         }
     }
 
@@ -130,6 +134,8 @@ const RATE: u64 = 300;
 /// How long the publisher publishes (the faults strike at a third and two thirds).
 const PUBLISHING: Duration = Duration::from_millis(4500);
 const CLIENTS_PER_NODE: usize = 2;
+/// Clients of the first node in a `CrowdStorm` run.
+const CROWD: usize = 60;
 
 /// The Redis side of a run and the nodes on it.
 struct World {
@@ -140,6 +146,8 @@ struct World {
     cluster: Option<RedisCluster>,
     nodes: Vec<Option<NodeProcess>>,
     channels: Vec<String>,
+    /// Clients of the first node (`CLIENTS_PER_NODE` on every other one).
+    crowd: usize,
 }
 
 impl World {
@@ -152,6 +160,7 @@ impl World {
             cluster: None,
             nodes: Vec::new(),
             channels: (0..channels).map(|i| format!("chat:f{i}")).collect(),
+            crowd: CLIENTS_PER_NODE,
         };
         let broker: Vec<String> = match topo {
             Topo::Memory => Vec::new(),
@@ -331,7 +340,7 @@ impl World {
             }
             Fault::NodeKilled => self.nodes[0].as_ref().unwrap().signal("KILL"),
             Fault::NodeDrained => self.nodes[0].as_ref().unwrap().signal("TERM"),
-            Fault::ReconnectStorm => clients.storm(0),
+            Fault::ReconnectStorm | Fault::CrowdStorm => clients.storm(0),
         }
     }
 
@@ -426,8 +435,8 @@ impl Clients {
     }
 }
 
-/// Starts `CLIENTS_PER_NODE` subscribers on every node, each subscribed to every
-/// channel; returns once all are subscribed.
+/// Starts `CLIENTS_PER_NODE` subscribers on every node (`crowd` on the first),
+/// each subscribed to every channel; returns once all are subscribed.
 async fn subscribe_all(world: &World) -> Clients {
     let urls: Vec<String> = (0..world.nodes.len())
         .filter_map(|i| world.url(i))
@@ -443,10 +452,17 @@ async fn subscribe_all(world: &World) -> Clients {
         tasks: Vec::new(),
     };
     let ready = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut total = 0;
     for node in 0..urls.len() {
-        for k in 0..CLIENTS_PER_NODE {
+        let here = if node == 0 {
+            world.crowd
+        } else {
+            CLIENTS_PER_NODE
+        };
+        for _ in 0..here {
+            total += 1;
             let me = Subscriber {
-                id: node * CLIENTS_PER_NODE + k,
+                id: total,
                 home: node,
                 urls: urls.clone(),
                 channels: world.channels.clone(),
@@ -457,8 +473,7 @@ async fn subscribe_all(world: &World) -> Clients {
             clients.tasks.push(tokio::spawn(me.run(ready.clone())));
         }
     }
-    let total = (urls.len() * CLIENTS_PER_NODE) as u32;
-    timeout(3 * WAIT, ready.acquire_many(total))
+    timeout(3 * WAIT, ready.acquire_many(total as u32))
         .await
         .expect("every client subscribed in time")
         .unwrap()
@@ -703,6 +718,9 @@ impl Stream {
 async fn run(topo: Topo, fault: Fault) -> Report {
     let _serial = SERIAL.lock().await;
     let mut world = World::start(topo, 4).await;
+    if fault == Fault::CrowdStorm {
+        world.crowd = CROWD;
+    }
     let stream = Stream::start(&world).await;
     let started = Instant::now();
     sleep(PUBLISHING / 3).await;
@@ -724,6 +742,15 @@ async fn run(topo: Topo, fault: Fault) -> Report {
     // its cache of recent history: the checker judged those recoveries too.
     if matches!(fault, Fault::NodeKilled | Fault::NodeDrained) && topo != Topo::Memory {
         assert!(cached > 0, "{topo:?} {fault:?}: no recovery from a cache");
+    }
+    // A crowd's recoveries of a channel wait for one read of it, then the cache
+    // answers them: most of its 2 × CROWD × channels recoveries.
+    if fault == Fault::CrowdStorm && topo != Topo::Memory {
+        let storm = (CROWD * world.channels.len()) as u64;
+        assert!(
+            cached >= storm,
+            "{topo:?} {fault:?}: {cached} recoveries from a cache"
+        );
     }
     if !report.exactly_once() || (report.gaps > 0 && !fault.may_lose_data(topo)) {
         world.print_logs();
@@ -800,6 +827,7 @@ suite! {
     redis_node_killed: Topo::Redis, Fault::NodeKilled;
     redis_node_drained: Topo::Redis, Fault::NodeDrained;
     redis_reconnect_storm: Topo::Redis, Fault::ReconnectStorm;
+    redis_crowd_storm: Topo::Redis, Fault::CrowdStorm;
 
     shards_pubsub_killed_reconnect_held: Topo::Shards, Fault::PubSubKilled { held: true };
     shards_publisher_killed: Topo::Shards, Fault::PublisherKilled;
