@@ -452,7 +452,7 @@ impl Hub {
             offset: since.offset,
         };
         let from_cache = || {
-            let run = self.broker.cached(channel)?;
+            let run = self.broker.cached(channel, since.offset)?;
             match recent::answer(&from, &run, limit, budget) {
                 Answer::Recovered(history) | Answer::Lost(history) => Some(history),
                 Answer::Unknown => None,
@@ -476,7 +476,7 @@ impl Hub {
             };
             let read = || async {
                 // Filled meanwhile (between the look above and this turn).
-                if let Some(run) = self.broker.cached(channel)
+                if let Some(run) = self.broker.cached(channel, since.offset)
                     && !matches!(recent::answer(&from, &run, limit, budget), Answer::Unknown)
                 {
                     self.metrics.history_cache_hits.inc();

@@ -225,13 +225,14 @@ impl Broker {
         }
     }
 
-    /// The run of `channel`'s recent publications this node keeps in memory, ending
-    /// at the last one it delivered (the Redis broker's cache, `recent`; the
-    /// in-process broker's history is in memory already and needs none).
-    pub fn cached(&self, channel: &str) -> Option<History> {
+    /// What follows offset `after` in the run of `channel`'s recent publications
+    /// this node keeps in memory, which ends at the last one it delivered (the
+    /// Redis broker's cache, `recent`; the in-process broker's history is in memory
+    /// already and needs none).
+    pub fn cached(&self, channel: &str, after: u64) -> Option<History> {
         match self {
             Broker::Memory(_) => None,
-            Broker::Redis(b) => b.cached(channel),
+            Broker::Redis(b) => b.cached(channel, after),
         }
     }
 

@@ -61,19 +61,23 @@ impl Budget {
         self.max / self.runs.load(Ordering::Relaxed).max(1)
     }
 
-    fn take(&self, bytes: usize) {
-        self.used.fetch_add(bytes, Ordering::Relaxed);
-        self.metrics.history_cache_bytes.inc_by(bytes as i64);
+    /// Takes `bytes` if they fit the node's budget.
+    fn try_take(&self, bytes: usize) -> bool {
+        let taken = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used + bytes <= self.max).then_some(used + bytes)
+            })
+            .is_ok();
+        if taken {
+            self.metrics.history_cache_bytes.inc_by(bytes as i64);
+        }
+        taken
     }
 
     fn give_back(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
         self.metrics.history_cache_bytes.dec_by(bytes as i64);
-    }
-
-    /// Whether `bytes` more fit the node's budget.
-    fn fits(&self, bytes: usize) -> bool {
-        self.used.load(Ordering::Relaxed) + bytes <= self.max
     }
 }
 
@@ -132,21 +136,23 @@ impl Recent {
         }
         let cost = cost(publication);
         let share = self.budget.share();
-        while !self.run.is_empty()
-            && (self.run.len() >= self.max_len
-                || self.bytes + cost > share
-                || !self.budget.fits(cost))
+        while !self.run.is_empty() && (self.run.len() >= self.max_len || self.bytes + cost > share)
         {
             self.pop_front();
         }
-        if cost > share || !self.budget.fits(cost) || self.max_len == 0 {
-            // Other runs hold the budget: none here (a run always ends at the
-            // last offset delivered).
-            return;
+        // Other runs may hold the budget: then this one gives up its oldest too,
+        // down to nothing (a run always ends at the last offset delivered).
+        while self.max_len > 0 && cost <= share {
+            if self.budget.try_take(cost) {
+                self.bytes += cost;
+                self.run.push_back(publication.clone());
+                return;
+            }
+            if self.run.is_empty() {
+                return;
+            }
+            self.pop_front();
         }
-        self.bytes += cost;
-        self.budget.take(cost);
-        self.run.push_back(publication.clone());
     }
 
     /// Puts publications read from Redis in front of the run: `history`, read
@@ -177,22 +183,35 @@ impl Recent {
             let cost = cost(publication);
             if self.run.len() >= self.max_len
                 || self.bytes + cost > share
-                || !self.budget.fits(cost)
+                || !self.budget.try_take(cost)
             {
                 break;
             }
             self.bytes += cost;
-            self.budget.take(cost);
             self.run.push_front(publication.clone());
         }
     }
 
-    /// The run as a history read's answer (oldest first, ending at `top`), if the
-    /// run ends at the last position delivered.
-    pub(crate) fn read(&self, top: &Position) -> Option<History> {
-        (self.last()? == top).then(|| History {
+    /// The run's publications after offset `after` as a history read's answer
+    /// (oldest first, ending at `top`), if the run ends at the last position
+    /// delivered, `top`. None of them when the run does not reach back to `after`
+    /// (see [`answer`]: that is for Redis to say, unless too many follow it).
+    pub(crate) fn read(&self, top: &Position, after: u64) -> Option<History> {
+        if self.last()? != top {
+            return None;
+        }
+        let first = self.first_offset()?;
+        let publications = if after < top.offset && after + 1 >= first {
+            self.run
+                .range((after + 1 - first) as usize..)
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Some(History {
             top: top.clone(),
-            publications: self.run.iter().cloned().collect(),
+            publications,
             truncated: false,
         })
     }
@@ -336,6 +355,25 @@ mod tests {
         recent
     }
 
+    impl Recent {
+        /// The whole run, if it ends at `top`.
+        fn whole(&self, top: &Position) -> Option<History> {
+            self.read(top, self.first_offset().unwrap_or(1) - 1)
+        }
+    }
+
+    #[test]
+    fn a_read_takes_what_follows_its_offset() {
+        let b = budget(1 << 20);
+        let r = run_of(&b, "e", 5..=9);
+        assert_eq!(offsets(&r.read(&pos("e", 9), 6).unwrap()), [7, 8, 9]);
+        assert_eq!(offsets(&r.read(&pos("e", 9), 4).unwrap()), [5, 6, 7, 8, 9]);
+        assert!(r.read(&pos("e", 9), 9).unwrap().publications.is_empty());
+        // Not reaching back to it: nothing (Redis says).
+        assert!(r.read(&pos("e", 9), 3).unwrap().publications.is_empty());
+        assert!(r.read(&pos("e", 9), 12).unwrap().publications.is_empty());
+    }
+
     fn budget(max: usize) -> Arc<Budget> {
         Budget::new(max, Arc::new(Metrics::new()))
     }
@@ -344,16 +382,16 @@ mod tests {
     fn a_run_has_no_hole_and_one_epoch() {
         let b = budget(1 << 20);
         let mut r = run_of(&b, "e", 1..=5);
-        assert_eq!(offsets(&r.read(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
+        assert_eq!(offsets(&r.whole(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
         // A gap: the run starts again.
         r.push(&publication("e", 8));
-        assert_eq!(offsets(&r.read(&pos("e", 8)).unwrap()), [8]);
+        assert_eq!(offsets(&r.whole(&pos("e", 8)).unwrap()), [8]);
         // A new epoch: again.
         r.push(&publication("f", 1));
-        assert_eq!(offsets(&r.read(&pos("f", 1)).unwrap()), [1]);
+        assert_eq!(offsets(&r.whole(&pos("f", 1)).unwrap()), [1]);
         // The node delivered further without it (a gap reported): no answer.
-        assert!(r.read(&pos("f", 3)).is_none());
-        assert!(r.read(&pos("e", 1)).is_none());
+        assert!(r.whole(&pos("f", 3)).is_none());
+        assert!(r.whole(&pos("e", 1)).is_none());
     }
 
     #[test]
@@ -362,21 +400,21 @@ mod tests {
         let b = budget(10 * one);
         let mut a = run_of(&b, "e", 10..=29);
         assert_eq!(
-            offsets(&a.read(&pos("e", 29)).unwrap()),
+            offsets(&a.whole(&pos("e", 29)).unwrap()),
             (20..=29).collect::<Vec<_>>()
         );
         // A second run halves each one's share: while the first holds the whole
         // budget, it keeps nothing; once the first is trimmed, half.
         let mut c = run_of(&b, "e", 10..=29);
-        assert!(c.read(&pos("e", 29)).is_none());
+        assert!(c.whole(&pos("e", 29)).is_none());
         assert!(b.used.load(Ordering::Relaxed) <= 10 * one);
         a.trim();
-        assert_eq!(a.read(&pos("e", 29)).unwrap().publications.len(), 5);
+        assert_eq!(a.whole(&pos("e", 29)).unwrap().publications.len(), 5);
         for o in 30..=40 {
             c.push(&publication("e", o));
         }
         assert_eq!(
-            offsets(&c.read(&pos("e", 40)).unwrap()),
+            offsets(&c.whole(&pos("e", 40)).unwrap()),
             (36..=40).collect::<Vec<_>>()
         );
         assert!(b.used.load(Ordering::Relaxed) <= 10 * one);
@@ -386,7 +424,7 @@ mod tests {
         assert_eq!(b.runs.load(Ordering::Relaxed), 0);
         // No budget: nothing kept.
         let off = budget(0);
-        assert!(run_of(&off, "e", 1..=3).read(&pos("e", 3)).is_none());
+        assert!(run_of(&off, "e", 1..=3).whole(&pos("e", 3)).is_none());
     }
 
     #[test]
@@ -396,7 +434,7 @@ mod tests {
         for o in 1..=10 {
             r.push(&publication("e", o));
         }
-        assert_eq!(offsets(&r.read(&pos("e", 10)).unwrap()), [8, 9, 10]);
+        assert_eq!(offsets(&r.whole(&pos("e", 10)).unwrap()), [8, 9, 10]);
     }
 
     #[test]
@@ -410,22 +448,22 @@ mod tests {
         // Empty run: only an answer at the last offset delivered.
         let mut r = Recent::new(b.clone(), 1000);
         r.backfill(&read("e", 1..=4), &pos("e", 5));
-        assert!(r.read(&pos("e", 5)).is_none());
+        assert!(r.whole(&pos("e", 5)).is_none());
         r.backfill(&read("e", 1..=5), &pos("e", 5));
-        assert_eq!(offsets(&r.read(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
+        assert_eq!(offsets(&r.whole(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
 
         // A run 6..=9, read 2..=7 overlaps it: 2..=5 go in front.
         let mut r = run_of(&b, "e", 6..=9);
         r.backfill(&read("e", 2..=7), &pos("e", 9));
         assert_eq!(
-            offsets(&r.read(&pos("e", 9)).unwrap()),
+            offsets(&r.whole(&pos("e", 9)).unwrap()),
             [2, 3, 4, 5, 6, 7, 8, 9]
         );
         // Ending right before it: too.
         let mut r = run_of(&b, "e", 6..=9);
         r.backfill(&read("e", 3..=5), &pos("e", 9));
         assert_eq!(
-            offsets(&r.read(&pos("e", 9)).unwrap()),
+            offsets(&r.whole(&pos("e", 9)).unwrap()),
             [3, 4, 5, 6, 7, 8, 9]
         );
         // Not meeting it (a gap between), another epoch, or with a hole: left out.
@@ -435,7 +473,7 @@ mod tests {
         let mut holed = read("e", 1..=7);
         holed.publications.remove(2);
         r.backfill(&holed, &pos("e", 9));
-        assert_eq!(offsets(&r.read(&pos("e", 9)).unwrap()), [6, 7, 8, 9]);
+        assert_eq!(offsets(&r.whole(&pos("e", 9)).unwrap()), [6, 7, 8, 9]);
     }
 
     #[test]

@@ -172,15 +172,15 @@ impl Tracker {
         track.recent.push(publication);
     }
 
-    /// The cached run of a channel's recent publications, ending at the last
-    /// offset delivered, while the channel is steady (nothing pending that could
-    /// move it otherwise than by a delivery).
-    pub(super) fn cached(&self, channel: &str) -> Option<History> {
+    /// The publications after offset `after` of a channel's cached run, which
+    /// ends at the last offset delivered, while the channel is steady (nothing
+    /// pending that could move it otherwise than by a delivery).
+    pub(super) fn cached(&self, channel: &str, after: u64) -> Option<History> {
         let track = self.tracks.get(channel)?;
         if !track.steady() {
             return None;
         }
-        track.recent.read(&track.position())
+        track.recent.read(&track.position(), after)
     }
 
     /// Whether recoveries of `channel` may fill its cache with a read of its tail:
@@ -599,10 +599,21 @@ mod tests {
             .collect()
     }
 
-    /// The offsets of the channel's cached run, if it may answer recoveries.
+    /// The offsets of the channel's cached run, if it may answer recoveries: what
+    /// the longest read it answers returns.
     fn cached(t: &Tracker) -> Option<Vec<u64>> {
-        t.cached("c")
-            .map(|h| h.publications.iter().filter_map(|p| p.offset()).collect())
+        let top = t.cached("c", u64::MAX)?.top.offset;
+        let offsets = |after| -> Vec<u64> {
+            let read = t.cached("c", after).unwrap();
+            read.publications
+                .iter()
+                .filter_map(|p| p.offset())
+                .collect()
+        };
+        let longest = (0..top)
+            .find(|&after| offsets(after).len() as u64 == top - after)
+            .unwrap_or(top);
+        Some(offsets(longest))
     }
 
     #[test]
@@ -627,7 +638,7 @@ mod tests {
         // A new epoch: its own run.
         t.on_live("c", publication("f", 1));
         assert_eq!(cached(&t), Some(vec![1]));
-        assert_eq!(t.cached("c").unwrap().top, pos("f", 1));
+        assert_eq!(t.cached("c", 0).unwrap().top, pos("f", 1));
         // The history went back (a failover lost writes): nothing cached.
         t.on_subscribing("c");
         t.on_resubscribed("c", pos("f", 0));
@@ -650,7 +661,7 @@ mod tests {
         assert_eq!(cached(&t), Some((1..=12).collect()));
         // Untracked channels keep nothing.
         t.backfill("other", &tail(1..=10));
-        assert!(t.cached("other").is_none());
+        assert!(t.cached("other", 0).is_none());
     }
 
     #[test]

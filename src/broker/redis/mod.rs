@@ -403,10 +403,10 @@ impl RedisBroker {
         result
     }
 
-    /// The run of `channel`'s recent publications this node keeps, ending at the
-    /// last one it delivered (see `recent`).
-    pub fn cached(&self, channel: &str) -> Option<History> {
-        self.inner.tracker.cached(channel)
+    /// What follows offset `after` in the run of `channel`'s recent publications
+    /// this node keeps, which ends at the last one it delivered (see `recent`).
+    pub fn cached(&self, channel: &str, after: u64) -> Option<History> {
+        self.inner.tracker.cached(channel, after)
     }
 
     /// Whether `channel`'s recoveries may read its tail once to fill the cache.
