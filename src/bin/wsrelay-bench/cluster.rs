@@ -144,6 +144,14 @@ impl Cluster {
             .collect()
     }
 
+    /// CPU time of the nodes alone so far (Redis not included).
+    pub(crate) fn node_cpu_time(&self) -> Duration {
+        self.nodes
+            .iter()
+            .map(|(child, _)| procstat::cpu_time(child.id()))
+            .sum()
+    }
+
     /// Commands Redis has processed so far (`INFO stats`), all shards together.
     pub(crate) async fn redis_commands(&self) -> anyhow::Result<u64> {
         let mut total = 0;

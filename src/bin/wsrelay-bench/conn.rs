@@ -48,12 +48,31 @@ const MAX_RESPONSE: usize = 4096;
 /// together), which halves the generator's user-space cost per connection, so
 /// connect-time figures measure the nodes rather than the generator.
 pub(crate) async fn connect(url: &str, options: &Options) -> anyhow::Result<Ws> {
+    let (ws, first) = open(url, options, Duration::from_secs(10)).await?;
+    match first {
+        Message::Text(t) if t.as_str().contains(r#""op":"welcome""#) => Ok(ws),
+        other => anyhow::bail!("expected welcome from {url}, got {other:?}"),
+    }
+}
+
+/// Opens a connection as [`connect`] does, within `within`, and returns it with
+/// the node's first frame, whatever it is: `welcome`, or the `error` (then a
+/// close) that refuses the connect-time channels, which `storm` counts rather
+/// than fails on.
+pub(crate) async fn open(
+    url: &str,
+    options: &Options,
+    within: Duration,
+) -> anyhow::Result<(Ws, Message)> {
     let rest = url
         .strip_prefix("ws://")
         .ok_or_else(|| anyhow::anyhow!("only ws:// URLs are supported: {url}"))?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let mut stream = TcpStream::connect(authority).await?;
+    let deadline = tokio::time::Instant::now() + within;
+    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect(authority))
+        .await
+        .map_err(|_| anyhow::anyhow!("no TCP connection to {url}"))??;
     stream.set_nodelay(true)?;
     let offer = if options.compression {
         DEFLATE_OFFER
@@ -66,7 +85,6 @@ pub(crate) async fn connect(url: &str, options: &Options) -> anyhow::Result<Ws> 
     );
     stream.write_all(request.as_bytes()).await?;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut received = Vec::with_capacity(512);
     let head_end = loop {
         if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -119,12 +137,18 @@ pub(crate) async fn connect(url: &str, options: &Options) -> anyhow::Result<Ws> 
         );
         WebSocketStream::from_partially_read(io, leftover, Role::Client, Some(config)).await
     };
-    let first = tokio::time::timeout_at(deadline, ws.next())
-        .await
-        .map_err(|_| anyhow::anyhow!("no welcome from {url}"))?;
-    match first {
-        Some(Ok(Message::Text(t))) if t.as_str().contains(r#""op":"welcome""#) => Ok(ws),
-        other => anyhow::bail!("expected welcome from {url}, got {other:?}"),
+    loop {
+        let first = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("no welcome from {url}"))?;
+        match first {
+            // The node's heartbeat may come before a `welcome` that waits for its
+            // subscriptions (tungstenite answers it): not a protocol frame.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(message)) => return Ok((ws, message)),
+            Some(Err(e)) => anyhow::bail!("{url}: {e}"),
+            None => anyhow::bail!("{url} closed the connection before its first frame"),
+        }
     }
 }
 

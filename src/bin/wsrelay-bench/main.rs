@@ -9,9 +9,16 @@
 //! - `sweep`: `fanout` at a list of offered rates for one or more configurations
 //!   (sets of the global flags below), each point on a fresh `--spawn-cluster`;
 //!   writes every point as JSON and a chart of them as SVG.
+//! - `storm`: the reconnect storm after a node drain: C clients connect at once,
+//!   each recovering a few history channels with `since`, while residents of the
+//!   same channels stay connected. Reports the time until every subscription is
+//!   live and every replay in, recovered / not recovered / errors by code, whether
+//!   each replay was exact, Redis and node CPU in the storm, and how the storm
+//!   slows a paced publisher's acks against a baseline.
 //!
 //! With `--history N` spawned nodes keep history, and `fanout` also times recoveries
-//! (`--recover M`: a client that missed M messages subscribes with `since`).
+//! (`--recover M`: a client that missed M messages subscribes with `since`); `storm`
+//! needs it.
 //!
 //! With `--compression` clients offer permessage-deflate as browsers do; `fanout`
 //! reports the bytes its subscribers received per delivery either way, and
@@ -29,6 +36,7 @@ mod fanout;
 mod idle;
 mod payload;
 mod procstat;
+mod storm;
 mod sweep;
 mod wire;
 
@@ -118,6 +126,9 @@ enum Mode {
     /// `fanout` at several offered rates for one or more configurations; writes the
     /// points (JSON) and a chart (SVG) of delivered rate and p99 latency.
     Sweep(sweep::SweepArgs),
+    /// A reconnect storm after a node drain: many clients recover history channels
+    /// at once; measures time to live, recovery results, Redis CPU and publish latency.
+    Storm(storm::StormArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -153,6 +164,9 @@ fn main() -> anyhow::Result<()> {
                 .map(|report| println!("{report}")),
             Mode::Idle(args) => idle::run(args, &cli.target, &urls, cluster.as_ref()).await,
             Mode::Sweep(args) => sweep::run(args, sweep_targets).await,
+            Mode::Storm(args) => storm::run(args, &cli.target, &urls, cluster.as_ref())
+                .await
+                .map(|report| println!("{report}")),
         };
         if let Some(cluster) = cluster {
             cluster.stop().await;
