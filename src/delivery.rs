@@ -71,7 +71,9 @@ impl Delivery {
     pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
         let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
             let frame = frame(channel, publication).shared();
-            let delivered = self.registry.fanout(channel, &frame, publication.offset());
+            let delivered = self
+                .registry
+                .fanout(channel, &frame, publication.position.as_ref());
             self.metrics
                 .bytes_sent
                 .inc_by((delivered * frame.len()) as u64);
@@ -86,7 +88,7 @@ impl Delivery {
     pub fn gap(&self, channel: &str, position: &Position) {
         let frame = protocol::encode_gap(channel, position)
             .with_positions(vec![(channel.to_owned(), position.clone())]);
-        self.registry.fanout_gap(channel, &frame, position.offset);
+        self.registry.fanout_gap(channel, &frame, position);
         self.metrics.history_gap("lost");
         tracing::warn!(channel, epoch = %position.epoch, offset = position.offset, "history gap: subscribers told to reload");
     }

@@ -452,7 +452,7 @@ impl Hub {
             offset: since.offset,
         };
         let from_cache = || {
-            let run = self.broker.cached(channel, since.offset)?;
+            let run = self.broker.cached(channel, &from)?;
             match recent::answer(&from, &run, limit, budget) {
                 Answer::Recovered(history) | Answer::Lost(history) => Some(history),
                 Answer::Unknown => None,
@@ -462,21 +462,24 @@ impl Hub {
             self.metrics.history_cache_hits.inc();
             return Ok(history);
         }
-        if self.broker.caches(channel) {
-            // The newest messages a recovery could replay, read once while the
-            // channel's other recoveries wait; what it cannot answer, no read could:
-            // the client's read takes at most `limit` messages of at most
-            // --max-history-bytes (its `budget` is a share of that).
+        if let Some(share) = self.broker.caches(channel, &from) {
+            // The newest messages a recovery could replay that the cache would
+            // keep, read once while the channel's other recoveries wait. Unless its
+            // bytes cut it short, what it cannot answer no read could: a client's
+            // read takes at most `limit` messages (and Redis keeps at most
+            // history-size) of at most --max-history-bytes (its `budget` is a
+            // share of that).
+            let kept = self.config.channel_options(channel).history_size;
             let tail = HistoryRequest {
                 since: None,
-                limit,
+                limit: limit.min(kept),
                 all_or_nothing: false,
                 subscribing: true,
-                max_bytes: Some(self.config.history.max_history_bytes),
+                max_bytes: Some(self.config.history.max_history_bytes.min(share)),
             };
             let read = || async {
                 // Filled meanwhile (between the look above and this turn).
-                if let Some(run) = self.broker.cached(channel, since.offset)
+                if let Some(run) = self.broker.cached(channel, &from)
                     && !matches!(recent::answer(&from, &run, limit, budget), Answer::Unknown)
                 {
                     self.metrics.history_cache_hits.inc();
@@ -491,13 +494,17 @@ impl Hub {
                 // Read after this client was held back: its answer stands.
                 Fill::Led(run) => {
                     let run = run?;
-                    return Ok(match recent::answer(&from, &run, limit, budget) {
-                        Answer::Recovered(history) | Answer::Lost(history) => history,
-                        Answer::Unknown => History {
-                            publications: Vec::new(),
-                            ..run
-                        },
-                    });
+                    match recent::answer(&from, &run, limit, budget) {
+                        Answer::Recovered(history) | Answer::Lost(history) => return Ok(history),
+                        Answer::Unknown if !run.truncated => {
+                            return Ok(History {
+                                publications: Vec::new(),
+                                ..run
+                            });
+                        }
+                        // Cut short by the bytes the cache keeps: its own read.
+                        Answer::Unknown => {}
+                    }
                 }
                 // Maybe read before: the cache it filled answers, or a read of
                 // this client's own range.
@@ -538,10 +545,12 @@ impl Hub {
         let bytes: usize =
             frames.iter().map(|f| f.len()).sum::<usize>() + ack.as_ref().map_or(0, |a| a.len());
         frames.extend(ack);
-        let floor = subscribed.position.as_ref().map(|p| p.offset);
-        let released = self
-            .registry
-            .release(client, &subscribed.channel, floor, frames);
+        let released = self.registry.release(
+            client,
+            &subscribed.channel,
+            subscribed.position.as_ref(),
+            frames,
+        );
         self.metrics
             .messages_delivered
             .inc_by((replayed + released) as u64);

@@ -8,6 +8,9 @@
 //! subscription drops frames at or below the position the recovery read (its
 //! *floor*): with Redis, the read and the live messages travel on different
 //! connections, so a message the read already returned may still arrive live.
+//! Held frames are judged by their position, epoch included: a `gap` into another
+//! epoch held after the read is released, and the frames of that epoch after it,
+//! whatever their offsets; frames of an epoch the client is not in are dropped.
 //!
 //! State lives in one place, [`Registry`], a cheap-to-clone handle. Both maps are
 //! `DashMap`s: sharded read/write locks, so a fan-out on one channel never waits for
@@ -22,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::client::{ClientHandle, ClientQueue, CloseReason, ConnId, QueueBounds};
 use crate::frame::Frame;
+use crate::publication::Position;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 
@@ -70,22 +74,31 @@ struct Recovery {
     bounds: QueueBounds,
 }
 
-/// Frames held back, with their offsets, and their size.
+/// Frames held back, with their positions, and their size.
 #[derive(Debug, Default)]
 struct Held {
-    frames: Vec<(Option<u64>, Frame)>,
+    frames: Vec<HeldFrame>,
     bytes: usize,
+}
+
+#[derive(Debug)]
+struct HeldFrame {
+    /// The publication's position (`None`: no history, e.g. a `join`), or the
+    /// gap's.
+    position: Option<Position>,
+    gap: bool,
+    frame: Frame,
 }
 
 impl Subscriber {
     /// Queues (or holds back, or drops as already recovered) one frame; returns
     /// whether it was queued now.
-    fn send(&self, frame: &Frame, offset: Option<u64>) -> bool {
+    fn send(&self, frame: &Frame, position: Option<&Position>, gap: bool) -> bool {
         let Some(recovery) = &self.history else {
             return self.handle.send(frame.clone());
         };
         if recovery.live.load(Ordering::Relaxed) {
-            if offset.is_some_and(|o| o <= recovery.floor.load(Ordering::Relaxed)) {
+            if position.is_some_and(|p| p.offset <= recovery.floor.load(Ordering::Relaxed)) {
                 return false;
             }
             return self.handle.send(frame.clone());
@@ -98,7 +111,11 @@ impl Subscriber {
             self.handle.close(CloseReason::HoldBackOverflow);
         } else {
             held.bytes += frame.len();
-            held.frames.push((offset, frame.clone()));
+            held.frames.push(HeldFrame {
+                position: position.cloned(),
+                gap,
+                frame: frame.clone(),
+            });
         }
         false
     }
@@ -162,16 +179,21 @@ impl Registry {
     }
 
     /// Makes a held-back subscription live: queues `first` (the recovery and its
-    /// ack), then the held frames with an offset above `after`, in one critical
-    /// section with the fan-out, so no frame is lost or doubled in between. Later
-    /// frames at or below `after` are dropped (the floor). Without `after` (a channel
-    /// without history) every held frame is queued and the subscription becomes a
-    /// plain one. Returns how many held frames were queued.
+    /// ack), then the held frames past `after`, in one critical section with the
+    /// fan-out, so no frame is lost or doubled in between. A held frame of `after`'s
+    /// epoch at or below its offset is dropped (the recovery has it, or its ack says
+    /// the client is past it); a held `gap` into another epoch is released, and so
+    /// is everything of that epoch after it (offsets start over); a frame of any
+    /// other epoch is dropped. Later frames at or below the
+    /// floor are dropped: `after`'s offset, or 0 after a gap into another epoch.
+    /// Without `after` (a channel without history) every held frame is queued and
+    /// the subscription becomes a plain one. Returns how many held frames were
+    /// queued.
     pub fn release(
         &self,
         client: &ClientHandle,
         channel: &str,
-        after: Option<u64>,
+        after: Option<&Position>,
         first: Vec<Frame>,
     ) -> usize {
         // The write lock waits for a fan-out in progress on this channel and keeps
@@ -182,11 +204,36 @@ impl Registry {
         let Some(subscriber) = subscribers.get_mut(&client.id()) else {
             return 0;
         };
+        let mut epoch = after.map(|p| p.epoch.clone());
+        let mut floor = after.map_or(0, |p| p.offset);
         let held = match (subscriber.history.as_mut(), after) {
-            (Some(recovery), Some(after)) => {
-                recovery.floor.store(after, Ordering::Relaxed);
+            (Some(recovery), Some(_)) => {
+                let held =
+                    std::mem::take(recovery.held.get_mut().unwrap_or_else(|e| e.into_inner()))
+                        .frames;
+                let kept: Vec<HeldFrame> = held
+                    .into_iter()
+                    .filter(|h| {
+                        let Some(position) = &h.position else {
+                            return true;
+                        };
+                        if Some(&position.epoch) == epoch.as_ref() {
+                            return position.offset > floor;
+                        }
+                        if !h.gap {
+                            // Of an epoch the client is not in (one the read found
+                            // gone): the gap into the next one says where it is.
+                            return false;
+                        }
+                        // Into another epoch: its offsets start over.
+                        epoch = Some(position.epoch.clone());
+                        floor = 0;
+                        true
+                    })
+                    .collect();
+                recovery.floor.store(floor, Ordering::Relaxed);
                 recovery.live.store(true, Ordering::Relaxed);
-                std::mem::take(recovery.held.get_mut().unwrap_or_else(|e| e.into_inner())).frames
+                kept
             }
             // No history: nothing to keep once live.
             (Some(_), None) => subscriber
@@ -201,16 +248,8 @@ impl Registry {
                 .unwrap_or_default(),
             (None, _) => Vec::new(),
         };
-        let after = after.unwrap_or(0);
-        let mut released = 0;
-        let frames = first.into_iter().chain(
-            held.into_iter()
-                .filter(|(offset, _)| offset.is_none_or(|o| o > after))
-                .map(|(_, frame)| {
-                    released += 1;
-                    frame
-                }),
-        );
+        let released = held.len();
+        let frames = first.into_iter().chain(held.into_iter().map(|h| h.frame));
         client.send_recovered(frames);
         released
     }
@@ -296,13 +335,13 @@ impl Registry {
     /// returns how many got it queued.
     ///
     /// Never waits: a subscriber whose queue is full is closed as a slow consumer.
-    pub fn fanout(&self, channel: &str, frame: &Frame, offset: Option<u64>) -> usize {
+    pub fn fanout(&self, channel: &str, frame: &Frame, position: Option<&Position>) -> usize {
         let Some(subscribers) = self.shared.channels.get(channel) else {
             return 0;
         };
         subscribers
             .values()
-            .filter(|subscriber| subscriber.send(frame, offset))
+            .filter(|subscriber| subscriber.send(frame, position, false))
             .count()
     }
 
@@ -311,7 +350,7 @@ impl Registry {
     /// every floor is reset. Held back for those still recovering, with its offset:
     /// a recovery that reached past it drops it (its ack already says where the
     /// client stands).
-    pub fn fanout_gap(&self, channel: &str, frame: &Frame, offset: u64) -> usize {
+    pub fn fanout_gap(&self, channel: &str, frame: &Frame, position: &Position) -> usize {
         let Some(subscribers) = self.shared.channels.get(channel) else {
             return 0;
         };
@@ -322,7 +361,7 @@ impl Registry {
                     recovery.floor.store(0, Ordering::Relaxed);
                     subscriber.handle.send(frame.clone())
                 }
-                _ => subscriber.send(frame, Some(offset)),
+                _ => subscriber.send(frame, Some(position), true),
             })
             .count()
     }
@@ -407,6 +446,47 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::publication::Epoch;
+
+    /// Offset `offset` of epoch `e`.
+    fn at(offset: u64) -> Position {
+        in_epoch("e", offset)
+    }
+
+    fn in_epoch(epoch: &str, offset: u64) -> Position {
+        Position {
+            epoch: Epoch::parse(epoch).unwrap(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn a_gap_into_another_epoch_held_after_the_read_is_released() {
+        let reg = Registry::new();
+        // The read said e:11; then the history was lost: gap f:0, and f:1 on.
+        let (late, mut rx) = reg.register(QueueBounds::frames(8));
+        reg.subscribe_held(&late, "h");
+        reg.fanout("h", &"e12".into(), Some(&at(12)));
+        reg.fanout_gap("h", &"gap f0".into(), &in_epoch("f", 0));
+        reg.fanout("h", &"f1".into(), Some(&in_epoch("f", 1)));
+        assert_eq!(
+            reg.release(&late, "h", Some(&at(11)), vec!["ack e11".into()]),
+            3
+        );
+        // Live offsets of the new epoch are not held to the old floor.
+        reg.fanout("h", &"f2".into(), Some(&in_epoch("f", 2)));
+        assert_eq!(rx.take_all(), ["ack e11", "e12", "gap f0", "f1", "f2"]);
+        // The read found the new epoch already: what the node still delivers of
+        // the old one, and the gap into the epoch the ack names, are dropped.
+        let (late, mut rx) = reg.register(QueueBounds::frames(8));
+        reg.subscribe_held(&late, "h");
+        reg.fanout("h", &"e13".into(), Some(&at(13)));
+        reg.fanout_gap("h", &"gap f0".into(), &in_epoch("f", 0));
+        reg.fanout("h", &"f1".into(), Some(&in_epoch("f", 1)));
+        reg.fanout("h", &"f2".into(), Some(&in_epoch("f", 2)));
+        reg.release(&late, "h", Some(&in_epoch("f", 1)), vec!["ack f1".into()]);
+        assert_eq!(rx.take_all(), ["ack f1", "f2"]);
+    }
 
     #[test]
     fn subscribe_fanout_unsubscribe() {
@@ -493,7 +573,7 @@ mod tests {
         reg.subscribe(&live, "h");
         assert!(reg.subscribe_held(&late, "h"));
         for offset in 5..=7u64 {
-            reg.fanout("h", &format!("m{offset}").into(), Some(offset));
+            reg.fanout("h", &format!("m{offset}").into(), Some(&at(offset)));
         }
         assert_eq!(rx_live.take_all(), ["m5", "m6", "m7"]);
         assert!(rx_late.take_all().is_empty(), "held back");
@@ -501,28 +581,28 @@ mod tests {
         let released = reg.release(
             &late,
             "h",
-            Some(6),
+            Some(&at(6)),
             vec!["r5".into(), "r6".into(), "ack".into()],
         );
         assert_eq!(released, 1);
-        reg.fanout("h", &"m8".into(), Some(8));
+        reg.fanout("h", &"m8".into(), Some(&at(8)));
         // The same message may still arrive live after the recovery read it.
-        reg.fanout("h", &"m6-again".into(), Some(6));
-        reg.fanout("h", &"m9".into(), Some(9));
+        reg.fanout("h", &"m6-again".into(), Some(&at(6)));
+        reg.fanout("h", &"m9".into(), Some(&at(9)));
         assert_eq!(rx_late.take_all(), ["r5", "r6", "ack", "m7", "m8", "m9"]);
         assert_eq!(rx_live.take_all(), ["m8", "m6-again", "m9"]);
         // A gap starts over: offsets of a new epoch are not held to the old floor.
-        reg.fanout_gap("h", &"gap".into(), 0);
-        reg.fanout("h", &"new1".into(), Some(1));
+        reg.fanout_gap("h", &"gap".into(), &at(0));
+        reg.fanout("h", &"new1".into(), Some(&at(1)));
         assert_eq!(rx_late.take_all(), ["gap", "new1"]);
         // Held back, a gap at or below where the recovery got to is dropped with
         // the frames it covers: the ack already says where the client stands.
         let (again, mut rx_again) = reg.register(QueueBounds::frames(8));
         reg.subscribe_held(&again, "h");
-        reg.fanout_gap("h", &"gap@0".into(), 0);
-        reg.fanout("h", &"new2".into(), Some(2));
-        reg.fanout_gap("h", &"gap@3".into(), 3);
-        reg.release(&again, "h", Some(2), vec!["ack@2".into()]);
+        reg.fanout_gap("h", &"gap@0".into(), &at(0));
+        reg.fanout("h", &"new2".into(), Some(&at(2)));
+        reg.fanout_gap("h", &"gap@3".into(), &at(3));
+        reg.release(&again, "h", Some(&at(2)), vec!["ack@2".into()]);
         assert_eq!(rx_again.take_all(), ["ack@2", "gap@3"]);
     }
 
@@ -539,15 +619,15 @@ mod tests {
         reg.subscribe_held(&late, "h");
         reg.subscribe_held(&big, "h");
         reg.subscribe(&live, "h");
-        reg.fanout("h", &"m".into(), Some(1));
-        reg.fanout("h", &"1234567890".into(), Some(2));
+        reg.fanout("h", &"m".into(), Some(&at(1)));
+        reg.fanout("h", &"1234567890".into(), Some(&at(2)));
         assert_eq!(
             big.close_reason(),
             Some(CloseReason::HoldBackOverflow),
             "11 bytes"
         );
         assert_eq!(late.close_reason(), None);
-        reg.fanout("h", &"m".into(), Some(3));
+        reg.fanout("h", &"m".into(), Some(&at(3)));
         assert_eq!(
             late.close_reason(),
             Some(CloseReason::HoldBackOverflow),

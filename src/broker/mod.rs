@@ -225,24 +225,25 @@ impl Broker {
         }
     }
 
-    /// What follows offset `after` in the run of `channel`'s recent publications
-    /// this node keeps in memory, which ends at the last one it delivered (the
-    /// Redis broker's cache, `recent`; the in-process broker's history is in memory
+    /// What follows `since` in the run of `channel`'s recent publications this
+    /// node keeps in memory, which ends at the last one it delivered (the Redis
+    /// broker's cache, `recent`; the in-process broker's history is in memory
     /// already and needs none).
-    pub fn cached(&self, channel: &str, after: u64) -> Option<History> {
+    pub fn cached(&self, channel: &str, since: &Position) -> Option<History> {
         match self {
             Broker::Memory(_) => None,
-            Broker::Redis(b) => b.cached(channel, after),
+            Broker::Redis(b) => b.cached(channel, since),
         }
     }
 
-    /// Whether a recovery of `channel` the cache cannot answer should read the
-    /// channel's tail (once for every recovery of the channel waiting meanwhile)
-    /// and fill the cache with it, rather than its own range.
-    pub fn caches(&self, channel: &str) -> bool {
+    /// Whether a recovery of `channel` from `since` the cache cannot answer should
+    /// read the channel's tail (once for every recovery of the channel waiting
+    /// meanwhile) and fill the cache with it, rather than its own range; and how
+    /// many bytes of it the cache would keep.
+    pub fn caches(&self, channel: &str, since: &Position) -> Option<usize> {
         match self {
-            Broker::Memory(_) => false,
-            Broker::Redis(b) => b.caches(channel),
+            Broker::Memory(_) => None,
+            Broker::Redis(b) => b.caches(channel, since),
         }
     }
 

@@ -19,12 +19,16 @@
 //!
 //! Bounded in bytes: one [`Budget`] per node. Each run holds at most its share of
 //! it (the budget over the channels cached), and at most `--max-recovery`
-//! publications (a recovery never replays more). A run that cannot grow within the
-//! budget gives up its oldest publications first.
+//! publications (a recovery never replays more) and the channel's `history-size`
+//! (Redis keeps no more). A run that cannot grow within the budget gives up its
+//! oldest publications first. A run is as old as its last publication: once the
+//! channel's `history-ttl` has passed since then (Redis lets the stream expire), it
+//! answers nothing but "nothing missed".
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use crate::broker::{History, READ_OVERHEAD};
 use crate::envelope;
@@ -57,7 +61,7 @@ impl Budget {
     }
 
     /// What one run may hold now.
-    fn share(&self) -> usize {
+    pub(crate) fn share(&self) -> usize {
         self.max / self.runs.load(Ordering::Relaxed).max(1)
     }
 
@@ -81,6 +85,31 @@ impl Budget {
     }
 }
 
+/// How long and how much of a channel's history Redis keeps: its `history-size`
+/// and `history-ttl` (from its namespace). A run keeps no more.
+#[derive(Clone)]
+pub(crate) struct Retention(Arc<RetentionOf>);
+
+/// A channel's history size and TTL.
+type RetentionOf = dyn Fn(&str) -> (usize, Duration) + Send + Sync;
+
+impl Retention {
+    pub(crate) fn new(of: impl Fn(&str) -> (usize, Duration) + Send + Sync + 'static) -> Self {
+        Retention(Arc::new(of))
+    }
+
+    /// `channel`'s history size and TTL.
+    pub(crate) fn of(&self, channel: &str) -> (usize, Duration) {
+        (self.0)(channel)
+    }
+}
+
+impl std::fmt::Debug for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Retention")
+    }
+}
+
 /// What one cached publication holds in memory: the struct and the bytes it
 /// points to (about its stored size).
 fn cost(publication: &Publication) -> usize {
@@ -93,20 +122,44 @@ pub(crate) struct Recent {
     run: VecDeque<Publication>,
     /// What `run` costs (see [`cost`]), taken from the budget.
     bytes: usize,
-    /// Most publications kept (`--max-recovery`).
+    /// Most publications kept: `--max-recovery` and the channel's `history-size`.
     max_len: usize,
+    /// The channel's `history-ttl`.
+    ttl: Duration,
     budget: Arc<Budget>,
 }
 
+/// How much sooner than Redis a run is taken as expired: the clocks of the node
+/// that stamped a publication and of this one may differ a little (NTP), and Redis
+/// counts from the publish, a moment before the node received it.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(1);
+
 impl Recent {
-    pub(crate) fn new(budget: Arc<Budget>, max_len: usize) -> Recent {
+    /// A run of at most `max_len` publications of a channel whose history Redis
+    /// keeps for `ttl` after its last publish.
+    pub(crate) fn new(budget: Arc<Budget>, max_len: usize, ttl: Duration) -> Recent {
         budget.runs.fetch_add(1, Ordering::Relaxed);
         Recent {
             run: VecDeque::new(),
             bytes: 0,
             max_len,
+            ttl,
             budget,
         }
+    }
+
+    /// Whether `later`'s publication comes so long after `earlier`'s that the
+    /// stream may have expired in between. An unknown time (0) is taken as fresh.
+    fn outlived(&self, earlier: &Publication, later_us: u64) -> bool {
+        let keep = self.ttl.saturating_sub(EXPIRY_MARGIN).as_micros() as u64;
+        earlier.published_at_us != 0 && later_us.saturating_sub(earlier.published_at_us) >= keep
+    }
+
+    /// Whether Redis may have let the channel's stream expire by now.
+    fn expired(&self) -> bool {
+        self.run
+            .back()
+            .is_some_and(|last| self.outlived(last, envelope::now_us()))
     }
 
     /// The position of the run's last publication.
@@ -131,7 +184,13 @@ impl Recent {
         let follows = self
             .last()
             .is_some_and(|l| l.epoch == position.epoch && l.offset + 1 == position.offset);
-        if !follows {
+        let outlived = self
+            .run
+            .back()
+            .is_some_and(|last| self.outlived(last, publication.published_at_us));
+        if !follows || outlived {
+            // After a gap, another epoch, or a stream that expired meanwhile (its
+            // meta lives on, so the offsets go on without the older messages).
             self.clear();
         }
         let cost = cost(publication);
@@ -140,6 +199,7 @@ impl Recent {
         {
             self.pop_front();
         }
+        self.fit_capacity();
         // Other runs may hold the budget: then this one gives up its oldest too,
         // down to nothing (a run always ends at the last offset delivered).
         while self.max_len > 0 && cost <= share {
@@ -171,12 +231,16 @@ impl Recent {
             }
             _ => last == top,
         };
-        if !meets || !consecutive(&history.publications, top) {
+        if !meets {
             return;
         }
+        // The newest part without a hole (Redis may hold an entry the node could
+        // not decode).
+        let whole = history.publications.len() - holes_from_the_end(&history.publications, top);
+        let newest = &history.publications[history.publications.len() - whole..];
         let before = self.first_offset().unwrap_or(u64::MAX);
         let share = self.budget.share();
-        for publication in history.publications.iter().rev() {
+        for publication in newest.iter().rev() {
             if publication.offset().is_none_or(|o| o >= before) {
                 continue;
             }
@@ -194,9 +258,20 @@ impl Recent {
 
     /// The run's publications after offset `after` as a history read's answer
     /// (oldest first, ending at `top`), if the run ends at the last position
-    /// delivered, `top`. None of them when the run does not reach back to `after`
-    /// (see [`answer`]: that is for Redis to say, unless too many follow it).
+    /// delivered, `top`. None of them when the run does not reach back to `after`,
+    /// is empty or expired (see [`answer`]: that answers "nothing missed", or
+    /// "more missed than a recovery replays"; the rest is for Redis to say).
     pub(crate) fn read(&self, top: &Position, after: u64) -> Option<History> {
+        let nothing = || {
+            Some(History {
+                top: top.clone(),
+                publications: Vec::new(),
+                truncated: false,
+            })
+        };
+        if self.run.is_empty() || self.expired() {
+            return nothing();
+        }
         if self.last()? != top {
             return None;
         }
@@ -220,15 +295,25 @@ impl Recent {
     /// (which shrinks as more channels are cached).
     pub(crate) fn trim(&mut self) {
         let share = self.budget.share();
-        while self.bytes > share {
+        while self.bytes > share || self.expired() && !self.run.is_empty() {
             self.pop_front();
         }
+        self.fit_capacity();
     }
 
     pub(crate) fn clear(&mut self) {
         self.budget.give_back(self.bytes);
         self.bytes = 0;
-        self.run.clear();
+        self.run = VecDeque::new();
+    }
+
+    /// Gives back the room of publications given up: the budget counts the
+    /// publications kept, and the slots of a run that was long once would
+    /// otherwise stay with it.
+    fn fit_capacity(&mut self) {
+        if self.run.capacity() > 2 * self.run.len() + 16 {
+            self.run.shrink_to(self.run.len() + 8);
+        }
     }
 
     fn pop_front(&mut self) {
@@ -247,17 +332,20 @@ impl Drop for Recent {
     }
 }
 
-/// Whether `publications` have consecutive offsets of `top`'s epoch ending at it.
-fn consecutive(publications: &[Publication], top: &Position) -> bool {
-    publications
+/// How many of `publications`, from the newest, have consecutive offsets of
+/// `top`'s epoch ending at it; the rest is returned as `len - that`.
+fn holes_from_the_end(publications: &[Publication], top: &Position) -> usize {
+    let whole = publications
         .iter()
         .rev()
         .zip((0..=top.offset).rev())
-        .all(|(p, expected)| {
+        .take_while(|(p, expected)| {
             p.position
                 .as_ref()
-                .is_some_and(|q| q.epoch == top.epoch && q.offset == expected)
+                .is_some_and(|q| q.epoch == top.epoch && q.offset == *expected)
         })
+        .count();
+    publications.len() - whole
 }
 
 /// How a recovery from `since` is answered by a run of publications ending at
@@ -293,10 +381,13 @@ pub(crate) fn answer(since: &Position, run: &History, limit: usize, max_bytes: u
     if missed > limit as u64 {
         return Answer::Lost(nothing());
     }
-    if missed > run.publications.len() as u64 || !consecutive(&run.publications, top) {
+    if missed > run.publications.len() as u64 {
         return Answer::Unknown;
     }
     let replay = &run.publications[run.publications.len() - missed as usize..];
+    if holes_from_the_end(replay, top) > 0 {
+        return Answer::Unknown;
+    }
     let bytes: usize = replay
         .iter()
         .map(|p| envelope::encoded_len(p) + READ_OVERHEAD)
@@ -335,8 +426,83 @@ mod tests {
             from: None,
             position: Some(pos(e, offset)),
             traceparent: Bytes::new(),
-            published_at_us: 0,
+            published_at_us: envelope::now_us(),
         }
+    }
+
+    const TTL: Duration = Duration::from_secs(300);
+
+    /// A publication made `ago` before now.
+    fn published(e: &str, offset: u64, ago: Duration) -> Publication {
+        Publication {
+            published_at_us: envelope::now_us() - ago.as_micros() as u64,
+            ..publication(e, offset)
+        }
+    }
+
+    #[test]
+    fn a_run_is_as_old_as_its_last_publication() {
+        let b = budget(1 << 20);
+        let mut r = Recent::new(b.clone(), 1000, TTL);
+        for o in 1..=3 {
+            r.push(&published("e", o, Duration::from_secs(400)));
+        }
+        // Redis let the stream expire: only "nothing missed" is answered.
+        assert!(r.read(&pos("e", 3), 3).unwrap().publications.is_empty());
+        assert!(r.read(&pos("e", 3), 1).unwrap().publications.is_empty());
+        // A publication after the stream expired starts a run of its own (the
+        // offsets go on, the older messages are gone).
+        r.push(&publication("e", 4));
+        assert_eq!(offsets(&r.whole(&pos("e", 4)).unwrap()), [4]);
+        // The position check's round gives an expired run up.
+        let mut old = Recent::new(b.clone(), 1000, TTL);
+        old.push(&published("e", 1, Duration::from_secs(400)));
+        old.trim();
+        assert_eq!(old.bytes, 0);
+    }
+
+    #[test]
+    fn an_empty_run_answers_only_nothing_missed_or_too_much() {
+        let b = budget(1 << 20);
+        let r = Recent::new(b, 1000, TTL);
+        let run = r.read(&pos("e", 40), 40).unwrap();
+        assert!(
+            matches!(answer(&pos("e", 40), &run, 100, 1 << 20), Answer::Recovered(h) if h.publications.is_empty())
+        );
+        let run = r.read(&pos("e", 40), 39).unwrap();
+        assert!(matches!(
+            answer(&pos("e", 39), &run, 100, 1 << 20),
+            Answer::Unknown
+        ));
+        assert!(matches!(
+            answer(&pos("e", 39), &run, 0, 1 << 20),
+            Answer::Lost(_)
+        ));
+    }
+
+    #[test]
+    fn a_hole_matters_only_in_what_is_replayed() {
+        // Redis held an entry the node could not decode: 7 is missing.
+        let mut publications: Vec<_> = (5..=10).map(|o| publication("e", o)).collect();
+        publications.retain(|p| p.offset() != Some(7));
+        let run = History {
+            top: pos("e", 10),
+            publications,
+            truncated: false,
+        };
+        assert!(matches!(
+            answer(&pos("e", 8), &run, 100, 1 << 20),
+            Answer::Recovered(_)
+        ));
+        assert!(matches!(
+            answer(&pos("e", 6), &run, 100, 1 << 20),
+            Answer::Unknown
+        ));
+        // The part after the hole fills the cache.
+        let b = budget(1 << 20);
+        let mut r = Recent::new(b, 1000, TTL);
+        r.backfill(&run, &pos("e", 10));
+        assert_eq!(offsets(&r.whole(&pos("e", 10)).unwrap()), [8, 9, 10]);
     }
 
     fn offsets(history: &History) -> Vec<u64> {
@@ -348,7 +514,7 @@ mod tests {
     }
 
     fn run_of(budget: &Arc<Budget>, e: &str, range: std::ops::RangeInclusive<u64>) -> Recent {
-        let mut recent = Recent::new(budget.clone(), 1000);
+        let mut recent = Recent::new(budget.clone(), 1000, TTL);
         for o in range {
             recent.push(&publication(e, o));
         }
@@ -406,7 +572,7 @@ mod tests {
         // A second run halves each one's share: while the first holds the whole
         // budget, it keeps nothing; once the first is trimmed, half.
         let mut c = run_of(&b, "e", 10..=29);
-        assert!(c.whole(&pos("e", 29)).is_none());
+        assert!(c.whole(&pos("e", 29)).unwrap().publications.is_empty());
         assert!(b.used.load(Ordering::Relaxed) <= 10 * one);
         a.trim();
         assert_eq!(a.whole(&pos("e", 29)).unwrap().publications.len(), 5);
@@ -424,13 +590,14 @@ mod tests {
         assert_eq!(b.runs.load(Ordering::Relaxed), 0);
         // No budget: nothing kept.
         let off = budget(0);
-        assert!(run_of(&off, "e", 1..=3).whole(&pos("e", 3)).is_none());
+        let none = run_of(&off, "e", 1..=3);
+        assert!(none.whole(&pos("e", 3)).unwrap().publications.is_empty());
     }
 
     #[test]
     fn a_run_keeps_at_most_a_recovery() {
         let b = budget(1 << 20);
-        let mut r = Recent::new(b, 3);
+        let mut r = Recent::new(b, 3, TTL);
         for o in 1..=10 {
             r.push(&publication("e", o));
         }
@@ -446,9 +613,9 @@ mod tests {
             truncated: false,
         };
         // Empty run: only an answer at the last offset delivered.
-        let mut r = Recent::new(b.clone(), 1000);
+        let mut r = Recent::new(b.clone(), 1000, TTL);
         r.backfill(&read("e", 1..=4), &pos("e", 5));
-        assert!(r.whole(&pos("e", 5)).is_none());
+        assert!(r.whole(&pos("e", 5)).unwrap().publications.is_empty());
         r.backfill(&read("e", 1..=5), &pos("e", 5));
         assert_eq!(offsets(&r.whole(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
 
@@ -466,14 +633,16 @@ mod tests {
             offsets(&r.whole(&pos("e", 9)).unwrap()),
             [3, 4, 5, 6, 7, 8, 9]
         );
-        // Not meeting it (a gap between), another epoch, or with a hole: left out.
+        // Not meeting it (a gap between), or of another epoch: left out; with a
+        // hole (an entry the node could not decode), the part after it.
         let mut r = run_of(&b, "e", 6..=9);
         r.backfill(&read("e", 1..=4), &pos("e", 9));
         r.backfill(&read("f", 1..=7), &pos("e", 9));
+        assert_eq!(offsets(&r.whole(&pos("e", 9)).unwrap()), [6, 7, 8, 9]);
         let mut holed = read("e", 1..=7);
         holed.publications.remove(2);
         r.backfill(&holed, &pos("e", 9));
-        assert_eq!(offsets(&r.whole(&pos("e", 9)).unwrap()), [6, 7, 8, 9]);
+        assert_eq!(offsets(&r.whole(&pos("e", 9)).unwrap()), [4, 5, 6, 7, 8, 9]);
     }
 
     #[test]

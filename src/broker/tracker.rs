@@ -36,7 +36,7 @@ use dashmap::DashMap;
 
 use super::Delivery;
 use super::History;
-use super::recent::{Budget, Recent};
+use super::recent::{Budget, Recent, Retention};
 use crate::publication::{Epoch, Position, Publication};
 
 /// A range of offsets the tracker needs read from the channel's history.
@@ -140,6 +140,8 @@ pub(super) struct Tracker {
     max_repair: u64,
     /// The bytes the channels' caches of recent history share.
     cache: Arc<Budget>,
+    /// How much of each channel's history Redis keeps (and so its cache).
+    retention: Retention,
 }
 
 impl Tracker {
@@ -148,6 +150,7 @@ impl Tracker {
         max_buffer: usize,
         max_repair: u64,
         cache: Arc<Budget>,
+        retention: Retention,
     ) -> Self {
         Tracker {
             tracks: DashMap::new(),
@@ -155,12 +158,16 @@ impl Tracker {
             max_buffer,
             max_repair,
             cache,
+            retention,
         }
     }
 
-    fn track(&self, epoch: Epoch, last: u64, provisional: bool) -> Track {
-        // A recovery replays at most --max-recovery, which is also the largest repair.
-        let recent = Recent::new(self.cache.clone(), self.max_repair as usize);
+    fn track(&self, channel: &str, epoch: Epoch, last: u64, provisional: bool) -> Track {
+        // A recovery replays at most --max-recovery, which is also the largest
+        // repair; Redis keeps at most history-size.
+        let (size, ttl) = self.retention.of(channel);
+        let max_len = size.min(self.max_repair as usize);
+        let recent = Recent::new(self.cache.clone(), max_len, ttl);
         Track::new(epoch, last, provisional, recent)
     }
 
@@ -172,21 +179,25 @@ impl Tracker {
         track.recent.push(publication);
     }
 
-    /// The publications after offset `after` of a channel's cached run, which
-    /// ends at the last offset delivered, while the channel is steady (nothing
-    /// pending that could move it otherwise than by a delivery).
-    pub(super) fn cached(&self, channel: &str, after: u64) -> Option<History> {
+    /// The publications after `since` of a channel's cached run, which ends at
+    /// the last offset delivered, while the channel is steady (nothing pending
+    /// that could move it otherwise than by a delivery) and in `since`'s epoch.
+    pub(super) fn cached(&self, channel: &str, since: &Position) -> Option<History> {
         let track = self.tracks.get(channel)?;
-        if !track.steady() {
+        if !track.steady() || track.epoch != since.epoch {
             return None;
         }
-        track.recent.read(&track.position(), after)
+        track.recent.read(&track.position(), since.offset)
     }
 
-    /// Whether recoveries of `channel` may fill its cache with a read of its tail:
-    /// the cache is on and the channel steady.
-    pub(super) fn caches(&self, channel: &str) -> bool {
-        self.cache.enabled() && self.tracks.get(channel).is_some_and(|t| t.steady())
+    /// Whether a recovery from `since` may fill the channel's cache with a read of
+    /// its tail: the cache is on, the channel steady and in `since`'s epoch (a
+    /// client of another epoch recovers nothing; Redis says where it stands).
+    /// Returns the bytes the run may hold.
+    pub(super) fn caches(&self, channel: &str, since: &Position) -> Option<usize> {
+        let track = self.tracks.get(channel)?;
+        (self.cache.enabled() && track.steady() && track.epoch == since.epoch)
+            .then(|| self.cache.share())
     }
 
     /// Puts publications read from Redis in front of the channel's cached run,
@@ -251,6 +262,7 @@ impl Tracker {
             None if !self.delivery.registry.has_subscribers(channel) => return None,
             None => {
                 let first = self.track(
+                    channel,
                     position.epoch.clone(),
                     position.offset.saturating_sub(1),
                     true,
@@ -394,7 +406,7 @@ impl Tracker {
         let mut track = self
             .tracks
             .entry(channel.to_owned())
-            .or_insert_with(|| self.track(top.epoch.clone(), top.offset, false));
+            .or_insert_with(|| self.track(channel, top.epoch.clone(), top.offset, false));
         if track.waiting != Waiting::Position {
             return self.judge(channel, &mut track, top);
         }
@@ -538,6 +550,8 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
 
+    use std::time::Duration;
+
     use bytes::Bytes;
 
     use super::*;
@@ -581,7 +595,11 @@ mod tests {
         registry.subscribe(&client, "c");
         let delivery = Delivery::for_tests(registry);
         let cache = Budget::new(1 << 20, delivery.metrics.clone());
-        (Tracker::new(delivery, max_buffer, 100, cache), queue)
+        let retention = Retention::new(|_| (1000, Duration::from_secs(300)));
+        (
+            Tracker::new(delivery, max_buffer, 100, cache, retention),
+            queue,
+        )
     }
 
     /// What the client got: offsets of messages, and `gap@N` for gaps.
@@ -602,14 +620,22 @@ mod tests {
     /// The offsets of the channel's cached run, if it may answer recoveries: what
     /// the longest read it answers returns.
     fn cached(t: &Tracker) -> Option<Vec<u64>> {
-        let top = t.cached("c", u64::MAX)?.top.offset;
+        let top = ["e", "f"]
+            .iter()
+            .find_map(|e| t.cached("c", &pos(e, u64::MAX)))?
+            .top;
         let offsets = |after| -> Vec<u64> {
-            let read = t.cached("c", after).unwrap();
+            let since = Position {
+                epoch: top.epoch.clone(),
+                offset: after,
+            };
+            let read = t.cached("c", &since).unwrap();
             read.publications
                 .iter()
                 .filter_map(|p| p.offset())
                 .collect()
         };
+        let top = top.offset;
         let longest = (0..top)
             .find(|&after| offsets(after).len() as u64 == top - after)
             .unwrap_or(top);
@@ -620,7 +646,7 @@ mod tests {
     fn the_cache_holds_what_was_delivered_without_a_hole() {
         let (t, mut q) = setup();
         t.on_resubscribed("c", pos("e", 3));
-        assert_eq!(cached(&t), None, "nothing delivered yet");
+        assert_eq!(cached(&t), Some(vec![]), "nothing delivered yet");
         for o in [4, 5, 6] {
             t.on_live("c", publication("e", o));
         }
@@ -638,11 +664,11 @@ mod tests {
         // A new epoch: its own run.
         t.on_live("c", publication("f", 1));
         assert_eq!(cached(&t), Some(vec![1]));
-        assert_eq!(t.cached("c", 0).unwrap().top, pos("f", 1));
+        assert_eq!(t.cached("c", &pos("f", 0)).unwrap().top, pos("f", 1));
         // The history went back (a failover lost writes): nothing cached.
         t.on_subscribing("c");
         t.on_resubscribed("c", pos("f", 0));
-        assert_eq!(cached(&t), None);
+        assert_eq!(cached(&t), Some(vec![]));
     }
 
     #[test]
@@ -661,7 +687,7 @@ mod tests {
         assert_eq!(cached(&t), Some((1..=12).collect()));
         // Untracked channels keep nothing.
         t.backfill("other", &tail(1..=10));
-        assert!(t.cached("other", 0).is_none());
+        assert!(t.cached("other", &pos("e", 0)).is_none());
     }
 
     #[test]

@@ -67,7 +67,7 @@ use tokio_util::sync::CancellationToken;
 use self::conn::PubSub;
 use self::keys::Keys;
 use self::shard::Shard;
-use super::recent::Budget;
+use super::recent::{Budget, Retention};
 use super::tracker::Tracker;
 use super::{BrokerError, Delivery, History, HistoryRequest, every};
 use crate::cluster::{Announcement, NodeInfo, Sample};
@@ -171,6 +171,13 @@ impl RedisBroker {
             config.limits.client_queue,
             config.history.max_recovery as u64,
             Budget::new(config.history.history_cache_bytes, delivery.metrics.clone()),
+            Retention::new({
+                let config = config.clone();
+                move |channel| {
+                    let options = config.channel_options(channel);
+                    (options.history_size, options.history_ttl)
+                }
+            }),
         );
         delivery.metrics.broker_up.set(0);
         for shard in &shards {
@@ -403,15 +410,16 @@ impl RedisBroker {
         result
     }
 
-    /// What follows offset `after` in the run of `channel`'s recent publications
-    /// this node keeps, which ends at the last one it delivered (see `recent`).
-    pub fn cached(&self, channel: &str, after: u64) -> Option<History> {
-        self.inner.tracker.cached(channel, after)
+    /// What follows `since` in the run of `channel`'s recent publications this
+    /// node keeps, which ends at the last one it delivered (see `recent`).
+    pub fn cached(&self, channel: &str, since: &Position) -> Option<History> {
+        self.inner.tracker.cached(channel, since)
     }
 
-    /// Whether `channel`'s recoveries may read its tail once to fill the cache.
-    pub fn caches(&self, channel: &str) -> bool {
-        self.inner.tracker.caches(channel)
+    /// Whether a recovery of `channel` from `since` may read its tail to fill the
+    /// cache, and how many bytes of it the cache would keep.
+    pub fn caches(&self, channel: &str, since: &Position) -> Option<usize> {
+        self.inner.tracker.caches(channel, since)
     }
 
     /// Puts what a read of `channel` returned in front of its cached run, where it
