@@ -46,15 +46,19 @@ fn fanout(c: &mut Criterion) {
                     // A subscription to a history channel, as the hub leaves it: made
                     // held back, then released after its (empty) recovery.
                     registry.subscribe_held(&handle, "room1");
-                    registry.release(&handle, "room1", Some(0), Vec::new());
+                    let start = Position {
+                        epoch: Epoch::parse("k3x9ab01").unwrap(),
+                        offset: 0,
+                    };
+                    registry.release(&handle, "room1", Some(&start), Vec::new());
                 } else {
                     registry.subscribe(&handle, "room1");
                 }
                 (handle, queue)
             })
             .collect();
-        let frame =
-            protocol::encode_publication("room1", &publication(r#"{"text":"hello"}"#, offset));
+        let published = publication(r#"{"text":"hello"}"#, offset);
+        let frame = protocol::encode_publication("room1", &published);
         group.throughput(Throughput::Elements(subscribers as u64));
         let name = match offset {
             None => format!("{subscribers}_subscribers"),
@@ -65,7 +69,8 @@ fn fanout(c: &mut Criterion) {
                 let mut timed = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    let delivered = registry.fanout("room1", black_box(&frame), offset);
+                    let delivered =
+                        registry.fanout("room1", black_box(&frame), published.position.as_ref());
                     timed += start.elapsed();
                     assert_eq!(delivered, subscribers);
                     // Drained outside the timed part, as the writers would.
