@@ -213,6 +213,10 @@ struct Shared {
     ping_due: AtomicBool,
     /// A ping was sent and nothing has come back from the peer since.
     pong_due: AtomicBool,
+    /// A reply to the client's own request is queued: the writer writes it without
+    /// waiting out its pacing interval (a client waiting for each ack would
+    /// otherwise get one per interval).
+    reply_due: AtomicBool,
 }
 
 /// The frames waiting for the writer.
@@ -254,6 +258,7 @@ impl ClientHandle {
             bytes: AtomicUsize::new(0),
             ping_due: AtomicBool::new(false),
             pong_due: AtomicBool::new(false),
+            reply_due: AtomicBool::new(false),
         });
         (
             ClientHandle {
@@ -307,6 +312,18 @@ impl ClientHandle {
         true
     }
 
+    /// Queues a reply to the client's own request (an ack, an answer, an error):
+    /// as [`send`](Self::send), and written without waiting for the writer's
+    /// pacing interval (`--write-pacing`), which batches the fan-out's frames.
+    pub fn send_reply(&self, frame: Frame) -> bool {
+        let queued = self.send(frame);
+        if queued {
+            self.shared.reply_due.store(true, Ordering::Relaxed);
+            self.shared.writer.wake();
+        }
+        queued
+    }
+
     /// Queues the frames of a recovery (replayed messages and the ack) without
     /// waiting and beyond the frame bound, which bounds live traffic: the recovery
     /// is bounded by `--max-recovery`, and the writer takes it in one batch. The
@@ -332,7 +349,9 @@ impl ClientHandle {
         queue.frames.extend(frames);
         let added = queue.frames.len() - before;
         drop(queue);
-        if added > 0 && before == 0 {
+        if added > 0 {
+            // The client waits for its ack (or `welcome`) behind them.
+            self.shared.reply_due.store(true, Ordering::Relaxed);
             self.shared.writer.wake();
         }
         true
@@ -434,15 +453,17 @@ impl ClientQueue {
                 return Poll::Pending;
             }
             queue.take_into(batch);
+            self.shared.reply_due.store(false, Ordering::Relaxed);
             Poll::Ready(Next::Frames)
         })
         .await
     }
 
-    /// Resolves once the queue holds more than half of either bound, or the
-    /// connection is closing: a writer pacing its writes (`--write-pacing`) waits
-    /// for this or its interval, whichever comes first, so pacing never fills the
-    /// queue of a client that keeps up.
+    /// Resolves once the queue holds more than half of either bound, a reply to
+    /// the client's request is queued, or the connection is closing: a writer
+    /// pacing its writes (`--write-pacing`) waits for this or its interval,
+    /// whichever comes first, so pacing never fills the queue of a client that
+    /// keeps up, nor holds up the answer a client waits for.
     pub async fn filling(&mut self) {
         std::future::poll_fn(|cx| {
             self.shared.writer.register(cx.waker());
@@ -450,6 +471,7 @@ impl ClientQueue {
             let frames = self.shared.queue().frames.len();
             let bytes = self.shared.bytes.load(Ordering::Relaxed);
             if self.shared.reason.get().is_some()
+                || self.shared.reply_due.load(Ordering::Relaxed)
                 || frames > bounds.frames / 2
                 || bytes > bounds.bytes / 2
             {
@@ -467,6 +489,7 @@ impl ClientQueue {
         let mut queue = self.shared.queue();
         batch.append(&mut queue.frames);
         queue.allowance = 0;
+        self.shared.reply_due.store(false, Ordering::Relaxed);
     }
 
     /// The writer handed `bytes` of frames it took to the socket: they no longer
@@ -548,6 +571,33 @@ mod tests {
             .unwrap();
         q.append_to(&mut batch);
         assert_eq!(batch, ["1", "2", "3", "4", "5", "6"]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_ends_a_pacing_wait() {
+        let (h, mut q) = ClientHandle::new(1, QueueBounds::frames(64));
+        let mut batch = VecDeque::new();
+        assert!(h.send("1".into()));
+        assert_eq!(q.next(&mut batch).await, Next::Frames);
+        batch.clear();
+        let pacing = tokio::spawn(async move {
+            q.filling().await;
+            q
+        });
+        assert!(h.send("a message".into()));
+        tokio::task::yield_now().await;
+        assert!(!pacing.is_finished(), "a message waits for the interval");
+        assert!(h.send_reply("its ack".into()));
+        let mut q = tokio::time::timeout(Duration::from_secs(1), pacing)
+            .await
+            .expect("a reply: the wait ends")
+            .unwrap();
+        q.append_to(&mut batch);
+        assert_eq!(batch, ["a message", "its ack"]);
+        // Taken: the next pacing wait is a wait again.
+        assert!(h.send("later".into()));
+        let waiting = tokio::time::timeout(Duration::from_millis(50), q.filling()).await;
+        assert!(waiting.is_err(), "no reply pending");
     }
 
     #[tokio::test]

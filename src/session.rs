@@ -1055,7 +1055,7 @@ impl Session {
 
     fn send(&self, frame: Frame) {
         let len = frame.len() as u64;
-        if self.client.send(frame) {
+        if self.client.send_reply(frame) {
             self.hub.metrics.bytes_sent.inc_by(len);
         }
     }
