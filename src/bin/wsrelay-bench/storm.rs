@@ -63,6 +63,12 @@ pub(crate) struct StormArgs {
     /// the storm's clients are the first subscribers of their channels on a node.
     #[arg(long, default_value_t = 1)]
     residents: usize,
+    /// The last this many nodes get no storm clients, and the latency publisher
+    /// publishes through the last one: what the storm costs the cluster's other
+    /// publishes through Redis, apart from the stormed nodes' own CPU. 0: the
+    /// storm reaches every node and the publisher is on the first.
+    #[arg(long, default_value_t = 0)]
+    quiet_nodes: usize,
     /// Publishes per second of the latency publisher, on `storm-pub`.
     #[arg(long, default_value_t = 200)]
     publish_rate: u64,
@@ -108,6 +114,18 @@ pub(crate) async fn run(
         args.fill
     );
     anyhow::ensure!(args.publish_rate >= 1, "--publish-rate must be at least 1");
+    anyhow::ensure!(
+        args.quiet_nodes < urls.len(),
+        "--quiet-nodes must leave at least one of the {} node(s) to the storm",
+        urls.len()
+    );
+    // The storm's nodes, and the latency publisher's.
+    let stormed = &urls[..urls.len() - args.quiet_nodes];
+    let publishing = if args.quiet_nodes > 0 {
+        &urls[urls.len() - 1]
+    } else {
+        &urls[0]
+    };
     anyhow::ensure!(
         !target.compression,
         "storm reads the offset of every replayed message: run it without --compression"
@@ -174,7 +192,7 @@ pub(crate) async fn run(
                 format!("since={}:{}:{}", s.name, epochs[k], s.since)
             }));
             (
-                format!("{}?{}", urls[i % urls.len()], query.join("&")),
+                format!("{}?{}", stormed[i % stormed.len()], query.join("&")),
                 subs,
             )
         })
@@ -183,7 +201,7 @@ pub(crate) async fn run(
     let stop_publisher = CancellationToken::new();
     let epoch = Instant::now();
     let publisher = start_latency_publisher(
-        urls[0].clone(),
+        publishing.clone(),
         plain.clone(),
         (args.publish_rate, args.size),
         epoch,
