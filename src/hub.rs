@@ -44,7 +44,7 @@ use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, Since};
 use crate::proxy::{Proxy, ProxyError};
 use crate::publication::{Kind, Position, Publication};
-use crate::reads::{Fill, HistoryReads};
+use crate::reads::{Fill, HistoryReads, Turn};
 use crate::registry::Registry;
 use crate::telemetry::Tracing;
 use crate::users::Users;
@@ -432,6 +432,32 @@ impl Hub {
         }
         subscribed.position = Some(history.top);
         Ok(subscribed)
+    }
+
+    /// Waits for a recovery's turn (see `reads`): before a subscription with
+    /// `since` is made, so nothing is held back meanwhile. `None` when the client
+    /// left while it waited.
+    pub(crate) async fn recovery_turn(&self, client: &ClientHandle) -> Option<Turn<'_>> {
+        let mut turn = std::pin::pin!(self.reads.turn());
+        let mut closing = std::pin::pin!(client.closing());
+        loop {
+            tokio::select! {
+                turn = &mut turn => return Some(turn),
+                _ = &mut closing => return None,
+                // Nothing reads the client's pongs while it waits: the wait is the
+                // node's, not a sign the client is gone (the heartbeat would close
+                // it after a ping interval without an answer).
+                _ = tokio::time::sleep(self.config.limits.ping_interval / 2) => client.alive(),
+            }
+        }
+    }
+
+    /// Ends a recovery's turn once its replay is written out: the connection's
+    /// queue is under half its bounds (or closing), or `--broker-timeout` passed.
+    pub(crate) async fn end_turn(&self, client: &ClientHandle, turn: Option<Turn<'_>>) {
+        if turn.is_some() {
+            let _ = tokio::time::timeout(self.config.broker.broker_timeout, client.room()).await;
+        }
     }
 
     /// Reads what a client recovering `channel` from `since` missed (all or

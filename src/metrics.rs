@@ -75,6 +75,10 @@ pub struct Metrics {
     /// Clients' history reads answered by an identical read another client of
     /// this node was waiting for (see `reads`).
     pub history_reads_coalesced: Counter,
+    /// Recoveries in their turn now (bounded by `--max-recoveries`).
+    pub recoveries_running: Gauge,
+    /// Recoveries waiting for their turn.
+    pub recoveries_waiting: Gauge,
     /// Recoveries answered by the node's cache of recent history (no Redis read).
     pub history_cache_hits: Counter,
     /// Reads of a channel's tail from Redis made to fill that cache for the
@@ -153,6 +157,8 @@ impl Metrics {
             history_reads_waiting: Gauge::default(),
             history_reads_coalesced: Counter::default(),
             history_cache_hits: Counter::default(),
+            recoveries_running: Gauge::default(),
+            recoveries_waiting: Gauge::default(),
             history_cache_fills: Counter::default(),
             history_cache_bytes: Gauge::default(),
             connections_deflate: Gauge::default(),
@@ -262,6 +268,16 @@ impl Metrics {
             "history_reads_coalesced",
             "Clients' history reads answered by an identical read that was waiting for its turn (a reconnect storm's recoveries of one channel share one read)",
             m.history_reads_coalesced.clone(),
+        );
+        registry.register(
+            "recoveries_running",
+            "Recoveries in their turn (from before their subscription is made until their replay is written out), at most --max-recoveries",
+            m.recoveries_running.clone(),
+        );
+        registry.register(
+            "recoveries_waiting",
+            "Recoveries waiting for their turn",
+            m.recoveries_waiting.clone(),
         );
         registry.register(
             "history_cache_hits",

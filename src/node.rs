@@ -128,6 +128,7 @@ impl Node {
         }
         let reads = HistoryReads::new(
             config.history.max_history_reads,
+            config.history.max_recoveries,
             config.broker.broker_timeout,
             metrics.clone(),
         );

@@ -2,6 +2,16 @@
 //! `GET /api/history`): at most `--max-history-reads` run at once on a node, the
 //! others wait their turn in order, for at most `--broker-timeout`.
 //!
+//! **Recoveries take turns** ([`HistoryReads::turn`]): at most `--max-recoveries`
+//! run at once on a node, from before their subscription is made until their
+//! replay is written out (the connection's queue under half its bounds, or
+//! `--broker-timeout` at most, so a client that does not read cannot keep its turn).
+//! A reconnect storm's replays are the node's work for seconds; while tens of
+//! thousands of connections write theirs at once, every other task (a publisher's
+//! request, its ack) waits behind all of them in the runtime's queue. Taking turns
+//! keeps that queue short; the others wait parked, in order, before anything of
+//! theirs is held back.
+//!
 //! Each read holds up to `--max-history-bytes` in the node and takes Redis time
 //! from every publish of the cluster; without a bound, many clients reading at once
 //! (a reconnect storm, a hostile client on many connections) would take both. The
@@ -61,6 +71,21 @@ pub(crate) struct HistoryReads {
     /// channel wait for. One entry per channel being filled (it leaves when its
     /// read ends, or when its last client gave up).
     fills: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Recoveries' turns (`--max-recoveries`).
+    turns: Semaphore,
+}
+
+/// A recovery's turn: it runs while this lives.
+#[derive(Debug)]
+pub(crate) struct Turn<'a> {
+    _permit: SemaphorePermit<'a>,
+    metrics: &'a Metrics,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.metrics.recoveries_running.dec();
+    }
 }
 
 /// How a recovery's wait for a channel's fill ended.
@@ -92,14 +117,34 @@ impl Drop for Admitted<'_> {
 pub(crate) struct Busy(usize, Duration);
 
 impl HistoryReads {
-    pub(crate) fn new(slots: usize, wait: Duration, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        slots: usize,
+        recoveries: usize,
+        wait: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         HistoryReads {
+            turns: Semaphore::new(recoveries),
             slots: Semaphore::new(slots),
             size: slots,
             wait,
             metrics,
             flights: Mutex::new(HashMap::new()),
             fills: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Waits for a recovery's turn, in order (each turn ends within
+    /// `--broker-timeout` of its replay being queued, so every wait ends).
+    pub(crate) async fn turn(&self) -> Turn<'_> {
+        self.metrics.recoveries_waiting.inc();
+        let permit = self.turns.acquire().await;
+        self.metrics.recoveries_waiting.dec();
+        self.metrics.recoveries_running.inc();
+        Turn {
+            // The semaphore is never closed.
+            _permit: permit.expect("the turns' semaphore is never closed"),
+            metrics: &self.metrics,
         }
     }
 
@@ -325,6 +370,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let reads = Arc::new(HistoryReads::new(
             1,
+            64,
             Duration::from_secs(5),
             metrics.clone(),
         ));
@@ -362,6 +408,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let reads = Arc::new(HistoryReads::new(
             4,
+            64,
             Duration::from_secs(5),
             metrics.clone(),
         ));
@@ -404,10 +451,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn recoveries_take_turns_in_order() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            4,
+            2,
+            Duration::from_secs(5),
+            metrics.clone(),
+        ));
+        let first = reads.turn().await;
+        let second = reads.turn().await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiting: Vec<_> = (0..3)
+            .map(|i| {
+                let (reads, order) = (reads.clone(), order.clone());
+                tokio::spawn(async move {
+                    let _turn = reads.turn().await;
+                    order.lock().unwrap().push(i);
+                })
+            })
+            .collect();
+        until("three wait", || metrics.recoveries_waiting.get() == 3).await;
+        assert_eq!(metrics.recoveries_running.get(), 2);
+        drop(first);
+        drop(second);
+        for w in waiting {
+            w.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2], "in order");
+        assert_eq!(metrics.recoveries_running.get(), 0);
+        assert_eq!(metrics.recoveries_waiting.get(), 0);
+    }
+
+    #[tokio::test]
     async fn a_joined_read_whose_first_client_left_is_run_by_the_next() {
         let metrics = Arc::new(Metrics::new());
         let reads = Arc::new(HistoryReads::new(
             1,
+            64,
             Duration::from_secs(5),
             metrics.clone(),
         ));
@@ -443,7 +524,7 @@ mod tests {
         assert!(reads.flights().is_empty(), "nothing kept");
 
         // Refused for want of a slot: every client waiting for it hears so.
-        let reads = Arc::new(HistoryReads::new(1, Duration::from_millis(50), metrics));
+        let reads = Arc::new(HistoryReads::new(1, 64, Duration::from_millis(50), metrics));
         let _held = reads.admit().await.unwrap();
         let refused = reads
             .read("ch", &request(7), true, || async { Ok(answer(47)) })

@@ -470,6 +470,11 @@ impl Session {
         stream_id: Option<&str>,
     ) -> bool {
         let grants = self.grants();
+        // The connection's recoveries take one turn (see `reads`).
+        let turn = match channels.iter().any(|(_, since)| since.is_some()) {
+            true => self.hub.recovery_turn(&self.client).await,
+            false => None,
+        };
         let subscribed = match self
             .hub
             .subscribe_at_connect(&self.client, &grants, &channels)
@@ -533,6 +538,7 @@ impl Session {
         for subscribed in subscribed {
             self.hub.go_live(&self.client, subscribed, None);
         }
+        self.hub.end_turn(&self.client, turn).await;
         for channel in &names {
             self.hub.joined(self.client.id(), &grants, channel).await;
         }
@@ -901,6 +907,12 @@ impl Session {
                 answer.map_err(Refusal::from)?;
                 true
             };
+        // A recovery takes its turn (see `reads`); a plain subscription needs none.
+        let turn =
+            match since.is_some() && !self.hub.registry.is_subscribed(self.client.id(), channel) {
+                true => self.hub.recovery_turn(&self.client).await,
+                false => None,
+            };
         let Some(subscribed) = self
             .hub
             .subscribe(&self.client, &grants, channel, since, authorized)
@@ -923,6 +935,7 @@ impl Session {
             (None, _) => None,
         };
         self.hub.go_live(&self.client, subscribed, reply);
+        self.hub.end_turn(&self.client, turn).await;
         self.hub.joined(self.client.id(), &grants, channel).await;
         self.update_user_entry().await;
         Ok(None)

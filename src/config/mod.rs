@@ -439,6 +439,15 @@ pub struct HistoryConfig {
     #[arg(long, env = "WSRELAY_MAX_HISTORY_READS", default_value_t = 64)]
     pub max_history_reads: usize,
 
+    /// Recoveries running at once on a node, each from before its subscription is
+    /// made until its replay is written out (or `--broker-timeout`): more wait their
+    /// turn, in order. A reconnect storm's replays then take the node's time a few
+    /// at a time, and a publish made meanwhile does not wait behind all of them
+    /// (measured in BENCHMARKS.md: 8 keeps a storm as fast, 64 lets publishes wait
+    /// seconds).
+    #[arg(long, env = "WSRELAY_MAX_RECOVERIES", default_value_t = 8)]
+    pub max_recoveries: usize,
+
     /// Bytes of recent history a node keeps in memory, over all the history channels
     /// it has subscribers of, to answer recoveries without Redis (a reconnect storm
     /// after a deploy costs Redis one read per channel and node, not one per client).
@@ -794,6 +803,7 @@ impl Config {
             ("max-recovery", self.history.max_recovery),
             ("max-history-limit", self.history.max_history_limit),
             ("max-history-reads", self.history.max_history_reads),
+            ("max-recoveries", self.history.max_recoveries),
             ("max-presence", self.presence.max_presence),
         ] {
             if value == 0 {

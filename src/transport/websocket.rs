@@ -44,6 +44,10 @@ const PACED_QUEUE_FRAMES: usize = 16;
 /// A writer keeps its batch buffer between batches unless a burst grew it past
 /// this many frames.
 const SPARE_BATCH_CAPACITY: usize = 64;
+/// Most bytes of frames one write takes: a larger batch (a recovery's replay, up
+/// to `--max-history-bytes`) goes out in several, the writer yielding between
+/// them, so the node's other tasks (a publisher's ack) do not wait for all of it.
+const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Serves one upgraded connection until it ends. `channels` (with the positions to
 /// recover from) were checked before the upgrade. `compressor`: the connection
@@ -190,21 +194,40 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     tokio::task::yield_now().await;
                     queue.append_to(&mut batch);
                 }
-                // Everything queued goes out in one write; its bytes count
-                // against the connection's bound until then.
-                let bytes = batch.iter().map(|f| f.len()).sum();
-                let (out, saved) = frame_all(batch.drain(..), bytes, compressor.as_ref());
-                let write = sink.write_frames(&out);
-                let written = write_within(limit, &client, write).await;
-                queue.written(bytes);
-                hub.metrics.client_writes.inc();
+                // Everything queued goes out, in writes of at most WRITE_CHUNK
+                // bytes (one, nearly always); its bytes count against the
+                // connection's bound until written.
+                let mut written;
+                loop {
+                    let mut bytes = 0;
+                    let take = batch
+                        .iter()
+                        .take_while(|f| {
+                            let fits = bytes == 0 || bytes + f.len() <= WRITE_CHUNK;
+                            if fits {
+                                bytes += f.len();
+                            }
+                            fits
+                        })
+                        .count();
+                    let (out, saved) = frame_all(batch.drain(..take), bytes, compressor.as_ref());
+                    let write = sink.write_frames(&out);
+                    written = write_within(limit, &client, write).await;
+                    queue.written(bytes);
+                    hub.metrics.client_writes.inc();
+                    if saved > 0
+                        && let Some(compressor) = &compressor
+                    {
+                        compressor.saved(saved);
+                    }
+                    if !written || batch.is_empty() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                batch.clear();
                 if paced {
                     last_write = Some(tokio::time::Instant::now());
-                }
-                if saved > 0
-                    && let Some(compressor) = &compressor
-                {
-                    compressor.saved(saved);
                 }
                 written
             }
