@@ -297,6 +297,12 @@ impl ClientHandle {
         }
         let len = frame.len();
         self.shared.bytes.fetch_add(len, Ordering::Relaxed);
+        if queue.frames.capacity() == 0 {
+            // Room for one frame at first (a `VecDeque` starts at four): most
+            // connections are sent a frame at a time, and an idle one keeps this
+            // buffer (swapped with the writer's). A busy one grows it once.
+            queue.frames.reserve_exact(1);
+        }
         queue.frames.push_back(frame);
         let frames = queue.frames.len();
         drop(queue);
