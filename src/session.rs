@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tungstenite::Utf8Bytes;
 
-use crate::auth::{ConnectResult, Grants, RateLimiter};
+use crate::auth::{ConnectResult, Grants, TokenBucket};
 use crate::broker::PresenceEntry;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, QueueBounds};
 use crate::frame::Frame;
@@ -125,11 +125,18 @@ pub(crate) struct Session {
     /// What of the client's request its proxy calls carry.
     forwarded: Forwarded,
     transport: Transport,
-    /// Why a mutex: only the reader takes from it, but the session is shared by
-    /// reference across `.await`s, which requires `Sync`.
-    limiter: Mutex<RateLimiter>,
+    /// The connection's token buckets. Why a mutex: only the reader takes from
+    /// them, but the session is shared by reference across `.await`s, which
+    /// requires `Sync`; one for both, never contended.
+    limiters: Mutex<Limiters>,
+}
+
+/// A connection's token buckets (the rates and bursts are the node's limits).
+struct Limiters {
+    /// Publishes and rpcs.
+    publish: TokenBucket,
     /// New subscriptions (`sub`), each of which may fan a `join` out.
-    sub_limiter: Mutex<RateLimiter>,
+    subscribe: TokenBucket,
 }
 
 impl Session {
@@ -142,11 +149,10 @@ impl Session {
             bytes: limits.client_queue_bytes,
         });
         hub.metrics.connections_opened.inc();
-        let limiter = Mutex::new(RateLimiter::new(limits.publish_rate, limits.publish_burst));
-        let sub_limiter = Mutex::new(RateLimiter::new(
-            limits.subscribe_rate,
-            limits.subscribe_burst,
-        ));
+        let limiters = Mutex::new(Limiters {
+            publish: TokenBucket::full(limits.publish_burst),
+            subscribe: TokenBucket::full(limits.subscribe_burst),
+        });
         let ask = identity.grants.is_none();
         let session = Session {
             hub,
@@ -159,8 +165,7 @@ impl Session {
             ask,
             forwarded: identity.forwarded,
             transport: identity.transport,
-            limiter,
-            sub_limiter,
+            limiters,
         };
         (session, queue)
     }
@@ -875,12 +880,13 @@ impl Session {
         if !self.hub.registry.is_subscribed(self.client.id(), channel) {
             let limits = &self.hub.config.limits;
             let (rate, burst) = (limits.subscribe_rate, limits.subscribe_burst);
-            self.take_token(&self.sub_limiter, burst).map_err(|()| {
-                Refusal::new(
-                    ErrorCode::RateLimited,
-                    format!("subscribing faster than {rate}/s (bursts of {burst})"),
-                )
-            })?;
+            self.take_token(|l| &mut l.subscribe, rate, burst)
+                .map_err(|()| {
+                    Refusal::new(
+                        ErrorCode::RateLimited,
+                        format!("subscribing faster than {rate}/s (bursts of {burst})"),
+                    )
+                })?;
         }
         let grants = self.grants();
         // Beyond the grants, the application may allow it (the subscribe proxy).
@@ -1039,7 +1045,7 @@ impl Session {
     fn rate_limited(&self) -> Result<(), Refusal> {
         let limits = &self.hub.config.limits;
         let (rate, burst) = (limits.publish_rate, limits.publish_burst);
-        if self.take_token(&self.limiter, burst).is_err() {
+        if self.take_token(|l| &mut l.publish, rate, burst).is_err() {
             self.hub
                 .metrics
                 .publish_error(ErrorCode::RateLimited.as_str());
@@ -1051,10 +1057,19 @@ impl Session {
         Ok(())
     }
 
-    /// Takes a token from `limiter`; a client refused more than `burst` times in a
-    /// row keeps going while refused — not a burst, abuse — and is closed (1008).
-    fn take_token(&self, limiter: &Mutex<RateLimiter>, burst: u32) -> Result<(), ()> {
-        let taken = limiter.lock().unwrap_or_else(|e| e.into_inner()).try_take();
+    /// Takes a token from the bucket `bucket` picks; a client refused more than
+    /// `burst` times in a row keeps going while refused — not a burst, abuse — and
+    /// is closed (1008).
+    fn take_token(
+        &self,
+        bucket: impl FnOnce(&mut Limiters) -> &mut TokenBucket,
+        rate: f64,
+        burst: u32,
+    ) -> Result<(), ()> {
+        let taken = {
+            let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+            bucket(&mut limiters).try_take(rate, burst)
+        };
         match taken {
             Ok(()) => Ok(()),
             Err(refused_in_a_row) => {
