@@ -8,8 +8,8 @@
 //! [`Inbound`], and drains the connection's bounded queue ([`ClientQueue`]) into its
 //! socket in a writer task of its own. The session handles one request at a time
 //! (so one connection's publishes reach the broker in order), reads the next one only
-//! while the queue has room, and `select!`s against the close signal, node shutdown
-//! and the token's expiry. Whatever ends the connection records a [`CloseReason`]
+//! while the queue has room, and `select!`s against the close signal, the node's
+//! drain and the token's expiry. Whatever ends the connection records a [`CloseReason`]
 //! (the first one wins); the transport's writer turns it into its own goodbye (a
 //! close frame), and the session removes the connection from the registry.
 
@@ -550,85 +550,99 @@ impl Session {
         true
     }
 
-    async fn read_loop(
-        &self,
-        inbound: &mut (impl Stream<Item = Inbound> + Unpin),
-        mut mailbox: Option<&mut mpsc::Receiver<Box<Command>>>,
-    ) {
-        // Created once: re-creating them on every request would re-register wakers.
-        let mut closing = std::pin::pin!(self.client.closing());
-        let mut shutdown = std::pin::pin!(self.hub.shutdown.cancelled());
-        // Boxed, and only when the connection expires: an unauthenticated connection
-        // carries no timer. It fires at the expiry, or before it for the refresh
-        // proxy; a refresh moves it.
-        let mut timer = self.timer(None);
-        loop {
-            // The arms only say what happened; what it calls for is done below, so
-            // that no arm's value is kept across an `.await` in every connection's
-            // task.
-            let woke = tokio::select! {
-                biased;
-                _ = &mut closing => return,
-                // With `--drain-spread` the drain closes the connection in its turn.
-                _ = &mut shutdown, if self.hub.config.limits.drain_spread.is_zero() => {
-                    self.client.close(CloseReason::Shutdown);
-                    return;
-                }
-                // Polled in place rather than in `async` blocks, which would take
-                // the space of a timer and of a receive in every connection's task.
-                _ = std::future::poll_fn(|cx| match timer.as_mut() {
-                    Some(timer) => timer.sleep.as_mut().poll(cx),
-                    None => std::task::Poll::Pending,
-                }) => Err(None),
-                Some(command) = std::future::poll_fn(|cx| match mailbox.as_mut() {
-                    Some(mailbox) => mailbox.poll_recv(cx),
-                    None => std::task::Poll::Pending,
-                }) => Err(Some(command)),
-                // The next request is read once the replies to the earlier ones
-                // left room in the queue: a client pipelining requests is slowed
-                // down by its own unread socket, not closed as slow.
-                next = async {
-                    self.client.room().await;
-                    inbound.next().await
-                } => Ok(next),
-            };
-            // What the event calls for, as one boxed future that owns what it needs:
-            // its space is taken only while it runs, and only one `.await` point
-            // (one pointer) stays in every connection's task.
-            let work: std::pin::Pin<Box<dyn Future<Output = Flow> + Send + '_>> = match woke {
-                Ok(next) => {
-                    // Anything from the peer proves it is alive, not only a pong.
-                    self.client.alive();
-                    match next {
-                        Some(Inbound::Request(text)) => {
-                            self.hub.metrics.frames_received.inc();
-                            self.hub.metrics.bytes_received.inc_by(text.len() as u64);
-                            Box::pin(async move {
-                                self.handle_text(&text).await;
-                                Flow::Go
-                            })
-                        }
-                        Some(Inbound::Alive) => continue,
-                        Some(Inbound::End(reason)) => return self.client.close(reason),
-                        None => return self.client.close(CloseReason::PeerGone),
+    /// Handles the client's requests (and the server API's commands, and the
+    /// expiry) until the connection closes.
+    ///
+    /// What it keeps while it waits is in every connection's task, always: a few
+    /// pointers. The close signal, the drain and room in the queue are the
+    /// connection's (`ClientHandle`) and wake it without a waiter of their own
+    /// here; everything a request needs is boxed, and only while it runs.
+    // Not an `async fn`, which would keep its arguments twice.
+    #[allow(clippy::manual_async_fn)]
+    fn read_loop<'a>(
+        &'a self,
+        inbound: &'a mut (impl Stream<Item = Inbound> + Unpin),
+        mut mailbox: Option<&'a mut mpsc::Receiver<Box<Command>>>,
+    ) -> impl Future<Output = ()> + 'a {
+        async move {
+            // Without `--drain-spread` a draining node asks every open connection to
+            // close (`ClientHandle::drain`); one that opened after it asked learns it here.
+            if self.hub.config.limits.drain_spread.is_zero() && self.hub.shutdown.is_cancelled() {
+                self.client.drain();
+            }
+            // Boxed, and only when the connection expires: an unauthenticated connection
+            // carries no timer. It fires at the expiry, or before it for the refresh
+            // proxy; a refresh moves it.
+            let mut timer = self.timer(None);
+            loop {
+                // The arms only say what happened; what it calls for is done below, so
+                // that no arm's value is kept across an `.await` in every connection's
+                // task.
+                let woke = tokio::select! {
+                    biased;
+                    _ = self.client.closing() => return,
+                    // The node drains (with `--drain-spread` the drain closes the
+                    // connection in its turn instead).
+                    _ = self.client.draining() => {
+                        self.client.close(CloseReason::Shutdown);
+                        return;
                     }
-                }
-                Err(command) => {
-                    let retry_at = timer.as_ref().and_then(|t| t.retry_at);
-                    Box::pin(async move {
-                        let mut retry_at = retry_at;
-                        match self.woke(command, &mut retry_at).await {
-                            true => Flow::Rearm(retry_at),
-                            false => Flow::Stop,
+                    // Polled in place rather than in `async` blocks, which would take
+                    // the space of a timer and of a receive in every connection's task.
+                    _ = std::future::poll_fn(|cx| match timer.as_mut() {
+                        Some(timer) => timer.sleep.as_mut().poll(cx),
+                        None => std::task::Poll::Pending,
+                    }) => Err(None),
+                    Some(command) = std::future::poll_fn(|cx| match mailbox.as_mut() {
+                        Some(mailbox) => mailbox.poll_recv(cx),
+                        None => std::task::Poll::Pending,
+                    }) => Err(Some(command)),
+                    // The next request is read once the replies to the earlier ones
+                    // left room in the queue: a client pipelining requests is slowed
+                    // down by its own unread socket, not closed as slow.
+                    next = async {
+                        self.client.room().await;
+                        inbound.next().await
+                    } => Ok(next),
+                };
+                // What the event calls for, as one boxed future that owns what it needs:
+                // its space is taken only while it runs, and only one `.await` point
+                // (one pointer) stays in every connection's task.
+                let work: std::pin::Pin<Box<dyn Future<Output = Flow> + Send + '_>> = match woke {
+                    Ok(next) => {
+                        // Anything from the peer proves it is alive, not only a pong.
+                        self.client.alive();
+                        match next {
+                            Some(Inbound::Request(text)) => {
+                                self.hub.metrics.frames_received.inc();
+                                self.hub.metrics.bytes_received.inc_by(text.len() as u64);
+                                Box::pin(async move {
+                                    self.handle_text(&text).await;
+                                    Flow::Go
+                                })
+                            }
+                            Some(Inbound::Alive) => continue,
+                            Some(Inbound::End(reason)) => return self.client.close(reason),
+                            None => return self.client.close(CloseReason::PeerGone),
                         }
-                    })
+                    }
+                    Err(command) => {
+                        let retry_at = timer.as_ref().and_then(|t| t.retry_at);
+                        Box::pin(async move {
+                            let mut retry_at = retry_at;
+                            match self.woke(command, &mut retry_at).await {
+                                true => Flow::Rearm(retry_at),
+                                false => Flow::Stop,
+                            }
+                        })
+                    }
+                };
+                match work.await {
+                    Flow::Go => {}
+                    Flow::Stop => return,
+                    // A refresh (the proxy's, the API's) moved the expiry.
+                    Flow::Rearm(retry_at) => timer = self.timer(retry_at),
                 }
-            };
-            match work.await {
-                Flow::Go => {}
-                Flow::Stop => return,
-                // A refresh (the proxy's, the API's) moved the expiry.
-                Flow::Rearm(retry_at) => timer = self.timer(retry_at),
             }
         }
     }
