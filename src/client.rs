@@ -1,5 +1,5 @@
-//! The outbound side of one connection, as seen by everyone but its own tasks: a
-//! bounded frame queue and a close signal.
+//! The outbound side of one connection, as seen by everyone but its own reader and
+//! writer: a bounded frame queue and a close signal.
 //!
 //! [`ClientHandle::send`] never waits: a full queue means the client is not keeping
 //! up, and it is closed with 1013 rather than allowed to grow memory or to slow the
@@ -180,7 +180,7 @@ pub struct ClientHandle {
     shared: Arc<Shared>,
 }
 
-/// The receiving end of a connection's queue, owned by its writer task.
+/// The receiving end of a connection's queue, owned by its writer.
 #[derive(Debug)]
 pub struct ClientQueue {
     shared: Arc<Shared>,
@@ -467,10 +467,14 @@ pub enum Next {
 impl ClientQueue {
     /// Waits until there is something to write or the connection is closing. Frames
     /// are swapped into `batch` (which must be empty, and whose allocation the queue
-    /// then reuses).
-    pub async fn next(&mut self, batch: &mut VecDeque<Frame>) -> Next {
+    /// then reuses). Not an `async fn`, which would keep its arguments twice in
+    /// the writer's future while it waits.
+    pub fn next<'a>(
+        &'a mut self,
+        batch: &'a mut VecDeque<Frame>,
+    ) -> impl Future<Output = Next> + 'a {
         debug_assert!(batch.is_empty());
-        std::future::poll_fn(|cx| {
+        std::future::poll_fn(move |cx| {
             // Register first, then look: a push, ping or close after the look wakes us.
             self.shared.writer.register(cx.waker());
             if self.shared.reason.get().is_some() {
@@ -487,7 +491,6 @@ impl ClientQueue {
             self.shared.reply_due.store(false, Ordering::Relaxed);
             Poll::Ready(Next::Frames)
         })
-        .await
     }
 
     /// Resolves once the queue holds more than half of either bound, a reply to

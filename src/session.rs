@@ -6,21 +6,21 @@
 //! A transport (`transport::websocket`; SSE and HTTP streaming are siblings) moves
 //! bytes only: it hands the session the requests it reads, as a stream of
 //! [`Inbound`], and drains the connection's bounded queue ([`ClientQueue`]) into its
-//! socket in a writer task of its own. The session handles one request at a time
-//! (so one connection's publishes reach the broker in order), reads the next one only
-//! while the queue has room, and `select!`s against the close signal, the node's
-//! drain and the token's expiry. Whatever ends the connection records a [`CloseReason`]
+//! socket with a writer, which the session runs beside its own reading in the
+//! connection's one task (`join`: each side is polled only when woken). The session
+//! handles one request at a time (so one connection's publishes reach the broker in
+//! order), reads the next one only while the queue has room, and `select!`s against
+//! the close signal, the node's drain and the token's expiry. Whatever ends the connection records a [`CloseReason`]
 //! (the first one wins); the transport's writer turns it into its own goodbye (a
 //! close frame), and the session removes the connection from the registry.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tungstenite::Utf8Bytes;
 
@@ -191,56 +191,90 @@ impl Session {
         }
     }
 
-    /// Serves the connection until it ends: subscribes `channels` (checked before
-    /// the connection opened, with the positions to recover from) and sends
-    /// `welcome` (with `stream_id`, the session id of a streaming transport), then
-    /// handles the requests of `inbound`. Then leaves the registry and presence,
-    /// waits for the transport's `writer` to say goodbye, and returns why the
-    /// connection ended, with `inbound` for what the transport still reads (a
-    /// WebSocket's close reply).
-    pub(crate) async fn serve<I>(
+    /// Serves the connection until it ends, with the transport's `writer` (which
+    /// drains the connection's queue into its socket, then says goodbye) run beside
+    /// it in the same task: subscribes `channels` (checked before the connection
+    /// opened, with the positions to recover from) and sends `welcome` (with
+    /// `stream_id`, the session id of a streaming transport), then handles the
+    /// requests of `inbound`. Then leaves the registry and presence, waits for the
+    /// writer's goodbye, and returns why the connection ended, with `inbound` for
+    /// what the transport still reads (a WebSocket's close reply).
+    ///
+    /// Not an `async fn`: its future lives as long as the connection, and an
+    /// `async fn` keeps a second copy of its arguments (the session, the writer)
+    /// in it.
+    pub(crate) fn serve<'a, I, W>(
         self,
         channels: Vec<(String, Option<Since>)>,
-        mut inbound: I,
-        writer: JoinHandle<()>,
-        stream_id: Option<&str>,
-    ) -> (CloseReason, I)
+        inbound: I,
+        writer: W,
+        stream_id: Option<&'a str>,
+    ) -> impl Future<Output = (CloseReason, I)> + Send + 'a
     where
-        I: Stream<Item = Inbound> + Unpin,
+        I: Stream<Item = Inbound> + Unpin + Send + 'a,
+        W: Future<Output = ()> + Send + 'a,
     {
         let opened = std::time::Instant::now();
-        tracing::info!(
-            node = %self.hub.node_id,
-            conn = self.client.id(),
-            channels = ?channels.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
-            "connection opened"
-        );
-        // Who the connection is, and every channel it starts with.
-        // The channel list ends in this block: a local that lived on (even moved
-        // from) would keep its space in every connection's task.
-        let live = match Box::pin(self.connect(channels)).await {
-            Some(channels) => Box::pin(self.subscribe_at_connect(channels, stream_id)).await,
-            None => false,
-        };
-        if live {
-            let mut mailbox = self.mailbox();
-            self.read_loop(&mut inbound, mailbox.as_mut()).await;
-        }
+        // Boxed: what the connection starts with is used once, at connect; the
+        // reading future keeps a pointer to it rather than its size, for its life.
+        let opening = Box::new((channels, stream_id));
+        crate::join::join(self.reading(opening, inbound), writer).map(move |(session, inbound)| {
+            let reason = session
+                .client
+                .close_reason()
+                .unwrap_or(CloseReason::PeerGone);
+            session.hub.metrics.client_closed(reason);
+            tracing::info!(
+                node = %session.hub.node_id,
+                conn = session.client.id(),
+                reason = reason.metric_label(),
+                code = reason.code(),
+                duration_ms = opened.elapsed().as_millis() as u64,
+                "connection closed"
+            );
+            (reason, inbound)
+        })
+    }
 
-        // Boxed: only a closing connection needs the space of these broker futures.
-        Box::pin(self.leave()).await;
-        let _ = writer.await;
-        let reason = self.client.close_reason().unwrap_or(CloseReason::PeerGone);
-        self.hub.metrics.client_closed(reason);
-        tracing::info!(
-            node = %self.hub.node_id,
-            conn = self.client.id(),
-            reason = reason.metric_label(),
-            code = reason.code(),
-            duration_ms = opened.elapsed().as_millis() as u64,
-            "connection closed"
-        );
-        (reason, inbound)
+    /// The session's side of [`serve`](Self::serve): connects (with the channels
+    /// and stream id of `opening`), reads until the connection ends, leaves; gives
+    /// the session and `inbound` back.
+    // Not an `async fn`, which would keep a second copy of the session.
+    #[allow(clippy::type_complexity, clippy::manual_async_fn)]
+    fn reading<'a, I>(
+        self,
+        opening: Box<(Vec<(String, Option<Since>)>, Option<&'a str>)>,
+        mut inbound: I,
+    ) -> impl Future<Output = (Session, I)> + Send + 'a
+    where
+        I: Stream<Item = Inbound> + Unpin + Send + 'a,
+    {
+        async move {
+            // Who the connection is, and every channel it starts with. Boxed:
+            // only a connecting connection needs the space of these futures.
+            let session = &self;
+            let live = Box::pin(async move {
+                let (channels, stream_id) = *opening;
+                tracing::info!(
+                    node = %session.hub.node_id,
+                    conn = session.client.id(),
+                    channels = ?channels.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+                    "connection opened"
+                );
+                match session.connect(channels).await {
+                    Some(channels) => session.subscribe_at_connect(channels, stream_id).await,
+                    None => false,
+                }
+            })
+            .await;
+            if live {
+                let mut mailbox = self.mailbox();
+                self.read_loop(&mut inbound, mailbox.as_mut()).await;
+            }
+            // Boxed: only a closing connection needs the space of these broker futures.
+            Box::pin(self.leave()).await;
+            (self, inbound)
+        }
     }
 
     /// Leaves the registry first (so no fan-out queues to a connection that is
@@ -1100,6 +1134,44 @@ impl Session {
         if self.client.send_reply(frame) {
             self.hub.metrics.bytes_sent.inc_by(len);
         }
+    }
+}
+
+/// A connection's future inside its span, as `tracing`'s `Instrumented` (entered
+/// while the future is polled or dropped), with the span boxed: a span is 40
+/// bytes, and every connection's task would keep one, mostly `Span::none()`.
+pub(crate) struct InSpan<F> {
+    inner: std::mem::ManuallyDrop<F>,
+    span: Option<Box<tracing::Span>>,
+}
+
+/// `future`, run inside `span` (a connection's [`Session::span`]).
+pub(crate) fn in_span<F: Future>(span: tracing::Span, future: F) -> InSpan<F> {
+    InSpan {
+        span: (!span.is_none()).then(|| Box::new(span)),
+        inner: std::mem::ManuallyDrop::new(future),
+    }
+}
+
+impl<F: Future> Future for InSpan<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // SAFETY: `inner` is pinned with `self`: never moved, dropped in place.
+        let this = unsafe { self.get_unchecked_mut() };
+        let _entered = this.span.as_deref().map(tracing::Span::enter);
+        unsafe { std::pin::Pin::new_unchecked(&mut *this.inner) }.poll(cx)
+    }
+}
+
+impl<F> Drop for InSpan<F> {
+    fn drop(&mut self) {
+        let _entered = self.span.as_deref().map(tracing::Span::enter);
+        // SAFETY: dropped once, in place, and never used again.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.inner) };
     }
 }
 
