@@ -443,11 +443,8 @@ pub fn api_key_matches(keys: &[String], given: &str) -> bool {
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-    /// Publishes refused since the last one that was allowed.
-    refused_in_a_row: u32,
+    burst: u32,
+    bucket: TokenBucket,
 }
 
 impl RateLimiter {
@@ -455,19 +452,46 @@ impl RateLimiter {
     pub fn new(rate: f64, burst: u32) -> RateLimiter {
         RateLimiter {
             rate,
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
-            last: Instant::now(),
-            refused_in_a_row: 0,
+            burst,
+            bucket: TokenBucket::full(burst),
         }
     }
 
     /// Takes a token if there is one. Returns `Ok` when allowed, otherwise how many
     /// publishes in a row have been refused.
     pub fn try_take(&mut self) -> Result<(), u32> {
+        self.bucket.try_take(self.rate, self.burst)
+    }
+}
+
+/// What a token bucket holds, without its rate and burst, which its owner gives on
+/// every take: a connection's buckets follow the node's limits, not kept again in
+/// every connection.
+#[derive(Debug)]
+pub struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+    /// Takes refused since the last one that was allowed.
+    refused_in_a_row: u32,
+}
+
+impl TokenBucket {
+    /// A full bucket of `burst` tokens.
+    pub fn full(burst: u32) -> TokenBucket {
+        TokenBucket {
+            tokens: f64::from(burst),
+            last: Instant::now(),
+            refused_in_a_row: 0,
+        }
+    }
+
+    /// Takes a token if there is one, the bucket refilling at `rate` per second up
+    /// to `burst`. Returns `Ok` when allowed, otherwise how many takes in a row
+    /// have been refused.
+    pub fn try_take(&mut self, rate: f64, burst: u32) -> Result<(), u32> {
         let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate)
+            .min(f64::from(burst));
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;

@@ -1,5 +1,5 @@
-//! The outbound side of one connection, as seen by everyone but its own tasks: a
-//! bounded frame queue and a close signal.
+//! The outbound side of one connection, as seen by everyone but its own reader and
+//! writer: a bounded frame queue and a close signal.
 //!
 //! [`ClientHandle::send`] never waits: a full queue means the client is not keeping
 //! up, and it is closed with 1013 rather than allowed to grow memory or to slow the
@@ -23,7 +23,6 @@ use std::task::Poll;
 
 use crate::frame::Frame;
 use futures_util::task::AtomicWaker;
-use tokio::sync::Notify;
 
 /// Node-local connection id.
 pub type ConnId = u64;
@@ -181,7 +180,7 @@ pub struct ClientHandle {
     shared: Arc<Shared>,
 }
 
-/// The receiving end of a connection's queue, owned by its writer task.
+/// The receiving end of a connection's queue, owned by its writer.
 #[derive(Debug)]
 pub struct ClientQueue {
     shared: Arc<Shared>,
@@ -196,14 +195,18 @@ struct Shared {
     bounds: QueueBounds,
     /// The writer's waker: woken when the queue becomes non-empty or on close.
     writer: AtomicWaker,
+    /// The reader's waker: woken on close, when the node drains, and after a write
+    /// while it waits for room ([`ClientHandle::room`]). A waker rather than a
+    /// `Notify`: the reader is the only one to wait, and a waker keeps nothing in
+    /// its future while it waits (every connection's reader waits, always).
+    reader: AtomicWaker,
     reason: OnceLock<CloseReason>,
-    /// Wakes the reader on close (one waiter; a close before it waits leaves a permit).
-    closed: Notify,
-    /// Wakes the reader waiting for room ([`ClientHandle::room`]) after a write.
-    written: Notify,
-    /// The reader waits for room: only then does a write notify it (a write
-    /// costs no wake-up otherwise, which is nearly always).
+    /// The reader waits for room: only then does a write wake it (a write costs no
+    /// wake-up otherwise, which is nearly always).
     reader_waits: AtomicBool,
+    /// The node is draining: the reader closes the connection (1001) before its
+    /// next request ([`ClientHandle::drain`]).
+    draining: AtomicBool,
     /// Bytes of the frames queued and of those the writer took but has not written
     /// yet: what the connection holds for its client. Added under the queue's
     /// lock; the writer subtracts what it wrote without taking the lock again (one
@@ -251,10 +254,10 @@ impl ClientHandle {
             queue: Mutex::new(Queue::default()),
             bounds,
             writer: AtomicWaker::new(),
+            reader: AtomicWaker::new(),
             reason: OnceLock::new(),
-            closed: Notify::new(),
-            written: Notify::new(),
             reader_waits: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             bytes: AtomicUsize::new(0),
             ping_due: AtomicBool::new(false),
             pong_due: AtomicBool::new(false),
@@ -297,6 +300,12 @@ impl ClientHandle {
         }
         let len = frame.len();
         self.shared.bytes.fetch_add(len, Ordering::Relaxed);
+        if queue.frames.capacity() == 0 {
+            // Room for one frame at first (a `VecDeque` starts at four): most
+            // connections are sent a frame at a time, and an idle one keeps this
+            // buffer (swapped with the writer's). A busy one grows it once.
+            queue.frames.reserve_exact(1);
+        }
         queue.frames.push_back(frame);
         let frames = queue.frames.len();
         drop(queue);
@@ -360,37 +369,42 @@ impl ClientHandle {
     /// Waits until the queue is under half of both its bounds (or the connection
     /// is closing): the reader calls it before each request, so the replies of a
     /// client that pipelines requests wait for the writer instead of filling the
-    /// queue, and its unread socket slows it down.
-    pub async fn room(&self) {
-        loop {
+    /// queue, and its unread socket slows it down. For the connection's reader,
+    /// like [`closing`](Self::closing).
+    pub fn room(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            // Registered first, then said, then looked: a write or a close after
+            // the look wakes us. The writer subtracts before it looks at the flag
+            // (all SeqCst): either it sees the flag and wakes us, or this look sees
+            // what it wrote.
+            self.shared.reader.register(cx.waker());
             if self.shared.reason.get().is_some() {
-                return;
+                return Poll::Ready(());
             }
-            // Said before looking, and the writer subtracts before it looks at the
-            // flag (all SeqCst): either it sees the flag and notifies, or this look
-            // sees what it wrote.
             self.shared.reader_waits.store(true, Ordering::SeqCst);
             let frames = self.shared.queue().frames.len();
             let bytes = self.shared.bytes.load(Ordering::SeqCst);
             if self.shared.bounds.has_room(frames, bytes) {
                 self.shared.reader_waits.store(false, Ordering::Relaxed);
-                return;
+                return Poll::Ready(());
             }
-            // `notify_one` leaves a permit when the reader is not waiting yet, so
-            // a write between the look above and this wait is not missed.
-            tokio::select! {
-                _ = self.shared.written.notified() => {}
-                _ = self.closing() => return,
-            }
-        }
+            Poll::Pending
+        })
     }
 
     /// Asks the connection to close; the first reason given wins.
     pub fn close(&self, reason: CloseReason) {
         if self.shared.reason.set(reason).is_ok() {
-            self.shared.closed.notify_one();
+            self.shared.reader.wake();
             self.shared.writer.wake();
         }
+    }
+
+    /// The node is draining: the connection's reader closes it with 1001 once it is
+    /// between two requests (a request under way is answered first).
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        self.shared.reader.wake();
     }
 
     /// One heartbeat of the node: closes the connection if the previous ping went
@@ -414,11 +428,28 @@ impl ClientHandle {
         self.shared.reason.get().copied()
     }
 
-    /// Resolves once [`close`](Self::close) has been called.
-    pub async fn closing(&self) {
-        while self.shared.reason.get().is_none() {
-            self.shared.closed.notified().await;
-        }
+    /// Resolves once [`close`](Self::close) has been called. For the connection's
+    /// reader (the one waker it keeps is the reader's).
+    pub fn closing(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.shared.reader.register(cx.waker());
+            match self.shared.reason.get() {
+                Some(_) => Poll::Ready(()),
+                None => Poll::Pending,
+            }
+        })
+    }
+
+    /// Resolves once [`drain`](Self::drain) has been called. For the connection's
+    /// reader, like [`closing`](Self::closing).
+    pub fn draining(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            self.shared.reader.register(cx.waker());
+            match self.shared.draining.load(Ordering::SeqCst) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
     }
 }
 
@@ -436,10 +467,14 @@ pub enum Next {
 impl ClientQueue {
     /// Waits until there is something to write or the connection is closing. Frames
     /// are swapped into `batch` (which must be empty, and whose allocation the queue
-    /// then reuses).
-    pub async fn next(&mut self, batch: &mut VecDeque<Frame>) -> Next {
+    /// then reuses). Not an `async fn`, which would keep its arguments twice in
+    /// the writer's future while it waits.
+    pub fn next<'a>(
+        &'a mut self,
+        batch: &'a mut VecDeque<Frame>,
+    ) -> impl Future<Output = Next> + 'a {
         debug_assert!(batch.is_empty());
-        std::future::poll_fn(|cx| {
+        std::future::poll_fn(move |cx| {
             // Register first, then look: a push, ping or close after the look wakes us.
             self.shared.writer.register(cx.waker());
             if self.shared.reason.get().is_some() {
@@ -456,7 +491,6 @@ impl ClientQueue {
             self.shared.reply_due.store(false, Ordering::Relaxed);
             Poll::Ready(Next::Frames)
         })
-        .await
     }
 
     /// Resolves once the queue holds more than half of either bound, a reply to
@@ -500,7 +534,7 @@ impl ClientQueue {
         if self.shared.reader_waits.load(Ordering::SeqCst)
             && self.shared.reader_waits.swap(false, Ordering::SeqCst)
         {
-            self.shared.written.notify_one();
+            self.shared.reader.wake();
         }
     }
 

@@ -1,5 +1,5 @@
-//! Closing a draining node's connections over a window (`--drain-spread`) rather
-//! than all at once.
+//! Closing a draining node's connections: all at once, or over a window
+//! (`--drain-spread`).
 //!
 //! Why: every client of a drained node reconnects at once to the other nodes, and
 //! each recovers its channels from Redis; spread over the window, the other nodes
@@ -18,6 +18,16 @@ use crate::registry::Registry;
 
 /// How often a share of the connections is closed.
 const STEP: Duration = Duration::from_millis(100);
+
+/// Without `--drain-spread`: asks every connection of `registry` to close with
+/// 1001, which each does before its next request (a request under way is answered
+/// first, see `ClientHandle::drain`); a connection that opens later learns of the
+/// drain when it starts reading.
+pub(crate) fn close_all(registry: &Registry) {
+    for client in registry.open_connections() {
+        client.drain();
+    }
+}
 
 /// Closes the connections of `registry` with 1001 over `spread`, then any that
 /// are still open every step after it; never returns (the node drops it once every

@@ -22,6 +22,7 @@ mod handshake_io;
 pub mod healthcheck;
 mod http;
 mod hub;
+mod join;
 mod memory;
 pub mod metrics;
 mod node;

@@ -3,7 +3,7 @@
 //! [`Node::new`] builds the node's state once — the [`Hub`] (channels and clients)
 //! and the HTTP [`AppState`] around it — and shares it (`Arc`) with the HTTP handlers
 //! and every session. One [`CancellationToken`] is the node's shutdown signal,
-//! threaded through every task: the HTTP server, each session's reader and writer.
+//! threaded through every task: the HTTP server, each session (see `drain`).
 //! Sessions live outside axum's graceful shutdown (an upgraded connection is no
 //! longer an HTTP request), so a [`TaskTracker`] tracks them and the drain waits for
 //! it, bounded by `--drain-timeout`, closing them at once or over `--drain-spread`
@@ -225,18 +225,23 @@ impl Node {
             token.clone(),
         ));
 
-        // With `--drain-spread`, the closes start with the drain, beside the accept
-        // loop (which waits for open HTTP connections, streams among them, to end),
-        // and go on until every session ended.
+        // The closes start with the drain, beside the accept loop (which waits for
+        // open HTTP connections, streams among them, to end): every connection is
+        // asked to close at once, or they are closed over `--drain-spread`, until
+        // every session ended.
         let spread = hub.config.limits.drain_spread;
-        let spreading = (!spread.is_zero()).then(|| {
+        let closing = {
             let hub = hub.clone();
             tokio::spawn(async move {
                 hub.shutdown.cancelled().await;
-                crate::drain::spread_closes(&hub.registry, spread).await
+                if spread.is_zero() {
+                    crate::drain::close_all(&hub.registry);
+                } else {
+                    crate::drain::spread_closes(&hub.registry, spread).await
+                }
             })
-        });
-        let _spreading = spreading.map(|task| task.abort_handle()).map(AbortOnDrop);
+        };
+        let _closing = AbortOnDrop(closing.abort_handle());
 
         // On a worker thread, not the caller's: `main` awaits `serve` inside
         // `block_on`, and an accept loop there would hand every new connection over

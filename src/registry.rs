@@ -263,6 +263,11 @@ impl Registry {
             if conn.channels.iter().any(|c| c == channel) {
                 return false;
             }
+            // Most connections have one channel: room for exactly one at first
+            // (a `Vec` starts at four), the usual growth after that.
+            if conn.channels.capacity() == 0 {
+                conn.channels.reserve_exact(1);
+            }
             conn.channels.push(channel.to_owned());
         }
         self.shared

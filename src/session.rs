@@ -6,25 +6,25 @@
 //! A transport (`transport::websocket`; SSE and HTTP streaming are siblings) moves
 //! bytes only: it hands the session the requests it reads, as a stream of
 //! [`Inbound`], and drains the connection's bounded queue ([`ClientQueue`]) into its
-//! socket in a writer task of its own. The session handles one request at a time
-//! (so one connection's publishes reach the broker in order), reads the next one only
-//! while the queue has room, and `select!`s against the close signal, node shutdown
-//! and the token's expiry. Whatever ends the connection records a [`CloseReason`]
+//! socket with a writer, which the session runs beside its own reading in the
+//! connection's one task (`join`: each side is polled only when woken). The session
+//! handles one request at a time (so one connection's publishes reach the broker in
+//! order), reads the next one only while the queue has room, and `select!`s against
+//! the close signal, the node's drain and the token's expiry. Whatever ends the connection records a [`CloseReason`]
 //! (the first one wins); the transport's writer turns it into its own goodbye (a
 //! close frame), and the session removes the connection from the registry.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tungstenite::Utf8Bytes;
 
-use crate::auth::{ConnectResult, Grants, RateLimiter};
+use crate::auth::{ConnectResult, Grants, TokenBucket};
 use crate::broker::PresenceEntry;
 use crate::client::{ClientHandle, ClientQueue, CloseReason, QueueBounds};
 use crate::frame::Frame;
@@ -125,11 +125,18 @@ pub(crate) struct Session {
     /// What of the client's request its proxy calls carry.
     forwarded: Forwarded,
     transport: Transport,
-    /// Why a mutex: only the reader takes from it, but the session is shared by
-    /// reference across `.await`s, which requires `Sync`.
-    limiter: Mutex<RateLimiter>,
+    /// The connection's token buckets. Why a mutex: only the reader takes from
+    /// them, but the session is shared by reference across `.await`s, which
+    /// requires `Sync`; one for both, never contended.
+    limiters: Mutex<Limiters>,
+}
+
+/// A connection's token buckets (the rates and bursts are the node's limits).
+struct Limiters {
+    /// Publishes and rpcs.
+    publish: TokenBucket,
     /// New subscriptions (`sub`), each of which may fan a `join` out.
-    sub_limiter: Mutex<RateLimiter>,
+    subscribe: TokenBucket,
 }
 
 impl Session {
@@ -142,11 +149,10 @@ impl Session {
             bytes: limits.client_queue_bytes,
         });
         hub.metrics.connections_opened.inc();
-        let limiter = Mutex::new(RateLimiter::new(limits.publish_rate, limits.publish_burst));
-        let sub_limiter = Mutex::new(RateLimiter::new(
-            limits.subscribe_rate,
-            limits.subscribe_burst,
-        ));
+        let limiters = Mutex::new(Limiters {
+            publish: TokenBucket::full(limits.publish_burst),
+            subscribe: TokenBucket::full(limits.subscribe_burst),
+        });
         let ask = identity.grants.is_none();
         let session = Session {
             hub,
@@ -159,8 +165,7 @@ impl Session {
             ask,
             forwarded: identity.forwarded,
             transport: identity.transport,
-            limiter,
-            sub_limiter,
+            limiters,
         };
         (session, queue)
     }
@@ -186,56 +191,90 @@ impl Session {
         }
     }
 
-    /// Serves the connection until it ends: subscribes `channels` (checked before
-    /// the connection opened, with the positions to recover from) and sends
-    /// `welcome` (with `stream_id`, the session id of a streaming transport), then
-    /// handles the requests of `inbound`. Then leaves the registry and presence,
-    /// waits for the transport's `writer` to say goodbye, and returns why the
-    /// connection ended, with `inbound` for what the transport still reads (a
-    /// WebSocket's close reply).
-    pub(crate) async fn serve<I>(
+    /// Serves the connection until it ends, with the transport's `writer` (which
+    /// drains the connection's queue into its socket, then says goodbye) run beside
+    /// it in the same task: subscribes `channels` (checked before the connection
+    /// opened, with the positions to recover from) and sends `welcome` (with
+    /// `stream_id`, the session id of a streaming transport), then handles the
+    /// requests of `inbound`. Then leaves the registry and presence, waits for the
+    /// writer's goodbye, and returns why the connection ended, with `inbound` for
+    /// what the transport still reads (a WebSocket's close reply).
+    ///
+    /// Not an `async fn`: its future lives as long as the connection, and an
+    /// `async fn` keeps a second copy of its arguments (the session, the writer)
+    /// in it.
+    pub(crate) fn serve<'a, I, W>(
         self,
         channels: Vec<(String, Option<Since>)>,
-        mut inbound: I,
-        writer: JoinHandle<()>,
-        stream_id: Option<&str>,
-    ) -> (CloseReason, I)
+        inbound: I,
+        writer: W,
+        stream_id: Option<&'a str>,
+    ) -> impl Future<Output = (CloseReason, I)> + Send + 'a
     where
-        I: Stream<Item = Inbound> + Unpin,
+        I: Stream<Item = Inbound> + Unpin + Send + 'a,
+        W: Future<Output = ()> + Send + 'a,
     {
         let opened = std::time::Instant::now();
-        tracing::info!(
-            node = %self.hub.node_id,
-            conn = self.client.id(),
-            channels = ?channels.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
-            "connection opened"
-        );
-        // Who the connection is, and every channel it starts with.
-        // The channel list ends in this block: a local that lived on (even moved
-        // from) would keep its space in every connection's task.
-        let live = match Box::pin(self.connect(channels)).await {
-            Some(channels) => Box::pin(self.subscribe_at_connect(channels, stream_id)).await,
-            None => false,
-        };
-        if live {
-            let mut mailbox = self.mailbox();
-            self.read_loop(&mut inbound, mailbox.as_mut()).await;
-        }
+        // Boxed: what the connection starts with is used once, at connect; the
+        // reading future keeps a pointer to it rather than its size, for its life.
+        let opening = Box::new((channels, stream_id));
+        crate::join::join(self.reading(opening, inbound), writer).map(move |(session, inbound)| {
+            let reason = session
+                .client
+                .close_reason()
+                .unwrap_or(CloseReason::PeerGone);
+            session.hub.metrics.client_closed(reason);
+            tracing::info!(
+                node = %session.hub.node_id,
+                conn = session.client.id(),
+                reason = reason.metric_label(),
+                code = reason.code(),
+                duration_ms = opened.elapsed().as_millis() as u64,
+                "connection closed"
+            );
+            (reason, inbound)
+        })
+    }
 
-        // Boxed: only a closing connection needs the space of these broker futures.
-        Box::pin(self.leave()).await;
-        let _ = writer.await;
-        let reason = self.client.close_reason().unwrap_or(CloseReason::PeerGone);
-        self.hub.metrics.client_closed(reason);
-        tracing::info!(
-            node = %self.hub.node_id,
-            conn = self.client.id(),
-            reason = reason.metric_label(),
-            code = reason.code(),
-            duration_ms = opened.elapsed().as_millis() as u64,
-            "connection closed"
-        );
-        (reason, inbound)
+    /// The session's side of [`serve`](Self::serve): connects (with the channels
+    /// and stream id of `opening`), reads until the connection ends, leaves; gives
+    /// the session and `inbound` back.
+    // Not an `async fn`, which would keep a second copy of the session.
+    #[allow(clippy::type_complexity, clippy::manual_async_fn)]
+    fn reading<'a, I>(
+        self,
+        opening: Box<(Vec<(String, Option<Since>)>, Option<&'a str>)>,
+        mut inbound: I,
+    ) -> impl Future<Output = (Session, I)> + Send + 'a
+    where
+        I: Stream<Item = Inbound> + Unpin + Send + 'a,
+    {
+        async move {
+            // Who the connection is, and every channel it starts with. Boxed:
+            // only a connecting connection needs the space of these futures.
+            let session = &self;
+            let live = Box::pin(async move {
+                let (channels, stream_id) = *opening;
+                tracing::info!(
+                    node = %session.hub.node_id,
+                    conn = session.client.id(),
+                    channels = ?channels.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>(),
+                    "connection opened"
+                );
+                match session.connect(channels).await {
+                    Some(channels) => session.subscribe_at_connect(channels, stream_id).await,
+                    None => false,
+                }
+            })
+            .await;
+            if live {
+                let mut mailbox = self.mailbox();
+                self.read_loop(&mut inbound, mailbox.as_mut()).await;
+            }
+            // Boxed: only a closing connection needs the space of these broker futures.
+            Box::pin(self.leave()).await;
+            (self, inbound)
+        }
     }
 
     /// Leaves the registry first (so no fan-out queues to a connection that is
@@ -545,85 +584,99 @@ impl Session {
         true
     }
 
-    async fn read_loop(
-        &self,
-        inbound: &mut (impl Stream<Item = Inbound> + Unpin),
-        mut mailbox: Option<&mut mpsc::Receiver<Box<Command>>>,
-    ) {
-        // Created once: re-creating them on every request would re-register wakers.
-        let mut closing = std::pin::pin!(self.client.closing());
-        let mut shutdown = std::pin::pin!(self.hub.shutdown.cancelled());
-        // Boxed, and only when the connection expires: an unauthenticated connection
-        // carries no timer. It fires at the expiry, or before it for the refresh
-        // proxy; a refresh moves it.
-        let mut timer = self.timer(None);
-        loop {
-            // The arms only say what happened; what it calls for is done below, so
-            // that no arm's value is kept across an `.await` in every connection's
-            // task.
-            let woke = tokio::select! {
-                biased;
-                _ = &mut closing => return,
-                // With `--drain-spread` the drain closes the connection in its turn.
-                _ = &mut shutdown, if self.hub.config.limits.drain_spread.is_zero() => {
-                    self.client.close(CloseReason::Shutdown);
-                    return;
-                }
-                // Polled in place rather than in `async` blocks, which would take
-                // the space of a timer and of a receive in every connection's task.
-                _ = std::future::poll_fn(|cx| match timer.as_mut() {
-                    Some(timer) => timer.sleep.as_mut().poll(cx),
-                    None => std::task::Poll::Pending,
-                }) => Err(None),
-                Some(command) = std::future::poll_fn(|cx| match mailbox.as_mut() {
-                    Some(mailbox) => mailbox.poll_recv(cx),
-                    None => std::task::Poll::Pending,
-                }) => Err(Some(command)),
-                // The next request is read once the replies to the earlier ones
-                // left room in the queue: a client pipelining requests is slowed
-                // down by its own unread socket, not closed as slow.
-                next = async {
-                    self.client.room().await;
-                    inbound.next().await
-                } => Ok(next),
-            };
-            // What the event calls for, as one boxed future that owns what it needs:
-            // its space is taken only while it runs, and only one `.await` point
-            // (one pointer) stays in every connection's task.
-            let work: std::pin::Pin<Box<dyn Future<Output = Flow> + Send + '_>> = match woke {
-                Ok(next) => {
-                    // Anything from the peer proves it is alive, not only a pong.
-                    self.client.alive();
-                    match next {
-                        Some(Inbound::Request(text)) => {
-                            self.hub.metrics.frames_received.inc();
-                            self.hub.metrics.bytes_received.inc_by(text.len() as u64);
-                            Box::pin(async move {
-                                self.handle_text(&text).await;
-                                Flow::Go
-                            })
-                        }
-                        Some(Inbound::Alive) => continue,
-                        Some(Inbound::End(reason)) => return self.client.close(reason),
-                        None => return self.client.close(CloseReason::PeerGone),
+    /// Handles the client's requests (and the server API's commands, and the
+    /// expiry) until the connection closes.
+    ///
+    /// What it keeps while it waits is in every connection's task, always: a few
+    /// pointers. The close signal, the drain and room in the queue are the
+    /// connection's (`ClientHandle`) and wake it without a waiter of their own
+    /// here; everything a request needs is boxed, and only while it runs.
+    // Not an `async fn`, which would keep its arguments twice.
+    #[allow(clippy::manual_async_fn)]
+    fn read_loop<'a>(
+        &'a self,
+        inbound: &'a mut (impl Stream<Item = Inbound> + Unpin),
+        mut mailbox: Option<&'a mut mpsc::Receiver<Box<Command>>>,
+    ) -> impl Future<Output = ()> + 'a {
+        async move {
+            // Without `--drain-spread` a draining node asks every open connection to
+            // close (`ClientHandle::drain`); one that opened after it asked learns it here.
+            if self.hub.config.limits.drain_spread.is_zero() && self.hub.shutdown.is_cancelled() {
+                self.client.drain();
+            }
+            // Boxed, and only when the connection expires: an unauthenticated connection
+            // carries no timer. It fires at the expiry, or before it for the refresh
+            // proxy; a refresh moves it.
+            let mut timer = self.timer(None);
+            loop {
+                // The arms only say what happened; what it calls for is done below, so
+                // that no arm's value is kept across an `.await` in every connection's
+                // task.
+                let woke = tokio::select! {
+                    biased;
+                    _ = self.client.closing() => return,
+                    // The node drains (with `--drain-spread` the drain closes the
+                    // connection in its turn instead).
+                    _ = self.client.draining() => {
+                        self.client.close(CloseReason::Shutdown);
+                        return;
                     }
-                }
-                Err(command) => {
-                    let retry_at = timer.as_ref().and_then(|t| t.retry_at);
-                    Box::pin(async move {
-                        let mut retry_at = retry_at;
-                        match self.woke(command, &mut retry_at).await {
-                            true => Flow::Rearm(retry_at),
-                            false => Flow::Stop,
+                    // Polled in place rather than in `async` blocks, which would take
+                    // the space of a timer and of a receive in every connection's task.
+                    _ = std::future::poll_fn(|cx| match timer.as_mut() {
+                        Some(timer) => timer.sleep.as_mut().poll(cx),
+                        None => std::task::Poll::Pending,
+                    }) => Err(None),
+                    Some(command) = std::future::poll_fn(|cx| match mailbox.as_mut() {
+                        Some(mailbox) => mailbox.poll_recv(cx),
+                        None => std::task::Poll::Pending,
+                    }) => Err(Some(command)),
+                    // The next request is read once the replies to the earlier ones
+                    // left room in the queue: a client pipelining requests is slowed
+                    // down by its own unread socket, not closed as slow.
+                    next = async {
+                        self.client.room().await;
+                        inbound.next().await
+                    } => Ok(next),
+                };
+                // What the event calls for, as one boxed future that owns what it needs:
+                // its space is taken only while it runs, and only one `.await` point
+                // (one pointer) stays in every connection's task.
+                let work: std::pin::Pin<Box<dyn Future<Output = Flow> + Send + '_>> = match woke {
+                    Ok(next) => {
+                        // Anything from the peer proves it is alive, not only a pong.
+                        self.client.alive();
+                        match next {
+                            Some(Inbound::Request(text)) => {
+                                self.hub.metrics.frames_received.inc();
+                                self.hub.metrics.bytes_received.inc_by(text.len() as u64);
+                                Box::pin(async move {
+                                    self.handle_text(&text).await;
+                                    Flow::Go
+                                })
+                            }
+                            Some(Inbound::Alive) => continue,
+                            Some(Inbound::End(reason)) => return self.client.close(reason),
+                            None => return self.client.close(CloseReason::PeerGone),
                         }
-                    })
+                    }
+                    Err(command) => {
+                        let retry_at = timer.as_ref().and_then(|t| t.retry_at);
+                        Box::pin(async move {
+                            let mut retry_at = retry_at;
+                            match self.woke(command, &mut retry_at).await {
+                                true => Flow::Rearm(retry_at),
+                                false => Flow::Stop,
+                            }
+                        })
+                    }
+                };
+                match work.await {
+                    Flow::Go => {}
+                    Flow::Stop => return,
+                    // A refresh (the proxy's, the API's) moved the expiry.
+                    Flow::Rearm(retry_at) => timer = self.timer(retry_at),
                 }
-            };
-            match work.await {
-                Flow::Go => {}
-                Flow::Stop => return,
-                // A refresh (the proxy's, the API's) moved the expiry.
-                Flow::Rearm(retry_at) => timer = self.timer(retry_at),
             }
         }
     }
@@ -875,12 +928,13 @@ impl Session {
         if !self.hub.registry.is_subscribed(self.client.id(), channel) {
             let limits = &self.hub.config.limits;
             let (rate, burst) = (limits.subscribe_rate, limits.subscribe_burst);
-            self.take_token(&self.sub_limiter, burst).map_err(|()| {
-                Refusal::new(
-                    ErrorCode::RateLimited,
-                    format!("subscribing faster than {rate}/s (bursts of {burst})"),
-                )
-            })?;
+            self.take_token(|l| &mut l.subscribe, rate, burst)
+                .map_err(|()| {
+                    Refusal::new(
+                        ErrorCode::RateLimited,
+                        format!("subscribing faster than {rate}/s (bursts of {burst})"),
+                    )
+                })?;
         }
         let grants = self.grants();
         // Beyond the grants, the application may allow it (the subscribe proxy).
@@ -1039,7 +1093,7 @@ impl Session {
     fn rate_limited(&self) -> Result<(), Refusal> {
         let limits = &self.hub.config.limits;
         let (rate, burst) = (limits.publish_rate, limits.publish_burst);
-        if self.take_token(&self.limiter, burst).is_err() {
+        if self.take_token(|l| &mut l.publish, rate, burst).is_err() {
             self.hub
                 .metrics
                 .publish_error(ErrorCode::RateLimited.as_str());
@@ -1051,10 +1105,19 @@ impl Session {
         Ok(())
     }
 
-    /// Takes a token from `limiter`; a client refused more than `burst` times in a
-    /// row keeps going while refused — not a burst, abuse — and is closed (1008).
-    fn take_token(&self, limiter: &Mutex<RateLimiter>, burst: u32) -> Result<(), ()> {
-        let taken = limiter.lock().unwrap_or_else(|e| e.into_inner()).try_take();
+    /// Takes a token from the bucket `bucket` picks; a client refused more than
+    /// `burst` times in a row keeps going while refused — not a burst, abuse — and
+    /// is closed (1008).
+    fn take_token(
+        &self,
+        bucket: impl FnOnce(&mut Limiters) -> &mut TokenBucket,
+        rate: f64,
+        burst: u32,
+    ) -> Result<(), ()> {
+        let taken = {
+            let mut limiters = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
+            bucket(&mut limiters).try_take(rate, burst)
+        };
         match taken {
             Ok(()) => Ok(()),
             Err(refused_in_a_row) => {
@@ -1071,6 +1134,44 @@ impl Session {
         if self.client.send_reply(frame) {
             self.hub.metrics.bytes_sent.inc_by(len);
         }
+    }
+}
+
+/// A connection's future inside its span, as `tracing`'s `Instrumented` (entered
+/// while the future is polled or dropped), with the span boxed: a span is 40
+/// bytes, and every connection's task would keep one, mostly `Span::none()`.
+pub(crate) struct InSpan<F> {
+    inner: std::mem::ManuallyDrop<F>,
+    span: Option<Box<tracing::Span>>,
+}
+
+/// `future`, run inside `span` (a connection's [`Session::span`]).
+pub(crate) fn in_span<F: Future>(span: tracing::Span, future: F) -> InSpan<F> {
+    InSpan {
+        span: (!span.is_none()).then(|| Box::new(span)),
+        inner: std::mem::ManuallyDrop::new(future),
+    }
+}
+
+impl<F: Future> Future for InSpan<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // SAFETY: `inner` is pinned with `self`: never moved, dropped in place.
+        let this = unsafe { self.get_unchecked_mut() };
+        let _entered = this.span.as_deref().map(tracing::Span::enter);
+        unsafe { std::pin::Pin::new_unchecked(&mut *this.inner) }.poll(cx)
+    }
+}
+
+impl<F> Drop for InSpan<F> {
+    fn drop(&mut self) {
+        let _entered = self.span.as_deref().map(tracing::Span::enter);
+        // SAFETY: dropped once, in place, and never used again.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.inner) };
     }
 }
 

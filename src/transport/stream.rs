@@ -87,16 +87,14 @@ pub(crate) fn open(
     }
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(1);
     let write_timeout = session.hub().config.limits.write_timeout;
-    let writer = sessions.spawn(
-        write_loop(
-            body_tx,
-            queue,
-            session.client().clone(),
-            write_timeout,
-            format,
-            slot,
-        )
-        .instrument(span.clone()),
+    // Run beside the session, in its task.
+    let writer = write_loop(
+        body_tx,
+        queue,
+        session.client().clone(),
+        write_timeout,
+        format,
+        slot,
     );
     let inbound = futures_util::stream::unfold(requests, |mut requests| async move {
         let request = requests.recv().await?;

@@ -1,9 +1,9 @@
 //! The WebSocket transport: a session over an upgraded connection.
 //!
 //! [`Upgrade`] makes the connection (the handshake's checks, the `101` with the
-//! subprotocol and the compression agreed); then the reader turns messages into
-//! [`Inbound`] requests for the session, and the writer task drains the
-//! connection's bounded queue into the socket: every queued frame (compressed
+//! subprotocol and the compression agreed); then, in the connection's one task, the
+//! reader turns messages into [`Inbound`] requests for the session, and the writer
+//! drains the connection's bounded queue into the socket: every queued frame (compressed
 //! where the connection negotiated it, see `transport::deflate`) framed into one
 //! buffer (`wire`) and written at once (`socket`), then the close frame the
 //! connection's [`CloseReason`] calls for.
@@ -17,12 +17,12 @@ pub(crate) use upgrade::Upgrade;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
-use tracing::Instrument;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
 
@@ -54,9 +54,11 @@ const WRITE_CHUNK: usize = 64 * 1024;
 /// negotiated permessage-deflate (its socket then inflates what the client
 /// compressed).
 ///
-/// Not an `async fn`, and the socket is split here: a connection's task holds its
-/// future for hours, and an async wrapper (or the socket as an argument) would keep
-/// dead copies of the arguments in it.
+/// One future, for the connection's one task: the session reads (and handles the
+/// client's requests) and the writer writes, side by side (`join`), each polled
+/// when it is woken. Not an `async fn`, and the socket is split here: the task
+/// holds this future for hours, and an async wrapper (or the socket as an argument)
+/// would keep dead copies of the arguments in it.
 fn run<S>(
     socket: WebSocketStream<Gate<S>>,
     hub: Arc<Hub>,
@@ -70,24 +72,21 @@ where
     let (session, queue) = Session::open(hub, identity);
     let span = session.span();
     let (stream, sink) = socket::split(socket);
-    let writer = tokio::spawn(
-        write_loop(
-            sink,
-            queue,
-            session.client().clone(),
-            session.hub().clone(),
-            compressor,
-        )
-        .instrument(span.clone()),
+    let writer = write_loop(
+        sink,
+        queue,
+        session.client().clone(),
+        session.hub().clone(),
+        compressor,
     );
     // Chained, not an `async` block around `serve`: a block would keep the
     // session's arguments, moved into `serve`, as dead copies for the life of the
     // connection (a few hundred bytes each).
-    let inbound = stream.map(inbound as fn(_) -> Inbound);
-    session
+    let inbound = stream.map(inbound);
+    let served = session
         .serve(channels, inbound, writer, None)
-        .then(|(reason, inbound)| close_reply(reason, inbound.into_inner()))
-        .instrument(span)
+        .then(|(reason, inbound)| close_reply(reason, inbound.into_inner()));
+    crate::session::in_span(span, served)
 }
 
 /// After our close frame, gives the client a moment to answer it, so the TCP
@@ -145,7 +144,13 @@ fn classify_read_error(error: tungstenite::Error) -> CloseReason {
 /// sends the close frame its reason calls for. Node shutdown reaches the writer as a
 /// close (the reader turns it into `CloseReason::Shutdown`), pings as a request
 /// from the node's heartbeat.
-async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
+///
+/// Not an `async fn` (which would keep a second copy of its arguments): every
+/// connection's task holds this future, and what it keeps while it waits for
+/// frames is most of its size; a write that has to wait, pacing and the goodbye
+/// are boxed, and only while they last.
+#[allow(clippy::manual_async_fn)]
+fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     mut sink: WriteHalf<S>,
     mut queue: ClientQueue,
     client: ClientHandle,
@@ -153,119 +158,126 @@ async fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
     // every connection's writer rather than copies of each.
     hub: Arc<Hub>,
     compressor: Option<Compressor>,
-) {
-    let limits = &hub.config.limits;
-    let limit = limits.write_timeout;
-    // Swapped with the queue on every batch, so a busy connection allocates nothing.
-    let mut batch = VecDeque::new();
-    // When the last batch was written (`--write-pacing`), if this connection is paced.
-    let paced =
-        !limits.write_pacing_busy().is_zero() && client.bounds().frames >= PACED_QUEUE_FRAMES;
-    let mut last_write: Option<tokio::time::Instant> = None;
-    loop {
-        let written = match queue.next(&mut batch).await {
-            Next::Close => break,
-            Next::Ping => {
-                write_within(limit, &client, sink.send(Message::Ping(Default::default()))).await
-            }
-            Next::Frames => {
-                if let Some(due) = last_write.map(|at| at + hub.pacing.current())
-                    && due > tokio::time::Instant::now()
-                {
-                    // Messages keep coming: wait out the pacing interval (or until
-                    // the queue is half full, or closing) and write everything
-                    // queued meanwhile at once. Boxed: only a paced connection
-                    // needs the timer's space, and only while it waits.
-                    Box::pin(async {
-                        tokio::select! {
-                            _ = tokio::time::sleep_until(due) => {}
-                            _ = queue.filling() => {}
-                        }
-                    })
-                    .await;
-                    queue.append_to(&mut batch);
-                } else if batch.len() > 1 {
-                    // Frames piled up while we were away: the node is behind. Let
-                    // the fan-out run once more and take what it adds, so that a
-                    // behind node writes fewer, larger batches (each write costs
-                    // the same kernel work whatever its size) instead of falling
-                    // further behind. An unloaded connection (one frame) does
-                    // not wait.
-                    tokio::task::yield_now().await;
-                    queue.append_to(&mut batch);
-                }
-                // Everything queued goes out, in writes of at most WRITE_CHUNK
-                // bytes (one, nearly always); its bytes count against the
-                // connection's bound until written.
-                let mut written;
-                loop {
-                    let mut bytes = 0;
-                    let take = batch
-                        .iter()
-                        .take_while(|f| {
-                            let fits = bytes == 0 || bytes + f.len() <= WRITE_CHUNK;
-                            if fits {
-                                bytes += f.len();
-                            }
-                            fits
-                        })
-                        .count();
-                    let (out, saved) = frame_all(batch.drain(..take), bytes, compressor.as_ref());
-                    let write = sink.write_frames(&out);
-                    written = write_within(limit, &client, write).await;
-                    queue.written(bytes);
-                    hub.metrics.client_writes.inc();
-                    if saved > 0
-                        && let Some(compressor) = &compressor
+) -> impl Future<Output = ()> {
+    async move {
+        // Swapped with the queue on every batch, so a busy connection allocates
+        // nothing.
+        let mut batch = VecDeque::new();
+        // When the last batch was written (`--write-pacing`), if this connection
+        // is paced.
+        let mut last_write: Option<tokio::time::Instant> = None;
+        loop {
+            let written = match queue.next(&mut batch).await {
+                Next::Close => break,
+                Next::Ping => write_within(&client, &hub, sink.ping()).await,
+                Next::Frames => {
+                    if let Some(due) = last_write.map(|at| at + hub.pacing.current())
+                        && due > tokio::time::Instant::now()
                     {
-                        compressor.saved(saved);
+                        // Messages keep coming: wait out the pacing interval (or
+                        // until the queue is half full, or closing) and write
+                        // everything queued meanwhile at once. Boxed: only a paced
+                        // connection needs the timer's space, and only while it
+                        // waits.
+                        Box::pin(async {
+                            tokio::select! {
+                                _ = tokio::time::sleep_until(due) => {}
+                                _ = queue.filling() => {}
+                            }
+                        })
+                        .await;
+                        queue.append_to(&mut batch);
+                    } else if batch.len() > 1 {
+                        // Frames piled up while we were away: the node is behind.
+                        // Let the fan-out run once more and take what it adds, so
+                        // that a behind node writes fewer, larger batches (each
+                        // write costs the same kernel work whatever its size)
+                        // instead of falling further behind. An unloaded
+                        // connection (one frame) does not wait.
+                        tokio::task::yield_now().await;
+                        queue.append_to(&mut batch);
                     }
-                    if !written || batch.is_empty() {
-                        break;
+                    // Everything queued goes out, in writes of at most WRITE_CHUNK
+                    // bytes (one, nearly always); its bytes count against the
+                    // connection's bound until written.
+                    let mut written;
+                    loop {
+                        let mut bytes = 0;
+                        let take = batch
+                            .iter()
+                            .take_while(|f| {
+                                let fits = bytes == 0 || bytes + f.len() <= WRITE_CHUNK;
+                                if fits {
+                                    bytes += f.len();
+                                }
+                                fits
+                            })
+                            .count();
+                        let (out, saved) =
+                            frame_all(batch.drain(..take), bytes, compressor.as_ref());
+                        if saved > 0
+                            && let Some(compressor) = &compressor
+                        {
+                            compressor.saved(saved);
+                        }
+                        written = write_within(&client, &hub, sink.write_frames(out)).await;
+                        queue.written(bytes);
+                        hub.metrics.client_writes.inc();
+                        if !written || batch.is_empty() {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
                     }
-                    tokio::task::yield_now().await;
+                    batch.clear();
+                    if paced(&hub, &client) {
+                        last_write = Some(tokio::time::Instant::now());
+                    }
+                    written
                 }
-                batch.clear();
-                if paced {
-                    last_write = Some(tokio::time::Instant::now());
+            };
+            if !written {
+                break;
+            }
+            if batch.capacity() > SPARE_BATCH_CAPACITY {
+                // A burst is over: do not keep its buffer for an idle connection.
+                batch = VecDeque::new();
+            }
+        }
+
+        let reason = client.close_reason().unwrap_or(CloseReason::PeerGone);
+        let goodbye = async {
+            match reason.code() {
+                Some(code) => {
+                    // What was queued before the close goes out first (see
+                    // `ClientQueue::last_frames`).
+                    let last = queue.last_frames(reason);
+                    if !last.is_empty() {
+                        let bytes = last.iter().map(|f| f.len()).sum();
+                        let (out, _) = frame_all(last.into_iter(), bytes, compressor.as_ref());
+                        sink.write_frames(out).await?;
+                    }
+                    let frame = CloseFrame {
+                        code: code.into(),
+                        reason: Utf8Bytes::from_static(reason.as_str()),
+                    };
+                    sink.send(Message::Close(Some(frame))).await
                 }
-                written
+                // The socket queued its reply to the client's close frame; flush it
+                // out.
+                None if reason == CloseReason::PeerClosed => sink.flush().await,
+                None => Ok(()),
             }
         };
-        if !written {
-            break;
-        }
-        if batch.capacity() > SPARE_BATCH_CAPACITY {
-            // A burst is over: do not keep its buffer for an idle connection.
-            batch = VecDeque::new();
-        }
+        // Boxed: only a closing connection needs the space of this future.
+        let limit = hub.config.limits.write_timeout;
+        let _ = Box::pin(tokio::time::timeout(limit, goodbye)).await;
     }
+}
 
-    let reason = client.close_reason().unwrap_or(CloseReason::PeerGone);
-    let goodbye = async {
-        match reason.code() {
-            Some(code) => {
-                // What was queued before the close goes out first (see
-                // `ClientQueue::last_frames`).
-                let last = queue.last_frames(reason);
-                if !last.is_empty() {
-                    let bytes = last.iter().map(|f| f.len()).sum();
-                    let (out, _) = frame_all(last.into_iter(), bytes, compressor.as_ref());
-                    sink.write_frames(&out).await?;
-                }
-                let frame = CloseFrame {
-                    code: code.into(),
-                    reason: Utf8Bytes::from_static(reason.as_str()),
-                };
-                sink.send(Message::Close(Some(frame))).await
-            }
-            // The socket queued its reply to the client's close frame; flush it out.
-            None if reason == CloseReason::PeerClosed => sink.flush().await,
-            None => Ok(()),
-        }
-    };
-    // Boxed: only a closing connection needs the space of this future.
-    let _ = Box::pin(tokio::time::timeout(limit, goodbye)).await;
+/// Whether the connection's writes are paced (`--write-pacing`): its queue has room
+/// for what arrives during an interval (see `PACED_QUEUE_FRAMES`).
+fn paced(hub: &Hub, client: &ClientHandle) -> bool {
+    !hub.config.limits.write_pacing_busy().is_zero() && client.bounds().frames >= PACED_QUEUE_FRAMES
 }
 
 /// Frames `frames` (of `bytes` bytes of text) one after the other into one buffer,
@@ -292,31 +304,42 @@ fn frame_all(
     (out, saved)
 }
 
-/// Runs one write, bounded by the write timeout; records why the connection must
-/// close if it failed. Returns whether the connection is still writable.
+/// Runs one write, bounded by the write timeout (`--write-timeout`); records why
+/// the connection must close if it failed. Returns whether the connection is still
+/// writable.
 ///
-/// Most writes complete on their first poll (the socket has room), so the timer is
-/// only armed for a write that has to wait.
-async fn write_within(
-    limit: Duration,
-    client: &ClientHandle,
-    write: impl Future<Output = Result<(), tungstenite::Error>>,
-) -> bool {
-    let mut write = std::pin::pin!(write);
-    let result = match futures_util::poll!(write.as_mut()) {
-        std::task::Poll::Ready(result) => Ok(result),
-        // Boxed so the timer's space is only taken while a write is stalled.
-        std::task::Poll::Pending => Box::pin(tokio::time::timeout(limit, write.as_mut())).await,
-    };
-    match result {
-        Ok(Ok(())) => true,
-        Ok(Err(_)) => {
-            client.close(CloseReason::PeerGone);
-            false
-        }
-        Err(_) => {
-            client.close(CloseReason::WriteTimeout);
-            false
+/// Most writes complete on their first poll (the socket has room): that poll is
+/// made in place, and only a write that has to wait is boxed with its timer, so
+/// that neither takes space in every connection's task. Not an `async fn`, which
+/// would keep the write twice.
+#[allow(clippy::manual_async_fn)]
+fn write_within<'a, W>(
+    client: &'a ClientHandle,
+    hub: &'a Hub,
+    mut write: W,
+) -> impl Future<Output = bool> + 'a
+where
+    W: Future<Output = Result<(), tungstenite::Error>> + Unpin + 'a,
+{
+    async move {
+        let result = if let Poll::Ready(result) =
+            std::future::poll_fn(|cx| Poll::Ready(write.poll_unpin(cx))).await
+        {
+            Ok(result)
+        } else {
+            let limit = hub.config.limits.write_timeout;
+            Box::pin(tokio::time::timeout(limit, write)).await
+        };
+        match result {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => {
+                client.close(CloseReason::PeerGone);
+                false
+            }
+            Err(_) => {
+                client.close(CloseReason::WriteTimeout);
+                false
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
-//! One WebSocket shared by a connection's two tasks: the reader reads the client's
-//! messages through tungstenite; the writer writes the node's data frames as bytes
-//! it framed itself (`wire`), straight to the socket, and its control frames
-//! (ping, close) through tungstenite.
+//! One WebSocket shared by a connection's reader and writer (two futures of its one
+//! task, each polled when woken: either may wait while the other goes on): the
+//! reader reads the client's messages through tungstenite; the writer writes the
+//! node's data frames as bytes it framed itself (`wire`), straight to the socket,
+//! and its control frames (ping, close) through tungstenite.
 //!
 //! **Why not tungstenite's sink for everything.** It frames every message again on
 //! every connection, with its state checks and a waker registration per message:
@@ -165,9 +166,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Stream for ReadHalf<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
     /// Sends a control message (ping, close) through tungstenite, and flushes.
-    pub(crate) async fn send(&mut self, message: Message) -> Result<(), tungstenite::Error> {
+    /// A plain future of its own (`Unpin`): a writer polls it in place and boxes it
+    /// only if it has to wait.
+    pub(crate) fn send(
+        &mut self,
+        message: Message,
+    ) -> impl Future<Output = Result<(), tungstenite::Error>> + Unpin + '_ {
         let mut message = Some(message);
-        std::future::poll_fn(|cx| {
+        std::future::poll_fn(move |cx| {
             let mut socket = lock(&self.0);
             if message.is_some() {
                 ready!(socket.poll_ready_unpin(cx))?;
@@ -177,7 +183,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
             }
             socket.poll_flush_unpin(cx)
         })
-        .await
+    }
+
+    /// Sends a ping through tungstenite, and flushes; like [`send`](Self::send),
+    /// with no message to keep while it waits.
+    pub(crate) fn ping(
+        &mut self,
+    ) -> impl Future<Output = Result<(), tungstenite::Error>> + Unpin + '_ {
+        let mut sent = false;
+        std::future::poll_fn(move |cx| {
+            let mut socket = lock(&self.0);
+            if !sent {
+                ready!(socket.poll_ready_unpin(cx))?;
+                socket.start_send_unpin(Message::Ping(Default::default()))?;
+                sent = true;
+            }
+            socket.poll_flush_unpin(cx)
+        })
     }
 
     /// Writes out what tungstenite holds (its reply to the client's close).
@@ -187,15 +209,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
 
     /// Writes `frames`, whole frames framed by `wire`, after whatever tungstenite
     /// has queued and before anything it writes next; refused once the client's
-    /// close was read.
-    pub(crate) async fn write_frames(&mut self, frames: &[u8]) -> Result<(), tungstenite::Error> {
+    /// close was read. A plain future of its own (`Unpin`), like [`send`](Self::send).
+    pub(crate) fn write_frames(
+        &mut self,
+        frames: Vec<u8>,
+    ) -> impl Future<Output = Result<(), tungstenite::Error>> + Unpin + '_ {
         let mut batch = Batch {
             shared: &self.0,
+            frames,
             written: 0,
             started: false,
             done: false,
         };
-        std::future::poll_fn(|cx| {
+        std::future::poll_fn(move |cx| {
             let mut socket = lock(batch.shared);
             if !batch.started {
                 if socket.get_ref().closed {
@@ -207,10 +233,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
             }
             let gate = socket.get_mut();
             let result = loop {
-                if batch.written == frames.len() {
+                if batch.written == batch.frames.len() {
                     break ready!(Pin::new(&mut gate.inner).poll_flush(cx));
                 }
-                match ready!(Pin::new(&mut gate.inner).poll_write(cx, &frames[batch.written..])) {
+                let rest = &batch.frames[batch.written..];
+                match ready!(Pin::new(&mut gate.inner).poll_write(cx, rest)) {
                     Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
                     Ok(n) => batch.written += n,
                     Err(e) => break Err(e),
@@ -221,7 +248,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
             batch.done = true;
             Poll::Ready(result.map_err(tungstenite::Error::Io))
         })
-        .await
     }
 }
 
@@ -230,6 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WriteHalf<S> {
 /// torn otherwise.
 struct Batch<'a, S: AsyncRead + AsyncWrite + Unpin> {
     shared: &'a Shared<S>,
+    frames: Vec<u8>,
     written: usize,
     started: bool,
     done: bool,
@@ -259,14 +286,14 @@ mod tests {
         let (mut reader, mut writer) = split(socket);
         let mut frame = Vec::new();
         crate::transport::websocket::wire::put_frame(&mut frame, 0x81, b"before");
-        writer.write_frames(&frame).await.unwrap();
+        writer.write_frames(frame.clone()).await.unwrap();
         // The client's close: code 1000, masked with a zero key.
         client
             .write_all(&[0x88, 0x82, 0, 0, 0, 0, 0x03, 0xe8])
             .await
             .unwrap();
         assert!(matches!(reader.next().await, Some(Ok(Message::Close(_)))));
-        let refused = writer.write_frames(&frame).await;
+        let refused = writer.write_frames(frame).await;
         assert!(
             matches!(refused, Err(tungstenite::Error::AlreadyClosed)),
             "{refused:?}"

@@ -14,7 +14,9 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::OnUpgrade;
+use futures_util::FutureExt;
+use futures_util::future::Either;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
@@ -169,47 +171,68 @@ impl Upgrade {
             );
         }
 
-        let on_upgrade = self.on_upgrade;
-        // What this task captures, it keeps for the life of the connection (an async
-        // block's captures are never freed early): only what it needs, built inside.
-        tokio::spawn(async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => TokioIo::new(upgraded),
-                Err(e) => {
-                    tracing::debug!(error = %e, "WebSocket upgrade failed");
-                    return;
-                }
-            };
-            let max_message = hub.config.limits.max_message_bytes;
-            let config = WebSocketConfig::default()
-                .read_buffer_size(READ_BUFFER_BYTES)
-                .max_message_size(Some(max_message))
-                .max_frame_size(Some(max_message));
-            if deflate {
-                let compressor = Compressor::new(&hub.config.compression, hub.metrics.clone());
-                let inflating = InflatingIo::new(upgraded, max_message);
-                // Boxed: the larger socket would otherwise widen every connection's
-                // task, compressed or not, for as long as it lives.
-                let socket = Box::pin(WebSocketStream::from_raw_socket(
-                    Gate::new(inflating),
-                    Role::Server,
-                    Some(config),
-                ))
-                .await;
-                let session = super::run(socket, hub, channels, identity, Some(compressor));
-                sessions.track_future(session).await;
-            } else {
-                let socket = WebSocketStream::from_raw_socket(
-                    Gate::new(upgraded),
-                    Role::Server,
-                    Some(config),
-                )
-                .await;
-                let session = super::run(socket, hub, channels, identity, None);
-                sessions.track_future(session).await;
+        // The connection's one task. Chained rather than an `async` block, which
+        // would keep what it captures for the life of the connection: each step's
+        // inputs are gone once the next one runs.
+        tokio::spawn(self.on_upgrade.then(move |upgraded| match upgraded {
+            Ok(upgraded) => Either::Left(session(
+                TokioIo::new(upgraded),
+                hub,
+                channels,
+                identity,
+                deflate,
+                sessions,
+            )),
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                Either::Right(std::future::ready(()))
             }
-        });
+        }));
         response
+    }
+}
+
+/// Serves an upgraded connection: tungstenite over it with the node's limits
+/// (inflating what the client compressed when `deflate` was agreed), then the
+/// session, tracked by `sessions`.
+fn session(
+    upgraded: TokioIo<Upgraded>,
+    hub: Arc<Hub>,
+    channels: Vec<(String, Option<Since>)>,
+    identity: Identity,
+    deflate: bool,
+    sessions: TaskTracker,
+) -> impl Future<Output = ()> + Send {
+    let max_message = hub.config.limits.max_message_bytes;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    if deflate {
+        let compressor = Compressor::new(&hub.config.compression, hub.metrics.clone());
+        let inflating = InflatingIo::new(upgraded, max_message);
+        // Boxed: the larger socket would otherwise widen every connection's task,
+        // compressed or not, for as long as it lives.
+        let socket = Box::pin(WebSocketStream::from_raw_socket(
+            Gate::new(inflating),
+            Role::Server,
+            Some(config),
+        ));
+        Either::Left(socket.then(move |socket| {
+            sessions.track_future(super::run(
+                socket,
+                hub,
+                channels,
+                identity,
+                Some(compressor),
+            ))
+        }))
+    } else {
+        let socket =
+            WebSocketStream::from_raw_socket(Gate::new(upgraded), Role::Server, Some(config));
+        Either::Right(socket.then(move |socket| {
+            sessions.track_future(super::run(socket, hub, channels, identity, None))
+        }))
     }
 }
 
