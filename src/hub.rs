@@ -435,15 +435,19 @@ impl Hub {
     }
 
     /// Waits for a recovery's turn (see `reads`): before a subscription with
-    /// `since` is made, so nothing is held back meanwhile. `None` when the client
-    /// left while it waited.
+    /// `since` is made, so nothing is held back meanwhile. `None` when the
+    /// connection is closing or the node draining meanwhile: then nothing is to be
+    /// recovered (the caller gives up the subscription and, draining, closes with
+    /// 1001).
     pub(crate) async fn recovery_turn(&self, client: &ClientHandle) -> Option<Turn<'_>> {
         let mut turn = std::pin::pin!(self.reads.turn());
         let mut closing = std::pin::pin!(client.closing());
+        let mut draining = std::pin::pin!(client.draining());
         loop {
             tokio::select! {
                 turn = &mut turn => return Some(turn),
                 _ = &mut closing => return None,
+                _ = &mut draining => return None,
                 // Nothing reads the client's pongs while it waits: the wait is the
                 // node's, not a sign the client is gone (the heartbeat would close
                 // it after a ping interval without an answer).
@@ -452,7 +456,7 @@ impl Hub {
         }
     }
 
-    /// Ends a recovery's turn once its replay is written out: the connection's
+    /// Ends a recovery's turn once the writer has taken its replay: the connection's
     /// queue is under half its bounds (or closing), or `--broker-timeout` passed.
     pub(crate) async fn end_turn(&self, client: &ClientHandle, turn: Option<Turn<'_>>) {
         if turn.is_some() {

@@ -84,8 +84,21 @@ impl<A: Future, B: Future<Output = ()>> Future for Join<A, B> {
             let waker = side_waker(wakes, &SECOND_VTABLE);
             // SAFETY: as for `first`.
             let second = unsafe { Pin::new_unchecked(second) };
-            if second.poll(&mut Context::from_waker(&waker)).is_ready() {
-                this.second = None;
+            // A panic of the second side (a connection's writer) ends it alone, as
+            // when it was a task of its own: the first side (the session) still
+            // ends, and cleans up, as it would without a writer.
+            let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                second.poll(&mut Context::from_waker(&waker))
+            }));
+            match polled {
+                Ok(Poll::Pending) => {}
+                Ok(Poll::Ready(())) => this.second = None,
+                Err(_) => {
+                    tracing::error!(
+                        "a connection's writer panicked; its session goes on without it"
+                    );
+                    this.second = None;
+                }
             }
         }
         if this.second.is_some() || matches!(this.first, Side::Running(_)) {
@@ -228,6 +241,24 @@ mod tests {
             .await
             .expect("both done")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panic_of_the_second_side_ends_it_alone() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(join(
+            async move {
+                let _ = rx.await;
+                7
+            },
+            async {
+                panic!("the writer broke");
+            },
+        ));
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished(), "the first side goes on");
+        tx.send(()).unwrap();
+        assert_eq!(task.await.unwrap(), 7);
     }
 
     #[tokio::test]

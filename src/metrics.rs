@@ -271,7 +271,7 @@ impl Metrics {
         );
         registry.register(
             "recoveries_running",
-            "Recoveries in their turn (from before their subscription is made until their replay is written out), at most --max-recoveries",
+            "Recoveries in their turn (from before their subscription is made until the writer has taken their replay), at most --max-recoveries",
             m.recoveries_running.clone(),
         );
         registry.register(

@@ -3,9 +3,10 @@
 //! others wait their turn in order, for at most `--broker-timeout`.
 //!
 //! **Recoveries take turns** ([`HistoryReads::turn`]): at most `--max-recoveries`
-//! run at once on a node, from before their subscription is made until their
-//! replay is written out (the connection's queue under half its bounds, or
-//! `--broker-timeout` at most, so a client that does not read cannot keep its turn).
+//! run at once on a node, from before their subscription is made until the
+//! connection's writer has taken their replay (its queue is under half its bounds
+//! again, or `--broker-timeout` at most, so a client that does not read cannot keep
+//! its turn); the writer then sends it 64 KiB at a time, yielding between writes.
 //! A reconnect storm's replays are the node's work for seconds; while tens of
 //! thousands of connections write theirs at once, every other task (a publisher's
 //! request, its ack) waits behind all of them in the runtime's queue. Taking turns
@@ -137,9 +138,10 @@ impl HistoryReads {
     /// Waits for a recovery's turn, in order (each turn ends within
     /// `--broker-timeout` of its replay being queued, so every wait ends).
     pub(crate) async fn turn(&self) -> Turn<'_> {
-        self.metrics.recoveries_waiting.inc();
+        // Counted down however the wait ends (the client may leave meanwhile).
+        let waiting = Waiting::new(&self.metrics);
         let permit = self.turns.acquire().await;
-        self.metrics.recoveries_waiting.dec();
+        drop(waiting);
         self.metrics.recoveries_running.inc();
         Turn {
             // The semaphore is never closed.
@@ -283,6 +285,22 @@ impl HistoryReads {
             // The semaphore is never closed.
             Ok(Err(_)) | Err(_) => Err(Busy(self.size, self.wait)),
         }
+    }
+}
+
+/// A recovery waiting for its turn, in `wsrelay_recoveries_waiting` while it lives.
+struct Waiting<'a>(&'a Metrics);
+
+impl<'a> Waiting<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.recoveries_waiting.inc();
+        Waiting(metrics)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.recoveries_waiting.dec();
     }
 }
 
@@ -481,6 +499,21 @@ mod tests {
         assert_eq!(*order.lock().unwrap(), [0, 1, 2], "in order");
         assert_eq!(metrics.recoveries_running.get(), 0);
         assert_eq!(metrics.recoveries_waiting.get(), 0);
+
+        // A client that leaves while it waits is no longer counted as waiting.
+        let held = (reads.turn().await, reads.turn().await);
+        let gone = {
+            let reads = reads.clone();
+            tokio::spawn(async move {
+                let _turn = reads.turn().await;
+            })
+        };
+        until("it waits", || metrics.recoveries_waiting.get() == 1).await;
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(metrics.recoveries_waiting.get(), 0);
+        drop(held);
+        assert_eq!(metrics.recoveries_running.get(), 0);
     }
 
     #[tokio::test]

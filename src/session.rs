@@ -511,7 +511,14 @@ impl Session {
         let grants = self.grants();
         // The connection's recoveries take one turn (see `reads`).
         let turn = match channels.iter().any(|(_, since)| since.is_some()) {
-            true => self.hub.recovery_turn(&self.client).await,
+            true => match self.hub.recovery_turn(&self.client).await {
+                Some(turn) => Some(turn),
+                None => {
+                    // Closed, or the node drains, while it waited: nothing to make.
+                    self.client.close(CloseReason::Shutdown);
+                    return false;
+                }
+            },
             false => None,
         };
         let subscribed = match self
@@ -964,7 +971,17 @@ impl Session {
         // A recovery takes its turn (see `reads`); a plain subscription needs none.
         let turn =
             match since.is_some() && !self.hub.registry.is_subscribed(self.client.id(), channel) {
-                true => self.hub.recovery_turn(&self.client).await,
+                true => match self.hub.recovery_turn(&self.client).await {
+                    Some(turn) => Some(turn),
+                    None => {
+                        // Closed, or the node drains, while it waited.
+                        self.client.close(CloseReason::Shutdown);
+                        return Err(Refusal::new(
+                            ErrorCode::Unavailable,
+                            "the node is shutting down",
+                        ));
+                    }
+                },
                 false => None,
             };
         let Some(subscribed) = self

@@ -440,7 +440,7 @@ pub struct HistoryConfig {
     pub max_history_reads: usize,
 
     /// Recoveries running at once on a node, each from before its subscription is
-    /// made until its replay is written out (or `--broker-timeout`): more wait their
+    /// made until the writer has taken its replay (or `--broker-timeout`): more wait their
     /// turn, in order. A reconnect storm's replays then take the node's time a few
     /// at a time, and a publish made meanwhile does not wait behind all of them
     /// (measured in BENCHMARKS.md: 8 keeps a storm as fast, 64 lets publishes wait
