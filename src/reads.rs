@@ -67,11 +67,11 @@ pub(crate) struct HistoryReads {
     /// The reads not sent yet, which an identical read joins. Bounded by the
     /// reads waiting (each leaves when it is sent, or when its last client gives
     /// up).
-    flights: Mutex<HashMap<Key, Arc<Flight>>>,
+    flights: Flights<Key>,
     /// The fills of channels' caches in progress, which recoveries of the same
     /// channel wait for. One entry per channel being filled (it leaves when its
     /// read ends, or when its last client gave up).
-    fills: Mutex<HashMap<String, Arc<Flight>>>,
+    fills: Flights<String>,
     /// Recoveries' turns (`--max-recoveries`).
     turns: Semaphore,
 }
@@ -130,8 +130,8 @@ impl HistoryReads {
             size: slots,
             wait,
             metrics,
-            flights: Mutex::new(HashMap::new()),
-            fills: Mutex::new(HashMap::new()),
+            flights: Flights::default(),
+            fills: Flights::default(),
         }
     }
 
@@ -158,31 +158,17 @@ impl HistoryReads {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<History, BrokerError>>,
     {
-        let flight = {
-            let mut fills = lock(&self.fills);
-            match fills.get(channel) {
-                Some(flight) => {
-                    self.metrics.history_reads_coalesced.inc();
-                    flight.clone()
-                }
-                None => {
-                    let flight = Arc::new(Flight::default());
-                    fills.insert(channel.to_owned(), flight.clone());
-                    flight
-                }
-            }
-        };
+        let key = channel.to_owned();
+        let flight = self.fills.join(&key, &self.metrics);
         let led = std::sync::atomic::AtomicBool::new(false);
         let answer = flight
             .answer
             .get_or_init(|| async {
                 // Runs in the first client, or in the next one if it gave up.
                 led.store(true, std::sync::atomic::Ordering::Relaxed);
-                let _ended = Ended {
-                    fills: &self.fills,
-                    channel,
-                    flight: &flight,
-                };
+                // Out of the map however the read ends: a recovery arriving later
+                // finds the cache filled, or fills it again.
+                let _ended = self.fills.unlisted_on_drop(&key, &flight);
                 let _admitted = match self.admit().await {
                     Ok(admitted) => admitted,
                     Err(busy) => return Err(BrokerError::Unavailable(busy.to_string())),
@@ -220,53 +206,24 @@ impl HistoryReads {
             return read().await;
         }
         let key = (channel.to_owned(), request.clone());
-        let flight = {
-            let mut flights = self.flights();
-            match flights.get(&key) {
-                Some(flight) => {
-                    self.metrics.history_reads_coalesced.inc();
-                    flight.clone()
-                }
-                None => {
-                    let flight = Arc::new(Flight::default());
-                    flights.insert(key.clone(), flight.clone());
-                    flight
-                }
-            }
-        };
+        let flight = self.flights.join(&key, &self.metrics);
         // The first client runs the read; one that joined runs it only if every
         // client before it gave up (its connection closed) before the answer.
         let answer = flight
             .answer
             .get_or_init(|| async {
                 // Sealed however this ends: sent, refused, or given up.
-                let _sealed = Seal {
-                    reads: self,
-                    key: &key,
-                    flight: &flight,
-                };
+                let _sealed = self.flights.unlisted_on_drop(&key, &flight);
                 let _admitted = match self.admit().await {
                     Ok(admitted) => admitted,
                     Err(busy) => return Err(BrokerError::Unavailable(busy.to_string())),
                 };
                 // Nobody joins from here on: the read is on its way to Redis.
-                self.seal(&key, &flight);
+                self.flights.unlist(&key, &flight);
                 read().await
             })
             .await;
         answer.clone()
-    }
-
-    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
-        lock(&self.flights)
-    }
-
-    /// Takes `flight` out of the joinable reads (if it is still there).
-    fn seal(&self, key: &Key, flight: &Arc<Flight>) {
-        let mut flights = self.flights();
-        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            flights.remove(key);
-        }
     }
 
     /// Waits for a slot (first come, first served).
@@ -304,44 +261,70 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Locks a map of flights.
-fn lock<K>(
-    map: &Mutex<HashMap<K, Arc<Flight>>>,
-) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Flight>>> {
-    // Inserts and removes only: a panic elsewhere cannot leave it torn.
-    map.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Reads that clients may still join, by key: each entry leaves when its read is
+/// sent (or ends), so the map holds one entry per distinct read waiting.
+#[derive(Debug)]
+struct Flights<K>(Mutex<HashMap<K, Arc<Flight>>>);
 
-/// Takes a fill out of the map when its read's future ends, whichever way: a
-/// recovery arriving later finds the cache filled, or fills it again.
-struct Ended<'a> {
-    fills: &'a Mutex<HashMap<String, Arc<Flight>>>,
-    channel: &'a str,
-    flight: &'a Arc<Flight>,
-}
-
-impl Drop for Ended<'_> {
-    fn drop(&mut self) {
-        let mut fills = lock(self.fills);
-        if fills
-            .get(self.channel)
-            .is_some_and(|f| Arc::ptr_eq(f, self.flight))
-        {
-            fills.remove(self.channel);
-        }
+impl<K> Default for Flights<K> {
+    fn default() -> Self {
+        Flights(Mutex::new(HashMap::new()))
     }
 }
 
-/// Seals a flight when its read's future ends, whichever way.
-struct Seal<'a> {
-    reads: &'a HistoryReads,
-    key: &'a Key,
+impl<K: std::hash::Hash + Eq + Clone> Flights<K> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Flight>>> {
+        // Inserts and removes only: a panic elsewhere cannot leave it torn.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The flight of `key`: the one listed (joined, and counted as such), or a
+    /// new one listed now.
+    fn join(&self, key: &K, metrics: &Metrics) -> Arc<Flight> {
+        let mut flights = self.lock();
+        if let Some(flight) = flights.get(key) {
+            metrics.history_reads_coalesced.inc();
+            return flight.clone();
+        }
+        let flight = Arc::new(Flight::default());
+        flights.insert(key.clone(), flight.clone());
+        flight
+    }
+
+    /// Takes `flight` out of the map (if it is still there).
+    fn unlist(&self, key: &K, flight: &Arc<Flight>) {
+        let mut flights = self.lock();
+        if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(key);
+        }
+    }
+
+    /// Takes `flight` out of the map when the guard is dropped, whichever way
+    /// its read's future ends.
+    fn unlisted_on_drop<'a>(&'a self, key: &'a K, flight: &'a Arc<Flight>) -> Unlist<'a, K> {
+        Unlist {
+            flights: self,
+            key,
+            flight,
+        }
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// See [`Flights::unlisted_on_drop`].
+struct Unlist<'a, K: std::hash::Hash + Eq + Clone> {
+    flights: &'a Flights<K>,
+    key: &'a K,
     flight: &'a Arc<Flight>,
 }
 
-impl Drop for Seal<'_> {
+impl<K: std::hash::Hash + Eq + Clone> Drop for Unlist<'_, K> {
     fn drop(&mut self) {
-        self.reads.seal(self.key, self.flight);
+        self.flights.unlist(self.key, self.flight);
     }
 }
 
@@ -418,7 +401,7 @@ mod tests {
         // A read sent is not joined: the next one reads again.
         read(&reads, 7).await.unwrap().unwrap();
         assert_eq!(runs.load(Ordering::SeqCst), 3);
-        assert!(reads.flights().is_empty(), "nothing kept");
+        assert!(reads.flights.is_empty(), "nothing kept");
     }
 
     #[tokio::test]
@@ -465,7 +448,7 @@ mod tests {
         }
         assert!(other.await.unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 2, "one read per channel");
-        assert!(lock(&reads.fills).is_empty(), "nothing kept");
+        assert!(reads.fills.is_empty(), "nothing kept");
     }
 
     #[tokio::test]
@@ -554,7 +537,7 @@ mod tests {
         drop(held);
         assert_eq!(second.await.unwrap().unwrap().top.offset, 47);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
-        assert!(reads.flights().is_empty(), "nothing kept");
+        assert!(reads.flights.is_empty(), "nothing kept");
 
         // Refused for want of a slot: every client waiting for it hears so.
         let reads = Arc::new(HistoryReads::new(1, 64, Duration::from_millis(50), metrics));
@@ -566,6 +549,6 @@ mod tests {
             matches!(refused, Err(BrokerError::Unavailable(_))),
             "{refused:?}"
         );
-        assert!(reads.flights().is_empty(), "nothing kept");
+        assert!(reads.flights.is_empty(), "nothing kept");
     }
 }
