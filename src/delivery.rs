@@ -67,20 +67,22 @@ impl Delivery {
 
     /// Builds the frame of one publication (once for this node) and hands it to the
     /// local subscribers of `channel`, inside a delivery span when the publication
-    /// is traced. Never waits. Returns how many subscribers got it queued.
-    pub fn deliver(&self, channel: &str, publication: &Publication) -> usize {
+    /// is traced. Never waits. Returns the frame, for the node's cache of recent
+    /// history to keep (a replay from it sends these bytes again).
+    pub fn deliver(&self, channel: &str, publication: &Publication) -> Frame {
+        let mut built = None;
         let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
-            let frame = frame(channel, publication).shared();
+            let frame = built.insert(frame(channel, publication).shared());
             let delivered = self
                 .registry
-                .fanout(channel, &frame, publication.position.as_ref());
+                .fanout(channel, frame, publication.position.as_ref());
             self.metrics
                 .bytes_sent
                 .inc_by((delivered * frame.len()) as u64);
             delivered
         });
         self.metrics.messages_delivered.inc_by(delivered as u64);
-        delivered
+        built.unwrap_or_else(|| frame(channel, publication).shared())
     }
 
     /// Tells the local subscribers of `channel` that publications up to `position`

@@ -34,7 +34,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grants;
-use crate::broker::recent::{self, Answer};
+use crate::broker::recent::{self, Answer, Tail};
 use crate::broker::{Broker, BrokerError, History, HistoryRequest, PresenceEntry};
 use crate::client::{ClientHandle, ConnId};
 use crate::config::{ChannelOptions, Config};
@@ -115,8 +115,8 @@ pub(crate) struct Subscribed {
     position: Option<Position>,
     /// Whether the client's `since` was recovered, when it gave one.
     recovered: Option<bool>,
-    /// What the client missed, oldest first (only when recovered).
-    replay: Vec<Publication>,
+    /// The frames of what the client missed, oldest first (only when recovered).
+    replay: Vec<Frame>,
 }
 
 impl Subscribed {
@@ -411,26 +411,26 @@ impl Hub {
         if !self.config.channel_options(channel).has_history() {
             return Ok(subscribed);
         }
-        let history = match &since {
+        let top = match &since {
             // A position alone is a few bytes: it waits for no slot.
             None => {
                 let request = HistoryRequest::position();
                 let read = || self.broker.history(channel, request.clone());
-                self.reads.read(channel, &request, false, read).await?
+                self.reads.read(channel, &request, false, read).await?.top
             }
-            Some(since) => self.recovery_read(channel, since, budget).await?,
+            Some(since) => {
+                let (top, replay) = self.recovery_read(channel, since, budget).await?;
+                self.metrics.recovery(if replay.is_some() {
+                    "recovered"
+                } else {
+                    "not_recovered"
+                });
+                subscribed.recovered = Some(replay.is_some());
+                subscribed.replay = replay.unwrap_or_default();
+                top
+            }
         };
-        if let Some(since) = since {
-            let replay = recover(&since, &history);
-            self.metrics.recovery(if replay.is_some() {
-                "recovered"
-            } else {
-                "not_recovered"
-            });
-            subscribed.recovered = Some(replay.is_some());
-            subscribed.replay = replay.unwrap_or_default();
-        }
-        subscribed.position = Some(history.top);
+        subscribed.position = Some(top);
         Ok(subscribed)
     }
 
@@ -465,7 +465,9 @@ impl Hub {
     }
 
     /// Reads what a client recovering `channel` from `since` missed (all or
-    /// nothing, at most `--max-recovery` messages and `budget` bytes). The client is
+    /// nothing, at most `--max-recovery` messages and `budget` bytes): the channel's
+    /// position, and the frames of what the client missed if it can be recovered
+    /// (`None`: `recovered:false`). The client is
     /// held back on the channel already (step 2), so it may be answered from
     /// anything read after that: the node's cache, a read of the tail that another
     /// recovery of the channel is still waiting for, or a read of its own (see
@@ -475,7 +477,7 @@ impl Hub {
         channel: &str,
         since: &Since,
         budget: usize,
-    ) -> Result<History, BrokerError> {
+    ) -> Result<(Position, Option<Vec<Frame>>), BrokerError> {
         let limit = self.config.history.max_recovery;
         let from = Position {
             epoch: since.epoch.clone(),
@@ -483,14 +485,11 @@ impl Hub {
         };
         let from_cache = || {
             let run = self.broker.cached(channel, &from)?;
-            match recent::answer(&from, &run, limit, budget) {
-                Answer::Recovered(history) | Answer::Lost(history) => Some(history),
-                Answer::Unknown => None,
-            }
+            answered(recent::answer(&from, &run, limit, budget))
         };
-        if let Some(history) = from_cache() {
+        if let Some(answer) = from_cache() {
             self.metrics.history_cache_hits.inc();
-            return Ok(history);
+            return Ok(answer);
         }
         if let Some(share) = self.broker.caches(channel, &from) {
             // The newest messages a recovery could replay that the cache would
@@ -515,8 +514,10 @@ impl Hub {
                     self.metrics.history_cache_hits.inc();
                     return Ok(run);
                 }
-                let run = self.broker.history(channel, tail.clone()).await?;
+                let read = self.broker.history(channel, tail.clone()).await?;
                 self.metrics.history_cache_fills.inc();
+                // Framed once, for the cache and for every client it answers.
+                let run = Tail::read(channel, &read);
                 self.broker.backfill(channel, &run);
                 Ok(run)
             };
@@ -524,24 +525,24 @@ impl Hub {
                 // Read after this client was held back: its answer stands.
                 Fill::Led(run) => {
                     let run = run?;
-                    match recent::answer(&from, &run, limit, budget) {
-                        Answer::Recovered(history) | Answer::Lost(history) => return Ok(history),
-                        Answer::Unknown if !run.truncated => {
-                            return Ok(History {
-                                publications: Vec::new(),
-                                ..run
-                            });
-                        }
-                        // Cut short by the bytes the cache keeps: its own read.
-                        Answer::Unknown => {}
+                    let truncated = run.truncated;
+                    let top = run.top.clone();
+                    if let Some(answer) = answered(recent::answer(&from, &run, limit, budget)) {
+                        return Ok(answer);
                     }
+                    // Not from the tail, which holds every message Redis keeps
+                    // that a recovery may replay: not recoverable.
+                    if !truncated {
+                        return Ok((top, None));
+                    }
+                    // Cut short by the bytes the cache keeps: its own read.
                 }
                 // Maybe read before: the cache it filled answers, or a read of
                 // this client's own range.
                 Fill::Joined => {
-                    if let Some(history) = from_cache() {
+                    if let Some(answer) = from_cache() {
                         self.metrics.history_cache_hits.inc();
-                        return Ok(history);
+                        return Ok(answer);
                     }
                 }
             }
@@ -554,7 +555,14 @@ impl Hub {
             max_bytes: Some(budget),
         };
         let read = || self.broker.history(channel, request.clone());
-        self.reads.read(channel, &request, true, read).await
+        let history = self.reads.read(channel, &request, true, read).await?;
+        let replay = recover(since, &history).map(|publications| {
+            publications
+                .iter()
+                .map(|p| delivery::frame(channel, p))
+                .collect()
+        });
+        Ok((history.top, replay))
     }
 
     /// Step 4: queues what the client missed, then `ack` (if any), then the
@@ -566,11 +574,7 @@ impl Hub {
         subscribed: Subscribed,
         ack: Option<Frame>,
     ) {
-        let mut frames: Vec<Frame> = subscribed
-            .replay
-            .iter()
-            .map(|p| delivery::frame(&subscribed.channel, p))
-            .collect();
+        let mut frames = subscribed.replay;
         let replayed = frames.len();
         let bytes: usize =
             frames.iter().map(|f| f.len()).sum::<usize>() + ack.as_ref().map_or(0, |a| a.len());
@@ -753,9 +757,20 @@ impl Hub {
     }
 }
 
+/// A recovery's answer from a run (the node's cache, or a read of the channel's
+/// tail): the channel's position and the frames of what the client missed, if
+/// recoverable; `None` when only Redis can say.
+fn answered(answer: Answer) -> Option<(Position, Option<Vec<Frame>>)> {
+    match answer {
+        Answer::Recovered(tail) => Some((tail.top.clone(), Some(tail.frames()))),
+        Answer::Lost(tail) => Some((tail.top, None)),
+        Answer::Unknown => None,
+    }
+}
+
 /// What a client that saw `since` missed, if the history holds all of it and it
 /// fit the read's bound in bytes: all or nothing, never part.
-fn recover(since: &Since, history: &History) -> Option<Vec<Publication>> {
+fn recover<'a>(since: &Since, history: &'a History) -> Option<&'a [Publication]> {
     let top = &history.top;
     if since.epoch != top.epoch || since.offset > top.offset || history.truncated {
         return None;
@@ -767,7 +782,7 @@ fn recover(since: &Since, history: &History) -> Option<Vec<Publication>> {
             .iter()
             .zip(since.offset + 1..)
             .all(|(p, expected)| p.offset() == Some(expected));
-    complete.then(|| history.publications.clone())
+    complete.then_some(history.publications.as_slice())
 }
 
 #[cfg(test)]

@@ -42,17 +42,18 @@ use std::time::Duration;
 
 use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 
+use crate::broker::recent::Tail;
 use crate::broker::{BrokerError, History, HistoryRequest};
 use crate::metrics::Metrics;
 
 /// A read and the clients waiting for it.
 type Key = (String, HistoryRequest);
 
-/// One read that clients of this node wait for; joinable while it is in
-/// [`HistoryReads::flights`].
-#[derive(Debug, Default)]
-struct Flight {
-    answer: OnceCell<Result<History, BrokerError>>,
+/// One read that clients of this node wait for, answering a `T`; joinable while
+/// it is listed in its [`Flights`].
+#[derive(Debug)]
+struct Flight<T> {
+    answer: OnceCell<Result<T, BrokerError>>,
 }
 
 /// The node's history-read slots.
@@ -67,11 +68,11 @@ pub(crate) struct HistoryReads {
     /// The reads not sent yet, which an identical read joins. Bounded by the
     /// reads waiting (each leaves when it is sent, or when its last client gives
     /// up).
-    flights: Flights<Key>,
+    flights: Flights<Key, History>,
     /// The fills of channels' caches in progress, which recoveries of the same
     /// channel wait for. One entry per channel being filled (it leaves when its
     /// read ends, or when its last client gave up).
-    fills: Flights<String>,
+    fills: Flights<String, Tail>,
     /// Recoveries' turns (`--max-recoveries`).
     turns: Semaphore,
 }
@@ -93,7 +94,7 @@ impl Drop for Turn<'_> {
 #[derive(Debug)]
 pub(crate) enum Fill {
     /// This client ran the read (read after it was held back): its answer.
-    Led(Result<History, BrokerError>),
+    Led(Result<Tail, BrokerError>),
     /// Another client's read ended (it may have been read before this client was
     /// held back: ask the cache again).
     Joined,
@@ -156,7 +157,7 @@ impl HistoryReads {
     pub(crate) async fn fill<F, Fut>(&self, channel: &str, read: F) -> Fill
     where
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<History, BrokerError>>,
+        Fut: Future<Output = Result<Tail, BrokerError>>,
     {
         let key = channel.to_owned();
         let flight = self.fills.join(&key, &self.metrics);
@@ -264,35 +265,37 @@ impl Drop for Waiting<'_> {
 /// Reads that clients may still join, by key: each entry leaves when its read is
 /// sent (or ends), so the map holds one entry per distinct read waiting.
 #[derive(Debug)]
-struct Flights<K>(Mutex<HashMap<K, Arc<Flight>>>);
+struct Flights<K, T>(Mutex<HashMap<K, Arc<Flight<T>>>>);
 
-impl<K> Default for Flights<K> {
+impl<K, T> Default for Flights<K, T> {
     fn default() -> Self {
         Flights(Mutex::new(HashMap::new()))
     }
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Flights<K> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Flight>>> {
+impl<K: std::hash::Hash + Eq + Clone, T> Flights<K, T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Flight<T>>>> {
         // Inserts and removes only: a panic elsewhere cannot leave it torn.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The flight of `key`: the one listed (joined, and counted as such), or a
     /// new one listed now.
-    fn join(&self, key: &K, metrics: &Metrics) -> Arc<Flight> {
+    fn join(&self, key: &K, metrics: &Metrics) -> Arc<Flight<T>> {
         let mut flights = self.lock();
         if let Some(flight) = flights.get(key) {
             metrics.history_reads_coalesced.inc();
             return flight.clone();
         }
-        let flight = Arc::new(Flight::default());
+        let flight = Arc::new(Flight {
+            answer: OnceCell::new(),
+        });
         flights.insert(key.clone(), flight.clone());
         flight
     }
 
     /// Takes `flight` out of the map (if it is still there).
-    fn unlist(&self, key: &K, flight: &Arc<Flight>) {
+    fn unlist(&self, key: &K, flight: &Arc<Flight<T>>) {
         let mut flights = self.lock();
         if flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             flights.remove(key);
@@ -301,7 +304,11 @@ impl<K: std::hash::Hash + Eq + Clone> Flights<K> {
 
     /// Takes `flight` out of the map when the guard is dropped, whichever way
     /// its read's future ends.
-    fn unlisted_on_drop<'a>(&'a self, key: &'a K, flight: &'a Arc<Flight>) -> Unlist<'a, K> {
+    fn unlisted_on_drop<'a>(
+        &'a self,
+        key: &'a K,
+        flight: &'a Arc<Flight<T>>,
+    ) -> Unlist<'a, K, T> {
         Unlist {
             flights: self,
             key,
@@ -316,13 +323,13 @@ impl<K: std::hash::Hash + Eq + Clone> Flights<K> {
 }
 
 /// See [`Flights::unlisted_on_drop`].
-struct Unlist<'a, K: std::hash::Hash + Eq + Clone> {
-    flights: &'a Flights<K>,
+struct Unlist<'a, K: std::hash::Hash + Eq + Clone, T> {
+    flights: &'a Flights<K, T>,
     key: &'a K,
-    flight: &'a Arc<Flight>,
+    flight: &'a Arc<Flight<T>>,
 }
 
-impl<K: std::hash::Hash + Eq + Clone> Drop for Unlist<'_, K> {
+impl<K: std::hash::Hash + Eq + Clone, T> Drop for Unlist<'_, K, T> {
     fn drop(&mut self) {
         self.flights.unlist(self.key, self.flight);
     }
@@ -423,7 +430,7 @@ mod tests {
                         runs.fetch_add(1, Ordering::SeqCst);
                         // On its way to Redis: slots are free, others still wait.
                         let _go = release.acquire().await;
-                        Ok(answer(47))
+                        Ok(Tail::read("ch", &answer(47)))
                     })
                     .await;
                 matches!(filled, Fill::Led(Ok(_)))

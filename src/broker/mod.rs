@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::{Announcement, NodeInfo, Sample};
 use crate::config::{ChannelOptions, Config, Topology};
 use crate::delivery::Delivery;
+use recent::Tail;
 use crate::publication::{Epoch, Position, Publication};
 
 /// Why a broker operation failed. `Timeout` and `Unavailable` mean "the request had
@@ -229,7 +230,7 @@ impl Broker {
     /// node keeps in memory, which ends at the last one it delivered (the Redis
     /// broker's cache, `recent`; the in-process broker's history is in memory
     /// already and needs none).
-    pub fn cached(&self, channel: &str, since: &Position) -> Option<History> {
+    pub(crate) fn cached(&self, channel: &str, since: &Position) -> Option<Tail> {
         match self {
             Broker::Memory(_) => None,
             Broker::Redis(b) => b.cached(channel, since),
@@ -248,7 +249,7 @@ impl Broker {
     }
 
     /// Gives the cache of `channel` what a read of it returned.
-    pub fn backfill(&self, channel: &str, history: &History) {
+    pub(crate) fn backfill(&self, channel: &str, history: &Tail) {
         if let Broker::Redis(b) = self {
             b.backfill(channel, history);
         }

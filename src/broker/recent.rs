@@ -11,6 +11,13 @@
 //! back after a failover) starts a new run: a run never has a hole, so whatever
 //! range it covers, it covers every offset of.
 //!
+//! A run keeps the frames the node built for its publications when it delivered
+//! them (see `delivery`), not the publications: a replay from it clones those
+//! frames, one reference count each, instead of encoding every message again for
+//! every recovering client (in a reconnect storm, 15 million messages: most of a
+//! node's CPU, in the allocator). It also keeps, per message, what answering needs:
+//! the offset, when it was published, and its size as stored in Redis.
+//!
 //! Why answering from it is exact: the client is subscribed (held back) before the
 //! run is read, and the node delivers every later publication of the channel in
 //! offset order (the tracker's guarantee); so the client gets the run's part it
@@ -32,6 +39,7 @@ use std::time::Duration;
 
 use crate::broker::{History, READ_OVERHEAD};
 use crate::envelope;
+use crate::frame::Frame;
 use crate::metrics::Metrics;
 use crate::publication::{Position, Publication};
 
@@ -110,16 +118,92 @@ impl std::fmt::Debug for Retention {
     }
 }
 
-/// What one cached publication holds in memory: the struct and the bytes it
-/// points to (about its stored size).
-fn cost(publication: &Publication) -> usize {
-    std::mem::size_of::<Publication>() + envelope::encoded_len(publication)
+/// One publication of a run: the frame its subscribers got, shared.
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    frame: Frame,
+    /// Its offset (the frame carries its position, epoch included).
+    offset: u64,
+    /// When the origin node accepted it (see `Publication::published_at_us`).
+    published_at_us: u64,
+    /// Its size as Redis stores it: what a read of it counts against its bytes.
+    stored: usize,
+}
+
+impl Entry {
+    /// The entry of `publication` of `channel` (of a channel with history), with
+    /// the frame the node delivered for it.
+    pub(crate) fn new(publication: &Publication, frame: Frame) -> Option<Entry> {
+        Some(Entry {
+            offset: publication.offset()?,
+            published_at_us: publication.published_at_us,
+            stored: envelope::encoded_len(publication),
+            frame,
+        })
+    }
+
+    /// The entry of a publication read from Redis: its frame is built here, once,
+    /// for every client it is replayed to.
+    pub(crate) fn read(channel: &str, publication: &Publication) -> Option<Entry> {
+        Entry::new(
+            publication,
+            crate::delivery::frame(channel, publication).shared(),
+        )
+    }
+
+    fn position(&self) -> Option<&Position> {
+        self.frame.positions().first().map(|(_, p)| p)
+    }
+
+    /// What it holds in memory: the entry and the frame's bytes.
+    fn cost(&self) -> usize {
+        std::mem::size_of::<Entry>() + self.frame.len()
+    }
+}
+
+/// Consecutive publications of one epoch ending at `top`, as a run or a read of
+/// a channel's tail gives them: what [`answer`] answers from.
+#[derive(Debug, Clone)]
+pub(crate) struct Tail {
+    /// The channel's position: the last publication's, when there is one.
+    pub(crate) top: Position,
+    /// Oldest first. A read from Redis may have holes (entries the node could not
+    /// decode); a run has none.
+    pub(crate) entries: Vec<Entry>,
+    /// A read left publications out: they did not fit its bytes.
+    pub(crate) truncated: bool,
+}
+
+impl Tail {
+    /// A read of `channel`'s history, with a frame built for each publication.
+    pub(crate) fn read(channel: &str, history: &History) -> Tail {
+        Tail {
+            top: history.top.clone(),
+            entries: history
+                .publications
+                .iter()
+                .filter_map(|p| Entry::read(channel, p))
+                .collect(),
+            truncated: history.truncated,
+        }
+    }
+
+    /// The frames, oldest first.
+    pub(crate) fn frames(self) -> Vec<Frame> {
+        self.entries.into_iter().map(|e| e.frame).collect()
+    }
+
+    /// The offsets, oldest first.
+    #[cfg(test)]
+    pub(crate) fn offsets(&self) -> Vec<u64> {
+        self.entries.iter().map(|e| e.offset).collect()
+    }
 }
 
 /// One channel's run of recent publications: one epoch, consecutive offsets.
 #[derive(Debug)]
 pub(crate) struct Recent {
-    run: VecDeque<Publication>,
+    run: VecDeque<Entry>,
     /// What `run` costs (see [`cost`]), taken from the budget.
     bytes: usize,
     /// Most publications kept: `--max-recovery` and the channel's `history-size`.
@@ -150,7 +234,7 @@ impl Recent {
 
     /// Whether `later`'s publication comes so long after `earlier`'s that the
     /// stream may have expired in between. An unknown time (0) is taken as fresh.
-    fn outlived(&self, earlier: &Publication, later_us: u64) -> bool {
+    fn outlived(&self, earlier: &Entry, later_us: u64) -> bool {
         let keep = self.ttl.saturating_sub(EXPIRY_MARGIN).as_micros() as u64;
         earlier.published_at_us != 0 && later_us.saturating_sub(earlier.published_at_us) >= keep
     }
@@ -164,17 +248,18 @@ impl Recent {
 
     /// The position of the run's last publication.
     fn last(&self) -> Option<&Position> {
-        self.run.back().and_then(|p| p.position.as_ref())
+        self.run.back().and_then(Entry::position)
     }
 
     /// The offset of the run's first publication.
     fn first_offset(&self) -> Option<u64> {
-        self.run.front().and_then(Publication::offset)
+        self.run.front().map(|e| e.offset)
     }
 
-    /// Appends a publication the node just delivered. One that does not follow the
-    /// run (another epoch, not the next offset) starts a new one.
-    pub(crate) fn push(&mut self, publication: &Publication) {
+    /// Appends a publication the node just delivered, with the frame it delivered.
+    /// One that does not follow the run (another epoch, not the next offset) starts
+    /// a new one.
+    pub(crate) fn push(&mut self, publication: &Publication, frame: &Frame) {
         if !self.budget.enabled() {
             return;
         }
@@ -193,7 +278,10 @@ impl Recent {
             // meta lives on, so the offsets go on without the older messages).
             self.clear();
         }
-        let cost = cost(publication);
+        let Some(entry) = Entry::new(publication, frame.clone()) else {
+            return;
+        };
+        let cost = entry.cost();
         let share = self.budget.share();
         while !self.run.is_empty() && (self.run.len() >= self.max_len || self.bytes + cost > share)
         {
@@ -205,7 +293,7 @@ impl Recent {
         while self.max_len > 0 && cost <= share {
             if self.budget.try_take(cost) {
                 self.bytes += cost;
-                self.run.push_back(publication.clone());
+                self.run.push_back(entry);
                 return;
             }
             if self.run.is_empty() {
@@ -220,7 +308,7 @@ impl Recent {
     /// it (same epoch), or, when the run is empty, at the offset `last` the node
     /// delivered last. An answer that does not meet the run (the run moved on to
     /// another epoch, or past a gap) is left out. Keeps the newest that fit.
-    pub(crate) fn backfill(&mut self, history: &History, last: &Position) {
+    pub(crate) fn backfill(&mut self, history: &Tail, last: &Position) {
         if !self.budget.enabled() {
             return;
         }
@@ -236,15 +324,15 @@ impl Recent {
         }
         // The newest part without a hole (Redis may hold an entry the node could
         // not decode).
-        let whole = history.publications.len() - holes_from_the_end(&history.publications, top);
-        let newest = &history.publications[history.publications.len() - whole..];
+        let whole = history.entries.len() - holes_from_the_end(&history.entries, top);
+        let newest = &history.entries[history.entries.len() - whole..];
         let before = self.first_offset().unwrap_or(u64::MAX);
         let share = self.budget.share();
-        for publication in newest.iter().rev() {
-            if publication.offset().is_none_or(|o| o >= before) {
+        for entry in newest.iter().rev() {
+            if entry.offset >= before {
                 continue;
             }
-            let cost = cost(publication);
+            let cost = entry.cost();
             if self.run.len() >= self.max_len
                 || self.bytes + cost > share
                 || !self.budget.try_take(cost)
@@ -252,7 +340,7 @@ impl Recent {
                 break;
             }
             self.bytes += cost;
-            self.run.push_front(publication.clone());
+            self.run.push_front(entry.clone());
         }
     }
 
@@ -261,11 +349,11 @@ impl Recent {
     /// delivered, `top`. None of them when the run does not reach back to `after`,
     /// is empty or expired (see [`answer`]: that answers "nothing missed", or
     /// "more missed than a recovery replays"; the rest is for Redis to say).
-    pub(crate) fn read(&self, top: &Position, after: u64) -> Option<History> {
+    pub(crate) fn read(&self, top: &Position, after: u64) -> Option<Tail> {
         let nothing = || {
-            Some(History {
+            Some(Tail {
                 top: top.clone(),
-                publications: Vec::new(),
+                entries: Vec::new(),
                 truncated: false,
             })
         };
@@ -276,7 +364,7 @@ impl Recent {
             return None;
         }
         let first = self.first_offset()?;
-        let publications = if after < top.offset && after + 1 >= first {
+        let entries = if after < top.offset && after + 1 >= first {
             self.run
                 .range((after + 1 - first) as usize..)
                 .cloned()
@@ -284,9 +372,9 @@ impl Recent {
         } else {
             Vec::new()
         };
-        Some(History {
+        Some(Tail {
             top: top.clone(),
-            publications,
+            entries,
             truncated: false,
         })
     }
@@ -317,8 +405,8 @@ impl Recent {
     }
 
     fn pop_front(&mut self) {
-        if let Some(p) = self.run.pop_front() {
-            let cost = cost(&p);
+        if let Some(e) = self.run.pop_front() {
+            let cost = e.cost();
             self.bytes -= cost;
             self.budget.give_back(cost);
         }
@@ -332,20 +420,18 @@ impl Drop for Recent {
     }
 }
 
-/// How many of `publications`, from the newest, have consecutive offsets of
-/// `top`'s epoch ending at it; the rest is returned as `len - that`.
-fn holes_from_the_end(publications: &[Publication], top: &Position) -> usize {
-    let whole = publications
+/// How many of `entries`, from the newest, have consecutive offsets of `top`'s
+/// epoch ending at it; the rest is returned as `len - that`.
+fn holes_from_the_end(entries: &[Entry], top: &Position) -> usize {
+    let whole = entries
         .iter()
         .rev()
         .zip((0..=top.offset).rev())
-        .take_while(|(p, expected)| {
-            p.position
-                .as_ref()
-                .is_some_and(|q| q.epoch == top.epoch && q.offset == *expected)
+        .take_while(|(e, expected)| {
+            e.offset == *expected && e.position().is_some_and(|q| q.epoch == top.epoch)
         })
         .count();
-    publications.len() - whole
+    entries.len() - whole
 }
 
 /// How a recovery from `since` is answered by a run of publications ending at
@@ -353,10 +439,10 @@ fn holes_from_the_end(publications: &[Publication], top: &Position) -> usize {
 #[derive(Debug)]
 pub(crate) enum Answer {
     /// Everything after `since` (maybe nothing), within the read's bounds.
-    Recovered(History),
+    Recovered(Tail),
     /// Not recoverable, whatever Redis holds: more than `limit` publications
     /// follow `since`, or they need more than the read's bytes. The position stands.
-    Lost(History),
+    Lost(Tail),
     /// The run does not reach back to `since` (or is of another epoch, or behind
     /// it): only Redis can say.
     Unknown,
@@ -366,41 +452,38 @@ pub(crate) enum Answer {
 /// `limit`, at most `max_bytes` counted as a client read counts them) from a run of
 /// consecutive publications ending at `run.top` — as the history script would
 /// answer it from the stream.
-pub(crate) fn answer(since: &Position, run: &History, limit: usize, max_bytes: usize) -> Answer {
+pub(crate) fn answer(since: &Position, run: &Tail, limit: usize, max_bytes: usize) -> Answer {
     let top = &run.top;
     // A tail read cut short by its bytes still ends at `top` without a hole.
     if since.epoch != top.epoch || since.offset > top.offset {
         return Answer::Unknown;
     }
-    let nothing = || History {
+    let nothing = || Tail {
         top: top.clone(),
-        publications: Vec::new(),
+        entries: Vec::new(),
         truncated: false,
     };
     let missed = top.offset - since.offset;
     if missed > limit as u64 {
         return Answer::Lost(nothing());
     }
-    if missed > run.publications.len() as u64 {
+    if missed > run.entries.len() as u64 {
         return Answer::Unknown;
     }
-    let replay = &run.publications[run.publications.len() - missed as usize..];
+    let replay = &run.entries[run.entries.len() - missed as usize..];
     if holes_from_the_end(replay, top) > 0 {
         return Answer::Unknown;
     }
-    let bytes: usize = replay
-        .iter()
-        .map(|p| envelope::encoded_len(p) + READ_OVERHEAD)
-        .sum();
+    let bytes: usize = replay.iter().map(|e| e.stored + READ_OVERHEAD).sum();
     if bytes > max_bytes {
-        return Answer::Lost(History {
+        return Answer::Lost(Tail {
             truncated: true,
             ..nothing()
         });
     }
-    Answer::Recovered(History {
+    Answer::Recovered(Tail {
         top: top.clone(),
-        publications: replay.to_vec(),
+        entries: replay.to_vec(),
         truncated: false,
     })
 }
@@ -445,18 +528,18 @@ mod tests {
         let b = budget(1 << 20);
         let mut r = Recent::new(b.clone(), 1000, TTL);
         for o in 1..=3 {
-            r.push(&published("e", o, Duration::from_secs(400)));
+            r.add(&published("e", o, Duration::from_secs(400)));
         }
         // Redis let the stream expire: only "nothing missed" is answered.
-        assert!(r.read(&pos("e", 3), 3).unwrap().publications.is_empty());
-        assert!(r.read(&pos("e", 3), 1).unwrap().publications.is_empty());
+        assert!(r.read(&pos("e", 3), 3).unwrap().entries.is_empty());
+        assert!(r.read(&pos("e", 3), 1).unwrap().entries.is_empty());
         // A publication after the stream expired starts a run of its own (the
         // offsets go on, the older messages are gone).
-        r.push(&publication("e", 4));
+        r.add(&publication("e", 4));
         assert_eq!(offsets(&r.whole(&pos("e", 4)).unwrap()), [4]);
         // The position check's round gives an expired run up.
         let mut old = Recent::new(b.clone(), 1000, TTL);
-        old.push(&published("e", 1, Duration::from_secs(400)));
+        old.add(&published("e", 1, Duration::from_secs(400)));
         old.trim();
         assert_eq!(old.bytes, 0);
     }
@@ -467,7 +550,7 @@ mod tests {
         let r = Recent::new(b, 1000, TTL);
         let run = r.read(&pos("e", 40), 40).unwrap();
         assert!(
-            matches!(answer(&pos("e", 40), &run, 100, 1 << 20), Answer::Recovered(h) if h.publications.is_empty())
+            matches!(answer(&pos("e", 40), &run, 100, 1 << 20), Answer::Recovered(h) if h.entries.is_empty())
         );
         let run = r.read(&pos("e", 40), 39).unwrap();
         assert!(matches!(
@@ -485,11 +568,14 @@ mod tests {
         // Redis held an entry the node could not decode: 7 is missing.
         let mut publications: Vec<_> = (5..=10).map(|o| publication("e", o)).collect();
         publications.retain(|p| p.offset() != Some(7));
-        let run = History {
-            top: pos("e", 10),
-            publications,
-            truncated: false,
-        };
+        let run = Tail::read(
+            "c",
+            &History {
+                top: pos("e", 10),
+                publications,
+                truncated: false,
+            },
+        );
         assert!(matches!(
             answer(&pos("e", 8), &run, 100, 1 << 20),
             Answer::Recovered(_)
@@ -505,25 +591,27 @@ mod tests {
         assert_eq!(offsets(&r.whole(&pos("e", 10)).unwrap()), [8, 9, 10]);
     }
 
-    fn offsets(history: &History) -> Vec<u64> {
-        history
-            .publications
-            .iter()
-            .filter_map(Publication::offset)
-            .collect()
+    fn offsets(tail: &Tail) -> Vec<u64> {
+        tail.offsets()
     }
 
     fn run_of(budget: &Arc<Budget>, e: &str, range: std::ops::RangeInclusive<u64>) -> Recent {
         let mut recent = Recent::new(budget.clone(), 1000, TTL);
         for o in range {
-            recent.push(&publication(e, o));
+            recent.add(&publication(e, o));
         }
         recent
     }
 
     impl Recent {
+        /// Appends `publication`, with its frame, as the tracker does after a
+        /// delivery.
+        fn add(&mut self, publication: &Publication) {
+            self.push(publication, &crate::delivery::frame("c", publication));
+        }
+
         /// The whole run, if it ends at `top`.
-        fn whole(&self, top: &Position) -> Option<History> {
+        fn whole(&self, top: &Position) -> Option<Tail> {
             self.read(top, self.first_offset().unwrap_or(1) - 1)
         }
     }
@@ -534,10 +622,10 @@ mod tests {
         let r = run_of(&b, "e", 5..=9);
         assert_eq!(offsets(&r.read(&pos("e", 9), 6).unwrap()), [7, 8, 9]);
         assert_eq!(offsets(&r.read(&pos("e", 9), 4).unwrap()), [5, 6, 7, 8, 9]);
-        assert!(r.read(&pos("e", 9), 9).unwrap().publications.is_empty());
+        assert!(r.read(&pos("e", 9), 9).unwrap().entries.is_empty());
         // Not reaching back to it: nothing (Redis says).
-        assert!(r.read(&pos("e", 9), 3).unwrap().publications.is_empty());
-        assert!(r.read(&pos("e", 9), 12).unwrap().publications.is_empty());
+        assert!(r.read(&pos("e", 9), 3).unwrap().entries.is_empty());
+        assert!(r.read(&pos("e", 9), 12).unwrap().entries.is_empty());
     }
 
     fn budget(max: usize) -> Arc<Budget> {
@@ -550,10 +638,10 @@ mod tests {
         let mut r = run_of(&b, "e", 1..=5);
         assert_eq!(offsets(&r.whole(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
         // A gap: the run starts again.
-        r.push(&publication("e", 8));
+        r.add(&publication("e", 8));
         assert_eq!(offsets(&r.whole(&pos("e", 8)).unwrap()), [8]);
         // A new epoch: again.
-        r.push(&publication("f", 1));
+        r.add(&publication("f", 1));
         assert_eq!(offsets(&r.whole(&pos("f", 1)).unwrap()), [1]);
         // The node delivered further without it (a gap reported): no answer.
         assert!(r.whole(&pos("f", 3)).is_none());
@@ -562,7 +650,7 @@ mod tests {
 
     #[test]
     fn the_budget_bounds_every_run_together() {
-        let one = cost(&publication("e", 10));
+        let one = Entry::read("c", &publication("e", 10)).unwrap().cost();
         let b = budget(10 * one);
         let mut a = run_of(&b, "e", 10..=29);
         assert_eq!(
@@ -572,12 +660,12 @@ mod tests {
         // A second run halves each one's share: while the first holds the whole
         // budget, it keeps nothing; once the first is trimmed, half.
         let mut c = run_of(&b, "e", 10..=29);
-        assert!(c.whole(&pos("e", 29)).unwrap().publications.is_empty());
+        assert!(c.whole(&pos("e", 29)).unwrap().entries.is_empty());
         assert!(b.used.load(Ordering::Relaxed) <= 10 * one);
         a.trim();
-        assert_eq!(a.whole(&pos("e", 29)).unwrap().publications.len(), 5);
+        assert_eq!(a.whole(&pos("e", 29)).unwrap().entries.len(), 5);
         for o in 30..=40 {
-            c.push(&publication("e", o));
+            c.add(&publication("e", o));
         }
         assert_eq!(
             offsets(&c.whole(&pos("e", 40)).unwrap()),
@@ -591,7 +679,7 @@ mod tests {
         // No budget: nothing kept.
         let off = budget(0);
         let none = run_of(&off, "e", 1..=3);
-        assert!(none.whole(&pos("e", 3)).unwrap().publications.is_empty());
+        assert!(none.whole(&pos("e", 3)).unwrap().entries.is_empty());
     }
 
     #[test]
@@ -599,7 +687,7 @@ mod tests {
         let b = budget(1 << 20);
         let mut r = Recent::new(b, 3, TTL);
         for o in 1..=10 {
-            r.push(&publication("e", o));
+            r.add(&publication("e", o));
         }
         assert_eq!(offsets(&r.whole(&pos("e", 10)).unwrap()), [8, 9, 10]);
     }
@@ -607,15 +695,20 @@ mod tests {
     #[test]
     fn a_read_from_redis_is_put_in_front_only_where_it_meets_the_run() {
         let b = budget(1 << 20);
-        let read = |e: &str, range: std::ops::RangeInclusive<u64>| History {
-            top: pos(e, *range.end()),
-            publications: range.map(|o| publication(e, o)).collect(),
-            truncated: false,
+        let read = |e: &str, range: std::ops::RangeInclusive<u64>| {
+            Tail::read(
+                "c",
+                &History {
+                    top: pos(e, *range.end()),
+                    publications: range.map(|o| publication(e, o)).collect(),
+                    truncated: false,
+                },
+            )
         };
         // Empty run: only an answer at the last offset delivered.
         let mut r = Recent::new(b.clone(), 1000, TTL);
         r.backfill(&read("e", 1..=4), &pos("e", 5));
-        assert!(r.whole(&pos("e", 5)).unwrap().publications.is_empty());
+        assert!(r.whole(&pos("e", 5)).unwrap().entries.is_empty());
         r.backfill(&read("e", 1..=5), &pos("e", 5));
         assert_eq!(offsets(&r.whole(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
 
@@ -640,18 +733,21 @@ mod tests {
         r.backfill(&read("f", 1..=7), &pos("e", 9));
         assert_eq!(offsets(&r.whole(&pos("e", 9)).unwrap()), [6, 7, 8, 9]);
         let mut holed = read("e", 1..=7);
-        holed.publications.remove(2);
+        holed.entries.remove(2);
         r.backfill(&holed, &pos("e", 9));
         assert_eq!(offsets(&r.whole(&pos("e", 9)).unwrap()), [4, 5, 6, 7, 8, 9]);
     }
 
     #[test]
     fn answers_are_those_of_the_history_script() {
-        let run = History {
-            top: pos("e", 10),
-            publications: (6..=10).map(|o| publication("e", o)).collect(),
-            truncated: false,
-        };
+        let run = Tail::read(
+            "c",
+            &History {
+                top: pos("e", 10),
+                publications: (6..=10).map(|o| publication("e", o)).collect(),
+                truncated: false,
+            },
+        );
         let recovered = |a: Answer| match a {
             Answer::Recovered(h) => offsets(&h),
             other => panic!("{other:?}"),
@@ -684,7 +780,7 @@ mod tests {
         ));
         // More than the limit: lost whatever Redis holds.
         match answer(&pos("e", 1), &run, 5, 1 << 20) {
-            Answer::Lost(h) => assert!(h.publications.is_empty() && !h.truncated),
+            Answer::Lost(h) => assert!(h.entries.is_empty() && !h.truncated),
             other => panic!("{other:?}"),
         }
         // More bytes than the read may return: lost, truncated.
@@ -694,7 +790,7 @@ mod tests {
             .sum();
         assert_eq!(recovered(answer(&pos("e", 8), &run, 100, two)), [9, 10]);
         match answer(&pos("e", 7), &run, 100, two) {
-            Answer::Lost(h) => assert!(h.publications.is_empty() && h.truncated),
+            Answer::Lost(h) => assert!(h.entries.is_empty() && h.truncated),
             other => panic!("{other:?}"),
         }
     }

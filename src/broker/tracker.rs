@@ -35,8 +35,7 @@ use std::sync::Arc;
 use dashmap::DashMap;
 
 use super::Delivery;
-use super::History;
-use super::recent::{Budget, Recent, Retention};
+use super::recent::{Budget, Recent, Retention, Tail};
 use crate::publication::{Epoch, Position, Publication};
 
 /// A range of offsets the tracker needs read from the channel's history.
@@ -175,14 +174,14 @@ impl Tracker {
     /// to the channel's cache, under the track's lock (a recovery reading the cache
     /// sees it there or the subscriber gets it live, never neither).
     fn deliver(&self, channel: &str, track: &mut Track, publication: &Publication) {
-        self.delivery.deliver(channel, publication);
-        track.recent.push(publication);
+        let frame = self.delivery.deliver(channel, publication);
+        track.recent.push(publication, &frame);
     }
 
     /// The publications after `since` of a channel's cached run, which ends at
     /// the last offset delivered, while the channel is steady (nothing pending
     /// that could move it otherwise than by a delivery) and in `since`'s epoch.
-    pub(super) fn cached(&self, channel: &str, since: &Position) -> Option<History> {
+    pub(super) fn cached(&self, channel: &str, since: &Position) -> Option<Tail> {
         let track = self.tracks.get(channel)?;
         if !track.steady() || track.epoch != since.epoch {
             return None;
@@ -202,7 +201,7 @@ impl Tracker {
 
     /// Puts publications read from Redis in front of the channel's cached run,
     /// where they meet it (see [`Recent::backfill`]).
-    pub(super) fn backfill(&self, channel: &str, history: &History) {
+    pub(super) fn backfill(&self, channel: &str, history: &Tail) {
         if let Some(mut track) = self.tracks.get_mut(channel)
             && track.steady()
         {
@@ -629,11 +628,7 @@ mod tests {
                 epoch: top.epoch.clone(),
                 offset: after,
             };
-            let read = t.cached("c", &since).unwrap();
-            read.publications
-                .iter()
-                .filter_map(|p| p.offset())
-                .collect()
+            t.cached("c", &since).unwrap().offsets()
         };
         let top = top.offset;
         let longest = (0..top)
@@ -675,10 +670,13 @@ mod tests {
     fn a_read_of_the_tail_fills_the_cache_up_to_what_was_delivered() {
         let (t, _q) = setup();
         t.on_resubscribed("c", pos("e", 10));
-        let tail = |range: std::ops::RangeInclusive<u64>| History {
-            top: pos("e", *range.end()),
-            publications: range.map(|o| publication("e", o)).collect(),
-            truncated: false,
+        let tail = |range: std::ops::RangeInclusive<u64>| {
+            let read = crate::broker::History {
+                top: pos("e", *range.end()),
+                publications: range.map(|o| publication("e", o)).collect(),
+                truncated: false,
+            };
+            Tail::read("c", &read)
         };
         // Read before the node delivered 11 and 12: it ends right before the run.
         t.on_live("c", publication("e", 11));

@@ -73,6 +73,7 @@ use super::{BrokerError, Delivery, History, HistoryRequest, every};
 use crate::cluster::{Announcement, NodeInfo, Sample};
 use crate::config::{ChannelOptions, Config};
 use crate::publication::{Position, Publication};
+use crate::broker::recent::Tail;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
 /// reconnect): large enough to resubscribe thousands of channels in a few round
@@ -412,7 +413,7 @@ impl RedisBroker {
 
     /// What follows `since` in the run of `channel`'s recent publications this
     /// node keeps, which ends at the last one it delivered (see `recent`).
-    pub fn cached(&self, channel: &str, since: &Position) -> Option<History> {
+    pub(crate) fn cached(&self, channel: &str, since: &Position) -> Option<Tail> {
         self.inner.tracker.cached(channel, since)
     }
 
@@ -424,7 +425,7 @@ impl RedisBroker {
 
     /// Puts what a read of `channel` returned in front of its cached run, where it
     /// meets it.
-    pub fn backfill(&self, channel: &str, history: &History) {
+    pub(crate) fn backfill(&self, channel: &str, history: &Tail) {
         self.inner.tracker.backfill(channel, history);
     }
 
