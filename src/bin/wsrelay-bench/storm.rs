@@ -295,6 +295,16 @@ pub(crate) async fn run(
         };
         histogram.saturating_record((rtt_ns / 1000).max(1));
     }
+    // The slowest publishes of the storm and when they were sent: whether they
+    // bunch at its start (the connects) or spread over it (the replays).
+    let mut slowest: Vec<(u64, u64)> = latency
+        .samples
+        .iter()
+        .filter(|(sent_ns, _)| *sent_ns >= storm_at)
+        .map(|&(sent_ns, rtt_ns)| (rtt_ns, sent_ns - storm_at))
+        .collect();
+    slowest.sort_unstable_by(|a, b| b.cmp(a));
+    slowest.truncate(3);
 
     stop_residents.cancel();
     let mut resident_msgs = 0;
@@ -426,6 +436,13 @@ pub(crate) async fn run(
             .map(|r| format!(", p99 {r:.1}× baseline"))
             .unwrap_or_default()
     );
+    if !slowest.is_empty() {
+        let list: Vec<String> = slowest
+            .iter()
+            .map(|(rtt, at)| format!("{:.1} ms at +{:.2} s", *rtt as f64 / 1e6, *at as f64 / 1e9))
+            .collect();
+        eprintln!("  slowest in the storm      {}", list.join(", "));
+    }
     if latency.unanswered > 0 || !latency.errors.is_empty() {
         eprintln!(
             "  publishes not acked       {} unanswered, errors: {}",
