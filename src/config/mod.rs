@@ -256,10 +256,11 @@ pub struct LimitsConfig {
     pub write_pacing: Duration,
 
     /// The write pacing while the node is busy (its worker threads working 80% of
-    /// the time or more, until they are back under 50%): a saturated node delivers
-    /// more per CPU-second by writing less often, and its messages are late by then
-    /// anyway. At least `--write-pacing`; equal to it turns the adaptation off.
-    /// Default: twice `--write-pacing` (10 ms).
+    /// the time or more, until they are back under 50% and its deliveries per
+    /// second under 70% of their peak): a saturated node delivers more per
+    /// CPU-second by writing less often, and its messages are late by then anyway.
+    /// At least `--write-pacing`; equal to it turns the adaptation off. Default:
+    /// four times `--write-pacing` (20 ms), at most 1 s.
     #[arg(long, env = "WSRELAY_WRITE_PACING_BUSY", value_parser = parse_duration)]
     pub write_pacing_busy: Option<Duration>,
 
@@ -334,9 +335,16 @@ pub struct LimitsConfig {
 
 impl LimitsConfig {
     /// The write pacing while the node is busy (`--write-pacing-busy`, by default
-    /// twice `--write-pacing`).
+    /// four times `--write-pacing`, at most 1 s). Four: at a million deliveries a
+    /// second on one core, twice (10 ms) still left the node at 0.9–1.0 CPU-s per
+    /// million deliveries with no room to catch up (p99 of 280–440 ms), four
+    /// times at 0.66–0.85 with p99 of 25–58 ms (BENCHMARKS.md).
     pub fn write_pacing_busy(&self) -> Duration {
-        self.write_pacing_busy.unwrap_or(self.write_pacing * 2)
+        self.write_pacing_busy.unwrap_or_else(|| {
+            (self.write_pacing * 4)
+                .min(Duration::from_secs(1))
+                .max(self.write_pacing)
+        })
     }
 }
 
@@ -1375,11 +1383,13 @@ mod tests {
     }
 
     #[test]
-    fn busy_write_pacing_defaults_to_twice_the_pacing_and_is_never_shorter() {
+    fn busy_write_pacing_defaults_to_four_times_the_pacing_and_is_never_shorter() {
         let c = parse(&[]).unwrap();
-        assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(10));
+        assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(20));
         let c = parse(&["--write-pacing", "200ms"]).unwrap();
-        assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(400));
+        assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(800));
+        let c = parse(&["--write-pacing", "400ms"]).unwrap();
+        assert_eq!(c.limits.write_pacing_busy(), Duration::from_secs(1), "at most 1 s");
         let c = parse(&["--write-pacing", "0s"]).unwrap();
         assert_eq!(c.limits.write_pacing_busy(), Duration::ZERO, "off is off");
         let c = parse(&["--write-pacing-busy", "5ms"]).unwrap();

@@ -55,6 +55,13 @@ pub(crate) struct Shape {
     /// Longest wait after publishing for deliveries still in flight.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub(crate) drain: Duration,
+    /// The first part of the publishing left out of the figures: latencies of
+    /// messages sent in it, and the CPU and deliveries until its end. The nodes
+    /// meet the full rate at once (from idle to a million deliveries a second),
+    /// and what they queue meanwhile drains for a while; this measures them
+    /// once that is over. Shorter than the duration.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub(crate) warmup: Duration,
 }
 
 impl Shape {
@@ -116,18 +123,31 @@ pub(crate) async fn run(
 
     let stop = CancellationToken::new();
     let received = Arc::new(AtomicU64::new(0));
+    // Messages sent before this (ns since `epoch`) are the warm-up's: not timed.
+    let timed_from = Arc::new(AtomicU64::new(0));
     let readers: Vec<_> = subscribers
         .into_iter()
-        .map(|ws| tokio::spawn(subscribe(ws, epoch, received.clone(), stop.clone())))
+        .map(|ws| {
+            let (received, timed_from) = (received.clone(), timed_from.clone());
+            tokio::spawn(subscribe(ws, epoch, received, timed_from, stop.clone()))
+        })
         .collect();
 
-    let server_cpu_before = cluster.map(Cluster::cpu_time);
-    let redis_cpu_before = cluster.map(Cluster::redis_cpu_times);
-    let own_cpu_before = procstat::own_cpu_time();
-    let wire_before = wire.load(Ordering::Relaxed);
-    let started = Instant::now();
-    let per_publisher = args.rate as f64 / args.shape.publishers as f64;
     let duration = Duration::from_secs(args.shape.duration);
+    anyhow::ensure!(
+        args.shape.warmup < duration,
+        "--warmup must be shorter than the duration"
+    );
+    let mut server_cpu_before = cluster.map(Cluster::cpu_time);
+    let mut redis_cpu_before = cluster.map(Cluster::redis_cpu_times);
+    let mut own_cpu_before = procstat::own_cpu_time();
+    let mut wire_before = wire.load(Ordering::Relaxed);
+    let started = Instant::now();
+    timed_from.store(
+        (started + args.shape.warmup).duration_since(epoch).as_nanos() as u64,
+        Ordering::Relaxed,
+    );
+    let per_publisher = args.rate as f64 / args.shape.publishers as f64;
     let senders: Vec<_> = publishers
         .into_iter()
         .enumerate()
@@ -145,6 +165,19 @@ pub(crate) async fn run(
             ))
         })
         .collect();
+    // Deliveries before the end of the warm-up, left out of the per-delivery
+    // figures with the CPU spent until then.
+    let mut warm_deliveries = 0;
+    let mut measured_from = started;
+    if !args.shape.warmup.is_zero() {
+        tokio::time::sleep(args.shape.warmup).await;
+        server_cpu_before = cluster.map(Cluster::cpu_time);
+        redis_cpu_before = cluster.map(Cluster::redis_cpu_times);
+        own_cpu_before = procstat::own_cpu_time();
+        wire_before = wire.load(Ordering::Relaxed);
+        warm_deliveries = received.load(Ordering::Relaxed);
+        measured_from = Instant::now();
+    }
     let mut published_per_channel = vec![0u64; args.shape.channels];
     for sender in senders {
         for (k, n) in sender.await??.into_iter().enumerate() {
@@ -166,6 +199,7 @@ pub(crate) async fn run(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let elapsed = started.elapsed();
+    let measured_elapsed = measured_from.elapsed();
     let wire_bytes = wire.load(Ordering::Relaxed) - wire_before;
     let own_cpu = procstat::own_cpu_time() - own_cpu_before;
     let server_cpu = cluster
@@ -196,12 +230,16 @@ pub(crate) async fn run(
     };
     let deliveries_per_s = got as f64 / elapsed.as_secs_f64();
     let q = |p: f64| Duration::from_micros(latency.value_at_quantile(p));
+    // After the warm-up, if any: what the CPU figures were measured over.
+    let measured = got.saturating_sub(warm_deliveries);
+    let measured_publishes =
+        published.saturating_sub((args.rate as f64 * args.shape.warmup.as_secs_f64()) as u64);
     let server_cpu_per_million =
-        server_cpu.map(|cpu| cpu.as_secs_f64() / (got.max(1) as f64 / 1e6));
-    let server_cpu_per_thousand_publishes =
-        server_cpu.map(|cpu| cpu.as_secs_f64() / (published.max(1) as f64 / 1e3));
+        server_cpu.map(|cpu| cpu.as_secs_f64() / (measured.max(1) as f64 / 1e6));
+    let server_cpu_per_thousand_publishes = server_cpu
+        .map(|cpu| cpu.as_secs_f64() / (measured_publishes.max(1) as f64 / 1e3));
 
-    let wire_per_delivery = wire_bytes as f64 / got.max(1) as f64;
+    let wire_per_delivery = wire_bytes as f64 / measured.max(1) as f64;
     eprintln!();
     eprintln!(
         "fanout: {} subscribers, {} publisher(s), {} channel(s), {} msgs/s for {:?}, {} B {:?} payload, compression {}",
@@ -219,6 +257,12 @@ pub(crate) async fn run(
         },
     );
     eprintln!("  connect all subscribers   {}", ms(connect_time));
+    if !args.shape.warmup.is_zero() {
+        eprintln!(
+            "  warm-up                   the first {:?} of publishing left out of latency, CPU and bytes ({warm_deliveries} deliveries)",
+            args.shape.warmup
+        );
+    }
     eprintln!(
         "  published                 {published} in {:.2} s",
         publish_time.as_secs_f64()
@@ -248,7 +292,7 @@ pub(crate) async fn run(
     eprintln!(
         "  load generator CPU        {:.2} s ({:.0}% of one core)",
         own_cpu.as_secs_f64(),
-        100.0 * own_cpu.as_secs_f64() / elapsed.as_secs_f64()
+        100.0 * own_cpu.as_secs_f64() / measured_elapsed.as_secs_f64()
     );
     if let (Some(cpu), Some(per_m), Some(per_k)) = (
         server_cpu,
@@ -263,7 +307,7 @@ pub(crate) async fn run(
     let redis_per_thousand: Option<Vec<f64>> = redis_cpu.as_ref().map(|shards| {
         shards
             .iter()
-            .map(|cpu| cpu.as_secs_f64() * 1e3 / (published.max(1) as f64 / 1e3))
+            .map(|cpu| cpu.as_secs_f64() * 1e3 / (measured_publishes.max(1) as f64 / 1e3))
             .collect()
     });
     if let Some(per_k) = &redis_per_thousand {
@@ -291,6 +335,7 @@ pub(crate) async fn run(
         "channels": args.shape.channels,
         "rate_msgs_per_s": args.rate,
         "duration_s": args.shape.duration,
+        "warmup_s": args.shape.warmup.as_secs_f64(),
         "payload_bytes": args.shape.size,
         "payload": format!("{:?}", args.shape.payload).to_lowercase(),
         "compression": target.compression,
@@ -452,45 +497,90 @@ async fn publish(
     Ok(per_channel)
 }
 
+/// Messages timed with one clock read, at most: processing them takes a few µs.
+const BATCH_CLOCK: u32 = 32;
+
 /// Reads deliveries until `stop`, recording end-to-end latency from the payload's
 /// send timestamp.
+///
+/// The messages one socket read brought are taken together, with one clock read
+/// and one count for all of them: they arrived at the same moment, and at a
+/// million deliveries a second the generator's own cost per message decides
+/// whether it, rather than the nodes, sets the latency it reports.
 async fn subscribe(
     mut ws: Ws,
     epoch: Instant,
     received: Arc<AtomicU64>,
+    timed_from: Arc<AtomicU64>,
     stop: CancellationToken,
 ) -> Seen {
+    use futures_util::FutureExt;
+
     let mut seen = Seen {
         latencies_us: Vec::new(),
         delivered: 0,
     };
     loop {
-        let msg = tokio::select! {
+        let first = tokio::select! {
             _ = stop.cancelled() => break,
             msg = ws.next() => msg,
         };
-        let Some(Ok(Message::Text(text))) = msg else {
+        let mut now = epoch.elapsed().as_nanos() as u64;
+        let before = seen.delivered;
+        let timed_from = timed_from.load(Ordering::Relaxed);
+        let mut next = Some(first);
+        let mut open = true;
+        let mut taken = 0u32;
+        while let Some(msg) = next.take() {
             match msg {
-                Some(Ok(_)) => continue,
-                _ => break,
+                Some(Ok(Message::Text(text))) => seen.record(text.as_str(), now, timed_from),
+                Some(Ok(_)) => {}
+                _ => {
+                    open = false;
+                    break;
+                }
             }
-        };
-        if let Some(sent_at) = timestamp(text.as_str()) {
-            let now = epoch.elapsed().as_nanos() as u64;
-            let us = now.saturating_sub(sent_at) / 1000;
-            seen.latencies_us.push(us.min(u64::from(u32::MAX)) as u32);
-        } else if text.as_str() != wire::UNSAMPLED {
-            continue;
+            // Ready without waiting: read already, or readable at once. The clock
+            // is read again every so often, so that a socket that never runs dry
+            // does not make latencies look shorter than they were.
+            next = ws.next().now_or_never();
+            taken += 1;
+            if taken.is_multiple_of(BATCH_CLOCK) {
+                now = epoch.elapsed().as_nanos() as u64;
+            }
         }
-        seen.delivered += 1;
-        received.fetch_add(1, Ordering::Relaxed);
+        received.fetch_add(seen.delivered - before, Ordering::Relaxed);
+        if !open {
+            break;
+        }
     }
     seen
 }
 
-/// The `t` of a delivered bench payload, without a JSON parse.
+impl Seen {
+    /// Counts one delivered frame (with its latency, when it carries the send
+    /// timestamp and was sent at `timed_from` or later) received at `now`; other
+    /// frames (acks) are not deliveries.
+    fn record(&mut self, text: &str, now: u64, timed_from: u64) {
+        if let Some(sent_at) = timestamp(text) {
+            if sent_at >= timed_from {
+                let us = now.saturating_sub(sent_at) / 1000;
+                self.latencies_us.push(us.min(u64::from(u32::MAX)) as u32);
+            }
+        } else if text != wire::UNSAMPLED {
+            return;
+        }
+        self.delivered += 1;
+    }
+}
+
+/// The `t` of a delivered bench payload, without a JSON parse: the payload is
+/// the frame's first object inside it (`{"op":"msg","ch":"bench-0","data":{"t":..`;
+/// bench channel names hold no brace). A search for one byte, not a substring
+/// search, which would set up a searcher for every message.
 fn timestamp(frame: &str) -> Option<u64> {
-    let rest = &frame[frame.find(r#""data":{"t":"#)? + 12..];
+    let inner = frame.get(1..)?;
+    let rest = inner[inner.find('{')? + 1..].strip_prefix(r#""t":"#)?;
     let end = rest.find(',')?;
     rest[..end].parse().ok()
 }
