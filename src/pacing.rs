@@ -3,22 +3,30 @@
 //! longer one it keeps while the node is busy (`--write-pacing-busy`).
 //!
 //! Every 100 ms the node looks at how much of that time its runtime's worker
-//! threads spent working rather than parked: past 80% it paces at the busy
-//! interval. It goes back to the normal one once the workers are under 50% *and*
-//! the deliveries it queues per second are under 70% of the most it queued while
-//! busy (or the workers are under 20%, whatever the deliveries).
+//! threads spent working rather than parked. Past 80% it steps its interval up,
+//! doubling it, up to the busy one (5, 10, 20 ms by default), one step per look
+//! and none in the look right after a step (that one measured both intervals).
+//! It steps down again once the workers are under 50% *and* the deliveries it
+//! queues per second are under 70% of the most it queued at that step (or the
+//! workers are under 20%, whatever the deliveries).
 //!
-//! Why the deliveries too: the busy interval is what lowers the workers' share,
+//! Why steps: a node that a 10 ms interval brings under 80% stays there and
+//! keeps its latency (at 100k deliveries a second on a shared core: p99 ~12 ms,
+//! against ~25 ms at 20 ms); one that 10 ms leaves saturated (a million
+//! deliveries a second on one core: 0.9–1.0 CPU-s per million, late by hundreds
+//! of ms) goes on to 20 ms (0.64–0.79, p99 26–32 ms; BENCHMARKS.md).
+//!
+//! Why the deliveries too: the longer interval is what lowers the workers' share,
 //! so the share alone cannot say whether the load that made the node busy is
 //! gone. Where the workers do not have a core to themselves (two nodes and Redis
 //! on one core, in BENCHMARKS.md; noisy neighbours), a node paced at 10 ms under
 //! a million deliveries a second measured itself under 50%, went back to 5 ms,
 //! saturated again within 100 ms, and flapped every few hundred milliseconds,
-//! each 5 ms spell leaving a backlog behind: p99 of 100–200 ms instead of ~25 ms.
-//! The deliveries per second do not depend on the interval, so they tell that
-//! the load really went down. They are smoothed over about a second: counted per
-//! 100 ms they swing with every burst the node drains, and a peak taken from a
-//! burst would make the ordinary load look eased.
+//! each 5 ms spell leaving a backlog behind. The deliveries per second do not
+//! depend on the interval, so they tell that the load really went down. They are
+//! smoothed over about a second: counted per 100 ms they swing with every burst
+//! the node drains, and a peak taken from a burst would make the ordinary load
+//! look eased.
 //!
 //! Why: each write costs the kernel about the same whatever its size, and writes
 //! are most of what a delivery costs, so a saturated node delivers more per
@@ -41,36 +49,63 @@ const PERIOD: Duration = Duration::from_millis(100);
 /// Weight of the last period in the smoothed deliveries per second (time
 /// constant ~5 periods).
 const SMOOTHING: f64 = 0.2;
-/// At or past this share of the workers' time spent working, the node is busy.
+/// At or past this share of the workers' time spent working, the node is busy:
+/// a step up.
 const BUSY: f64 = 0.8;
-/// At or below this share, it is not busy any more, if its deliveries also went
-/// down (see [`EASED`]).
+/// At or below this share, a step down, if its deliveries also went down (see
+/// [`EASED`]).
 const CALM: f64 = 0.5;
-/// At or below this share, it is not busy any more, whatever its deliveries.
+/// At or below this share, a step down, whatever its deliveries.
 const IDLE: f64 = 0.2;
-/// A busy node is calm again once its deliveries per second are at or under this
-/// share of the most it made while busy: at the normal interval each delivery
-/// costs ~20% more (BENCHMARKS.md), and the load must fit in that.
+/// A step down once the deliveries per second are at or under this share of the
+/// most made at the current step: at the shorter interval each delivery costs
+/// more (~20% from 10 ms to 5 ms, BENCHMARKS.md), and the load must fit in that.
 const EASED: f64 = 0.7;
+/// Most steps between the normal interval and the busy one.
+const MAX_STEPS: usize = 3;
 
 /// The node's current pacing interval, read by every writer before it waits.
 #[derive(Debug)]
 pub(crate) struct Pacing {
     normal: Duration,
     busy: Duration,
+    /// The intervals, from the normal one up to the busy one, each (but the
+    /// first) twice the one before.
+    ladder: Vec<Duration>,
     /// The current interval in microseconds.
     current_us: AtomicU64,
-    /// While busy: the most deliveries per second seen since it became busy.
-    peak_rate: std::sync::Mutex<f64>,
+    /// What the follower alone changes.
+    state: std::sync::Mutex<Steps>,
+}
+
+/// Where the pacing stands on its ladder.
+#[derive(Debug, Default)]
+struct Steps {
+    /// The current interval's place in the ladder.
+    step: usize,
+    /// The most deliveries per second seen at this step (above the first).
+    peak_rate: f64,
+    /// The interval changed at the last look: the next one measured both.
+    settling: bool,
 }
 
 impl Pacing {
     pub(crate) fn new(normal: Duration, busy: Duration) -> Pacing {
+        // From the busy interval down, halving, while above the normal one.
+        let mut ladder = vec![busy];
+        while ladder.len() < MAX_STEPS && ladder[ladder.len() - 1] / 2 > normal {
+            ladder.push(ladder[ladder.len() - 1] / 2);
+        }
+        if busy > normal {
+            ladder.push(normal);
+        }
+        ladder.reverse();
         Pacing {
             normal,
             busy,
+            ladder,
             current_us: AtomicU64::new(micros(normal)),
-            peak_rate: std::sync::Mutex::new(0.0),
+            state: Default::default(),
         }
     }
 
@@ -83,25 +118,32 @@ impl Pacing {
     /// deliveries per second queued lately (smoothed); returns the interval when
     /// it changed.
     fn judge(&self, working: f64, rate: f64) -> Option<Duration> {
-        let now = self.current();
         // Only the follower's task calls this: the lock is never contended.
-        let mut peak = self.peak_rate.lock().unwrap_or_else(|e| e.into_inner());
-        let busy = now == self.busy && self.busy != self.normal;
-        let next = if working >= BUSY {
-            *peak = if busy { peak.max(rate) } else { rate };
-            self.busy
-        } else if busy {
-            *peak = peak.max(rate);
-            let eased = working <= CALM && rate <= *peak * EASED;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut state.settling) {
+            return None;
+        }
+        let top = self.ladder.len().saturating_sub(1);
+        let step = if working >= BUSY && state.step < top {
+            state.peak_rate = rate;
+            state.step + 1
+        } else if state.step > 0 {
+            state.peak_rate = state.peak_rate.max(rate);
+            let eased = working <= CALM && rate <= state.peak_rate * EASED;
             if eased || working <= IDLE {
-                self.normal
+                // Measured again at the shorter interval.
+                state.peak_rate = rate;
+                state.step - 1
             } else {
-                now
+                state.step
             }
         } else {
-            now
+            state.step
         };
-        (next != now).then(|| {
+        (step != state.step).then(|| {
+            state.step = step;
+            state.settling = true;
+            let next = self.ladder[step];
             self.current_us.store(micros(next), Ordering::Relaxed);
             next
         })
@@ -159,28 +201,55 @@ fn micros(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    fn ms(n: u64) -> Option<Duration> {
+        Some(Duration::from_millis(n))
+    }
+
     #[test]
-    fn busy_past_80_percent_calm_again_at_50_once_the_load_went_down() {
-        let pacing = Pacing::new(Duration::from_millis(5), Duration::from_millis(10));
+    fn the_ladder_doubles_from_the_normal_interval_to_the_busy_one() {
+        let ladder = |normal, busy| {
+            Pacing::new(Duration::from_millis(normal), Duration::from_millis(busy)).ladder
+        };
+        let ms = |v: &[u64]| v.iter().map(|&n| Duration::from_millis(n)).collect::<Vec<_>>();
+        assert_eq!(ladder(5, 20), ms(&[5, 10, 20]));
+        assert_eq!(ladder(5, 10), ms(&[5, 10]));
+        assert_eq!(ladder(5, 12), ms(&[5, 6, 12]));
+        assert_eq!(ladder(5, 5), ms(&[5]), "no adaptation");
+        assert_eq!(ladder(1, 100), ms(&[1, 25, 50, 100]), "at most three steps");
+    }
+
+    #[test]
+    fn steps_up_past_80_percent_and_down_at_50_once_the_load_went_down() {
+        let pacing = Pacing::new(Duration::from_millis(5), Duration::from_millis(20));
         assert_eq!(pacing.current(), Duration::from_millis(5));
         assert_eq!(pacing.judge(0.7, 1e6), None, "between the two: unchanged");
-        assert_eq!(pacing.judge(0.85, 1e6), Some(Duration::from_millis(10)));
-        assert_eq!(pacing.current(), Duration::from_millis(10));
-        assert_eq!(pacing.judge(0.6, 1e6), None, "still busy until calm");
+        assert_eq!(pacing.judge(0.85, 1e6), ms(10));
+        assert_eq!(pacing.judge(0.95, 1e6), None, "the next look measured both");
+        // 10 ms is enough: it stays there.
+        assert_eq!(pacing.judge(0.6, 1e6), None);
+        // Still saturated at 10 ms: 20 ms.
+        assert_eq!(pacing.judge(0.9, 1e6), ms(20));
+        assert_eq!(pacing.judge(0.45, 1e6), None, "settling");
         // The longer interval made the same load cheaper: not calm yet.
         assert_eq!(pacing.judge(0.45, 1e6), None, "the load is the same");
         assert_eq!(pacing.judge(0.45, 0.8e6), None, "the load is 80%");
-        assert_eq!(pacing.judge(0.45, 0.7e6), Some(Duration::from_millis(5)));
-        assert_eq!(pacing.judge(1.0, 0.9e6), Some(Duration::from_millis(10)));
-        // Measured against the most seen while busy.
-        assert_eq!(pacing.judge(0.9, 2e6), None);
-        assert_eq!(pacing.judge(0.4, 1.5e6), None, "75% of the peak");
-        // Nearly idle: calm whatever the deliveries.
-        assert_eq!(pacing.judge(0.15, 1.9e6), Some(Duration::from_millis(5)));
-        // Busy from work that is no delivery (a connect storm): calm once it ends.
-        assert_eq!(pacing.judge(0.95, 100.0), Some(Duration::from_millis(10)));
+        assert_eq!(pacing.judge(0.45, 0.7e6), ms(10));
+        assert_eq!(pacing.judge(0.3, 0.7e6), None, "settling");
+        // At 10 ms, against what it delivers there.
+        assert_eq!(pacing.judge(0.45, 0.6e6), None, "86% of the load at 10 ms");
+        assert_eq!(pacing.judge(0.45, 0.45e6), ms(5));
+        assert_eq!(pacing.judge(0.3, 0.4e6), None, "settling");
+        assert_eq!(pacing.judge(0.3, 0.1e6), None, "the shortest already");
+        // Nearly idle: a step down whatever the deliveries.
+        assert_eq!(pacing.judge(1.0, 2e6), ms(10));
+        assert_eq!(pacing.judge(1.0, 2e6), None);
+        assert_eq!(pacing.judge(0.15, 2e6), ms(5));
+        // Busy from work that is no delivery (a connect storm): down once it ends.
+        assert_eq!(pacing.judge(0.3, 100.0), None, "settling");
+        assert_eq!(pacing.judge(0.95, 100.0), ms(10));
+        assert_eq!(pacing.judge(0.3, 100.0), None, "settling");
         assert_eq!(pacing.judge(0.3, 100.0), None);
-        assert_eq!(pacing.judge(0.1, 100.0), Some(Duration::from_millis(5)));
+        assert_eq!(pacing.judge(0.1, 100.0), ms(5));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -255,9 +255,11 @@ pub struct LimitsConfig {
     #[arg(long, env = "WSRELAY_WRITE_PACING", default_value = "5ms", value_parser = parse_duration)]
     pub write_pacing: Duration,
 
-    /// The write pacing while the node is busy (its worker threads working 80% of
-    /// the time or more, until they are back under 50% and its deliveries per
-    /// second under 70% of their peak): a saturated node delivers more per
+    /// The longest write pacing, for a node that stays busy (its worker threads
+    /// working 80% of the time or more): the interval doubles from
+    /// `--write-pacing` up to this one, a step each 200 ms the node is still
+    /// busy, and comes back down once they are under 50% and its deliveries per
+    /// second under 70% of their peak. A saturated node delivers more per
     /// CPU-second by writing less often, and its messages are late by then anyway.
     /// At least `--write-pacing`; equal to it turns the adaptation off. Default:
     /// four times `--write-pacing` (20 ms), at most 1 s.
@@ -335,10 +337,11 @@ pub struct LimitsConfig {
 
 impl LimitsConfig {
     /// The write pacing while the node is busy (`--write-pacing-busy`, by default
-    /// four times `--write-pacing`, at most 1 s). Four: at a million deliveries a
-    /// second on one core, twice (10 ms) still left the node at 0.9–1.0 CPU-s per
-    /// million deliveries with no room to catch up (p99 of 280–440 ms), four
-    /// times at 0.66–0.85 with p99 of 25–58 ms (BENCHMARKS.md).
+    /// four times `--write-pacing`, at most 1 s), reached in doubling steps (see
+    /// `pacing`). Four: at a million deliveries a second on one core, twice
+    /// (10 ms) still left the node at 0.9–1.0 CPU-s per million deliveries with no
+    /// room to catch up (p99 of 300–400 ms), four times at 0.66–0.80 with p99 of
+    /// 25–30 ms (BENCHMARKS.md).
     pub fn write_pacing_busy(&self) -> Duration {
         self.write_pacing_busy.unwrap_or_else(|| {
             (self.write_pacing * 4)
