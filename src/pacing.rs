@@ -210,7 +210,11 @@ mod tests {
         let ladder = |normal, busy| {
             Pacing::new(Duration::from_millis(normal), Duration::from_millis(busy)).ladder
         };
-        let ms = |v: &[u64]| v.iter().map(|&n| Duration::from_millis(n)).collect::<Vec<_>>();
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|&n| Duration::from_millis(n))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ladder(5, 20), ms(&[5, 10, 20]));
         assert_eq!(ladder(5, 10), ms(&[5, 10]));
         assert_eq!(ladder(5, 12), ms(&[5, 6, 12]));

@@ -304,11 +304,7 @@ impl<K: std::hash::Hash + Eq + Clone, T> Flights<K, T> {
 
     /// Takes `flight` out of the map when the guard is dropped, whichever way
     /// its read's future ends.
-    fn unlisted_on_drop<'a>(
-        &'a self,
-        key: &'a K,
-        flight: &'a Arc<Flight<T>>,
-    ) -> Unlist<'a, K, T> {
+    fn unlisted_on_drop<'a>(&'a self, key: &'a K, flight: &'a Arc<Flight<T>>) -> Unlist<'a, K, T> {
         Unlist {
             flights: self,
             key,

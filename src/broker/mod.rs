@@ -44,8 +44,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::{Announcement, NodeInfo, Sample};
 use crate::config::{ChannelOptions, Config, Topology};
 use crate::delivery::Delivery;
-use recent::Tail;
 use crate::publication::{Epoch, Position, Publication};
+use recent::Tail;
 
 /// Why a broker operation failed. `Timeout` and `Unavailable` mean "the request had
 /// no effect that the client can rely on"; clients see them as `unavailable`.

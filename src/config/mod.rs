@@ -1392,7 +1392,11 @@ mod tests {
         let c = parse(&["--write-pacing", "200ms"]).unwrap();
         assert_eq!(c.limits.write_pacing_busy(), Duration::from_millis(800));
         let c = parse(&["--write-pacing", "400ms"]).unwrap();
-        assert_eq!(c.limits.write_pacing_busy(), Duration::from_secs(1), "at most 1 s");
+        assert_eq!(
+            c.limits.write_pacing_busy(),
+            Duration::from_secs(1),
+            "at most 1 s"
+        );
         let c = parse(&["--write-pacing", "0s"]).unwrap();
         assert_eq!(c.limits.write_pacing_busy(), Duration::ZERO, "off is off");
         let c = parse(&["--write-pacing-busy", "5ms"]).unwrap();

@@ -144,7 +144,9 @@ pub(crate) async fn run(
     let mut wire_before = wire.load(Ordering::Relaxed);
     let started = Instant::now();
     timed_from.store(
-        (started + args.shape.warmup).duration_since(epoch).as_nanos() as u64,
+        (started + args.shape.warmup)
+            .duration_since(epoch)
+            .as_nanos() as u64,
         Ordering::Relaxed,
     );
     let per_publisher = args.rate as f64 / args.shape.publishers as f64;
@@ -236,8 +238,8 @@ pub(crate) async fn run(
         published.saturating_sub((args.rate as f64 * args.shape.warmup.as_secs_f64()) as u64);
     let server_cpu_per_million =
         server_cpu.map(|cpu| cpu.as_secs_f64() / (measured.max(1) as f64 / 1e6));
-    let server_cpu_per_thousand_publishes = server_cpu
-        .map(|cpu| cpu.as_secs_f64() / (measured_publishes.max(1) as f64 / 1e3));
+    let server_cpu_per_thousand_publishes =
+        server_cpu.map(|cpu| cpu.as_secs_f64() / (measured_publishes.max(1) as f64 / 1e3));
 
     let wire_per_delivery = wire_bytes as f64 / measured.max(1) as f64;
     eprintln!();

@@ -70,10 +70,10 @@ use self::shard::Shard;
 use super::recent::{Budget, Retention};
 use super::tracker::Tracker;
 use super::{BrokerError, Delivery, History, HistoryRequest, every};
+use crate::broker::recent::Tail;
 use crate::cluster::{Announcement, NodeInfo, Sample};
 use crate::config::{ChannelOptions, Config};
 use crate::publication::{Position, Publication};
-use crate::broker::recent::Tail;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command when many change at once (after a
 /// reconnect): large enough to resubscribe thousands of channels in a few round
