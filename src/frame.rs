@@ -111,6 +111,29 @@ impl Frame {
         self.text.as_str()
     }
 
+    /// What the frame holds in memory: its text, and what only some frames carry
+    /// (the positions, and the compressed form if it was built already). What a
+    /// cache that keeps frames counts against its budget.
+    pub fn footprint(&self) -> usize {
+        let extra = self.extra.as_deref().map_or(0, |extra| {
+            // The Arc's counters, the struct, and what it points to.
+            2 * std::mem::size_of::<usize>()
+                + std::mem::size_of::<Extra>()
+                + extra.positions.capacity() * std::mem::size_of::<(String, Position)>()
+                + extra
+                    .positions
+                    .iter()
+                    .map(|(channel, position)| channel.capacity() + position.epoch.as_str().len())
+                    .sum::<usize>()
+                + extra
+                    .deflated
+                    .get()
+                    .and_then(Option::as_ref)
+                    .map_or(0, Bytes::len)
+        });
+        self.text.len() + extra
+    }
+
     /// Its size in bytes: what it counts against a connection's byte bound.
     pub fn len(&self) -> usize {
         self.text.len()
@@ -177,5 +200,24 @@ mod tests {
         reply.clone().deflated(deflate);
         assert_eq!(calls.load(Ordering::Relaxed), 3);
         assert!(reply.positions().is_empty());
+    }
+
+    #[test]
+    fn a_frames_footprint_counts_its_positions_and_its_compressed_form() {
+        let text = "{\"op\":\"msg\",\"ch\":\"chat:1\",\"offset\":7}";
+        let plain = Frame::from(String::from(text));
+        assert_eq!(plain.footprint(), text.len());
+        let position = Position {
+            epoch: crate::publication::Epoch::parse("k3x9").unwrap(),
+            offset: 7,
+        };
+        let positioned = plain.with_positions(vec![("chat:1".to_owned(), position)]);
+        let extra = positioned.footprint() - text.len();
+        assert!(
+            extra > std::mem::size_of::<Extra>() + "chat:1".len() + "k3x9".len(),
+            "{extra}"
+        );
+        positioned.deflated(|_| Some(Bytes::from_static(b"12345")));
+        assert_eq!(positioned.footprint(), text.len() + extra + 5);
     }
 }

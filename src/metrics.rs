@@ -373,7 +373,7 @@ impl Metrics {
         );
         registry.register(
             "write_pacing_seconds",
-            "The interval WebSocket writers keep between two writes while messages keep coming: --write-pacing, or --write-pacing-busy while the node is busy",
+            "The interval WebSocket writers keep between two writes while messages keep coming: --write-pacing, or a longer one up to --write-pacing-busy while the node is busy",
             m.write_pacing.clone(),
         );
         registry.register(

@@ -1,20 +1,21 @@
 //! Write pacing that follows the node's load: the interval a WebSocket writer keeps
 //! between two writes while its messages keep coming (`--write-pacing`), and the
-//! longer one it keeps while the node is busy (`--write-pacing-busy`).
+//! longer ones it keeps while the node is busy, up to `--write-pacing-busy`.
 //!
 //! Every 100 ms the node looks at how much of that time its runtime's worker
-//! threads spent working rather than parked. Past 80% it steps its interval up,
-//! doubling it, up to the busy one (5, 10, 20 ms by default), one step per look
-//! and none in the look right after a step (that one measured both intervals).
+//! threads spent working rather than parked. Past 80% it steps its interval up
+//! the ladder from the normal interval to the busy one: at most three steps, each
+//! the same factor (5, 10, 20 ms by default: twice), one step per look and none in
+//! the look right after a step (that one measured both intervals).
 //! It steps down again once the workers are under 50% *and* the deliveries it
 //! queues per second are under 70% of the most it queued at that step (or the
 //! workers are under 20%, whatever the deliveries).
 //!
 //! Why steps: a node that a 10 ms interval brings under 80% stays there and
-//! keeps its latency (at 100k deliveries a second on a shared core: p99 ~12 ms,
+//! keeps its latency (at 100k deliveries a second on a shared core: p99 16 ms,
 //! against ~25 ms at 20 ms); one that 10 ms leaves saturated (a million
 //! deliveries a second on one core: 0.9–1.0 CPU-s per million, late by hundreds
-//! of ms) goes on to 20 ms (0.64–0.79, p99 26–32 ms; BENCHMARKS.md).
+//! of ms) goes on to 20 ms (0.66–0.80, p99 25–30 ms; BENCHMARKS.md).
 //!
 //! Why the deliveries too: the longer interval is what lowers the workers' share,
 //! so the share alone cannot say whether the load that made the node busy is
@@ -24,9 +25,11 @@
 //! saturated again within 100 ms, and flapped every few hundred milliseconds,
 //! each 5 ms spell leaving a backlog behind. The deliveries per second do not
 //! depend on the interval, so they tell that the load really went down. They are
-//! smoothed over about a second: counted per 100 ms they swing with every burst
-//! the node drains, and a peak taken from a burst would make the ordinary load
-//! look eased.
+//! smoothed over about half a second: counted per 100 ms they swing with every
+//! burst the node drains, and a peak taken from a burst would make the ordinary
+//! load look eased. The peak is the most since the last step and does not decay:
+//! a node whose load settles above 70% of it stays at the longer interval (its
+//! workers under 20% excepted) — some latency kept for CPU, never a flap.
 //!
 //! Why: each write costs the kernel about the same whatever its size, and writes
 //! are most of what a delivery costs, so a saturated node delivers more per
@@ -47,7 +50,7 @@ use crate::metrics::Metrics;
 /// How often the load is looked at.
 const PERIOD: Duration = Duration::from_millis(100);
 /// Weight of the last period in the smoothed deliveries per second (time
-/// constant ~5 periods).
+/// constant ~4.5 periods).
 const SMOOTHING: f64 = 0.2;
 /// At or past this share of the workers' time spent working, the node is busy:
 /// a step up.
@@ -69,8 +72,8 @@ const MAX_STEPS: usize = 3;
 pub(crate) struct Pacing {
     normal: Duration,
     busy: Duration,
-    /// The intervals, from the normal one up to the busy one, each (but the
-    /// first) twice the one before.
+    /// The intervals, from the normal one up to the busy one, each the same
+    /// factor longer than the one before.
     ladder: Vec<Duration>,
     /// The current interval in microseconds.
     current_us: AtomicU64,
@@ -91,15 +94,7 @@ struct Steps {
 
 impl Pacing {
     pub(crate) fn new(normal: Duration, busy: Duration) -> Pacing {
-        // From the busy interval down, halving, while above the normal one.
-        let mut ladder = vec![busy];
-        while ladder.len() < MAX_STEPS && ladder[ladder.len() - 1] / 2 > normal {
-            ladder.push(ladder[ladder.len() - 1] / 2);
-        }
-        if busy > normal {
-            ladder.push(normal);
-        }
-        ladder.reverse();
+        let ladder = ladder(normal, busy);
         Pacing {
             normal,
             busy,
@@ -186,11 +181,40 @@ impl Pacing {
             smoothed += SMOOTHING * (rate - smoothed);
             last = now;
             if let Some(interval) = self.judge(share, smoothed) {
-                tracing::debug!(share, rate, ?interval, "write pacing follows the load");
+                tracing::debug!(
+                    share,
+                    rate = smoothed,
+                    ?interval,
+                    "write pacing follows the load"
+                );
                 metrics.write_pacing.set(interval.as_secs_f64());
             }
         }
     }
+}
+
+/// The intervals from `normal` to `busy`: as many steps as doubling needs, at
+/// most [`MAX_STEPS`], each the same factor (from 0, a quarter, a half and all of
+/// `busy`).
+fn ladder(normal: Duration, busy: Duration) -> Vec<Duration> {
+    if busy <= normal {
+        return vec![normal];
+    }
+    if normal.is_zero() {
+        return vec![Duration::ZERO, busy / 4, busy / 2, busy];
+    }
+    let ratio = busy.as_secs_f64() / normal.as_secs_f64();
+    let steps = (ratio.log2().ceil() as usize).clamp(1, MAX_STEPS);
+    let factor = ratio.powf(1.0 / steps as f64);
+    // Whole microseconds, as the interval is kept.
+    let mut ladder: Vec<Duration> = (0..steps)
+        .map(|k| {
+            let us = normal.as_micros() as f64 * factor.powi(k as i32);
+            Duration::from_micros(us.round() as u64)
+        })
+        .collect();
+    ladder.push(busy);
+    ladder
 }
 
 fn micros(d: Duration) -> u64 {
@@ -215,11 +239,21 @@ mod tests {
                 .map(|&n| Duration::from_millis(n))
                 .collect::<Vec<_>>()
         };
+        let us = |v: &[u64]| {
+            v.iter()
+                .map(|&n| Duration::from_micros(n))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ladder(5, 20), ms(&[5, 10, 20]));
         assert_eq!(ladder(5, 10), ms(&[5, 10]));
-        assert_eq!(ladder(5, 12), ms(&[5, 6, 12]));
+        assert_eq!(ladder(5, 12), us(&[5000, 7746, 12000]), "one factor");
         assert_eq!(ladder(5, 5), ms(&[5]), "no adaptation");
-        assert_eq!(ladder(1, 100), ms(&[1, 25, 50, 100]), "at most three steps");
+        assert_eq!(
+            ladder(1, 1000),
+            ms(&[1, 10, 100, 1000]),
+            "at most three steps"
+        );
+        assert_eq!(ladder(0, 20), ms(&[0, 5, 10, 20]), "from no pacing");
     }
 
     #[test]

@@ -528,7 +528,10 @@ pub fn encode_publication(ch: &str, publication: &Publication) -> Frame {
         "channel names never need escaping"
     );
     let data = publication.data_str();
-    let mut out = String::with_capacity(48 + ch.len() + data.len());
+    // Exact for everything but escapes in `from`: a frame kept in the node's
+    // history cache keeps its buffer, spare room included.
+    let from = publication.publisher().map_or(0, |f| f.len() + 10);
+    let mut out = String::with_capacity(56 + ch.len() + from + data.len());
     out.push_str(r#"{"op":"msg","ch":""#);
     out.push_str(ch);
     out.push('"');

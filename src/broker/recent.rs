@@ -155,9 +155,12 @@ impl Entry {
         self.frame.positions().first().map(|(_, p)| p)
     }
 
-    /// What it holds in memory: the entry and the frame's bytes.
+    /// What it holds in memory: the entry and the frame (its text and its
+    /// positions; see [`Frame::footprint`]). Taken once, when it is cached: a
+    /// compressed form built later, for a connection that negotiated compression,
+    /// is not counted (it is smaller than the text).
     fn cost(&self) -> usize {
-        std::mem::size_of::<Entry>() + self.frame.len()
+        std::mem::size_of::<Entry>() + self.frame.footprint()
     }
 }
 

@@ -256,9 +256,9 @@ pub struct LimitsConfig {
     pub write_pacing: Duration,
 
     /// The longest write pacing, for a node that stays busy (its worker threads
-    /// working 80% of the time or more): the interval doubles from
-    /// `--write-pacing` up to this one, a step each 200 ms the node is still
-    /// busy, and comes back down once they are under 50% and its deliveries per
+    /// working 80% of the time or more): the interval climbs from
+    /// `--write-pacing` up to this one in at most three steps of one factor (5,
+    /// 10, 20 ms by default), a step each 200 ms the node is still busy, and comes back down once they are under 50% and its deliveries per
     /// second under 70% of their peak. A saturated node delivers more per
     /// CPU-second by writing less often, and its messages are late by then anyway.
     /// At least `--write-pacing`; equal to it turns the adaptation off. Default:
