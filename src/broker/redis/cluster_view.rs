@@ -117,24 +117,13 @@ pub(super) async fn nodes(inner: &Inner) -> Result<Vec<NodeInfo>, BrokerError> {
 
 /// Each live node's channels with their local subscriber counts, by node id.
 pub(super) async fn node_channels(inner: &Inner) -> Result<Vec<NodeChannels>, BrokerError> {
-    let mut ids = live_nodes(inner).await?;
-    ids.sort();
-    let mut pipe = redis::pipe();
-    for id in &ids {
+    let per_node = per_live_node::<HashMap<String, usize>>(inner, |pipe, id| {
         pipe.cmd("HGETALL")
             .arg(inner.keys.node(&format!("node-channels:{id}")));
-    }
-    let pipe = &pipe;
-    let per_node = inner
-        .home()
-        .idempotent(|mut conn| async move {
-            pipe.query_async::<Vec<HashMap<String, usize>>>(&mut conn)
-                .await
-        })
-        .await?;
-    Ok(ids
+    })
+    .await?;
+    Ok(per_node
         .into_iter()
-        .zip(per_node)
         .map(|(id, channels)| {
             let mut channels: Vec<(String, usize)> = channels.into_iter().collect();
             channels.sort();
@@ -145,25 +134,15 @@ pub(super) async fn node_channels(inner: &Inner) -> Result<Vec<NodeChannels>, Br
 
 /// The samples of each live node's last announcements, oldest first, by node id.
 pub(super) async fn node_history(inner: &Inner) -> Result<Vec<(String, Vec<Sample>)>, BrokerError> {
-    let mut ids = live_nodes(inner).await?;
-    ids.sort();
-    let mut pipe = redis::pipe();
-    for id in &ids {
+    let per_node = per_live_node::<Vec<Vec<u8>>>(inner, |pipe, id| {
         pipe.cmd("LRANGE")
             .arg(inner.keys.node(&format!("node-history:{id}")))
             .arg(0)
             .arg(-1);
-    }
-    let pipe = &pipe;
-    let per_node = inner
-        .home()
-        .idempotent(
-            |mut conn| async move { pipe.query_async::<Vec<Vec<Vec<u8>>>>(&mut conn).await },
-        )
-        .await?;
-    Ok(ids
+    })
+    .await?;
+    Ok(per_node
         .into_iter()
-        .zip(per_node)
         .map(|(id, samples)| {
             // A sample that does not parse (another version's) is skipped.
             let samples = samples
@@ -174,4 +153,24 @@ pub(super) async fn node_history(inner: &Inner) -> Result<Vec<(String, Vec<Sampl
             (id, samples)
         })
         .collect())
+}
+
+/// One command per live node (`command` adds it to the pipeline), sent in one
+/// pipeline; each node's answer, by node id in id order.
+async fn per_live_node<T: redis::FromRedisValue>(
+    inner: &Inner,
+    command: impl Fn(&mut redis::Pipeline, &str),
+) -> Result<Vec<(String, T)>, BrokerError> {
+    let mut ids = live_nodes(inner).await?;
+    ids.sort();
+    let mut pipe = redis::pipe();
+    for id in &ids {
+        command(&mut pipe, id);
+    }
+    let pipe = &pipe;
+    let answers = inner
+        .home()
+        .idempotent(|mut conn| async move { pipe.query_async::<Vec<T>>(&mut conn).await })
+        .await?;
+    Ok(ids.into_iter().zip(answers).collect())
 }
