@@ -34,6 +34,16 @@
 //! way* waits for it to end, then asks the cache again. Its answer is the cache's,
 //! read after the client was held back, so it does not matter when the tail was
 //! read; only the client that ran the read uses its answer.
+//!
+//! **At most [`FILLS`] fills run at once** on a node, each in a slot too. A fill is
+//! the largest read a node makes (a channel's whole tail, up to `history-size`
+//! messages); the reads of a node share one connection, and Redis runs what a
+//! connection pipelined back to back, so every fill in flight is Redis time a
+//! publish of the cluster waits behind. At a reconnect storm's start each node
+//! fills every channel once: with the slots alone (64), tens of fills at once
+//! held publishes up to 75–113 ms (p99 56–84 ms); two at a time, 31–65 ms (p99
+//! 26–43 ms; BENCHMARKS.md). Redis runs one read at a time whatever the number
+//! sent, so the storm takes no longer.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,10 +66,16 @@ struct Flight<T> {
     answer: OnceCell<Result<T, BrokerError>>,
 }
 
+/// Most fills of a node's cache of recent history running at once (see the module
+/// doc).
+const FILLS: usize = 2;
+
 /// The node's history-read slots.
 #[derive(Debug)]
 pub(crate) struct HistoryReads {
     slots: Semaphore,
+    /// Fills running (at most [`FILLS`]), each also in one of the `slots`.
+    fill_slots: Semaphore,
     /// How many slots there are (for the refusal's message).
     size: usize,
     /// How long a read waits for a slot before it is refused.
@@ -128,6 +144,7 @@ impl HistoryReads {
         HistoryReads {
             turns: Semaphore::new(recoveries),
             slots: Semaphore::new(slots),
+            fill_slots: Semaphore::new(FILLS),
             size: slots,
             wait,
             metrics,
@@ -170,7 +187,16 @@ impl HistoryReads {
                 // Out of the map however the read ends: a recovery arriving later
                 // finds the cache filled, or fills it again.
                 let _ended = self.fills.unlisted_on_drop(&key, &flight);
-                let _admitted = match self.admit().await {
+                // One wait, bounded as a read's: for a fill's turn, then a slot.
+                let deadline = tokio::time::Instant::now() + self.wait;
+                let filling = tokio::time::timeout_at(deadline, self.fill_slots.acquire()).await;
+                let Ok(Ok(_filling)) = filling else {
+                    return Err(BrokerError::Unavailable(format!(
+                        "{FILLS} fills of the history cache are running on this node; none finished within {:?}",
+                        self.wait
+                    )));
+                };
+                let _admitted = match self.admit_by(deadline).await {
                     Ok(admitted) => admitted,
                     Err(busy) => return Err(BrokerError::Unavailable(busy.to_string())),
                 };
@@ -227,10 +253,15 @@ impl HistoryReads {
         answer.clone()
     }
 
-    /// Waits for a slot (first come, first served).
+    /// Waits for a slot (first come, first served), up to `--broker-timeout`.
     async fn admit(&self) -> Result<Admitted<'_>, Busy> {
+        self.admit_by(tokio::time::Instant::now() + self.wait).await
+    }
+
+    /// Waits for a slot until `deadline`.
+    async fn admit_by(&self, deadline: tokio::time::Instant) -> Result<Admitted<'_>, Busy> {
         self.metrics.history_reads_waiting.inc();
-        let permit = tokio::time::timeout(self.wait, self.slots.acquire()).await;
+        let permit = tokio::time::timeout_at(deadline, self.slots.acquire()).await;
         self.metrics.history_reads_waiting.dec();
         match permit {
             Ok(Ok(permit)) => {
@@ -452,6 +483,49 @@ mod tests {
         assert!(other.await.unwrap());
         assert_eq!(runs.load(Ordering::SeqCst), 2, "one read per channel");
         assert!(reads.fills.is_empty(), "nothing kept");
+    }
+
+    #[tokio::test]
+    async fn at_most_two_fills_run_at_once() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            64,
+            64,
+            Duration::from_secs(5),
+            metrics.clone(),
+        ));
+        let running = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let fills: Vec<_> = ["a", "b", "c"]
+            .into_iter()
+            .map(|channel| {
+                let (reads, running, release) = (reads.clone(), running.clone(), release.clone());
+                tokio::spawn(async move {
+                    let filled = reads
+                        .fill(channel, || async move {
+                            running.fetch_add(1, Ordering::SeqCst);
+                            let _go = release.acquire().await;
+                            Ok(Tail::read(channel, &answer(47)))
+                        })
+                        .await;
+                    matches!(filled, Fill::Led(Ok(_)))
+                })
+            })
+            .collect();
+        until("two fills run", || running.load(Ordering::SeqCst) == 2).await;
+        // The third had every chance to start (one thread: each yield runs the
+        // other tasks): it waits for a fill to end, though slots are free.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(running.load(Ordering::SeqCst), 2);
+        assert_eq!(metrics.history_reads_running.get(), 2);
+        release.add_permits(1);
+        until("the third runs", || running.load(Ordering::SeqCst) == 3).await;
+        release.add_permits(2);
+        for fill in fills {
+            assert!(fill.await.unwrap(), "each ran its own channel's read");
+        }
     }
 
     #[tokio::test]
