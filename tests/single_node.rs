@@ -548,6 +548,7 @@ async fn request_with_a_full_socket(flags: &[&str], flow: &str, sub: serde_json:
     for _ in 0..400 {
         publisher.recv().await;
     }
+    let sent = std::time::Instant::now();
     ws.send(Message::Text(sub.to_string().into()))
         .await
         .unwrap();
@@ -570,4 +571,9 @@ async fn request_with_a_full_socket(flags: &[&str], flow: &str, sub: serde_json:
         }
     }
     assert_eq!(seen, 400, "the answer after the frames queued before it");
+    let acked = sent.elapsed();
+    assert!(
+        acked < std::time::Duration::from_secs(5),
+        "ack after {acked:?}"
+    );
 }
