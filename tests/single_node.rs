@@ -390,6 +390,19 @@ async fn messages_that_keep_coming_are_written_together_and_an_idle_connection_a
     );
 }
 
+/// Limits for a publisher sending megabytes at once to a client that may fall
+/// far behind: no rate limit in the way, and a queue that holds all of it.
+const BULK: [&str; 8] = [
+    "--publish-rate",
+    "100000",
+    "--publish-burst",
+    "100000",
+    "--client-queue",
+    "10000",
+    "--client-queue-bytes",
+    "100000000",
+];
+
 /// The writer frames data itself while tungstenite answers the client's pings and
 /// close on the same socket: every pong comes back with its payload, no frame is
 /// torn, and the client's close is echoed after the data.
@@ -399,17 +412,7 @@ async fn pings_and_a_close_from_the_client_are_answered_between_data_frames() {
     // it is written in parts, and the pongs must wait for its end.
     const N: usize = 1000;
     let filler = "x".repeat(30_000);
-    let node = TestNode::start(&[
-        "--publish-rate",
-        "100000",
-        "--publish-burst",
-        "100000",
-        "--client-queue",
-        "10000",
-        "--client-queue-bytes",
-        "100000000",
-    ])
-    .await;
+    let node = TestNode::start(&BULK).await;
     // A small receive buffer: the node's socket is full most of the time, so its
     // batches go out in parts while the pings come in.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -515,17 +518,7 @@ async fn a_recovery_from_a_client_with_a_full_socket_is_answered_once_it_reads()
 /// (the node's subscriptions count it), and answers it once the client reads.
 async fn request_with_a_full_socket(flags: &[&str], flow: &str, sub: serde_json::Value) {
     let filler = "x".repeat(30_000);
-    let limits = [
-        "--publish-rate",
-        "100000",
-        "--publish-burst",
-        "100000",
-        "--client-queue",
-        "10000",
-        "--client-queue-bytes",
-        "100000000",
-    ];
-    let node = TestNode::start(&[flags, &limits[..]].concat()).await;
+    let node = TestNode::start(&[flags, &BULK[..]].concat()).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(node.addr).await.unwrap();
