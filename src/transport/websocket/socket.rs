@@ -50,6 +50,8 @@ pub(crate) struct Gate<S> {
     closed: bool,
     /// tungstenite's write that found the gate shut.
     held: Option<Waker>,
+    /// tungstenite wrote through the gate since its last flush.
+    unflushed: bool,
 }
 
 impl<S> Gate<S> {
@@ -60,6 +62,7 @@ impl<S> Gate<S> {
             torn: false,
             closed: false,
             held: None,
+            unflushed: false,
         }
     }
 
@@ -101,6 +104,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         ready!(self.wait_open(cx))?;
+        self.unflushed = true;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -110,6 +114,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         ready!(self.wait_open(cx))?;
+        self.unflushed = true;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -117,9 +122,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Gate<S> {
         self.inner.is_write_vectored()
     }
 
+    /// Stops here when tungstenite wrote nothing since its last flush: a batch
+    /// flushes tungstenite before it starts, and below this lies the connection's
+    /// held `101` (`HandshakeIo`), which such a flush would send on its own, one
+    /// kernel write before the first frame's instead of in the same one. A TCP
+    /// stream's flush does nothing else.
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.wait_open(cx))?;
-        Pin::new(&mut self.inner).poll_flush(cx)
+        if !self.unflushed {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.unflushed = false;
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -278,6 +293,70 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tungstenite::protocol::Role;
+
+    /// A socket that keeps each write apart, as the kernel sends each as a segment
+    /// of its own that the client must be woken for.
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl AsyncRead for Writes {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let write: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = write.len();
+            self.0.lock().unwrap().push(write);
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_upgrade_response_and_the_first_frame_leave_in_one_write() {
+        const RESPONSE: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n";
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let mut io = crate::handshake_io::HandshakeIo::new(Writes(writes.clone()));
+        // What hyper does with the upgrade response.
+        io.write_all(RESPONSE).await.unwrap();
+        io.flush().await.unwrap();
+        let socket = WebSocketStream::from_raw_socket(Gate::new(io), Role::Server, None).await;
+        let (_reader, mut writer) = split(socket);
+        let mut frame = Vec::new();
+        crate::transport::websocket::wire::put_frame(&mut frame, 0x81, b"welcome");
+        // A batch flushes tungstenite first, which had nothing to write.
+        writer.write_frames(frame.clone()).await.unwrap();
+        assert_eq!(*writes.lock().unwrap(), [[RESPONSE, &frame].concat()]);
+        // tungstenite's own writes still reach the socket, and are flushed.
+        writer.send(Message::Ping(Vec::new().into())).await.unwrap();
+        assert_eq!(writes.lock().unwrap().len(), 2, "the ping went out");
+    }
 
     #[tokio::test]
     async fn no_batch_goes_out_after_the_clients_close_was_read() {
