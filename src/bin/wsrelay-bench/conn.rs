@@ -163,11 +163,15 @@ pub(crate) async fn connect_many(
 ) -> anyhow::Result<Vec<Ws>> {
     let attempts = (0..count).map(|i| {
         let url = format!("{}?{}", urls[i % urls.len()], query(i));
-        async move { connect(&url, options).await }
+        async move { (i, connect(&url, options).await) }
     });
-    let results: Vec<anyhow::Result<Ws>> = futures_util::stream::iter(attempts)
-        .buffered(concurrency.max(1))
+    // Unordered: `concurrency` connects stay in flight, where in order a slow one
+    // would hold back the start of the next ones until it is done. The result
+    // keeps the order of `query`'s indexes.
+    let mut results: Vec<(usize, anyhow::Result<Ws>)> = futures_util::stream::iter(attempts)
+        .buffer_unordered(concurrency.max(1))
         .collect()
         .await;
-    results.into_iter().collect()
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, ws)| ws).collect()
 }
