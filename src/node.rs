@@ -393,7 +393,19 @@ impl Pending {
     /// needed) and returns its tokens: one cancelled to evict it, one it cancels
     /// when it ends.
     fn admit(&mut self) -> (CancellationToken, CancellationToken) {
-        self.open.retain(|(_, done)| !done.is_cancelled());
+        // Ended connections leave from the front at each admission, the others
+        // only once the bound is reached: a sweep of every entry on every admission
+        // cost a connect storm a lock per connection in flight, per connection.
+        while self
+            .open
+            .front()
+            .is_some_and(|(_, done)| done.is_cancelled())
+        {
+            self.open.pop_front();
+        }
+        if self.open.len() >= self.max {
+            self.open.retain(|(_, done)| !done.is_cancelled());
+        }
         if self.open.len() >= self.max
             && let Some((oldest, _)) = self.open.pop_front()
         {
@@ -520,5 +532,40 @@ struct AbortOnDrop(tokio::task::AbortHandle);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_oldest_open_connection_is_evicted_and_only_past_the_bound() {
+        let mut pending = Pending::new(3);
+        let (a_evicted, _a_done) = pending.admit();
+        let (b_evicted, b_done) = pending.admit();
+        let (c_evicted, _c_done) = pending.admit();
+        // One in the middle ended: the next admission is within the bound.
+        b_done.cancel();
+        let (d_evicted, _d_done) = pending.admit();
+        assert!(!a_evicted.is_cancelled(), "an ended connection made room");
+        // Full of open connections: the oldest goes.
+        let (_e_evicted, _e_done) = pending.admit();
+        assert!(a_evicted.is_cancelled(), "the oldest is evicted");
+        assert!(
+            !b_evicted.is_cancelled() && !c_evicted.is_cancelled() && !d_evicted.is_cancelled()
+        );
+        assert_eq!(pending.open.len(), 3);
+    }
+
+    #[test]
+    fn ended_connections_leave_from_the_front_at_each_admission() {
+        let mut pending = Pending::new(100);
+        let ended: Vec<_> = (0..10).map(|_| pending.admit()).collect();
+        for (_, done) in &ended {
+            done.cancel();
+        }
+        let _open = pending.admit();
+        assert_eq!(pending.open.len(), 1, "the set does not keep what ended");
     }
 }
