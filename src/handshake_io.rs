@@ -10,7 +10,11 @@
 //! without waiting for the client.
 //!
 //! Every other response passes straight through. A held 101 goes out at the latest
-//! on an explicit flush after the one hyper makes, or on shutdown.
+//! on an explicit flush after the one hyper makes, or on shutdown. Above it, a
+//! WebSocket's gate (`transport::websocket::socket`) lets through only flushes with
+//! something to flush, so there the 101 leaves with the first bytes the node
+//! writes: `welcome` (once the connect's subscriptions are made), an error and a
+//! close, or a heartbeat ping.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
