@@ -139,7 +139,7 @@ pub(crate) async fn run(
         "--warmup must be shorter than the duration"
     );
     let mut server_cpu_before = cluster.map(Cluster::cpu_time);
-    let mut redis_cpu_before = cluster.map(Cluster::redis_cpu_times);
+    let mut redis_cpu_before = redis_cpu_times(cluster).await;
     let mut own_cpu_before = procstat::own_cpu_time();
     let mut wire_before = wire.load(Ordering::Relaxed);
     let started = Instant::now();
@@ -174,7 +174,7 @@ pub(crate) async fn run(
     if !args.shape.warmup.is_zero() {
         tokio::time::sleep(args.shape.warmup).await;
         server_cpu_before = cluster.map(Cluster::cpu_time);
-        redis_cpu_before = cluster.map(Cluster::redis_cpu_times);
+        redis_cpu_before = redis_cpu_times(cluster).await;
         own_cpu_before = procstat::own_cpu_time();
         wire_before = wire.load(Ordering::Relaxed);
         warm_deliveries = received.load(Ordering::Relaxed);
@@ -209,8 +209,8 @@ pub(crate) async fn run(
         .zip(server_cpu_before)
         .map(|(after, before)| after - before);
     // Each shard's Redis alone: the capacity model's Redis side.
-    let redis_cpu: Option<Vec<Duration>> = cluster
-        .map(Cluster::redis_cpu_times)
+    let redis_cpu: Option<Vec<Duration>> = redis_cpu_times(cluster)
+        .await
         .zip(redis_cpu_before)
         .map(|(after, before)| after.iter().zip(before).map(|(a, b)| *a - b).collect());
     stop.cancel();
@@ -585,6 +585,14 @@ fn timestamp(frame: &str) -> Option<u64> {
     let rest = inner[inner.find('{')? + 1..].strip_prefix(r#""t":"#)?;
     let end = rest.find(',')?;
     rest[..end].parse().ok()
+}
+
+/// Each shard's Redis CPU so far, for a spawned cluster.
+async fn redis_cpu_times(cluster: Option<&Cluster>) -> Option<Vec<Duration>> {
+    match cluster {
+        Some(cluster) => Some(cluster.redis_cpu_times().await),
+        None => None,
+    }
 }
 
 #[cfg(test)]

@@ -212,12 +212,12 @@ pub(crate) async fn run(
         "baseline: publishing {}/s to {PUB_CHANNEL} for {:?}…",
         args.publish_rate, args.baseline
     );
-    let baseline_redis_before = cluster.map(redis_cpu);
+    let baseline_redis_before = redis_cpu(cluster).await;
     let baseline_started = Instant::now();
     tokio::time::sleep(args.baseline).await;
     let redis_baseline_per_s =
-        cluster
-            .map(redis_cpu)
+        redis_cpu(cluster)
+            .await
             .zip(baseline_redis_before)
             .map(|(after, before)| {
                 (after - before).as_secs_f64() / baseline_started.elapsed().as_secs_f64()
@@ -228,7 +228,7 @@ pub(crate) async fn run(
         args.clients,
         urls.len()
     );
-    let redis_before = cluster.map(redis_cpu);
+    let redis_before = redis_cpu(cluster).await;
     let nodes_before = cluster.map(Cluster::node_cpu_time);
     let commands_before = match cluster {
         Some(c) => Some(c.redis_commands().await?),
@@ -257,8 +257,8 @@ pub(crate) async fn run(
     }
     let storm_time = started.elapsed();
     let own_cpu = procstat::own_cpu_time() - own_before;
-    let redis_cpu_s = cluster
-        .map(redis_cpu)
+    let redis_cpu_s = redis_cpu(cluster)
+        .await
         .zip(redis_before)
         .map(|(after, before)| after - before);
     let node_cpu = cluster
@@ -500,9 +500,12 @@ pub(crate) async fn run(
     Ok(report)
 }
 
-/// Redis CPU time so far, all shards together.
-fn redis_cpu(cluster: &Cluster) -> Duration {
-    cluster.redis_cpu_times().into_iter().sum()
+/// Redis CPU time so far, all shards together, for a spawned cluster.
+async fn redis_cpu(cluster: Option<&Cluster>) -> Option<Duration> {
+    match cluster {
+        Some(cluster) => Some(cluster.redis_cpu_times().await.into_iter().sum()),
+        None => None,
+    }
 }
 
 /// Fills every channel with `--fill` messages from a few connections in parallel
