@@ -70,19 +70,18 @@ impl Delivery {
     /// is traced. Never waits. Returns the frame, for the node's cache of recent
     /// history to keep (a replay from it sends these bytes again).
     pub fn deliver(&self, channel: &str, publication: &Publication) -> Frame {
-        let mut built = None;
+        let frame = frame(channel, publication).shared();
         let delivered = self.tracing.deliver(channel, &publication.traceparent, || {
-            let frame = built.insert(frame(channel, publication).shared());
             let delivered = self
                 .registry
-                .fanout(channel, frame, publication.position.as_ref());
+                .fanout(channel, &frame, publication.position.as_ref());
             self.metrics
                 .bytes_sent
                 .inc_by((delivered * frame.len()) as u64);
             delivered
         });
         self.metrics.messages_delivered.inc_by(delivered as u64);
-        built.unwrap_or_else(|| frame(channel, publication).shared())
+        frame
     }
 
     /// Tells the local subscribers of `channel` that publications up to `position`
