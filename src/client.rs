@@ -487,8 +487,9 @@ impl ClientQueue {
             if queue.frames.is_empty() {
                 return Poll::Pending;
             }
+            // `reply_due` stays as it is: the writer asks (`reply_taken`) whether
+            // this batch holds a reply before it paces the batch.
             queue.take_into(batch);
-            self.shared.reply_due.store(false, Ordering::Relaxed);
             Poll::Ready(Next::Frames)
         })
     }
@@ -515,6 +516,13 @@ impl ClientQueue {
             }
         })
         .await
+    }
+
+    /// Whether a reply to the client's request (or a recovery it waits for) was
+    /// queued since the writer last asked: the batch just taken holds it, and a
+    /// pacing writer writes it at once instead of waiting out its interval.
+    pub fn reply_taken(&mut self) -> bool {
+        self.shared.reply_due.swap(false, Ordering::Relaxed)
     }
 
     /// Moves whatever is queued to the end of `batch`, without waiting. The queue

@@ -390,6 +390,32 @@ async fn messages_that_keep_coming_are_written_together_and_an_idle_connection_a
     );
 }
 
+/// Pacing holds back the fan-out's frames, never the answer a client waits for: a
+/// reply goes out at once even when the connection wrote less than an interval ago
+/// (its welcome, then the previous ack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_go_out_at_once_right_after_a_write() {
+    let node = TestNode::start(&["--write-pacing", "1s", "--publish-rate", "1000"]).await;
+    let mut client = node.client("channel=elsewhere").await;
+    for id in 1..=5 {
+        let started = std::time::Instant::now();
+        client
+            .send(serde_json::json!({"op":"pub","ch":"replies","data":id,"id":id}))
+            .await;
+        let ack = client.recv().await;
+        assert_eq!(
+            (ack["op"].as_str(), ack["id"].as_u64()),
+            (Some("ack"), Some(id))
+        );
+        // Held back, it would wait out the 1 s interval.
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(500),
+            "ack {id} waited {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// Limits for a publisher sending megabytes at once to a client that may fall
 /// far behind: no rate limit in the way, and a queue that holds all of it.
 const BULK: [&str; 8] = [

@@ -171,7 +171,8 @@ fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 Next::Close => break,
                 Next::Ping => write_within(&client, &hub, sink.ping()).await,
                 Next::Frames => {
-                    if let Some(due) = last_write.map(|at| at + hub.pacing.current())
+                    if !queue.reply_taken()
+                        && let Some(due) = last_write.map(|at| at + hub.pacing.current())
                         && due > tokio::time::Instant::now()
                     {
                         // Messages keep coming: wait out the pacing interval (or
