@@ -128,6 +128,9 @@ pub(crate) struct Entry {
     published_at_us: u64,
     /// Its size as Redis stores it: what a read of it counts against its bytes.
     stored: usize,
+    /// What it counts against the cache's budget: taken when it is made, and given
+    /// back as it was (see [`Entry::cost`]).
+    cost: usize,
 }
 
 impl Entry {
@@ -138,6 +141,7 @@ impl Entry {
             offset: publication.offset()?,
             published_at_us: publication.published_at_us,
             stored: envelope::encoded_len(publication),
+            cost: std::mem::size_of::<Entry>() + frame.footprint(),
             frame,
         })
     }
@@ -156,11 +160,13 @@ impl Entry {
     }
 
     /// What it holds in memory: the entry and the frame (its text and its
-    /// positions; see [`Frame::footprint`]). Taken once, when it is cached: a
-    /// compressed form built later, for a connection that negotiated compression,
-    /// is not counted (it is smaller than the text).
+    /// positions; see [`Frame::footprint`]), as they were when the entry was made.
+    /// A compressed form built later, for a connection that negotiated
+    /// compression, is not counted (it is kept only when smaller than the text);
+    /// and what is given back is what was taken, or the budget's count would drift
+    /// (and a run's own count go below zero).
     fn cost(&self) -> usize {
-        std::mem::size_of::<Entry>() + self.frame.footprint()
+        self.cost
     }
 }
 
@@ -386,7 +392,7 @@ impl Recent {
     /// (which shrinks as more channels are cached).
     pub(crate) fn trim(&mut self) {
         let share = self.budget.share();
-        while self.bytes > share || self.expired() && !self.run.is_empty() {
+        while !self.run.is_empty() && (self.bytes > share || self.expired()) {
             self.pop_front();
         }
         self.fit_capacity();
@@ -649,6 +655,26 @@ mod tests {
         // The node delivered further without it (a gap reported): no answer.
         assert!(r.whole(&pos("f", 3)).is_none());
         assert!(r.whole(&pos("e", 1)).is_none());
+    }
+
+    #[test]
+    fn an_entry_gives_back_what_it_took_though_compressed_since() {
+        let b = budget(1 << 20);
+        let mut r = Recent::new(b.clone(), 1, TTL);
+        let first = publication("e", 1);
+        let frame = crate::delivery::frame("c", &first).shared();
+        r.push(&first, &frame);
+        assert_eq!(b.used.load(Ordering::Relaxed), r.bytes);
+        // A connection that negotiated permessage-deflate compresses the frame the
+        // run shares with the subscribers after it was cached.
+        frame.deflated(|text| Some(Bytes::from(text.to_vec())));
+        // The next one pushes it out, and the trim of an expired run empties it.
+        r.add(&publication("e", 2));
+        assert_eq!(b.used.load(Ordering::Relaxed), r.bytes);
+        r.ttl = Duration::ZERO;
+        r.trim();
+        assert!(r.run.is_empty());
+        assert_eq!((r.bytes, b.used.load(Ordering::Relaxed)), (0, 0));
     }
 
     #[test]
