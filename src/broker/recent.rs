@@ -313,32 +313,34 @@ impl Recent {
     }
 
     /// Puts publications read from Redis in front of the run: `history`, read
-    /// after the run's channel was subscribed, ends where the run starts or inside
-    /// it (same epoch), or, when the run is empty, at the offset `last` the node
-    /// delivered last. An answer that does not meet the run (the run moved on to
-    /// another epoch, or past a gap) is left out. Keeps the newest that fit.
+    /// after the run's channel was subscribed, reaches the run's start (same
+    /// epoch), or, when the run is empty, the offset `last` the node delivered
+    /// last. It may end past them: Redis answers the read on one connection while
+    /// the newest publications it holds are still on their way to the node on
+    /// another (they join the run as they are delivered). Only what the run lacks
+    /// below its start goes in. An answer that does not reach the run (the run
+    /// moved on to another epoch, or past a gap) is left out. Keeps the newest
+    /// that fit.
     pub(crate) fn backfill(&mut self, history: &Tail, last: &Position) {
         if !self.budget.enabled() {
             return;
         }
         let top = &history.top;
-        let meets = match (self.last(), self.first_offset()) {
-            (Some(l), Some(first)) => {
-                l.epoch == top.epoch && top.offset + 1 >= first && top.offset <= l.offset
-            }
-            _ => last == top,
+        // Where the run starts, or starts once the next delivery joins it.
+        let (epoch, start) = match (self.last(), self.first_offset()) {
+            (Some(l), Some(first)) => (&l.epoch, first),
+            _ => (&last.epoch, last.offset.saturating_add(1)),
         };
-        if !meets {
+        if top.epoch != *epoch || top.offset.saturating_add(1) < start {
             return;
         }
         // The newest part without a hole (Redis may hold an entry the node could
         // not decode).
         let whole = history.entries.len() - holes_from_the_end(&history.entries, top);
         let newest = &history.entries[history.entries.len() - whole..];
-        let before = self.first_offset().unwrap_or(u64::MAX);
         let share = self.budget.share();
         for entry in newest.iter().rev() {
-            if entry.offset >= before {
+            if entry.offset >= start {
                 continue;
             }
             let cost = entry.cost();
@@ -740,6 +742,20 @@ mod tests {
         assert!(r.whole(&pos("e", 5)).unwrap().entries.is_empty());
         r.backfill(&read("e", 1..=5), &pos("e", 5));
         assert_eq!(offsets(&r.whole(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
+        // Read past what the node delivered so far (6 and 7 are on their way): up
+        // to the last offset delivered, and the next delivery follows.
+        let mut r = Recent::new(b.clone(), 1000, TTL);
+        r.backfill(&read("e", 1..=7), &pos("e", 5));
+        assert_eq!(offsets(&r.whole(&pos("e", 5)).unwrap()), [1, 2, 3, 4, 5]);
+        r.add(&publication("e", 6));
+        assert_eq!(offsets(&r.whole(&pos("e", 6)).unwrap()), [1, 2, 3, 4, 5, 6]);
+        // The same in front of a run.
+        let mut r = run_of(&b, "e", 6..=9);
+        r.backfill(&read("e", 2..=12), &pos("e", 9));
+        assert_eq!(
+            offsets(&r.whole(&pos("e", 9)).unwrap()),
+            [2, 3, 4, 5, 6, 7, 8, 9]
+        );
 
         // A run 6..=9, read 2..=7 overlaps it: 2..=5 go in front.
         let mut r = run_of(&b, "e", 6..=9);
