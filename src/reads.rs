@@ -112,7 +112,8 @@ pub(crate) enum Fill {
     /// This client ran the read (read after it was held back): its answer.
     Led(Result<Tail, BrokerError>),
     /// Another client's read ended (it may have been read before this client was
-    /// held back: ask the cache again).
+    /// held back: ask the cache again), or this client's found no slot in time
+    /// and read nothing (the same: the cache, then a read of its own).
     Joined,
 }
 
@@ -157,7 +158,7 @@ impl HistoryReads {
     /// `--broker-timeout` of its replay being queued, so every wait ends).
     pub(crate) async fn turn(&self) -> Turn<'_> {
         // Counted down however the wait ends (the client may leave meanwhile).
-        let waiting = Waiting::new(&self.metrics);
+        let waiting = Waiting::new(&self.metrics.recoveries_waiting);
         let permit = self.turns.acquire().await;
         drop(waiting);
         self.metrics.recoveries_running.inc();
@@ -179,6 +180,9 @@ impl HistoryReads {
         let key = channel.to_owned();
         let flight = self.fills.join(&key, &self.metrics);
         let led = std::sync::atomic::AtomicBool::new(false);
+        // No slot came in time: nothing was read, and the client reads on its own
+        // as a joiner would (the recovery is not refused for the fills' limit).
+        let no_slot = std::sync::atomic::AtomicBool::new(false);
         let answer = flight
             .answer
             .get_or_init(|| async {
@@ -191,6 +195,7 @@ impl HistoryReads {
                 let deadline = tokio::time::Instant::now() + self.wait;
                 let filling = tokio::time::timeout_at(deadline, self.fill_slots.acquire()).await;
                 let Ok(Ok(_filling)) = filling else {
+                    no_slot.store(true, std::sync::atomic::Ordering::Relaxed);
                     return Err(BrokerError::Unavailable(format!(
                         "{FILLS} fills of the history cache are running on this node; none finished within {:?}",
                         self.wait
@@ -198,12 +203,15 @@ impl HistoryReads {
                 };
                 let _admitted = match self.admit_by(deadline).await {
                     Ok(admitted) => admitted,
-                    Err(busy) => return Err(BrokerError::Unavailable(busy.to_string())),
+                    Err(busy) => {
+                        no_slot.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Err(BrokerError::Unavailable(busy.to_string()));
+                    }
                 };
                 read().await
             })
             .await;
-        if led.into_inner() {
+        if led.into_inner() && !no_slot.into_inner() {
             Fill::Led(answer.clone())
         } else {
             Fill::Joined
@@ -260,9 +268,9 @@ impl HistoryReads {
 
     /// Waits for a slot until `deadline`.
     async fn admit_by(&self, deadline: tokio::time::Instant) -> Result<Admitted<'_>, Busy> {
-        self.metrics.history_reads_waiting.inc();
+        let waiting = Waiting::new(&self.metrics.history_reads_waiting);
         let permit = tokio::time::timeout_at(deadline, self.slots.acquire()).await;
-        self.metrics.history_reads_waiting.dec();
+        drop(waiting);
         match permit {
             Ok(Ok(permit)) => {
                 self.metrics.history_reads_running.inc();
@@ -277,19 +285,21 @@ impl HistoryReads {
     }
 }
 
-/// A recovery waiting for its turn, in `wsrelay_recoveries_waiting` while it lives.
-struct Waiting<'a>(&'a Metrics);
+/// A wait counted in a gauge (`wsrelay_recoveries_waiting`,
+/// `wsrelay_history_reads_waiting`) while it lives, however it ends: a client may
+/// leave while it waits (its future is dropped).
+struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
 
 impl<'a> Waiting<'a> {
-    fn new(metrics: &'a Metrics) -> Self {
-        metrics.recoveries_waiting.inc();
-        Waiting(metrics)
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Waiting(gauge)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.recoveries_waiting.dec();
+        self.0.dec();
     }
 }
 
@@ -526,6 +536,71 @@ mod tests {
         for fill in fills {
             assert!(fill.await.unwrap(), "each ran its own channel's read");
         }
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_finds_no_slot_in_time_leaves_its_client_to_read_alone() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            64,
+            64,
+            Duration::from_millis(100),
+            metrics.clone(),
+        ));
+        let running = Arc::new(AtomicUsize::new(0));
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let busy: Vec<_> = ["a", "b"]
+            .into_iter()
+            .map(|channel| {
+                let (reads, running, release) = (reads.clone(), running.clone(), release.clone());
+                tokio::spawn(async move {
+                    reads
+                        .fill(channel, || async move {
+                            running.fetch_add(1, Ordering::SeqCst);
+                            let _go = release.acquire().await;
+                            Ok(Tail::read(channel, &answer(47)))
+                        })
+                        .await
+                })
+            })
+            .collect();
+        until("two fills run", || running.load(Ordering::SeqCst) == 2).await;
+        let third = reads
+            .fill("c", || async { Ok(Tail::read("c", &answer(47))) })
+            .await;
+        assert!(
+            matches!(third, Fill::Joined),
+            "not an error for the client: {third:?}"
+        );
+        release.add_permits(2);
+        for fill in busy {
+            assert!(matches!(fill.await.unwrap(), Fill::Led(Ok(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_slot_given_up_is_no_longer_counted() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            1,
+            4,
+            Duration::from_secs(5),
+            metrics.clone(),
+        ));
+        let held = reads.admit().await.unwrap();
+        let waiting = {
+            let reads = reads.clone();
+            tokio::spawn(async move { reads.admit().await.is_ok() })
+        };
+        until("the second waits", || {
+            metrics.history_reads_waiting.get() == 1
+        })
+        .await;
+        // Its client left (an HTTP client of /api/history that hung up).
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(metrics.history_reads_waiting.get(), 0);
+        drop(held);
     }
 
     #[tokio::test]
