@@ -173,13 +173,21 @@ async fn write_loop(
                     tokio::task::yield_now().await;
                     queue.append_to(&mut batch);
                 }
-                let bytes: usize = batch.iter().map(Frame::len).sum();
-                let mut chunk = BytesMut::with_capacity(bytes + 16 * batch.len());
-                for frame in batch.drain(..) {
-                    encode(&mut chunk, &frame, format, &mut ids);
+                // In pieces of at most `WRITE_CHUNK` bytes: the response's channel
+                // and hyper each hold one piece the queue no longer counts, so a
+                // client that stops reading makes the node hold little more than
+                // its queue's bound (until `--write-timeout` drops it).
+                let mut sent = true;
+                while sent && !batch.is_empty() {
+                    let (take, bytes) = super::next_piece(&batch);
+                    let mut chunk = BytesMut::with_capacity(bytes + 16 * take);
+                    for frame in batch.drain(..take) {
+                        encode(&mut chunk, &frame, format, &mut ids);
+                    }
+                    sent = send_within(limit, &body, &client, slot.as_ref(), chunk.freeze()).await;
+                    queue.written(bytes);
                 }
-                let sent = send_within(limit, &body, &client, slot.as_ref(), chunk.freeze()).await;
-                queue.written(bytes);
+                batch.clear();
                 sent
             }
         };

@@ -44,10 +44,6 @@ const PACED_QUEUE_FRAMES: usize = 16;
 /// A writer keeps its batch buffer between batches unless a burst grew it past
 /// this many frames.
 const SPARE_BATCH_CAPACITY: usize = 64;
-/// Most bytes of frames one write takes: a larger batch (a recovery's replay, up
-/// to `--max-history-bytes`) goes out in several, the writer yielding between
-/// them, so the node's other tasks (a publisher's ack) do not wait for all of it.
-const WRITE_CHUNK: usize = 64 * 1024;
 
 /// Serves one upgraded connection until it ends. `channels` (with the positions to
 /// recover from) were checked before the upgrade. `compressor`: the connection
@@ -198,22 +194,12 @@ fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         tokio::task::yield_now().await;
                         queue.append_to(&mut batch);
                     }
-                    // Everything queued goes out, in writes of at most WRITE_CHUNK
+                    // Everything queued goes out, in writes of at most `WRITE_CHUNK`
                     // bytes (one, nearly always); its bytes count against the
                     // connection's bound until written.
                     let mut written;
                     loop {
-                        let mut bytes = 0;
-                        let take = batch
-                            .iter()
-                            .take_while(|f| {
-                                let fits = bytes == 0 || bytes + f.len() <= WRITE_CHUNK;
-                                if fits {
-                                    bytes += f.len();
-                                }
-                                fits
-                            })
-                            .count();
+                        let (take, bytes) = super::next_piece(&batch);
                         let (out, saved) =
                             frame_all(batch.drain(..take), bytes, compressor.as_ref());
                         if saved > 0
