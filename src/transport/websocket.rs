@@ -194,6 +194,13 @@ fn write_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         tokio::task::yield_now().await;
                         queue.append_to(&mut batch);
                     }
+                    if client.close_reason() == Some(CloseReason::SlowConsumer) {
+                        // It fell behind while the writer waited: its backlog is the
+                        // problem itself, dropped as `last_frames` drops the rest
+                        // (on a full socket, writing it first would run into the
+                        // write timeout, and the 1013 would never go out).
+                        break;
+                    }
                     // Everything queued goes out, in writes of at most `WRITE_CHUNK`
                     // bytes (one, nearly always); its bytes count against the
                     // connection's bound until written.
