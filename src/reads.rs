@@ -495,63 +495,23 @@ mod tests {
         assert!(reads.fills.is_empty(), "nothing kept");
     }
 
-    #[tokio::test]
-    async fn at_most_two_fills_run_at_once() {
-        let metrics = Arc::new(Metrics::new());
-        let reads = Arc::new(HistoryReads::new(
-            64,
-            64,
-            Duration::from_secs(5),
-            metrics.clone(),
-        ));
+    /// Fills of `channels`, each started in a task of its own and held open until
+    /// `release` gets a permit: how many are running, the release, and the tasks
+    /// (each answers how its fill ended).
+    #[allow(clippy::type_complexity)]
+    fn held_fills(
+        reads: &Arc<HistoryReads>,
+        channels: &[&'static str],
+    ) -> (
+        Arc<AtomicUsize>,
+        Arc<tokio::sync::Semaphore>,
+        Vec<tokio::task::JoinHandle<Fill>>,
+    ) {
         let running = Arc::new(AtomicUsize::new(0));
         let release = Arc::new(tokio::sync::Semaphore::new(0));
-        let fills: Vec<_> = ["a", "b", "c"]
-            .into_iter()
-            .map(|channel| {
-                let (reads, running, release) = (reads.clone(), running.clone(), release.clone());
-                tokio::spawn(async move {
-                    let filled = reads
-                        .fill(channel, || async move {
-                            running.fetch_add(1, Ordering::SeqCst);
-                            let _go = release.acquire().await;
-                            Ok(Tail::read(channel, &answer(47)))
-                        })
-                        .await;
-                    matches!(filled, Fill::Led(Ok(_)))
-                })
-            })
-            .collect();
-        until("two fills run", || running.load(Ordering::SeqCst) == 2).await;
-        // The third had every chance to start (one thread: each yield runs the
-        // other tasks): it waits for a fill to end, though slots are free.
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(running.load(Ordering::SeqCst), 2);
-        assert_eq!(metrics.history_reads_running.get(), 2);
-        release.add_permits(1);
-        until("the third runs", || running.load(Ordering::SeqCst) == 3).await;
-        release.add_permits(2);
-        for fill in fills {
-            assert!(fill.await.unwrap(), "each ran its own channel's read");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_fill_that_finds_no_slot_in_time_leaves_its_client_to_read_alone() {
-        let metrics = Arc::new(Metrics::new());
-        let reads = Arc::new(HistoryReads::new(
-            64,
-            64,
-            Duration::from_millis(100),
-            metrics.clone(),
-        ));
-        let running = Arc::new(AtomicUsize::new(0));
-        let release = Arc::new(tokio::sync::Semaphore::new(0));
-        let busy: Vec<_> = ["a", "b"]
-            .into_iter()
-            .map(|channel| {
+        let fills = channels
+            .iter()
+            .map(|&channel| {
                 let (reads, running, release) = (reads.clone(), running.clone(), release.clone());
                 tokio::spawn(async move {
                     reads
@@ -564,6 +524,48 @@ mod tests {
                 })
             })
             .collect();
+        (running, release, fills)
+    }
+
+    #[tokio::test]
+    async fn at_most_two_fills_run_at_once() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            64,
+            64,
+            Duration::from_secs(5),
+            metrics.clone(),
+        ));
+        let (running, release, fills) = held_fills(&reads, &["a", "b", "c"]);
+        until("two fills run", || running.load(Ordering::SeqCst) == 2).await;
+        // The third had every chance to start (one thread: each yield runs the
+        // other tasks): it waits for a fill to end, though slots are free.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(running.load(Ordering::SeqCst), 2);
+        assert_eq!(metrics.history_reads_running.get(), 2);
+        release.add_permits(1);
+        until("the third runs", || running.load(Ordering::SeqCst) == 3).await;
+        release.add_permits(2);
+        for fill in fills {
+            assert!(
+                matches!(fill.await.unwrap(), Fill::Led(Ok(_))),
+                "each ran its own channel's read"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_finds_no_slot_in_time_leaves_its_client_to_read_alone() {
+        let metrics = Arc::new(Metrics::new());
+        let reads = Arc::new(HistoryReads::new(
+            64,
+            64,
+            Duration::from_millis(100),
+            metrics.clone(),
+        ));
+        let (running, release, busy) = held_fills(&reads, &["a", "b"]);
         until("two fills run", || running.load(Ordering::SeqCst) == 2).await;
         let third = reads
             .fill("c", || async { Ok(Tail::read("c", &answer(47))) })
