@@ -522,7 +522,10 @@ impl ClientQueue {
     /// queued since the writer last asked: the batch just taken holds it, and a
     /// pacing writer writes it at once instead of waiting out its interval.
     pub fn reply_taken(&mut self) -> bool {
-        self.shared.reply_due.swap(false, Ordering::Relaxed)
+        // A load first: a batch of the fan-out (nearly every one) holds no reply,
+        // and a load costs less than a swap.
+        self.shared.reply_due.load(Ordering::Relaxed)
+            && self.shared.reply_due.swap(false, Ordering::Relaxed)
     }
 
     /// Moves whatever is queued to the end of `batch`, without waiting. The queue
