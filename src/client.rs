@@ -418,6 +418,14 @@ impl ClientHandle {
         self.shared.writer.wake();
     }
 
+    /// Asks the writer to send a ping now, outside the heartbeat (which expects no
+    /// answer to it): a WebSocket whose `welcome` must wait gets the handshake's
+    /// held `101` with it (see `handshake_io`).
+    pub fn ping(&self) {
+        self.shared.ping_due.store(true, Ordering::Relaxed);
+        self.shared.writer.wake();
+    }
+
     /// The peer showed it is alive (any frame, not only a pong).
     pub fn alive(&self) {
         self.shared.pong_due.store(false, Ordering::Relaxed);

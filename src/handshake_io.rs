@@ -14,7 +14,8 @@
 //! WebSocket's gate (`transport::websocket::socket`) lets through only flushes with
 //! something to flush, so there the 101 leaves with the first bytes the node
 //! writes: `welcome` (once the connect's subscriptions are made), an error and a
-//! close, or a heartbeat ping.
+//! close, or a ping (at once when the connect's recovery waits for its turn, see
+//! `Hub::recovery_turn`; or the heartbeat's).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;

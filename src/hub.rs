@@ -438,9 +438,24 @@ impl Hub {
     /// `since` is made, so nothing is held back meanwhile. `None` when the
     /// connection is closing or the node draining meanwhile: then nothing is to be
     /// recovered (the caller gives up the subscription and, draining, closes with
-    /// 1001).
-    pub(crate) async fn recovery_turn(&self, client: &ClientHandle) -> Option<Turn<'_>> {
+    /// 1001). `release_handshake`: a WebSocket connecting, whose `101` the node
+    /// holds back for its `welcome` (see `handshake_io`): if the turn is not free
+    /// at once, the `101` goes out now, with a ping. In a storm the turns are a
+    /// queue of seconds, and a client whose WebSocket library times out its
+    /// handshake would give up and come back, feeding the storm.
+    pub(crate) async fn recovery_turn(
+        &self,
+        client: &ClientHandle,
+        release_handshake: bool,
+    ) -> Option<Turn<'_>> {
         let mut turn = std::pin::pin!(self.reads.turn());
+        if release_handshake {
+            // Polled once: in the queue of turns from here on, in its place.
+            if let Some(turn) = futures_util::FutureExt::now_or_never(&mut turn) {
+                return Some(turn);
+            }
+            client.ping();
+        }
         let mut closing = std::pin::pin!(client.closing());
         let mut draining = std::pin::pin!(client.draining());
         loop {

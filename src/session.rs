@@ -511,7 +511,11 @@ impl Session {
         let grants = self.grants();
         // The connection's recoveries take one turn (see `reads`).
         let turn = match channels.iter().any(|(_, since)| since.is_some()) {
-            true => match self.hub.recovery_turn(&self.client).await {
+            true => match self
+                .hub
+                .recovery_turn(&self.client, self.transport == Transport::WebSocket)
+                .await
+            {
                 Some(turn) => Some(turn),
                 None => {
                     // Closed, or the node drains, while it waited: nothing to make.
@@ -971,7 +975,7 @@ impl Session {
         // A recovery takes its turn (see `reads`); a plain subscription needs none.
         let turn =
             match since.is_some() && !self.hub.registry.is_subscribed(self.client.id(), channel) {
-                true => match self.hub.recovery_turn(&self.client).await {
+                true => match self.hub.recovery_turn(&self.client, false).await {
                     Some(turn) => Some(turn),
                     None => {
                         // Closed, or the node drains, while it waited.

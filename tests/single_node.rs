@@ -416,6 +416,95 @@ async fn replies_go_out_at_once_right_after_a_write() {
     }
 }
 
+/// A WebSocket whose `welcome` must wait for a recovery's turn gets its
+/// handshake's `101` at once (with a ping), not after the wait: in a storm the
+/// turns are a queue of seconds, and a client library that times out its
+/// handshake would give up and come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_waiting_for_its_recovery_turn_gets_its_101_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = common::config_file("[namespaces.chat]\nhistory-size = 1000\n");
+    let flags = [
+        "--config",
+        &config,
+        "--max-recoveries",
+        "1",
+        "--broker-timeout",
+        "5s",
+    ];
+    let node = TestNode::start(&[&flags[..], &BULK[..]].concat()).await;
+    let mut publisher = node.client("channel=side").await;
+    for seq in 0..10 {
+        publisher
+            .send(json!({"op":"pub","ch":"chat:h","data":seq,"id":seq}))
+            .await;
+        publisher.recv().await;
+    }
+    let (_, ack) = publisher.sub_since("chat:h", None, 10).await;
+    let epoch = ack["epoch"].as_str().unwrap().to_owned();
+    // The first client reads nothing (a 4 KiB receive buffer): 12 MB fill its
+    // socket, then more than half its queue's frames wait behind them. The turn
+    // its recovery takes lasts until its writer got the queue under half, which
+    // it cannot, so until --broker-timeout.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let (mut stalled, _) = tokio_tungstenite::client_async(node.ws_url("channel=flow"), stream)
+        .await
+        .unwrap();
+    let filler = "x".repeat(30_000);
+    for seq in 0..400 {
+        publisher
+            .send(json!({"op":"pub","ch":"flow","data":[seq, filler],"id":100 + seq}))
+            .await;
+    }
+    for seq in 400..5500 {
+        publisher
+            .send(json!({"op":"pub","ch":"flow","data":seq,"id":100 + seq}))
+            .await;
+    }
+    for _ in 0..5500 {
+        publisher.recv().await;
+    }
+    let sub = json!({"op":"sub","ch":"chat:h","since":{"epoch":epoch,"offset":0},"id":"late"});
+    stalled
+        .send(Message::Text(sub.to_string().into()))
+        .await
+        .unwrap();
+    common::eventually("the first recovery holds its turn", WAIT, async || {
+        common::metric(
+            &common::scrape(node.addr).await,
+            "wsrelay_recoveries_running",
+        ) == 1.0
+    })
+    .await;
+    // The second waits for that turn; its handshake does not.
+    let mut second = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let request = format!(
+        "GET /ws?channel=chat:h&since=chat:h:{epoch}:9 HTTP/1.1\r\nHost: x\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    second.write_all(request.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    timeout(
+        std::time::Duration::from_secs(2),
+        second.read_exact(&mut head),
+    )
+    .await
+    .expect("the 101 before the turn (up to 5 s away)")
+    .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    assert_eq!(
+        common::metric(
+            &common::scrape(node.addr).await,
+            "wsrelay_recoveries_waiting"
+        ),
+        1.0,
+        "the second still waits for its turn"
+    );
+}
+
 /// Limits for a publisher sending megabytes at once to a client that may fall
 /// far behind: no rate limit in the way, and a queue that holds all of it.
 const BULK: [&str; 8] = [
