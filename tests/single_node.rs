@@ -446,12 +446,7 @@ async fn a_connect_waiting_for_its_recovery_turn_gets_its_101_at_once() {
     // socket, then more than half its queue's frames wait behind them. The turn
     // its recovery takes lasts until its writer got the queue under half, which
     // it cannot, so until --broker-timeout.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr).await.unwrap();
-    let (mut stalled, _) = tokio_tungstenite::client_async(node.ws_url("channel=flow"), stream)
-        .await
-        .unwrap();
+    let mut stalled = small_buffered_client(&node, "channel=flow").await;
     let filler = "x".repeat(30_000);
     for seq in 0..400 {
         publisher
@@ -505,6 +500,21 @@ async fn a_connect_waiting_for_its_recovery_turn_gets_its_101_at_once() {
     );
 }
 
+/// A WebSocket client with a 4 KiB receive buffer: what the node writes to it
+/// fills its socket soon, and stays there while the test reads nothing.
+async fn small_buffered_client(
+    node: &TestNode,
+    query: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(node.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(node.ws_url(query), stream)
+        .await
+        .unwrap();
+    ws
+}
+
 /// Limits for a publisher sending megabytes at once to a client that may fall
 /// far behind: no rate limit in the way, and a queue that holds all of it.
 const BULK: [&str; 8] = [
@@ -530,12 +540,7 @@ async fn pings_and_a_close_from_the_client_are_answered_between_data_frames() {
     let node = TestNode::start(&BULK).await;
     // A small receive buffer: the node's socket is full most of the time, so its
     // batches go out in parts while the pings come in.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr).await.unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(node.ws_url("channel=flow"), stream)
-        .await
-        .unwrap();
+    let mut ws = small_buffered_client(&node, "channel=flow").await;
     let mut publisher = node.client("channel=side").await;
     // How many messages the publisher has sent.
     let (progress, mut published) = tokio::sync::watch::channel(0);
@@ -634,13 +639,7 @@ async fn a_recovery_from_a_client_with_a_full_socket_is_answered_once_it_reads()
 async fn request_with_a_full_socket(flags: &[&str], flow: &str, sub: serde_json::Value) {
     let filler = "x".repeat(30_000);
     let node = TestNode::start(&[flags, &BULK[..]].concat()).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(node.addr).await.unwrap();
-    let query = format!("channel={flow}");
-    let (mut ws, _) = tokio_tungstenite::client_async(node.ws_url(&query), stream)
-        .await
-        .unwrap();
+    let mut ws = small_buffered_client(&node, &format!("channel={flow}")).await;
     let welcome = timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
     assert!(
         welcome.to_text().unwrap().contains("welcome"),
